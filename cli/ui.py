@@ -1,0 +1,90 @@
+"""Rich output helpers: progress adapter for pipeline callbacks, tables, error handling."""
+from __future__ import annotations
+
+import functools
+import sys
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn,
+                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+from rich.text import Text
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+class RateColumn(ProgressColumn):
+    """Samples per second."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.0f} samples/s", style="cyan")
+
+
+class RichProgress:
+    """Adapter: pipeline stages call progress(event, **kw); this draws rich progress bars.
+
+    Events: start(desc, total) · advance(n) · log(message) · end().
+    """
+
+    def __init__(self):
+        self.progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
+                                 TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
+        self.task = None
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def __call__(self, event: str, **kw) -> None:
+        if event == "start":
+            self.task = self.progress.add_task(kw.get("desc", ""), total=kw.get("total"))
+        elif event == "advance" and self.task is not None:
+            self.progress.update(self.task, advance=kw.get("n", 1))
+        elif event == "log":
+            self.progress.console.print(f"  {kw['message']}", style="dim", highlight=False)
+        elif event == "end" and self.task is not None:
+            self.progress.stop_task(self.task)
+            self.task = None
+
+
+def table(title: str, columns: list[str], rows) -> Table:
+    """A summary table; the title is printed above it, never wrapped to the table's width."""
+    t = Table(title=title, title_justify="left", title_style="bold", header_style="bold",
+              min_width=min(len(title), 100))
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*[_fmt(v) for v in r])
+    return t
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def handle_errors(fn):
+    """Turn CleanError into one red line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pipeline.errors import CleanError
+
+        try:
+            return fn(*args, **kwargs)
+        except CleanError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: previous outputs are left as they were")
+            sys.exit(130)
+
+    return wrapper

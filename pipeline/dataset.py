@@ -1,0 +1,121 @@
+"""Manifests (the dataset versions) and the in-memory tensors the stages train/score on.
+
+A manifest is a CSV `id,path,label,split[,orig_label,noisy]`; paths are relative to the
+manifest's folder (or absolute, or `<idx-file>#<index>`). A dataset version is a list of ids.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CleanError
+
+REQUIRED = ["id", "path", "label", "split"]
+SPLITS = ["train", "val", "test"]
+
+
+def read_manifest(path: str | Path, classes: list[str] | None = None):
+    """Read and validate a manifest CSV → pandas DataFrame (id:int, label:int, ...).
+
+    Checks: file exists, required columns, unique integer ids, integer labels inside
+    [0, len(classes)), known split names. Raises CleanError naming the problem.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise CleanError(f"manifest not found: {path}; create it with `clean prepare`")
+    try:
+        df = pd.read_csv(path, dtype={"path": str, "split": str}, keep_default_na=False)
+    except Exception as e:  # noqa: BLE001
+        raise CleanError(f"{path}: not a readable CSV ({type(e).__name__}: {e})") from None
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise CleanError(f"{path}: missing column(s) {', '.join(missing)}; a manifest needs "
+                         f"{','.join(REQUIRED)} (found: {','.join(map(str, df.columns))})")
+    if len(df) == 0:
+        raise CleanError(f"{path}: the manifest has no rows; run `clean prepare` on a source with images")
+    for col in ["id", "label"] + [c for c in ("orig_label", "noisy") if c in df.columns]:
+        vals = pd.to_numeric(df[col], errors="coerce")
+        bad = vals.isna() | (vals != vals.round())
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise CleanError(f"{path}: column '{col}' must hold integers; row {row + 2} has {df[col].iloc[row]!r}")
+        df[col] = vals.astype(np.int64)
+    dup = df["id"].duplicated()
+    if dup.any():
+        raise CleanError(f"{path}: duplicate id {int(df['id'][dup].iloc[0])} "
+                         f"({int(dup.sum())} duplicates); ids must be unique")
+    bad_split = ~df["split"].isin(SPLITS)
+    if bad_split.any():
+        raise CleanError(f"{path}: unknown split {df['split'][bad_split].iloc[0]!r}; use one of {', '.join(SPLITS)}")
+    if classes is not None:
+        c = len(classes)
+        for col in ["label"] + (["orig_label"] if "orig_label" in df.columns else []):
+            out = (df[col] < 0) | (df[col] >= c)
+            if out.any():
+                raise CleanError(f"{path}: {col} {int(df[col][out].iloc[0])} (id {int(df['id'][out].iloc[0])}) "
+                                 f"is outside the {c} classes of classes.json (0..{c - 1})")
+    return df
+
+
+def read_classes(path: str | Path) -> dict:
+    """Read `classes.json` → dict with at least `classes` (list of names)."""
+    path = Path(path)
+    if not path.exists():
+        raise CleanError(f"{path} not found; it is written by `clean prepare` next to the manifest")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CleanError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(info, list):
+        info = {"classes": info}
+    if not isinstance(info, dict) or not isinstance(info.get("classes"), list) or not info["classes"]:
+        raise CleanError(f"{path}: expected {{\"classes\": [names...]}}")
+    return info
+
+
+def classes_path_for(manifest: str | Path) -> Path:
+    """classes.json lives next to the manifest it describes (data/classes.json)."""
+    p = Path(manifest).parent / "classes.json"
+    if not p.exists():  # a pruned manifest may live elsewhere; fall back to data/
+        alt = Path("data/classes.json")
+        if alt.exists():
+            return alt
+    return p
+
+
+@dataclass
+class Split:
+    """One split held in memory: ids [N] int64, images uint8 [N, C, H, W], labels [N] int64."""
+
+    ids: np.ndarray
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def image_size_of(size) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def load_split(manifest: str | Path, split: str, image_size=None, in_chans: int | None = None,
+               df=None, classes: list[str] | None = None) -> Split:
+    """Decode every image of `split` once into memory → :class:`Split` (uint8, [N,C,H,W])."""
+    from .images import load_images
+
+    manifest = Path(manifest)
+    if df is None:
+        df = read_manifest(manifest, classes)
+    part = df[df["split"] == split]
+    if len(part) == 0:
+        raise CleanError(f"{manifest}: the '{split}' split is empty; check data.val_frac/test_frac or the manifest")
+    imgs = load_images(part["path"].tolist(), manifest.parent, size=image_size_of(image_size), in_chans=in_chans)
+    return Split(part["id"].to_numpy(np.int64), imgs, part["label"].to_numpy(np.int64))

@@ -1,0 +1,221 @@
+"""params.yaml: every knob of every stage, with defaults, validated on load.
+
+`load_params(path)` merges the user's file over DEFAULTS and checks every key, type and
+allowed value, raising :class:`CleanError` with the key, the bad value and the fix.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import CleanError
+
+SOURCES = ["digits", "fashion-mnist", "imagefolder", "csv"]
+NOISE_KINDS = ["symmetric", "pairs"]
+OPTIMIZERS = ["sgd", "adam", "adamw"]
+SCHEDULES = ["constant", "cosine", "step"]
+DEVICES = ["auto", "cpu", "cuda"]
+NORMS = ["l1", "l2", "linf"]
+PARAM_SUBSETS = ["last", "weights", "biases", "all"]
+
+DEFAULTS: dict[str, Any] = {
+    "data": {
+        "source": "digits",   # digits | fashion-mnist | imagefolder | csv
+        "root": None,         # folder / CSV / IDX folder; null = the source's default
+        "classes": None,      # optional fixed class list; other labels go to problems.csv
+        "val_frac": 0.1,      # of the training part
+        "test_frac": 0.2,     # ignored when the source has an official test split
+        "image_size": None,   # null = native size; int or [H, W] resizes
+        "seed": 0,
+    },
+    "noise": {
+        "rate": 0.0,          # fraction of training labels to corrupt (experiments)
+        "kind": "symmetric",  # symmetric | pairs
+        "pairs": None,        # {class_index: class_index} for kind=pairs; null = c -> c+1
+        "seed": 0,
+    },
+    "model": {
+        "name": "small_cnn",  # any timm model, or small_cnn / small_cnn_bn
+        "pretrained": False,  # timm pretrained weights (needs a download or a local file)
+        "weights": None,      # local weights file for pretrained (no download)
+    },
+    "train": {
+        "epochs": 15,
+        "batch_size": 64,
+        "optimizer": "adam",  # sgd | adam | adamw
+        "lr": 0.001,
+        "momentum": 0.9,      # sgd only
+        "weight_decay": 0.0,
+        "schedule": "cosine", # constant | cosine | step
+        "step_size": 10,      # epochs between lr drops (schedule=step)
+        "gamma": 0.1,         # lr factor per drop (schedule=step)
+        "seed": 0,
+        "device": "auto",     # auto | cpu | cuda
+        "checkpoint_every": 1,  # epochs between checkpoints (self-influence uses them)
+    },
+}
+
+CHOICES = {
+    "data.source": SOURCES,
+    "noise.kind": NOISE_KINDS,
+    "train.optimizer": OPTIMIZERS,
+    "train.schedule": SCHEDULES,
+    "train.device": DEVICES,
+}
+
+# (low, high, low_inclusive, high_inclusive)
+RANGES = {
+    "data.val_frac": (0.0, 1.0, True, False),
+    "data.test_frac": (0.0, 1.0, True, False),
+    "noise.rate": (0.0, 1.0, True, False),
+    "train.epochs": (1, None, True, False),
+    "train.batch_size": (1, None, True, False),
+    "train.lr": (0.0, None, False, False),
+    "train.momentum": (0.0, 1.0, True, False),
+    "train.weight_decay": (0.0, None, True, False),
+    "train.step_size": (1, None, True, False),
+    "train.gamma": (0.0, 1.0, False, True),
+    "train.checkpoint_every": (1, None, True, False),
+}
+
+# keys whose value may be of several shapes (checked by their own validator)
+FREE = {"data.root", "data.classes", "data.image_size", "noise.pairs", "model.weights"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in FREE:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_value(key: str, value: Any, default: Any, where: str) -> Any:
+    if key in CHOICES:
+        if value not in CHOICES[key]:
+            raise CleanError(
+                f"{where}: {key} = {value!r} is not allowed; use one of: {', '.join(CHOICES[key])}"
+            )
+        return value
+    if key in FREE:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise CleanError(f"{where}: {key} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CleanError(f"{where}: {key} must be an integer, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CleanError(f"{where}: {key} must be a number, got {value!r}")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise CleanError(f"{where}: {key} must be a finite number, got {value!r}")
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise CleanError(f"{where}: {key} must be a string, got {value!r}")
+    elif isinstance(default, list):
+        if not isinstance(value, list):
+            raise CleanError(f"{where}: {key} must be a list, got {value!r}")
+    if key in RANGES:
+        lo, hi, lo_inc, hi_inc = RANGES[key]
+        bad = (lo is not None and (value < lo or (value == lo and not lo_inc))) or (
+            hi is not None and (value > hi or (value == hi and not hi_inc))
+        )
+        if bad:
+            lo_s = "" if lo is None else f"{'≥' if lo_inc else '>'} {lo}"
+            hi_s = "" if hi is None else f"{'≤' if hi_inc else '<'} {hi}"
+            rng = " and ".join(s for s in (lo_s, hi_s) if s)
+            raise CleanError(f"{where}: {key} must be {rng}, got {value!r}")
+    return value
+
+
+def validate(params: dict, where: str = "params.yaml") -> dict:
+    """Merge `params` over DEFAULTS and validate every key; return the full nested dict."""
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise CleanError(f"{where}: expected a mapping of sections (data, model, train, ...), got {type(params).__name__}")
+    merged = copy.deepcopy(DEFAULTS)
+    known = _flat(DEFAULTS)
+    for section, body in params.items():
+        if section not in DEFAULTS:
+            hint = difflib.get_close_matches(str(section), list(DEFAULTS), n=1)
+            extra = f"; did you mean '{hint[0]}'?" if hint else f"; known sections: {', '.join(DEFAULTS)}"
+            raise CleanError(f"{where}: unknown section '{section}'{extra}")
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise CleanError(f"{where}: section '{section}' must be a mapping of keys, got {body!r}")
+        for k, v in body.items():
+            key = f"{section}.{k}"
+            if key not in known:
+                names = [n for n in known if n.startswith(section + ".")]
+                hint = difflib.get_close_matches(key, names, n=1)
+                extra = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(names)}"
+                raise CleanError(f"{where}: unknown key '{key}'{extra}")
+            merged[section][k] = _check_value(key, v, known[key], where)
+    _check_free(merged, where)
+    return merged
+
+
+def _check_free(p: dict, where: str) -> None:
+    size = p["data"]["image_size"]
+    if size is not None:
+        ok = (isinstance(size, int) and not isinstance(size, bool) and size > 0) or (
+            isinstance(size, list) and len(size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
+        )
+        if not ok:
+            raise CleanError(f"{where}: data.image_size must be null, a positive integer or [H, W], got {size!r}")
+    classes = p["data"]["classes"]
+    if classes is not None and (not isinstance(classes, list) or not classes
+                                or len(set(map(str, classes))) != len(classes)):
+        raise CleanError(f"{where}: data.classes must be null or a non-empty list of distinct names, got {classes!r}")
+    if p["data"]["val_frac"] + p["data"]["test_frac"] >= 1:
+        raise CleanError(f"{where}: data.val_frac + data.test_frac must be < 1, got "
+                         f"{p['data']['val_frac']} + {p['data']['test_frac']}")
+    root = p["data"]["root"]
+    if root is not None and not isinstance(root, str):
+        raise CleanError(f"{where}: data.root must be null or a path string, got {root!r}")
+    if p["data"]["source"] in ("imagefolder", "csv") and root is None:
+        raise CleanError(f"{where}: data.source = {p['data']['source']} needs data.root "
+                         f"(the {'image folder' if p['data']['source'] == 'imagefolder' else 'CSV file'})")
+    pairs = p["noise"]["pairs"]
+    if pairs is not None and (not isinstance(pairs, dict) or not all(
+            isinstance(a, int) and isinstance(b, int) for a, b in pairs.items())):
+        raise CleanError(f"{where}: noise.pairs must be null or a mapping {{class_index: class_index}}, got {pairs!r}")
+    w = p["model"]["weights"]
+    if w is not None and not isinstance(w, str):
+        raise CleanError(f"{where}: model.weights must be null or a path string, got {w!r}")
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    """Read `path` (YAML, safe loader) and return validated params; DEFAULTS if it is absent."""
+    path = Path(path)
+    if not path.exists():
+        return validate({}, where=str(path))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise CleanError(f"{path}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]}); fix the syntax") from None
+    return validate(raw, where=str(path))
+
+
+def override(params: dict, **flat: Any) -> dict:
+    """Return params with CLI overrides applied: keys like `train__epochs` (None = keep)."""
+    raw = copy.deepcopy(params)
+    for k, v in flat.items():
+        if v is None:
+            continue
+        section, key = k.split("__", 1)
+        raw[section][key] = v
+    return validate(raw, where="command-line options")

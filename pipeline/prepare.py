@@ -1,0 +1,141 @@
+"""The prepare stage: source -> data/manifest.csv, data/classes.json, data/problems.csv."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import CleanError
+from .images import channels_of, split_ref
+from .io import write_csv, write_json
+from .noise import inject_noise, validate_noise
+from .sources import Record, load_source
+from .split import SPLITS, SplitWarning, assign_splits, validate_fractions
+
+MANIFEST_COLUMNS = ["id", "path", "label", "split"]
+NOISE_COLUMNS = ["orig_label", "noisy"]
+
+
+def _sort_key(r: Record):
+    file, idx = split_ref(r.path)
+    return (r.split or "", file, -1 if idx is None else idx)
+
+
+def manifest_path(path: str, out_dir: str) -> str:
+    """`path` relative to `out_dir` (posix) when it lies under it, else absolute.
+
+    Works on ``file#i`` IDX refs too (the file part is rewritten).
+    """
+    file, idx = split_ref(path)
+    a = os.path.abspath(file)
+    try:
+        a = Path(a).relative_to(out_dir).as_posix()
+    except ValueError:
+        pass
+    return a if idx is None else f"{a}#{idx}"
+
+
+def _resolve_pairs(pairs: dict | None, names: list[str]) -> dict[int, int] | None:
+    """Accept class names or indices on both sides of noise.pairs -> {index: index}."""
+    if pairs is None:
+        return None
+    lookup = {n: i for i, n in enumerate(names)}
+
+    def one(v):
+        if isinstance(v, str) and v in lookup:
+            return lookup[v]
+        try:
+            i = int(v)
+        except (TypeError, ValueError):
+            i = -1
+        if isinstance(v, bool) or not 0 <= i < len(names):
+            raise CleanError(f"noise.pairs: {v!r} is not a class; use class indices 0..{len(names) - 1} "
+                             f"or names from classes.json")
+        return i
+    return {one(a): one(b) for a, b in pairs.items()}
+
+
+def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float, seed: int,
+            classes: list[str] | None = None, noise_rate: float = 0.0,
+            noise_kind: str = "symmetric", noise_pairs: dict | None = None,
+            progress: Callable[[str, int, int], None] | None = None,
+            noise_seed: int | None = None) -> dict:
+    """Read a source, split it, optionally corrupt train labels, write the three data files.
+
+    Writes (atomically) `out_dir`/manifest.csv (id,path,label,split[,orig_label,noisy]),
+    classes.json and problems.csv (path,reason). `progress(stage, done, total)` reports
+    image checking/export. Noise touches only the train split; `noise_seed` defaults to
+    `seed`. Returns a summary: source, num_samples, num_classes, in_chans, image_size,
+    counts {split: n}, per_class {name: n}, per_class_split {name: {split: n}},
+    n_problems, n_noisy, warnings (list of str, e.g. unstratified-split fallbacks).
+    Same arguments -> byte-identical files. Source images are never modified.
+    """
+    validate_fractions(val_frac, test_frac)
+    validate_noise(noise_rate, noise_kind)
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)  # exported images (a DVC output, always present)
+    out_abs = os.path.abspath(out_dir)
+    src = load_source(source, root, out_dir, classes, progress)
+    recs = sorted(src.records, key=_sort_key)
+    names = src.classes
+    index = {n: i for i, n in enumerate(names)}
+    labels = np.array([index[r.label] for r in recs], dtype=np.int64)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SplitWarning)
+        splits = assign_splits(labels, [r.split for r in recs], val_frac, test_frac, seed)
+    notes = [str(w.message) for w in caught if issubclass(w.category, SplitWarning)]
+    for w in caught:
+        if not issubclass(w.category, SplitWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    noisy_labels = None
+    if noise_rate > 0:
+        pairs = _resolve_pairs(noise_pairs, names) if noise_kind == "pairs" else None
+        noisy_labels = inject_noise(labels, len(names), noise_rate, noise_kind,
+                                    seed if noise_seed is None else noise_seed,
+                                    pairs=pairs, mask=splits == "train")
+
+    header = list(MANIFEST_COLUMNS)
+    paths = [manifest_path(r.path, out_abs) for r in recs]
+    if noisy_labels is None:
+        rows = [(i, p, int(y), s) for i, (p, y, s) in enumerate(zip(paths, labels, splits))]
+        n_noisy = 0
+    else:
+        header += NOISE_COLUMNS
+        flags = (noisy_labels != labels).astype(int)
+        rows = [(i, p, int(y), s, int(o), int(f))
+                for i, (p, y, s, o, f) in enumerate(zip(paths, noisy_labels, splits, labels, flags))]
+        n_noisy = int(flags.sum())
+    final = labels if noisy_labels is None else noisy_labels
+
+    first = recs[0]
+    in_chans = channels_of(first.mode or "L")
+    image_size = [int(first.size[0]), int(first.size[1])] if first.size else None
+    counts = {s: int((splits == s).sum()) for s in SPLITS}
+    per_class_split = {n: {s: int(((final == c) & (splits == s)).sum()) for s in SPLITS}
+                       for c, n in enumerate(names)}
+    problems = sorted((manifest_path(p.path, out_abs), p.reason) for p in src.problems)
+
+    write_csv(out_dir / "problems.csv", ["path", "reason"], problems)
+    write_json(out_dir / "classes.json", {
+        "classes": names, "source": source, "in_chans": in_chans, "image_size": image_size,
+        "num_samples": len(recs), "counts": counts,
+    })
+    write_csv(out_dir / "manifest.csv", header, rows)
+    return {
+        "source": source,
+        "num_samples": len(recs),
+        "num_classes": len(names),
+        "in_chans": in_chans,
+        "image_size": image_size,
+        "counts": counts,
+        "per_class": {n: sum(d.values()) for n, d in per_class_split.items()},
+        "per_class_split": per_class_split,
+        "n_problems": len(problems),
+        "n_noisy": n_noisy,
+        "warnings": notes,
+    }

@@ -1,0 +1,311 @@
+"""Read a dataset source into labelled records plus a list of problems.
+
+Sources: ``digits`` (scikit-learn's bundled 8x8 digits, exported once as PNGs),
+``fashion-mnist`` (IDX files), ``imagefolder`` (``root/<class>/<image>``) and ``csv``
+(columns ``path,label``). Every unreadable image, missing file or bad label becomes a
+:class:`Problem`; nothing is dropped silently. Source images are never modified.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from .errors import CleanError
+from .images import describe_failure, probe_image, read_idx
+from .io import atomic_path
+
+KINDS = ("digits", "fashion-mnist", "imagefolder", "csv")
+IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+DIGITS_CLASSES = [str(i) for i in range(10)]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_FASHION_FIX = ("install it with `apt-get install -y dataset-fashion-mnist`, or set data.root "
+                "to a folder holding the four Fashion-MNIST IDX files")
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One usable image: absolute path (or ``idxfile#i``), class name, official split or None.
+
+    `mode` (PIL mode) and `size` ((H, W)) are filled when known from decoding.
+    """
+    path: str
+    label: str
+    split: str | None = None
+    mode: str | None = field(default=None, compare=False)
+    size: tuple[int, int] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One input that could not be used, with a short human reason."""
+    path: str
+    reason: str
+
+
+@dataclass
+class Source:
+    """Everything read from a source: usable records, problems and the class list."""
+    kind: str
+    records: list[Record]
+    problems: list[Problem]
+    classes: list[str]
+
+
+def read_source(kind: str, root: str | os.PathLike | None, out_dir: Path,
+                classes: list[str] | None = None) -> tuple[list[Record], list[Problem]]:
+    """Read source `kind` -> (records, problems). See :func:`load_source`."""
+    src = load_source(kind, root, out_dir, classes)
+    return src.records, src.problems
+
+
+def load_source(kind: str, root: str | os.PathLike | None, out_dir: Path,
+                classes: list[str] | None = None, progress: Progress | None = None) -> Source:
+    """Read source `kind` into a :class:`Source` (records, problems, class names).
+
+    `root`: folder / CSV file / IDX folder (None = the source's default; required for
+    imagefolder and csv). `out_dir`: where ``digits`` exports its PNGs. `classes`: fixed
+    class list (other labels become problems). `progress(stage, done, total)` is called
+    while images are checked. No readable image at all -> CleanError.
+    """
+    if classes is not None:
+        classes = [str(c) for c in classes]
+        if not classes or len(set(classes)) != len(classes):
+            raise CleanError(f"data.classes must be a non-empty list of distinct names, got {classes!r}")
+    if kind == "digits":
+        src = _digits(Path(out_dir), classes, progress)
+    elif kind == "fashion-mnist":
+        src = _fashion(root, classes)
+    elif kind == "imagefolder":
+        src = _imagefolder(root, classes, progress)
+    elif kind == "csv":
+        src = _csv(root, classes, progress)
+    else:
+        raise CleanError(f"unknown data source {kind!r}; data.source must be one of: {', '.join(KINDS)}")
+    if not src.records:
+        shown = "; ".join(f"{p.path}: {p.reason}" for p in src.problems[:3])
+        more = f" (and {len(src.problems) - 3} more)" if len(src.problems) > 3 else ""
+        raise CleanError(f"no readable images in {kind} source {root}: "
+                         f"{len(src.problems)} problem(s){': ' + shown + more if shown else ''}. "
+                         f"Check data.root and data.classes.")
+    return src
+
+
+def sort_names(names) -> list[str]:
+    """Sort class names: numerically when all are integers ("2" < "10"), else as strings."""
+    names = sorted(set(names))
+    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=int)
+    return names
+
+
+def _check_fixed(kind: str, classes: list[str] | None, fixed: list[str]) -> list[str]:
+    if classes is not None and classes != fixed:
+        raise CleanError(f"data.classes does not match the {kind} classes {fixed}; "
+                         f"set data.classes to null for this source")
+    return list(fixed)
+
+
+def _png_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_if_changed(path: Path, data: bytes) -> bool:
+    """Write `data` atomically unless `path` already holds exactly these bytes."""
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return True
+
+
+def _digits(out_dir: Path, classes, progress) -> Source:
+    from sklearn.datasets import load_digits
+
+    names = _check_fixed("digits", classes, DIGITS_CLASSES)
+    d = load_digits()
+    imgs = np.rint(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # [1797, 8, 8]
+    base = Path(os.path.abspath(out_dir)) / "images" / "digits"
+    records = []
+    for i, (img, t) in enumerate(zip(imgs, d.target)):
+        p = base / str(int(t)) / f"{i:04d}.png"
+        _write_if_changed(p, _png_bytes(img))
+        records.append(Record(str(p), str(int(t)), None, "L", img.shape))
+        if progress and (i + 1) % 256 == 0:
+            progress("export digits", i + 1, len(imgs))
+    if progress:
+        progress("export digits", len(imgs), len(imgs))
+    return Source("digits", records, [], names)
+
+
+def _find(root: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    raise CleanError(f"Fashion-MNIST file missing: {root / stem}[.gz]; {_FASHION_FIX}")
+
+
+def _fashion(root, classes) -> Source:
+    names = _check_fixed("fashion-mnist", classes, FASHION_CLASSES)
+    root = Path(root) if root is not None else FASHION_ROOT
+    if not root.is_dir():
+        raise CleanError(f"Fashion-MNIST folder not found: {root}; {_FASHION_FIX}")
+    records: list[Record] = []
+    for split, (img_stem, lbl_stem) in _FASHION_FILES.items():
+        img_file, lbl_file = _find(root, img_stem), _find(root, lbl_stem)
+        imgs, labels = read_idx(img_file), read_idx(lbl_file)
+        if imgs.ndim != 3 or imgs.dtype != np.uint8:
+            raise CleanError(f"{img_file}: not an IDX image file (magic 2051: uint8, N x H x W); "
+                             f"found {imgs.dtype} with shape {list(imgs.shape)}. Re-download it.")
+        if labels.ndim != 1 or labels.dtype != np.uint8:
+            raise CleanError(f"{lbl_file}: not an IDX label file (magic 2049: uint8, N); "
+                             f"found {labels.dtype} with shape {list(labels.shape)}. Re-download it.")
+        if len(imgs) != len(labels):
+            raise CleanError(f"{img_file} holds {len(imgs)} images but {lbl_file} holds "
+                             f"{len(labels)} labels; re-download the pair.")
+        if len(labels) and int(labels.max()) >= len(names):
+            raise CleanError(f"{lbl_file}: label {int(labels.max())} is out of range 0..{len(names) - 1}; "
+                             f"re-download it.")
+        ref = os.path.abspath(img_file)
+        hw = tuple(int(s) for s in imgs.shape[1:])
+        records.extend(Record(f"{ref}#{i}", names[y], split, "L", hw)
+                       for i, y in enumerate(labels.tolist()))
+    return Source("fashion-mnist", records, [], names)
+
+
+def _check_files(candidates: list[tuple[str, str]], progress) -> tuple[list[Record], list[Problem]]:
+    """Fully decode each (path, label); readable ones -> Records, the rest -> Problems."""
+    def check(item):
+        path = item[0]
+        try:
+            mode, hw = probe_image(path)
+            return mode, hw, None
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a problem row
+            return None, None, describe_failure(path, e)
+
+    records, problems = [], []
+    total = len(candidates)
+    workers = min(8, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        for k, ((path, label), (mode, hw, reason)) in enumerate(zip(candidates, ex.map(check, candidates))):
+            if reason is None:
+                records.append(Record(path, label, None, mode, hw))
+            else:
+                problems.append(Problem(path, reason))
+            if progress and ((k + 1) % 256 == 0 or k + 1 == total):
+                progress("check images", k + 1, total)
+    return records, problems
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTS
+
+
+def _imagefolder(root, classes, progress) -> Source:
+    if root is None:
+        raise CleanError("data.root is required for data.source = imagefolder: "
+                         "set it to a folder with one subfolder per class")
+    root = Path(root)
+    if not root.is_dir():
+        raise CleanError(f"image folder not found: {root}; set data.root to a folder with one "
+                         f"subfolder per class (root/<class>/<image>)")
+    entries = sorted(root.iterdir(), key=lambda p: p.name)
+    subdirs = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
+    if not subdirs:
+        raise CleanError(f"no class subfolders in {root}; expected root/<class>/<image>")
+    names = classes if classes is not None else sort_names(d.name for d in subdirs)
+    known = set(names)
+    problems: list[Problem] = []
+    candidates: list[tuple[str, str]] = []
+    for f in entries:
+        if not f.is_dir() and _is_image_name(f.name):
+            problems.append(Problem(os.path.abspath(f), "image not inside a class subfolder"))
+    for d in subdirs:
+        for dirpath, dirnames, filenames in os.walk(d):
+            dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
+            for fn in sorted(filenames):
+                if not _is_image_name(fn):
+                    continue
+                p = os.path.abspath(os.path.join(dirpath, fn))
+                if d.name not in known:
+                    problems.append(Problem(p, f"unknown label '{d.name}' (not in data.classes)"))
+                else:
+                    candidates.append((p, d.name))
+    records, bad = _check_files(candidates, progress)
+    return Source("imagefolder", records, problems + bad, names)
+
+
+def _csv(root, classes, progress) -> Source:
+    if root is None:
+        raise CleanError("data.root is required for data.source = csv: "
+                         "set it to a CSV file with columns path,label")
+    csv_path = Path(root)
+    if not csv_path.is_file():
+        what = "is a folder, not a CSV file" if csv_path.is_dir() else "not found"
+        raise CleanError(f"CSV file {csv_path} {what}; set data.root to a CSV with columns path,label")
+    base = os.path.dirname(os.path.abspath(csv_path))
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, row) for row in reader]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CleanError(f"cannot parse CSV {csv_path}: {e}; save it as UTF-8 CSV with columns path,label") from None
+    if not rows:
+        raise CleanError(f"CSV {csv_path} is empty; it needs a header row with columns path,label")
+    cols = [c.strip() for c in rows[0][1]]
+    missing = [c for c in ("path", "label") if c not in cols]
+    if missing:
+        raise CleanError(f"CSV {csv_path} lacks column(s) {', '.join(missing)}: found columns "
+                         f"{cols}; required columns: path,label")
+    pi, li = cols.index("path"), cols.index("label")
+    known = set(classes) if classes is not None else None
+    seen: dict[str, int] = {}
+    labels_seen: set[str] = set()
+    problems: list[Problem] = []
+    candidates: list[tuple[str, str]] = []
+    for line, row in rows[1:]:
+        if not any(c.strip() for c in row):
+            continue
+        raw = row[pi].strip() if pi < len(row) else ""
+        label = row[li].strip() if li < len(row) else ""
+        if not raw:
+            problems.append(Problem(f"{os.path.abspath(csv_path)}:{line}", "empty path"))
+            continue
+        p = os.path.abspath(raw if os.path.isabs(raw) else os.path.join(base, raw))
+        if not label:
+            problems.append(Problem(p, "unknown label (empty)"))
+            continue
+        if known is not None and label not in known:
+            problems.append(Problem(p, f"unknown label '{label}' (not in data.classes)"))
+            continue
+        labels_seen.add(label)
+        if p in seen:
+            problems.append(Problem(p, f"duplicate path (already listed on line {seen[p]} of {csv_path.name})"))
+            continue
+        seen[p] = line
+        if not os.path.exists(p):
+            problems.append(Problem(p, "file not found"))
+            continue
+        candidates.append((p, label))
+    records, bad = _check_files(candidates, progress)
+    names = classes if classes is not None else sort_names(labels_seen)
+    return Source("csv", records, problems + bad, names)

@@ -1,0 +1,252 @@
+"""Training: one loop for round 1, retraining, seeds and cross-fitting.
+
+`fit` trains on in-memory arrays and records per-epoch, per-sample training dynamics
+(loss, margin, correct, p(label)) from each sample's minibatch forward pass, before the
+update (as in AUM / forgetting). `train` is the stage: manifest in, model folder out.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CleanError
+
+
+@dataclass
+class Recipe:
+    """Everything that defines a training run (params.yaml `model` + `train` + data.image_size)."""
+
+    model: str = "small_cnn"
+    pretrained: bool = False
+    weights: str | None = None
+    epochs: int = 15
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    step_size: int = 10
+    gamma: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 1
+    image_size: list | int | None = None
+
+    @classmethod
+    def from_params(cls, p: dict) -> "Recipe":
+        t, m = p["train"], p["model"]
+        return cls(model=m["name"], pretrained=m["pretrained"], weights=m["weights"],
+                   image_size=p["data"]["image_size"],
+                   **{k: t[k] for k in ("epochs", "batch_size", "optimizer", "lr", "momentum",
+                                        "weight_decay", "schedule", "step_size", "gamma", "seed",
+                                        "device", "checkpoint_every")})
+
+
+def lr_at(recipe: Recipe, epoch: int) -> float:
+    """Learning rate used during `epoch` (0-based), per the schedule."""
+    if recipe.schedule == "cosine":
+        return recipe.lr * 0.5 * (1 + math.cos(math.pi * epoch / recipe.epochs))
+    if recipe.schedule == "step":
+        return recipe.lr * recipe.gamma ** (epoch // recipe.step_size)
+    return recipe.lr
+
+
+def _optimizer(recipe: Recipe, params):
+    import torch
+
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def _batch_bounds(n: int, bs: int) -> list[tuple[int, int]]:
+    """Batches over n items; a trailing batch of 1 is merged into the previous one (BatchNorm)."""
+    bounds = [(s, min(n, s + bs)) for s in range(0, n, bs)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2] = (bounds[-2][0], n)
+        bounds.pop()
+    return bounds
+
+
+def channel_stats(images_u8: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images [N,C,H,W], in [0,1] units."""
+    x = images_u8.astype(np.float64) / 255.0
+    mean = x.mean(axis=(0, 2, 3))
+    std = x.std(axis=(0, 2, 3))
+    std = np.where(std < 1e-6, 1.0, std)
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+@dataclass
+class FitResult:
+    """A trained model plus what happened during training (dynamics arrays are [epochs, N])."""
+
+    model: object
+    mean: list
+    std: list
+    dynamics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    checkpoints: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fit(images: np.ndarray, labels: np.ndarray, num_classes: int, recipe: Recipe,
+        val: tuple[np.ndarray, np.ndarray] | None = None, checkpoint_dir: Path | None = None,
+        progress=None) -> FitResult:
+    """Train `recipe.model` from scratch on uint8 images [N,C,H,W] with int labels [N].
+
+    Returns the model (eval mode, on CPU), normalisation stats, and dynamics:
+    loss/margin/p_label float32 [E,N], correct bool [E,N] (N in the order given).
+    Checkpoints (safetensors) are written to `checkpoint_dir` every `checkpoint_every` epochs.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .device import resolve_device
+    from .infer import normalize, predict_logits
+    from .models import create_model, save_weights
+
+    n = len(labels)
+    if n < 2:
+        raise CleanError(f"need at least 2 training images, got {n}")
+    device = resolve_device(recipe.device)
+    torch.manual_seed(recipe.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    _, c, h, w = images.shape
+    model = create_model(recipe.model, num_classes, c, (h, w), recipe.pretrained, recipe.weights).to(device)
+    mean, std = channel_stats(images)
+    x_all = normalize(images, mean, std, device)
+    y_all = torch.as_tensor(labels, dtype=torch.long, device=device)
+    opt = _optimizer(recipe, model.parameters())
+    gen = torch.Generator().manual_seed(recipe.seed)
+    E = recipe.epochs
+    dyn = {k: np.zeros((E, n), np.float32) for k in ("loss", "margin", "p_label")}
+    dyn["correct"] = np.zeros((E, n), bool)
+    history, ckpts = [], []
+    bounds = _batch_bounds(n, recipe.batch_size)
+    t0 = time.perf_counter()
+    if progress:
+        progress("start", desc="train", total=E * n)
+    for epoch in range(E):
+        lr = lr_at(recipe, epoch)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        tot_loss = 0.0
+        for s, e in bounds:
+            idx = perm[s:e]
+            idx_d = idx.to(device)
+            logits = model(x_all[idx_d])
+            yb = y_all[idx_d]
+            loss_i = F.cross_entropy(logits.float(), yb, reduction="none")
+            loss = loss_i.mean()
+            if not torch.isfinite(loss):
+                raise CleanError(f"training diverged: the loss became {loss.item()} at epoch {epoch + 1}, "
+                                 f"samples {s}-{e}; lower train.lr (now {recipe.lr}) or check the images")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                lf = logits.detach().float()
+                z_y = lf.gather(1, yb[:, None])[:, 0]
+                other = lf.scatter(1, yb[:, None], float("-inf")).amax(1)
+                p_y = torch.softmax(lf, 1).gather(1, yb[:, None])[:, 0]
+                i = idx.numpy()
+                dyn["loss"][epoch, i] = loss_i.detach().cpu().numpy()
+                dyn["margin"][epoch, i] = (z_y - other).cpu().numpy()
+                dyn["p_label"][epoch, i] = p_y.cpu().numpy()
+                dyn["correct"][epoch, i] = (lf.argmax(1) == yb).cpu().numpy()
+            tot_loss += loss.item() * (e - s)
+            if progress:
+                progress("advance", n=e - s)
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": tot_loss / n,
+               "train_accuracy": float(dyn["correct"][epoch].mean())}
+        if val is not None and len(val[1]):
+            vl = predict_logits(model, val[0], mean, std, device=device)
+            vy = torch.as_tensor(val[1])
+            row["val_loss"] = float(F.cross_entropy(vl, vy).item())
+            row["val_accuracy"] = float((vl.argmax(1) == vy).float().mean().item())
+        history.append(row)
+        if progress:
+            msg = f"epoch {epoch + 1}/{E}  lr {lr:.3g}  loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.4f}"
+            if "val_accuracy" in row:
+                msg += f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}"
+            progress("log", message=msg)
+        if checkpoint_dir is not None and ((epoch + 1) % recipe.checkpoint_every == 0 or epoch + 1 == E):
+            name = f"epoch_{epoch + 1:03d}.safetensors"
+            save_weights(model, Path(checkpoint_dir) / name, {"epoch": epoch + 1, "lr": lr})
+            ckpts.append({"epoch": epoch + 1, "lr": lr, "file": name})
+    if progress:
+        progress("end")
+    model.eval()
+    return FitResult(model.cpu(), mean, std, dyn, history, ckpts, time.perf_counter() - t0)
+
+
+def train(manifest: str | Path, out_dir: str | Path, recipe: Recipe, progress=None) -> dict:
+    """Stage: train on the manifest's `train` split → out_dir/{model.safetensors, config.json,
+    metrics.json, dynamics.npz, checkpoints/}. Returns the metrics dict."""
+    import shutil
+    import tempfile
+
+    import torch
+    import timm
+
+    from .dataset import classes_path_for, load_split, read_classes, read_manifest
+    from .io import atomic_path, write_json
+    from .models import save_weights
+
+    manifest, out_dir = Path(manifest), Path(out_dir)
+    info = read_classes(classes_path_for(manifest))
+    classes = info["classes"]
+    df = read_manifest(manifest, classes)
+    tr = load_split(manifest, "train", recipe.image_size, df=df)
+    val = load_split(manifest, "val", recipe.image_size, df=df) if (df["split"] == "val").any() else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # checkpoints go to a temp folder and replace the old ones only when training succeeded
+    ck_tmp = Path(tempfile.mkdtemp(prefix=".checkpoints.", dir=out_dir))
+    ck_tmp.chmod(0o755)
+    try:
+        res = fit(tr.images, tr.labels, len(classes), recipe,
+                  val=(val.images, val.labels) if val is not None else None,
+                  checkpoint_dir=ck_tmp, progress=progress)
+        final = res.history[-1]
+        n = len(tr)
+        metrics = {
+            "n_train": n, "epochs": recipe.epochs, "seconds": round(res.seconds, 3),
+            "samples_per_s": round(recipe.epochs * n / max(res.seconds, 1e-9), 1),
+            "train_loss": final["train_loss"], "train_accuracy": final["train_accuracy"],
+        }
+        for k in ("val_loss", "val_accuracy"):
+            if k in final:
+                metrics[k] = final[k]
+        _, c, h, w = tr.images.shape
+        cfg = {
+            "model": recipe.model, "num_classes": len(classes), "classes": classes,
+            "in_chans": int(c), "image_size": [int(h), int(w)], "mean": res.mean, "std": res.std,
+            "recipe": asdict(recipe), "manifest": str(manifest), "n_train": n,
+            "checkpoints": res.checkpoints, "history": res.history,
+            "versions": {"torch": torch.__version__.split("+")[0], "timm": timm.__version__},
+        }
+        with atomic_path(out_dir / "dynamics.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, ids=tr.ids, labels=tr.labels,
+                         lr=np.array([r["lr"] for r in res.history], np.float64), **res.dynamics)
+        save_weights(res.model, out_dir / "model.safetensors", {"model": recipe.model})
+        old = out_dir / "checkpoints"
+        if old.exists():
+            shutil.rmtree(old)
+        ck_tmp.rename(old)
+        write_json(out_dir / "config.json", cfg)
+        write_json(out_dir / "metrics.json", metrics)
+    finally:
+        if ck_tmp.exists():
+            shutil.rmtree(ck_tmp, ignore_errors=True)
+    return metrics

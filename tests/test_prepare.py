@@ -1,0 +1,135 @@
+"""The prepare stage end to end on tiny sources."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import CleanError
+from pipeline.images import load_images
+from pipeline.prepare import prepare
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def _folder(root, save_image, per_class=6):
+    for c, name in enumerate(["ant", "bee", "cow"]):
+        for i in range(per_class):
+            save_image(root / name / f"{i}.png", hw=(5, 7), mode="RGB" if c == 0 else "L", seed=10 * c + i)
+    (root / "bee" / "broken.png").write_bytes(b"")
+    (root / "cow" / "junk.jpg").write_text("junk")
+
+
+def test_prepare_imagefolder_writes_contract_files(tmp_path, save_image):
+    root = tmp_path / "images"
+    _folder(root, save_image)
+    out = tmp_path / "data"
+    summary = prepare("imagefolder", root, out, val_frac=1 / 6, test_frac=1 / 6, seed=0)
+
+    rows = _rows(out / "manifest.csv")
+    assert rows[0] == ["id", "path", "label", "split"]
+    body = rows[1:]
+    assert [int(r[0]) for r in body] == list(range(18))
+    assert all(os.path.isabs(r[1]) for r in body)  # images live outside data/
+    assert body[0][1] == str(root / "ant" / "0.png")
+    assert [r[1] for r in body] == sorted(r[1] for r in body)  # no official split: sorted by path
+    assert {r[2] for r in body} == {"0", "1", "2"}
+    for c in "012":
+        assert sorted(r[3] for r in body if r[2] == c) == ["test"] + ["train"] * 4 + ["val"]
+
+    meta = json.loads((out / "classes.json").read_text())
+    assert meta == {"classes": ["ant", "bee", "cow"], "source": "imagefolder", "in_chans": 3,
+                    "image_size": [5, 7], "num_samples": 18,
+                    "counts": {"train": 12, "val": 3, "test": 3}}
+    probs = _rows(out / "problems.csv")
+    assert probs[0] == ["path", "reason"]
+    assert sorted(probs[1:]) == [[str(root / "bee" / "broken.png"), "empty file (0 bytes)"],
+                                 [str(root / "cow" / "junk.jpg"), "not an image (unrecognised format)"]]
+    assert summary["n_problems"] == 2 and summary["n_noisy"] == 0
+    assert summary["counts"] == meta["counts"] and summary["per_class"] == {"ant": 6, "bee": 6, "cow": 6}
+
+    x = load_images([r[1] for r in body], out)
+    assert x.shape == (18, 3, 5, 7)
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "images", "manifest.csv", "problems.csv"]
+
+
+def test_prepare_is_byte_identical_and_leaves_sources_alone(tmp_path, save_image):
+    root = tmp_path / "images"
+    _folder(root, save_image)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    out = tmp_path / "data"
+    args = dict(val_frac=0.2, test_frac=0.2, seed=1, noise_rate=0.3)
+    prepare("imagefolder", root, out, **args)
+    first = {n: (out / n).read_bytes() for n in ("manifest.csv", "classes.json", "problems.csv")}
+    prepare("imagefolder", root, out, **args)
+    assert first == {n: (out / n).read_bytes() for n in first}
+    assert before == {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_prepare_noise_only_touches_train(tmp_path, save_image):
+    root = tmp_path / "images"
+    _folder(root, save_image, per_class=20)
+    out = tmp_path / "data"
+    summary = prepare("imagefolder", root, out, 0.2, 0.2, seed=0, noise_rate=0.25,
+                      noise_kind="pairs", noise_pairs={"ant": "bee", 1: 2})
+    rows = _rows(out / "manifest.csv")
+    assert rows[0] == ["id", "path", "label", "split", "orig_label", "noisy"]
+    body = [dict(zip(rows[0], r)) for r in rows[1:]]
+    train = [r for r in body if r["split"] == "train"]
+    noisy = [r for r in body if r["noisy"] == "1"]
+    eligible = [r for r in train if r["orig_label"] in ("0", "1")]
+    assert len(noisy) == summary["n_noisy"] == round(0.25 * len(eligible))
+    assert all(r["split"] == "train" for r in noisy)
+    assert all(r["label"] == r["orig_label"] for r in body if r["noisy"] == "0")
+    assert {(r["orig_label"], r["label"]) for r in noisy} <= {("0", "1"), ("1", "2")}
+    with pytest.raises(CleanError, match="noise.pairs: 'pig' is not a class"):
+        prepare("imagefolder", root, out, 0.2, 0.2, seed=0, noise_rate=0.25,
+                noise_kind="pairs", noise_pairs={"pig": 0})
+
+
+def test_prepare_digits_paths_relative_to_manifest(tmp_path):
+    out = tmp_path / "data"
+    summary = prepare("digits", None, out, val_frac=0.1, test_frac=0.2, seed=0)
+    rows = _rows(out / "manifest.csv")[1:]
+    assert len(rows) == 1797 and summary["num_classes"] == 10
+    assert rows[0][1] == "images/digits/0/0000.png"
+    assert summary["counts"] == {"train": 1258, "val": 180, "test": 359}
+    meta = json.loads((out / "classes.json").read_text())
+    assert (meta["in_chans"], meta["image_size"], meta["classes"][:2]) == (1, [8, 8], ["0", "1"])
+    assert _rows(out / "problems.csv") == [["path", "reason"]]
+    x = load_images([r[1] for r in rows[:3]], out)
+    assert x.shape == (3, 1, 8, 8) and x.max() > 200
+
+
+def test_prepare_idx_official_test_kept(tmp_path, fashion_dir):
+    out = tmp_path / "data"
+    summary = prepare("fashion-mnist", fashion_dir, out, val_frac=0.25, test_frac=0.5, seed=0)
+    assert summary["counts"] == {"train": 9, "val": 3, "test": 5}
+    rows = _rows(out / "manifest.csv")[1:]
+    tests = [r for r in rows if r[3] == "test"]
+    img = os.path.abspath(fashion_dir / "t10k-images-idx3-ubyte.gz")
+    assert [r[1] for r in tests] == [f"{img}#{i}" for i in range(5)]
+    assert [r[2] for r in tests] == ["0", "1", "2", "3", "4"]
+    x = load_images([r[1] for r in rows], out)
+    assert x.shape == (17, 1, 4, 4)
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_prepare_real_fashion_mnist(tmp_path):
+    summary = prepare("fashion-mnist", None, tmp_path, val_frac=0.1, test_frac=0.2, seed=0)
+    assert summary["counts"] == {"train": 54000, "val": 6000, "test": 10000}
+    assert summary["n_problems"] == 0 and summary["image_size"] == [28, 28]
+    meta = json.loads((tmp_path / "classes.json").read_text())
+    assert meta["classes"][0] == "T-shirt/top" and meta["num_samples"] == 70000
+    rows = _rows(tmp_path / "manifest.csv")
+    x = load_images([rows[1][1], rows[-1][1]], tmp_path)
+    assert x.shape == (2, 1, 28, 28) and x.dtype == np.uint8
