@@ -45,14 +45,14 @@ def _stage_progress():
 @app.command()
 @handle_errors
 def prepare(
-    source: Optional[str] = typer.Option(None, help="digits | fashion-mnist | imagefolder | csv [data.source]"),
-    root: Optional[str] = typer.Option(None, help="image folder, CSV file, or IDX folder [data.root]"),
+    source: Optional[str] = typer.Option(None, help="digits | fashion-mnist | imagefolder | csv (params: data.source)"),
+    root: Optional[str] = typer.Option(None, help="image folder, CSV file, or IDX folder (params: data.root)"),
     out: Path = typer.Option(Path("data"), help="folder for manifest.csv, classes.json, problems.csv"),
-    val_frac: Optional[float] = typer.Option(None, help="validation fraction of the training part [data.val_frac]"),
-    test_frac: Optional[float] = typer.Option(None, help="test fraction when the source has no test split [data.test_frac]"),
-    seed: Optional[int] = typer.Option(None, help="split seed [data.seed]"),
-    noise_rate: Optional[float] = typer.Option(None, help="fraction of training labels to corrupt [noise.rate]"),
-    noise_kind: Optional[str] = typer.Option(None, help="symmetric | pairs [noise.kind]"),
+    val_frac: Optional[float] = typer.Option(None, help="validation fraction of the training part (params: data.val_frac)"),
+    test_frac: Optional[float] = typer.Option(None, help="test fraction when the source has no test split (params: data.test_frac)"),
+    seed: Optional[int] = typer.Option(None, help="split seed (params: data.seed)"),
+    noise_rate: Optional[float] = typer.Option(None, help="fraction of training labels to corrupt (params: noise.rate)"),
+    noise_kind: Optional[str] = typer.Option(None, help="symmetric | pairs (params: noise.kind)"),
     params: Path = PARAMS,
 ):
     """Read a source into data/manifest.csv (id,path,label,split), classes.json and problems.csv."""
@@ -80,16 +80,16 @@ def prepare(
 def train(
     manifest: Path = typer.Option(Path("data/manifest.csv"), help="manifest to train on (its train split)"),
     out: Path = typer.Option(Path("models/base"), help="model folder to write"),
-    model: Optional[str] = typer.Option(None, help="timm model name or small_cnn / small_cnn_bn [model.name]"),
-    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="start from timm weights [model.pretrained]"),
-    epochs: Optional[int] = typer.Option(None, help="epochs [train.epochs]"),
-    batch_size: Optional[int] = typer.Option(None, help="batch size [train.batch_size]"),
-    optimizer: Optional[str] = typer.Option(None, help="sgd | adam | adamw [train.optimizer]"),
-    lr: Optional[float] = typer.Option(None, help="learning rate [train.lr]"),
-    weight_decay: Optional[float] = typer.Option(None, help="weight decay [train.weight_decay]"),
-    schedule: Optional[str] = typer.Option(None, help="constant | cosine | step [train.schedule]"),
-    seed: Optional[int] = typer.Option(None, help="seed for init, shuffling, dropout [train.seed]"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda [train.device]"),
+    model: Optional[str] = typer.Option(None, help="timm model name or small_cnn / small_cnn_bn (params: model.name)"),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="start from timm weights (params: model.pretrained)"),
+    epochs: Optional[int] = typer.Option(None, help="epochs (params: train.epochs)"),
+    batch_size: Optional[int] = typer.Option(None, help="batch size (params: train.batch_size)"),
+    optimizer: Optional[str] = typer.Option(None, help="sgd | adam | adamw (params: train.optimizer)"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (params: train.lr)"),
+    weight_decay: Optional[float] = typer.Option(None, help="weight decay (params: train.weight_decay)"),
+    schedule: Optional[str] = typer.Option(None, help="constant | cosine | step (params: train.schedule)"),
+    seed: Optional[int] = typer.Option(None, help="seed for init, shuffling, dropout (params: train.seed)"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (params: train.device)"),
     params: Path = PARAMS,
 ):
     """Train a model from scratch on a manifest's train split; writes weights, config, dynamics, checkpoints."""
@@ -114,7 +114,7 @@ def evaluate(
     manifest: Path = typer.Option(Path("data/manifest.csv"), help="manifest holding the test split"),
     name: str = typer.Option("base", help="version name: writes metrics/<name>.json, plots/confusion_<name>.csv"),
     split: str = typer.Option("test", help="split to evaluate on"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda [train.device]"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (params: train.device)"),
     params: Path = PARAMS,
 ):
     """Evaluate a model on the untouched test split → metrics/<name>.json for `dvc metrics diff`."""

@@ -73,6 +73,12 @@ def load_weights(model, path: str | Path) -> None:
         state = load_file(str(path))
     except Exception as e:  # noqa: BLE001
         raise CleanError(f"{path}: not a readable safetensors file ({e}); retrain with `clean train`") from None
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise CleanError(f"{path}: weights do not fit the model (shape mismatch: {'; '.join(wrong[:2])}); "
+                         "the data's class count or input channels differ from the ones it was trained on")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CleanError(f"{path}: weights do not fit the model (missing {list(missing)[:3]}, "

@@ -123,7 +123,7 @@ def fit(images: np.ndarray, labels: np.ndarray, num_classes: int, recipe: Recipe
     model = create_model(recipe.model, num_classes, c, (h, w), recipe.pretrained, recipe.weights).to(device)
     mean, std = channel_stats(images)
     x_all = normalize(images, mean, std, device)
-    y_all = torch.as_tensor(labels, dtype=torch.long, device=device)
+    y_all = torch.as_tensor(np.array(labels, np.int64), device=device)
     opt = _optimizer(recipe, model.parameters())
     gen = torch.Generator().manual_seed(recipe.seed)
     E = recipe.epochs
@@ -204,6 +204,8 @@ def train(manifest: str | Path, out_dir: str | Path, recipe: Recipe, progress=No
     from .models import save_weights
 
     manifest, out_dir = Path(manifest), Path(out_dir)
+    if not manifest.exists():
+        raise CleanError(f"manifest not found: {manifest}; create it with `clean prepare`")
     info = read_classes(classes_path_for(manifest))
     classes = info["classes"]
     df = read_manifest(manifest, classes)

@@ -1,0 +1,37 @@
+"""Tiny datasets for fast tests: a learnable ImageFolder of 8x8 grayscale images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def make_imagefolder(root: Path, n_per_class: int = 12, classes=("a", "b", "c"), hw=(8, 8), seed=0) -> Path:
+    """Write root/<class>/<i>.png where class k has a bright k-th horizontal band (learnable)."""
+    rng = np.random.default_rng(seed)
+    h, w = hw
+    for k, name in enumerate(classes):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            img = rng.integers(0, 60, size=(h, w)).astype(np.uint8)
+            band = slice(k * h // len(classes), (k + 1) * h // len(classes))
+            img[band, :] = rng.integers(180, 256, size=(band.stop - band.start, w))
+            Image.fromarray(img).save(d / f"{i:03d}.png")
+    return root
+
+
+def tiny_arrays(n_per_class: int = 10, classes: int = 3, hw=(8, 8), seed=0):
+    """In-memory version of make_imagefolder → (uint8 [N,1,H,W], int labels [N])."""
+    rng = np.random.default_rng(seed)
+    h, w = hw
+    xs, ys = [], []
+    for k in range(classes):
+        for _ in range(n_per_class):
+            img = rng.integers(0, 60, size=(h, w)).astype(np.uint8)
+            band = slice(k * h // classes, (k + 1) * h // classes)
+            img[band, :] = rng.integers(180, 256, size=(band.stop - band.start, w))
+            xs.append(img[None])
+            ys.append(k)
+    return np.stack(xs), np.array(ys, np.int64)

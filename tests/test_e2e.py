@@ -1,0 +1,75 @@
+"""End to end as a user runs it: `dvc repro` in a fresh git repo, then a param change and
+`dvc metrics diff`. Uses the real embedded digits dataset with few epochs."""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["cli", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
+
+pytestmark = pytest.mark.slow
+
+
+def sh(*args, cwd, check=True):
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
+    r = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def copy_project(dst: Path) -> Path:
+    for f in PROJECT_FILES:
+        src = ROOT / f
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst / f, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst / f)
+    return dst
+
+
+def set_params(repo: Path, **sections):
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    for sec, kv in sections.items():
+        p[sec].update(kv)
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def test_dvc_repro_then_param_change_and_metrics_diff(tmp_path):
+    repo = copy_project(tmp_path / "proj")
+    sh("git", "init", "-q", cwd=repo)
+    set_params(repo, train={"epochs": 4, "device": "cpu"})
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "project", cwd=repo)
+
+    out = sh("dvc", "repro", cwd=repo).stdout
+    assert "Running stage 'prepare'" in out and "Running stage 'evaluate'" in out
+    base = json.loads((repo / "metrics/base.json").read_text())
+    assert base["n"] == 359 and base["accuracy"] > 0.8  # digits test split, 4 epochs
+    for f in ("data/manifest.csv", "data/classes.json", "data/problems.csv", "models/base/model.safetensors",
+              "plots/confusion_base.csv", "dvc.lock"):
+        assert (repo / f).exists(), f
+    # nothing changed → nothing re-runs
+    again = sh("dvc", "repro", cwd=repo).stdout
+    assert "Data and pipelines are up to date" in again or "didn't change" in again
+    assert "Running stage" not in again
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "base run", cwd=repo)
+
+    set_params(repo, train={"epochs": 1})
+    out = sh("dvc", "repro", cwd=repo).stdout
+    assert "Stage 'prepare' didn't change, skipping" in out and "Running stage 'train'" in out
+    diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=repo).stdout)
+    acc = diff["metrics/base.json"]["accuracy"]
+    assert acc["old"] == pytest.approx(base["accuracy"])
+    assert acc["new"] == pytest.approx(json.loads((repo / "metrics/base.json").read_text())["accuracy"])
+    assert acc["new"] < acc["old"]  # 1 epoch is worse than 4
+    shown = sh("dvc", "plots", "show", "--json", cwd=repo)
+    assert "confusion_base.csv" in shown.stdout
