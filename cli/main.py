@@ -128,5 +128,89 @@ def evaluate(
     console.print(table(f"{name}: {model} on {split}", ["metric", "value"], rows))
 
 
+@app.command()
+@handle_errors
+def score(
+    path: Path = typer.Argument(Path("data/manifest.csv"), help="a manifest, an image folder (root/<class>/<image>) or a CSV of path,label"),
+    model: str = typer.Option("models/base", help="trained model folder, or a model name to train first on PATH (e.g. resnet18)"),
+    out: Path = typer.Option(Path("scores"), help="folder for scores.csv and meta.json"),
+    norm: Optional[str] = typer.Option(None, help="l1 | l2 | linf (params: score.norm)"),
+    subset: Optional[str] = typer.Option(None, help="gradient w.r.t.: last | weights | biases | all (params: score.params)"),
+    batch_size: Optional[int] = typer.Option(None, help="scoring batch size (params: score.batch_size)"),
+    split: Optional[str] = typer.Option(None, help="train | val | test | all (params: score.split)"),
+    self_influence: Optional[bool] = typer.Option(None, "--self-influence/--no-self-influence", help="TracIn over checkpoints (params: score.self_influence)"),
+    epochs: Optional[int] = typer.Option(None, help="epochs when --model is a name to train (params: train.epochs)"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (params: train.device)"),
+    top: int = typer.Option(10, help="rows in the top-scoring table"),
+    params: Path = PARAMS,
+):
+    """Score every training image: loss, gradient norm, EL2N, margin, AUM, forgetting, data-map
+    confidence/variability, self-influence → scores/scores.csv."""
+    from pipeline.scores import score as run
+    from pipeline.standalone import as_manifest
+
+    p = _params(params, score__norm=norm, score__params=subset, score__batch_size=batch_size,
+                score__split=split, score__self_influence=self_influence, train__epochs=epochs,
+                train__device=device)
+    sc = p["score"]
+    model_dir = Path(model)
+    if not (model_dir / "config.json").exists():
+        if model_dir.exists() or "/" in model:
+            raise CleanError(f"{model_dir}/config.json not found; train a model first (clean train --out {model_dir}) "
+                             "or pass a model name such as resnet18 to train one on PATH")
+        manifest, summary = as_manifest(path, out / "input")
+        _report_input(summary, out / "input")
+        from pipeline.train import Recipe, train as run_train
+
+        recipe = Recipe.from_params(p)
+        recipe.model = model
+        model_dir = Path("models") / model
+        console.print(f"training {model} on {manifest} for {recipe.epochs} epoch(s) → {model_dir}")
+        with RichProgress() as prog:
+            run_train(manifest, model_dir, recipe, progress=prog)
+    else:
+        import json
+
+        classes = json.loads((model_dir / "config.json").read_text()).get("classes")
+        manifest, summary = as_manifest(path, out / "input", classes)
+        _report_input(summary, out / "input")
+    with RichProgress() as prog:
+        df = run(model_dir, manifest, out, norm=sc["norm"], params=sc["params"], batch_size=sc["batch_size"],
+                 device=p["train"]["device"], split=sc["split"] if manifest == path else "train",
+                 with_self_influence=sc["self_influence"], progress=prog)
+    _score_tables(df, model_dir, sc, top)
+    console.print(f"wrote {out}/scores.csv ({len(df)} rows) and {out}/meta.json")
+
+
+def _report_input(summary: dict, where: Path) -> None:
+    if summary:
+        n = summary.get("n_problems", 0)
+        console.print(f"read {summary.get('num_samples')} image(s) from the input; "
+                      f"{n} problem(s) listed in {where}/problems.csv", highlight=False)
+
+
+def _score_tables(df, model_dir: Path, sc: dict, top: int) -> None:
+    import json
+
+    classes = json.loads((model_dir / "config.json").read_text())["classes"]
+    name = lambda i: classes[int(i)] if 0 <= int(i) < len(classes) else str(i)  # noqa: E731
+    by = "grad_norm"
+    head = df.sort_values([by, "id"], ascending=[False, True]).head(top)
+    console.print(table(f"top {top} by {by} ({sc['norm']}, {sc['params']})",
+                        ["id", "label", "pred", "loss", "grad_norm", "aum", "path"],
+                        [(r.id, name(r.label), name(r.pred), r.loss, r.grad_norm, r.aum, r.path)
+                         for r in head.itertuples()]))
+    from pipeline.scores import SCORE_COLUMNS
+
+    cols = [c for c in SCORE_COLUMNS if df[c].notna().any()]
+    qs = df[cols].quantile([0.0, 0.25, 0.5, 0.75, 0.95, 1.0])
+    console.print(table("score quantiles", ["score", "min", "q25", "median", "q75", "q95", "max"],
+                        [(c, *[float(qs.loc[q, c]) for q in qs.index]) for c in cols]))
+    means = df.groupby("label")[["loss", "grad_norm", "margin", "aum"]].mean()
+    counts = df.groupby("label").size()
+    console.print(table("per-class means", ["class", "n", "loss", "grad_norm", "margin", "aum"],
+                        [(name(c), int(counts[c]), *[float(v) for v in means.loc[c]]) for c in means.index]))
+
+
 if __name__ == "__main__":
     app()

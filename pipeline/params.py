@@ -57,6 +57,13 @@ DEFAULTS: dict[str, Any] = {
         "device": "auto",     # auto | cpu | cuda
         "checkpoint_every": 1,  # epochs between checkpoints (self-influence uses them)
     },
+    "score": {
+        "norm": "l2",         # l1 | l2 | linf: the norm of each sample's gradient
+        "params": "all",      # last | weights | biases | all: which parameters' gradient
+        "batch_size": 256,
+        "split": "train",     # train | val | test | all
+        "self_influence": True,  # TracIn over the epoch checkpoints (one pass per checkpoint)
+    },
 }
 
 CHOICES = {
@@ -65,6 +72,9 @@ CHOICES = {
     "train.optimizer": OPTIMIZERS,
     "train.schedule": SCHEDULES,
     "train.device": DEVICES,
+    "score.norm": NORMS,
+    "score.params": PARAM_SUBSETS,
+    "score.split": ["train", "val", "test", "all"],
 }
 
 # (low, high, low_inclusive, high_inclusive)
@@ -80,6 +90,7 @@ RANGES = {
     "train.step_size": (1, None, True, False),
     "train.gamma": (0.0, 1.0, False, True),
     "train.checkpoint_every": (1, None, True, False),
+    "score.batch_size": (1, None, True, False),
 }
 
 # keys whose value may be of several shapes (checked by their own validator)

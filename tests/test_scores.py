@@ -1,0 +1,141 @@
+"""Score stage: dynamics scores against a hand computation, TracIn against a direct sum,
+batch-size independence, the file contract, standalone inputs."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.dynamics import aum, confidence, dynamics_scores, forgetting, variability
+from pipeline.errors import CleanError
+from pipeline.gradnorm import per_sample_grad_norms
+from pipeline.infer import normalize
+from pipeline.models import load_trained, load_weights
+from pipeline.prepare import prepare
+from pipeline.scores import COLUMNS, forward_scores, score
+from pipeline.train import Recipe, train
+
+from .helpers import make_imagefolder
+
+
+def test_dynamics_scores_on_a_hand_made_history():
+    # 4 epochs × 3 samples
+    correct = np.array([[1, 0, 0], [0, 0, 1], [1, 0, 0], [0, 0, 1]], bool)
+    margin = np.array([[1.0, -2.0, 0.5], [-1.0, -1.0, 0.5], [3.0, -3.0, 0.5], [-3.0, 0.0, 0.5]])
+    p = np.array([[0.9, 0.1, 0.5], [0.3, 0.2, 0.5], [0.8, 0.1, 0.5], [0.2, 0.2, 0.5]])
+    # sample 0: correct at e0,e2; flips 0→1 and 2→3 = 2; sample 1 never learned = 4 epochs;
+    # sample 2: 0,1,0,1 → one flip (e1→e2)
+    assert forgetting(correct).tolist() == [2.0, 4.0, 1.0]
+    assert aum(margin).tolist() == [0.0, -1.5, 0.5]
+    np.testing.assert_allclose(confidence(p), [0.55, 0.15, 0.5])
+    np.testing.assert_allclose(variability(p), [np.std([0.9, 0.3, 0.8, 0.2]), np.std([0.1, 0.2, 0.1, 0.2]), 0.0])
+    d = dynamics_scores({"margin": margin, "correct": correct, "p_label": p})
+    assert set(d) == {"aum", "forgetting", "confidence", "variability"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scores")
+    make_imagefolder(root / "imgs", n_per_class=8)
+    prepare("imagefolder", str(root / "imgs"), root / "data", 0.0, 0.25, 0)
+    recipe = Recipe(model="small_cnn_bn", epochs=3, batch_size=8, lr=1e-2, device="cpu", seed=0)
+    train(root / "data" / "manifest.csv", root / "models" / "base", recipe)
+    return root
+
+
+def test_score_stage_writes_the_contract(trained):
+    out = trained / "scores"
+    df = score(trained / "models/base", trained / "data/manifest.csv", out, norm="l2", params="all",
+               batch_size=7, device="cpu")
+    on_disk = pd.read_csv(out / "scores.csv")
+    assert list(on_disk.columns) == COLUMNS
+    manifest = pd.read_csv(trained / "data/manifest.csv")
+    assert sorted(on_disk["id"]) == sorted(manifest[manifest["split"] == "train"]["id"])
+    assert on_disk[COLUMNS[4:]].notna().all().all()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["norm"] == "l2" and meta["params"] == "all" and meta["n"] == len(df)
+    assert [c["file"] for c in meta["self_influence"]["checkpoints"]] == [
+        "epoch_001.safetensors", "epoch_002.safetensors", "epoch_003.safetensors"]
+    # loss, el2n, margin against a direct computation
+    model, cfg = load_trained(trained / "models/base")
+    from pipeline.dataset import load_split
+
+    data = load_split(trained / "data/manifest.csv", "train", cfg["image_size"])
+    with torch.no_grad():
+        logits = model(normalize(data.images, cfg["mean"], cfg["std"])).double()
+    y = torch.as_tensor(data.labels)
+    p = torch.softmax(logits, 1)
+    np.testing.assert_allclose(df["loss"], torch.nn.functional.cross_entropy(logits, y, reduction="none"), rtol=1e-4)
+    np.testing.assert_allclose(df["el2n"], (p - torch.nn.functional.one_hot(y, 3)).norm(dim=1), rtol=1e-4)
+    zy = logits.gather(1, y[:, None])[:, 0]
+    other = logits.scatter(1, y[:, None], -np.inf).amax(1)
+    np.testing.assert_allclose(df["margin"], zy - other, rtol=1e-4, atol=1e-5)
+    # dynamics columns equal the recorded history, matched by id
+    dyn = np.load(trained / "models/base/dynamics.npz")
+    pos = {int(i): k for k, i in enumerate(dyn["ids"])}
+    k = [pos[int(i)] for i in df["id"]]
+    np.testing.assert_allclose(df["aum"], dyn["margin"].mean(0)[k], rtol=1e-6)
+
+
+def test_self_influence_is_the_lr_weighted_sum_over_checkpoints(trained):
+    df = score(trained / "models/base", trained / "data/manifest.csv", trained / "s2", params="last",
+               device="cpu")
+    model, cfg = load_trained(trained / "models/base")
+    from pipeline.dataset import load_split
+
+    data = load_split(trained / "data/manifest.csv", "train", cfg["image_size"])
+    x = normalize(data.images, cfg["mean"], cfg["std"])
+    y = torch.as_tensor(data.labels)
+    expected = np.zeros(len(y))
+    for c in cfg["checkpoints"]:
+        load_weights(model, trained / "models/base/checkpoints" / c["file"])
+        model.eval()
+        for i in range(len(y)):  # per-sample loop reference
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+            head = model.get_classifier()
+            g2 = head.weight.grad.pow(2).sum() + head.bias.grad.pow(2).sum()
+            expected[i] += c["lr"] * g2.item()
+    np.testing.assert_allclose(df["self_influence"], expected, rtol=1e-4)
+
+
+def test_scores_do_not_depend_on_batch_size(trained):
+    model, cfg = load_trained(trained / "models/base")
+    from pipeline.dataset import load_split
+
+    data = load_split(trained / "data/manifest.csv", "train", cfg["image_size"])
+    a = forward_scores(model, data.images, data.labels, cfg["mean"], cfg["std"], "l1", "all", batch_size=len(data))
+    b = forward_scores(model, data.images, data.labels, cfg["mean"], cfg["std"], "l1", "all", batch_size=5)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_score_rejects_a_model_from_other_classes(trained, tmp_path):
+    make_imagefolder(tmp_path / "other", n_per_class=3, classes=("x", "y", "z"))
+    prepare("imagefolder", str(tmp_path / "other"), tmp_path / "d", 0.0, 0.0, 0)
+    with pytest.raises(CleanError, match="was trained on classes"):
+        score(trained / "models/base", tmp_path / "d/manifest.csv", tmp_path / "s", device="cpu")
+
+
+def test_standalone_score_on_a_folder_and_with_a_model_name(trained, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["score", str(trained / "imgs"), "--model", str(trained / "models/base"),
+                              "--subset", "last", "--top", "3"])
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(tmp_path / "scores/scores.csv")
+    assert len(df) == 24 and "top 3 by grad_norm" in res.output
+    assert (tmp_path / "scores/input/manifest.csv").exists()
+    # a model name trains first, then scores
+    res = runner.invoke(app, ["score", str(trained / "imgs"), "--model", "small_cnn", "--epochs", "1",
+                              "--subset", "last", "--device", "cpu", "--out", "s2"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "models/small_cnn/model.safetensors").exists()
+    assert len(pd.read_csv(tmp_path / "s2/scores.csv")) == 24
+    res = runner.invoke(app, ["score", str(tmp_path / "nope"), "--model", str(trained / "models/base")])
+    assert res.exit_code == 2 and "no such file or folder" in res.output
