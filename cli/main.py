@@ -6,7 +6,7 @@ torch/timm are imported only inside commands, so `clean --help` is instant.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -88,7 +88,7 @@ def train(
     lr: Optional[float] = typer.Option(None, help="learning rate (params: train.lr)"),
     weight_decay: Optional[float] = typer.Option(None, help="weight decay (params: train.weight_decay)"),
     schedule: Optional[str] = typer.Option(None, help="constant | cosine | step (params: train.schedule)"),
-    seed: Optional[int] = typer.Option(None, help="seed for init, shuffling, dropout (params: train.seed)"),
+    seed: Optional[List[int]] = typer.Option(None, help="seed for init, shuffling, dropout; repeat for several runs (params: train.seeds)"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (params: train.device)"),
     params: Path = PARAMS,
 ):
@@ -97,14 +97,21 @@ def train(
 
     p = _params(params, model__name=model, model__pretrained=pretrained, train__epochs=epochs,
                 train__batch_size=batch_size, train__optimizer=optimizer, train__lr=lr,
-                train__weight_decay=weight_decay, train__schedule=schedule, train__seed=seed,
+                train__weight_decay=weight_decay, train__schedule=schedule, train__seeds=list(seed) if seed else None,
                 train__device=device)
     recipe = Recipe.from_params(p)
     with RichProgress() as prog:
-        m = run(manifest, out, recipe, progress=prog)
+        m = run(manifest, out, recipe, seeds=p["train"]["seeds"], progress=prog)
     rows = [(k, m[k]) for k in ("n_train", "epochs", "train_loss", "train_accuracy", "val_loss",
                                 "val_accuracy", "seconds", "samples_per_s") if k in m]
     console.print(table(f"trained {recipe.model} → {out}", ["metric", "value"], rows))
+
+
+def _pm(m: dict) -> str:
+    """accuracy as 'mean ± std (n seeds)'."""
+    if m.get("n_seeds", 1) > 1:
+        return f"{m['accuracy']:.4f} ± {m['accuracy_std']:.4f} ({m['n_seeds']} seeds)"
+    return f"{m['accuracy']:.4f}"
 
 
 @app.command()
@@ -123,7 +130,7 @@ def evaluate(
     p = _params(params, train__device=device)
     with RichProgress() as prog:
         m = run(model, manifest, name, split=split, device=p["train"]["device"], progress=prog)
-    rows = [("accuracy", m["accuracy"]), ("loss", m["loss"]), ("n", m["n"])]
+    rows = [("accuracy", _pm(m)), ("loss", m["loss"]), ("n", m["n"]), ("seeds", m["n_seeds"])]
     rows += [(f"accuracy[{k}]", v) for k, v in m["per_class_accuracy"].items()]
     console.print(table(f"{name}: {model} on {split}", ["metric", "value"], rows))
 
@@ -144,8 +151,10 @@ def score(
     top: int = typer.Option(10, help="rows in the top-scoring table"),
     params: Path = PARAMS,
 ):
-    """Score every training image: loss, gradient norm, EL2N, margin, AUM, forgetting, data-map
-    confidence/variability, self-influence → scores/scores.csv."""
+    """Score every training image (loss, gradient norm, AUM, forgetting, self-influence, ...) → scores/scores.csv.
+
+    Columns: loss, grad_norm, el2n, margin, aum, forgetting, confidence, variability, self_influence."""
+    from pipeline.errors import CleanError
     from pipeline.scores import score as run
     from pipeline.standalone import as_manifest
 
@@ -210,6 +219,184 @@ def _score_tables(df, model_dir: Path, sc: dict, top: int) -> None:
     counts = df.groupby("label").size()
     console.print(table("per-class means", ["class", "n", "loss", "grad_norm", "margin", "aum"],
                         [(name(c), int(counts[c]), *[float(v) for v in means.loc[c]]) for c in means.index]))
+
+
+@app.command()
+@handle_errors
+def flag(
+    scores: Path = typer.Option(Path("scores/scores.csv"), help="scores from `clean score`"),
+    out: Path = typer.Option(Path("scores"), help="folder for flags.csv"),
+    method: Optional[str] = typer.Option(None, help="quantile | mad | isolation-forest | confident (params: flag.method)"),
+    score: Optional[str] = typer.Option(None, help="score column for quantile/mad (params: flag.score)"),
+    quantile: Optional[float] = typer.Option(None, help="flag the top q (params: flag.quantile)"),
+    threshold: Optional[float] = typer.Option(None, help="robust z threshold (params: flag.threshold)"),
+    contamination: Optional[float] = typer.Option(None, help="isolation-forest contamination (params: flag.contamination)"),
+    folds: Optional[int] = typer.Option(None, help="confident: k-fold cross-fitting (params: flag.folds)"),
+    model: Path = typer.Option(Path("models/base"), help="model for isolation-forest gradient vectors"),
+    manifest: Path = typer.Option(Path("data/manifest.csv"), help="manifest the scores came from"),
+    metrics: Optional[Path] = typer.Option(Path("metrics/flags.json"), help="flag summary JSON (precision/recall/AUROC when the truth is known)"),
+    params: Path = PARAMS,
+):
+    """Flag suspicious training images → scores/flags.csv (id,flagged,rule,value)."""
+    from pipeline.flagging import flag as run
+    from pipeline.io import write_json
+    from pipeline.train import Recipe
+
+    p = _params(params, flag__method=method, flag__score=score, flag__quantile=quantile,
+                flag__threshold=threshold, flag__contamination=contamination, flag__folds=folds)
+    f = p["flag"]
+    from pipeline.device import resolve_device
+
+    with RichProgress() as prog:
+        s = run(scores, out, method=f["method"], score=f["score"], quantile=f["quantile"], threshold=f["threshold"],
+                contamination=f["contamination"], projection_dim=f["projection_dim"], folds=f["folds"],
+                seed=f["seed"], model_dir=model, manifest=manifest, recipe=Recipe.from_params(p),
+                device=resolve_device(p["train"]["device"]), progress=prog)
+    if metrics:
+        write_json(metrics, s)
+    if f["grid"]:
+        from pipeline.grid import top_grid
+
+        top_grid(scores, by="value", k=f["grid"], path=out / "top_flagged.png", flags_csv=out / "flags.csv",
+                 only_flagged=True, manifest=manifest)
+        console.print(f"grid of the top flagged images → {out}/top_flagged.png")
+    rows = [("rule", s["rule"]), ("flagged", f"{s['n_flagged']} of {s['n']} ({s['n_flagged'] / max(s['n'], 1):.1%})")]
+    for k in ("n_noisy", "precision", "recall", "auroc"):
+        if k in s:
+            rows.append((f"{k} (vs injected noise)" if k != "n_noisy" else "injected noisy labels", s[k]))
+    rows.append(("seconds", s["seconds"]))
+    console.print(table(f"flag: {f['method']} → {out}/flags.csv", ["", "value"], rows))
+    _flag_tables(scores, out / "flags.csv", manifest)
+
+
+def _flag_tables(scores: Path, flags: Path, manifest: Path, top: int = 10) -> None:
+    import pandas as pd
+
+    from pipeline.dataset import classes_path_for, read_classes
+
+    classes = read_classes(classes_path_for(manifest))["classes"]
+    df = pd.read_csv(scores).merge(pd.read_csv(flags), on="id")
+    per = df.groupby("label").agg(n=("id", "size"), flagged=("flagged", "sum"))
+    console.print(table("flagged per class", ["class", "n", "flagged", "%"],
+                        [(classes[c], int(r.n), int(r.flagged), f"{r.flagged / r.n:.1%}") for c, r in per.iterrows()]))
+    topf = df[df["flagged"] == 1].sort_values(["value", "id"], ascending=[False, True]).head(top)
+    if len(topf):
+        console.print(table(f"top {len(topf)} flagged", ["id", "label", "pred", "value", "loss", "path"],
+                            [(r.id, classes[r.label], classes[r.pred], r.value, r.loss, r.path) for r in topf.itertuples()]))
+
+
+@app.command()
+@handle_errors
+def prune(
+    manifest: Path = typer.Option(Path("data/manifest.csv"), help="manifest to select from"),
+    scores: Path = typer.Option(Path("scores/scores.csv"), help="scores from `clean score`"),
+    flags: Path = typer.Option(Path("scores/flags.csv"), help="flags from `clean flag` (drop-flagged)"),
+    out: Path = typer.Option(Path("data/pruned.csv"), help="the new dataset version (a manifest)"),
+    summary: Path = typer.Option(Path("prune/summary.json"), help="kept per class, label entropy"),
+    strategy: Optional[str] = typer.Option(None, help="random | max-gradient | non-extreme | gradient-cdf | drop-flagged (params: prune.strategy)"),
+    by: Optional[str] = typer.Option(None, help="score column driving the selection (params: prune.by)"),
+    keep: Optional[float] = typer.Option(None, help="fraction of training samples to keep (params: prune.keep)"),
+    skip: Optional[float] = typer.Option(None, help="non-extreme: top fraction skipped (params: prune.skip)"),
+    balanced: Optional[bool] = typer.Option(None, "--balanced/--unbalanced", help="select per class (params: prune.balanced)"),
+    seed: Optional[int] = typer.Option(None, help="seed for random / gradient-cdf (params: prune.seed)"),
+    params: Path = PARAMS,
+):
+    """Select a subset of the training set → data/pruned.csv (ids only; images never copied or deleted)."""
+    from pipeline.prune import prune as run
+
+    p = _params(params, prune__strategy=strategy, prune__by=by, prune__keep=keep, prune__skip=skip,
+                prune__balanced=balanced, prune__seed=seed)
+    q = p["prune"]
+    s = run(manifest, scores, out, summary, strategy=q["strategy"], by=q["by"], keep=q["keep"], skip=q["skip"],
+            balanced=q["balanced"], seed=q["seed"], flags_csv=flags)
+    ent = s["label_entropy"]
+    console.print(table(f"prune: {q['strategy']} → {out}", ["", "value"], [
+        ("kept", f"{s['n_kept']} of {s['n_total']} ({s['n_kept'] / s['n_total']:.1%})"),
+        ("label entropy kept / all / uniform", f"{ent['kept']:.4f} / {ent['all']:.4f} / {ent['uniform']:.4f} nats"),
+        *[(k.replace("_", " "), s[k]) for k in ("noisy_removed", "noisy_kept", "clean_removed") if k in s]]))
+    console.print(table("kept per class", ["class", "kept", "fraction"],
+                        [(c, s["kept_per_class"][c], s["fraction_kept_per_class"][c]) for c in s["kept_per_class"]]))
+
+
+@app.command()
+@handle_errors
+def retrain(
+    manifest: Path = typer.Option(Path("data/pruned.csv"), help="the pruned dataset version"),
+    test_manifest: Path = typer.Option(Path("data/manifest.csv"), help="manifest whose untouched test split evaluates it"),
+    out: Path = typer.Option(Path("models/pruned"), help="model folder to write"),
+    name: str = typer.Option("pruned", help="version name: metrics/<name>.json"),
+    epochs: Optional[int] = typer.Option(None, help="epochs (params: train.epochs)"),
+    seed: Optional[List[int]] = typer.Option(None, help="seed(s) (params: train.seeds)"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (params: train.device)"),
+    params: Path = PARAMS,
+):
+    """Retrain from scratch on a pruned manifest and evaluate on the untouched test split → metrics/<name>.json.
+
+    Same recipe, fresh initialisation, one run per seed in train.seeds."""
+    from pipeline.evaluate import evaluate as run_eval
+    from pipeline.train import Recipe, train as run_train
+
+    p = _params(params, train__epochs=epochs, train__seeds=list(seed) if seed else None, train__device=device)
+    recipe = Recipe.from_params(p)
+    with RichProgress() as prog:
+        run_train(manifest, out, recipe, seeds=p["train"]["seeds"], progress=prog)
+        m = run_eval(out, test_manifest, name, device=p["train"]["device"], progress=prog)
+    console.print(table(f"{name}: retrained on {manifest}, tested on {test_manifest}", ["metric", "value"],
+                        [("n_train", m["n_train"]), ("accuracy", _pm(m)), ("loss", m["loss"])]))
+
+
+sweep_app = typer.Typer(help="The paper's experiment: strategy × keep fraction, retrain, evaluate.", no_args_is_help=True)
+app.add_typer(sweep_app, name="sweep")
+
+
+@sweep_app.command("point")
+@handle_errors
+def sweep_point(
+    strategy: str = typer.Option(..., help="random | max-gradient | non-extreme | gradient-cdf | drop-flagged"),
+    keep: float = typer.Option(..., help="fraction of the training set kept"),
+    out: Path = typer.Option(..., help="folder for this point (pruned.csv, metrics.json)"),
+    manifest: Path = typer.Option(Path("data/manifest.csv")),
+    scores: Path = typer.Option(Path("scores/scores.csv")),
+    flags: Path = typer.Option(Path("scores/flags.csv")),
+    params: Path = PARAMS,
+):
+    """One sweep point: prune, retrain (every seed) and evaluate."""
+    from pipeline.sweep import sweep_point as run
+    from pipeline.train import Recipe
+
+    p = _params(params, prune__strategy=strategy, prune__keep=keep)
+    q = p["prune"]
+    with RichProgress() as prog:
+        m = run(manifest, scores, out, strategy, keep, Recipe.from_params(p), p["train"]["seeds"], by=q["by"],
+                skip=q["skip"], balanced=q["balanced"], prune_seed=q["seed"], flags_csv=flags, progress=prog)
+    console.print(f"{strategy} keep={keep}: accuracy {m['accuracy_mean']:.4f} ± {m['accuracy_std']:.4f} "
+                  f"({m['n_seeds']} seeds, {m['n_kept']} images)", highlight=False)
+
+
+@sweep_app.command("collect")
+@handle_errors
+def sweep_collect(
+    sweep_dir: Path = typer.Argument(Path("sweep"), help="folder of sweep points"),
+    out: Path = typer.Option(Path("sweep/summary.csv"), help="aggregated table"),
+    params: Path = PARAMS,
+):
+    """Aggregate sweep points → sweep/summary.csv (mean ± std accuracy per strategy × keep)."""
+    from pipeline.sweep import collect
+
+    p = _params(params)
+    df = collect(sweep_dir, out, p["sweep"]["strategies"], p["sweep"]["keeps"])
+    keeps = sorted(df["keep"].unique())
+    rows = []
+    for st, g in df.groupby("strategy"):
+        cell = {r.keep: f"{r.accuracy_mean:.4f} ± {r.accuracy_std:.4f}" for r in g.itertuples()}
+        rows.append((st, *[cell.get(k, "") for k in keeps]))
+    console.print(table(f"test accuracy (mean ± std over seeds) → {out}", ["strategy"] + [f"keep {k:g}" for k in keeps], rows))
+
+
+from .visual import compare, figures, report, show  # noqa: E402  (typer/rich/pathlib only)
+
+for _fn in (show, report, compare, figures):
+    app.command()(_fn)
 
 
 if __name__ == "__main__":

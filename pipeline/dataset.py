@@ -80,12 +80,7 @@ def read_classes(path: str | Path) -> dict:
 
 def classes_path_for(manifest: str | Path) -> Path:
     """classes.json lives next to the manifest it describes (data/classes.json)."""
-    p = Path(manifest).parent / "classes.json"
-    if not p.exists():  # a pruned manifest may live elsewhere; fall back to data/
-        alt = Path("data/classes.json")
-        if alt.exists():
-            return alt
-    return p
+    return Path(manifest).parent / "classes.json"
 
 
 @dataclass
@@ -119,3 +114,39 @@ def load_split(manifest: str | Path, split: str, image_size=None, in_chans: int 
         raise CleanError(f"{manifest}: the '{split}' split is empty; check data.val_frac/test_frac or the manifest")
     imgs = load_images(part["path"].tolist(), manifest.parent, size=image_size_of(image_size), in_chans=in_chans)
     return Split(part["id"].to_numpy(np.int64), imgs, part["label"].to_numpy(np.int64))
+
+
+def rebase_paths(df, src_dir: str | Path, dst_dir: str | Path):
+    """Rewrite relative `path`s of a manifest read from src_dir so they resolve from dst_dir.
+
+    Absolute paths and `<idx file>#<index>` suffixes are kept; returns a new DataFrame.
+    """
+    import os
+
+    src, dst = Path(src_dir).resolve(), Path(dst_dir).resolve()
+    if src == dst:
+        return df
+
+    def one(p: str) -> str:
+        if os.path.isabs(p):
+            return p
+        return os.path.relpath(src / p, dst)
+
+    out = df.copy()
+    out["path"] = [one(p) for p in df["path"]]
+    return out
+
+
+def write_manifest(df, path: str | Path, src_manifest: str | Path) -> None:
+    """Write a manifest derived from `src_manifest` (paths rebased; classes.json copied beside it)."""
+    import shutil
+
+    from .io import atomic_path, write_frame
+
+    path, src_manifest = Path(path), Path(src_manifest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_frame(path, rebase_paths(df, src_manifest.parent, path.parent))
+    src_classes, dst_classes = classes_path_for(src_manifest), path.parent / "classes.json"
+    if src_classes.resolve() != dst_classes.resolve():
+        with atomic_path(dst_classes) as tmp:
+            shutil.copyfile(src_classes, tmp)

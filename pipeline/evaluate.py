@@ -7,37 +7,33 @@ from pathlib import Path
 import numpy as np
 
 
-def evaluate(model_dir: str | Path, manifest: str | Path, name: str, split: str = "test",
-             metrics_dir: str | Path = "metrics", plots_dir: str | Path = "plots",
-             device: str = "auto", batch_size: int = 512, progress=None) -> dict:
-    """Evaluate `model_dir` on `split` of `manifest`.
+def run_dirs(model_dir: str | Path) -> list[Path]:
+    """The model folder plus its other-seed runs (model_dir/seeds/seed_<s>), in seed order."""
+    model_dir = Path(model_dir)
+    extra = sorted((model_dir / "seeds").glob("seed_*"), key=lambda p: int(p.name.split("_")[1])) \
+        if (model_dir / "seeds").exists() else []
+    return [model_dir] + [p for p in extra if (p / "config.json").exists()]
 
-    Writes `metrics_dir/<name>.json` (accuracy, loss [nats], per-class accuracy, n) and
-    `plots_dir/confusion_<name>.csv` (actual,predicted class names, one row per image).
-    Returns the metrics dict.
-    """
+
+def evaluate_model(model_dir: str | Path, manifest: str | Path, split: str = "test", device: str = "cpu",
+                   batch_size: int = 512, df=None, progress=None) -> dict:
+    """Evaluate one trained model folder → {accuracy, loss, per_class_accuracy, labels [N], pred [N], classes}."""
     import torch
     import torch.nn.functional as F
 
     from .dataset import load_split, read_manifest
-    from .device import resolve_device
     from .errors import CleanError
     from .infer import predict_logits
-    from .io import write_frame, write_json
     from .models import load_trained
 
-    device = resolve_device(device)
     model, cfg = load_trained(model_dir, device)
     classes = cfg["classes"]
-    df = read_manifest(manifest, classes)
+    if df is None:
+        df = read_manifest(manifest, classes)
     data = load_split(manifest, split, cfg["image_size"], in_chans=cfg["in_chans"], df=df)
     if data.images.shape[1] != cfg["in_chans"]:
         raise CleanError(f"{model_dir}: model expects {cfg['in_chans']}-channel images, data has {data.images.shape[1]}")
-    if progress:
-        progress("start", desc=f"evaluate {name}", total=len(data))
     logits = predict_logits(model, data.images, cfg["mean"], cfg["std"], batch_size, device, progress)
-    if progress:
-        progress("end")
     y = torch.as_tensor(data.labels)
     pred = logits.argmax(1)
     correct = (pred == y).numpy()
@@ -45,19 +41,55 @@ def evaluate(model_dir: str | Path, manifest: str | Path, name: str, split: str 
     for c, cname in enumerate(classes):
         m = data.labels == c
         per_class[cname] = float(correct[m].mean()) if m.any() else None
-    metrics = {
-        "accuracy": float(correct.mean()),
-        "loss": float(F.cross_entropy(logits, y).item()),
-        "n": int(len(y)),
-        "split": split,
-        "model": cfg["model"],
-        "n_train": cfg.get("n_train"),
-        "per_class_accuracy": per_class,
+    return {"accuracy": float(correct.mean()), "loss": float(F.cross_entropy(logits, y).item()),
+            "per_class_accuracy": per_class, "labels": data.labels, "pred": pred.numpy(), "classes": classes,
+            "seed": cfg.get("recipe", {}).get("seed"), "model": cfg["model"], "n_train": cfg.get("n_train")}
+
+
+def summarize_runs(results: list[dict], split: str) -> dict:
+    """Combine per-seed results → metrics: mean accuracy/loss, std over seeds (ddof=1), each run."""
+    acc = np.array([r["accuracy"] for r in results])
+    loss = np.array([r["loss"] for r in results])
+    first = results[0]
+    per_class = {c: (float(np.mean([r["per_class_accuracy"][c] for r in results]))
+                     if first["per_class_accuracy"][c] is not None else None) for c in first["per_class_accuracy"]}
+    return {
+        "accuracy": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+        "loss": float(loss.mean()), "n": int(len(first["labels"])), "split": split, "model": first["model"],
+        "n_train": first["n_train"], "n_seeds": len(results), "per_class_accuracy": per_class,
+        "runs": [{"seed": r["seed"], "accuracy": r["accuracy"], "loss": r["loss"]} for r in results],
     }
+
+
+def evaluate(model_dir: str | Path, manifest: str | Path, name: str, split: str = "test",
+             metrics_dir: str | Path = "metrics", plots_dir: str | Path = "plots",
+             device: str = "auto", batch_size: int = 512, progress=None) -> dict:
+    """Evaluate `model_dir` (and its other-seed runs) on `split` of `manifest`.
+
+    Writes `metrics_dir/<name>.json` (accuracy = mean over seeds, accuracy_std, loss [nats],
+    per-class accuracy, each run) and `plots_dir/confusion_<name>.csv` (actual,predicted class
+    names of the first seed's model, one row per image). Returns the metrics dict.
+    """
     import pandas as pd
 
-    names = np.asarray(classes, dtype=object)
+    from .dataset import read_manifest
+    from .device import resolve_device
+    from .io import write_frame, write_json
+    from .models import load_trained
+
+    device = resolve_device(device)
+    dirs = run_dirs(model_dir)
+    _, cfg = load_trained(dirs[0], "cpu")
+    df = read_manifest(manifest, cfg["classes"])
+    n = int((df["split"] == split).sum())
+    if progress:
+        progress("start", desc=f"evaluate {name}", total=n * len(dirs))
+    results = [evaluate_model(d, manifest, split, device, batch_size, df=df, progress=progress) for d in dirs]
+    if progress:
+        progress("end")
+    metrics = summarize_runs(results, split)
+    names = np.asarray(results[0]["classes"], dtype=object)
     write_frame(Path(plots_dir) / f"confusion_{name}.csv",
-                pd.DataFrame({"actual": names[data.labels], "predicted": names[pred.numpy()]}))
+                pd.DataFrame({"actual": names[results[0]["labels"]], "predicted": names[results[0]["pred"]]}))
     write_json(Path(metrics_dir) / f"{name}.json", metrics)
     return metrics

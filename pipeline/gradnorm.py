@@ -80,6 +80,7 @@ through the module that owns it.
 from __future__ import annotations
 
 import math
+import weakref
 from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -113,6 +114,15 @@ _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _TIMM_LINEAR = {"timm.layers.linear.Linear"}
 _TIMM_LN_LAST = {"timm.layers.norm.LayerNorm"}  # normalises over trailing dims, like nn.LayerNorm
 _TIMM_LN_CF = {"timm.layers.norm.LayerNorm2d"}  # channels-first: normalises over dim 1 of NCHW
+# timm norm + activation layers: forward = norm → self.drop → self.act. The norm's output
+# is the input of ``self.drop``, so its gradient is caught with a pre-hook on ``drop``.
+_TIMM_NORM_ACT = {
+    "timm.layers.norm_act.BatchNormAct2d": "bn",
+    "timm.layers.norm_act.GroupNormAct": "gn",
+    "timm.layers.norm_act.GroupNorm1Act": "gn",
+    "timm.layers.norm_act.LayerNormAct": "ln",
+    "timm.layers.norm_act.LayerNormAct2d": "ln2d",
+}
 
 
 def _qualname(m: nn.Module) -> str:
@@ -136,6 +146,8 @@ def _layer_kind(m: nn.Module) -> str:
         return "ln2d"
     if t is nn.GroupNorm:
         return "gn"
+    if q in _TIMM_NORM_ACT and isinstance(getattr(m, "drop", None), nn.Module):
+        return "act-" + _TIMM_NORM_ACT[q]
     return "local"
 
 
@@ -357,18 +369,22 @@ def _stat(t: torch.Tensor, norm: str) -> torch.Tensor:
     if norm == "l2":
         return torch.linalg.vector_norm(t, ord=2, dim=1).square()
     if norm == "l1":
-        return torch.linalg.vector_norm(t, ord=1, dim=1)
-    return torch.linalg.vector_norm(t, ord=math.inf, dim=1)
+        return t.abs().sum(1)
+    return t.abs().amax(1)  # (much faster than vector_norm(ord=inf) on CPU)
 
 
 # --------------------------------------------------------------------------------------
 # Per-layer computations (each receives all calls of one module: inputs a_k, output grads g_k)
 # --------------------------------------------------------------------------------------
+_TILE_BYTES = 2 * 2**20  # per-chunk working set aimed at the L2 cache
+
+
 class _Ctx:
     def __init__(self, norm: str, acc: _Acc, budget_bytes: int, paths: Optional[Dict[str, str]]):
         self.norm = norm
         self.acc = acc
         self.budget = budget_bytes
+        self.tile = _TILE_BYTES
         self.paths = paths
 
     def path(self, name: str, p: str) -> None:
@@ -376,10 +392,23 @@ class _Ctx:
             self.paths[name] = p
 
 
-def _chunks(n: int, per_sample_elems: int, elem_size: int, budget: int):
-    step = max(1, int(budget // max(1, per_sample_elems * elem_size)))
+def _chunks(n: int, per_sample_elems: int, elem_size: int, budget: int, tile: int = 0):
+    """Sample slices whose temporaries fit ``tile`` bytes (cache) when given, else ``budget``."""
+    cap = min(budget, tile) if tile else budget
+    step = max(1, int(cap // max(1, per_sample_elems * elem_size)))
     for s in range(0, n, step):
         yield slice(s, min(n, s + step))
+
+
+def _dblock(groups: int, d: int, p: int, elem_size: int, tile: int) -> int:
+    """Output rows per block so that one sample's per-sample-gradient block fits ``tile`` bytes."""
+    return max(1, min(d, int(tile // max(1, groups * p * elem_size))))
+
+
+def _combine(prev: Optional[torch.Tensor], new: torch.Tensor, norm: str) -> torch.Tensor:
+    if prev is None:
+        return new
+    return torch.maximum(prev, new) if norm == "linf" else prev + new
 
 
 def _gram_sq(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -387,6 +416,21 @@ def _gram_sq(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     ga = torch.matmul(A.transpose(-1, -2), A)
     gg = torch.matmul(G.transpose(-1, -2), G)
     return (ga * gg).reshape(ga.shape[0], -1).sum(1)
+
+
+def _unfold(x: torch.Tensor, k, dil, pad, stride) -> torch.Tensor:
+    """F.unfold(x, k, dilation, padding, stride) → [b, C·kh·kw, T], via an as_strided view + one copy.
+
+    (F.unfold's CPU im2col is 20-100× slower than this strided copy.)
+    """
+    if pad[0] or pad[1]:
+        x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
+    b, c, hh, ww = x.shape
+    ho = (hh - dil[0] * (k[0] - 1) - 1) // stride[0] + 1
+    wo = (ww - dil[1] * (k[1] - 1) - 1) // stride[1] + 1
+    sb, sc, sh, sw = x.stride()
+    v = x.as_strided((b, c, k[0], k[1], ho, wo), (sb, sc, dil[0] * sh, dil[1] * sw, stride[0] * sh, stride[1] * sw))
+    return v.reshape(b, c * k[0] * k[1], ho * wo)
 
 
 def _unfold_conv_input(m: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple, Tuple, Tuple, Tuple]:
@@ -424,20 +468,31 @@ def _do_linear(ctx: _Ctx, name: str, m: nn.Linear, calls, want: Dict[str, str]) 
     wname = want["weight"]
     if T == 1:
         ctx.path(name, "linear-rank1")
-        a1, g1 = a[:, 0], g[:, 0]
-        ord_ = {"l1": 1, "l2": 2, "linf": math.inf}[norm]
-        st = torch.linalg.vector_norm(g1, ord=ord_, dim=1) * torch.linalg.vector_norm(a1, ord=ord_, dim=1)
-        ctx.acc.add(wname, st.square() if norm == "l2" else st)
+        ctx.acc.add(wname, _rank1_stat(g[:, :1], a[:, :1], norm))
         return
     esz = a.element_size()
     if norm == "l2" and T * (p + d) < p * d:
         ctx.path(name, "linear-ghost")
-        for sl in _chunks(b, 2 * T * T, esz, ctx.budget):
+        for sl in _chunks(b, 2 * T * T, esz, ctx.budget, ctx.tile):
             ctx.acc.add(wname, _gram_sq(a[sl].transpose(1, 2), g[sl].transpose(1, 2)), sl)
         return
     ctx.path(name, "linear-mat")
-    for sl in _chunks(b, p * d, esz, ctx.budget):
-        ctx.acc.add(wname, _stat(torch.bmm(g[sl].transpose(1, 2), a[sl]), norm), sl)
+    dblk = _dblock(1, d, p, esz, ctx.tile)
+    for sl in _chunks(b, dblk * p, esz, ctx.budget, ctx.tile):
+        gt = g[sl].transpose(1, 2)
+        st = None
+        for d0 in range(0, d, dblk):
+            st = _combine(st, _stat(torch.bmm(gt[:, d0 : d0 + dblk], a[sl]), norm), norm)
+        ctx.acc.add(wname, st, sl)
+
+
+def _rank1_stat(g: torch.Tensor, a: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-sample stat of Σ_groups g_G a_Gᵀ (one position): g [b, G, d], a [b, G, p] → [b]."""
+    if norm == "l2":
+        return (torch.linalg.vector_norm(g, 2, dim=-1).square() * torch.linalg.vector_norm(a, 2, dim=-1).square()).sum(1)
+    if norm == "l1":
+        return (g.abs().sum(-1) * a.abs().sum(-1)).sum(1)
+    return (g.abs().amax(-1) * a.abs().amax(-1)).amax(1)
 
 
 def _do_conv(ctx: _Ctx, name: str, m: nn.Module, calls, want: Dict[str, str]) -> None:
@@ -460,28 +515,39 @@ def _do_conv(ctx: _Ctx, name: str, m: nn.Module, calls, want: Dict[str, str]) ->
     def unfolded(sl):
         As, Gs = [], []
         for (x4, k, dil, pad, st), g in prepared:
-            A = F.unfold(x4[sl], k, dilation=dil, padding=pad, stride=st)  # [b, Cin*k, L]
+            A = _unfold(x4[sl], k, dil, pad, st)  # [b, Cin*k, L]
             As.append(A.view(A.shape[0], G, pg, -1))
             Gs.append(g[sl].reshape(A.shape[0], G, dg, -1))
         if len(As) == 1:
             return As[0], Gs[0]
         return torch.cat(As, -1), torch.cat(Gs, -1)
 
+    if T == 1:  # one output position: per-sample gradient is rank one per group
+        ctx.path(name, "conv-rank1")
+        for sl in _chunks(b, G * pg, esz, ctx.budget, ctx.tile):
+            A, Gm = unfolded(sl)
+            ctx.acc.add(wname, _rank1_stat(Gm[..., 0], A[..., 0], norm), sl)
+        return
     ghost = norm == "l2" and T * (pg + dg) < pg * dg
     if ghost:
         ctx.path(name, "conv-ghost")
         per = G * (T * pg + 2 * T * T)
-        for sl in _chunks(b, per, esz, ctx.budget):
+        for sl in _chunks(b, per, esz, ctx.budget, ctx.tile):
             A, Gm = unfolded(sl)
             ctx.acc.add(wname, _gram_sq(A, Gm), sl)
         return
     ctx.path(name, "conv-mat")
-    per = G * (T * pg + dg * pg)
-    for sl in _chunks(b, per, esz, ctx.budget):
+    dblk = _dblock(G, dg, pg, esz, ctx.tile)
+    per = G * (T * pg + dblk * pg)
+    for sl in _chunks(b, per, esz, ctx.budget, ctx.tile):
         A, Gm = unfolded(sl)
-        ps = torch.matmul(Gm, A.transpose(-1, -2))  # [b, G, dg, pg]
-        del A
-        ctx.acc.add(wname, _stat(ps, norm), sl)
+        At = A.transpose(-1, -2)
+        st = None
+        for d0 in range(0, dg, dblk):
+            ps = torch.matmul(Gm[:, :, d0 : d0 + dblk], At)  # [b, G, dblk, pg] per-sample grads
+            st = _combine(st, _stat(ps, norm), norm)
+            del ps
+        ctx.acc.add(wname, st, sl)
 
 
 def _do_norm(ctx: _Ctx, name: str, m: nn.Module, kind: str, calls, want: Dict[str, str]) -> None:
@@ -617,7 +683,7 @@ def _do_global(ctx: _Ctx, model: nn.Module, x: torch.Tensor, y: torch.Tensor, na
 # The hooked engine
 # --------------------------------------------------------------------------------------
 class _ModState:
-    __slots__ = ("name", "module", "kind", "want", "calls", "pending", "bad", "clone", "done")
+    __slots__ = ("name", "module", "kind", "want", "calls", "pending", "bad", "clone", "done", "pend")
 
     def __init__(self, name, module, kind, want, clone):
         self.name = name
@@ -629,10 +695,16 @@ class _ModState:
         self.bad = False
         self.clone = clone
         self.done = False
+        self.pend: Optional[torch.Tensor] = None
+
+
+_ROOT_CLONE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 class _Engine:
-    def __init__(self, model, wanted: Dict[str, nn.Parameter], ctx: _Ctx, clone_mods: set, func_chunk: int):
+    def __init__(
+        self, model, wanted: Dict[str, nn.Parameter], ctx: _Ctx, clone_mods: set, func_chunk: int, root_mode: bool
+    ):
         self.model = model
         self.ctx = ctx
         self.active = False
@@ -640,6 +712,15 @@ class _Engine:
         self.stale: set = set()
         self.states: Dict[str, _ModState] = {}
         self.handles = []
+        self.root_mode = root_mode
+        self.roots: List[torch.Tensor] = []
+        self.root_clone = model in _ROOT_CLONE
+        self.xr: Optional[torch.Tensor] = None
+        if root_mode:
+            # Registered before the capture hooks so that those see the replaced output.
+            for mod in model.modules():
+                if next(mod.children(), None) is None:
+                    self.handles.append(mod.register_forward_hook(self._root))
         wanted_ids = {id(p): n for n, p in wanted.items()}
         for mname, mod in model.named_modules():
             want = {}
@@ -649,13 +730,17 @@ class _Engine:
             if not want:
                 continue
             kind = _layer_kind(mod)
-            if kind in ("linear", "conv") and set(want) - {"weight", "bias"}:
+            if kind != "local" and set(want) - {"weight", "bias"}:
                 kind = "local"
-            if kind in ("bn", "ln", "ln2d", "gn") and set(want) - {"weight", "bias"}:
-                kind = "local"
-            st = _ModState(mname, mod, kind, want, mname in clone_mods)
+            act = kind.startswith("act-")
+            st = _ModState(mname, mod, kind[4:] if act else kind, want, mname in clone_mods)
             self.states[mname] = st
-            self.handles.append(mod.register_forward_hook(partial(self._fwd, st), with_kwargs=True))
+            if act:
+                self.handles.append(mod.register_forward_pre_hook(partial(self._act_in, st)))
+                self.handles.append(mod.drop.register_forward_pre_hook(partial(self._act_mid, st)))
+                self.handles.append(mod.register_forward_hook(partial(self._act_out, st)))
+            else:
+                self.handles.append(mod.register_forward_hook(partial(self._fwd, st), with_kwargs=True))
         # parameters listed by named_parameters but owned by no module (shouldn't happen)
         self.orphans = list(wanted_ids.values())
 
@@ -663,6 +748,43 @@ class _Engine:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+    def _root(self, mod, args, out):
+        """A leaf module applied to the raw input: cut the graph at its output (no input grad)."""
+        if self.active and args and args[0] is self.xr and isinstance(out, torch.Tensor) and out.is_floating_point():
+            r = out.detach().requires_grad_(True)
+            self.roots.append(r)
+            # A leaf that requires grad may not be modified in place (e.g. conv → ReLU(inplace));
+            # models known to do that get a non-leaf copy.
+            return r.clone() if self.root_clone else r
+        return None
+
+    # timm norm+act layers: input at entry, norm output at the entry of ``drop``
+    def _act_in(self, st: _ModState, mod, args):
+        if self.active and not st.bad:
+            st.pend = args[0] if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
+            if st.pend is None:
+                st.bad = True
+
+    def _act_mid(self, st: _ModState, mod, args):
+        if not self.active or st.bad or st.pend is None:
+            return
+        z = args[0]
+        a, st.pend = st.pend, None
+        if not (isinstance(z, torch.Tensor) and z.requires_grad):
+            st.bad = True
+            return
+        if st.clone:
+            a = a.clone()
+        call = {"a": a, "ver": a._version, "g": None}
+        st.calls.append(call)
+        st.pending += 1
+        z.register_hook(partial(self._grad, st, call))
+
+    def _act_out(self, st: _ModState, mod, args, out):
+        if self.active and st.pend is not None:  # drop was not reached: unknown forward
+            st.bad = True
+            st.pend = None
 
     def _fwd(self, st: _ModState, mod, args, kwargs, out):
         if not self.active or st.bad:
@@ -727,18 +849,36 @@ class _Engine:
             _do_norm(self.ctx, st.name, st.module, st.kind, pairs, st.want)
 
     def run(self, x, y):
-        """Forward + one backward w.r.t. the input; returns (loss, logits, h, global_names)."""
+        """Forward + one backward; returns (loss, logits, h, global_names), or None when root
+        mode did not catch the whole graph (retry with the input requiring grad).
+
+        Root mode: the input does not require grad; the output of every leaf module applied
+        directly to it becomes an autograd root, so the backward stops there (saves the
+        first layer's input gradient, which a training step never computes either).
+        """
         self.batch = x.shape[0]
-        xr = x.detach().requires_grad_(True)
+        xr = x.detach()
+        if not self.root_mode:
+            xr.requires_grad_(True)
+        self.xr = xr
         self.active = True
         try:
             with torch.enable_grad():
                 logits, h = forward_logits_features(self.model, xr)
                 loss = F.cross_entropy(logits, y, reduction="none")
+        except RuntimeError as e:
+            if self.root_mode and not self.root_clone and "leaf Variable" in str(e):
+                _ROOT_CLONE.add(self.model)
+                return None
+            raise
         finally:
             self.active = False
+            self.xr = None
+        if self.root_mode and (not self.roots or any(st.bad for st in self.states.values())):
+            return None
         if loss.requires_grad:
-            torch.autograd.grad(loss.sum(), xr, allow_unused=True)
+            torch.autograd.grad(loss.sum(), self.roots if self.root_mode else xr, allow_unused=True)
+        self.roots = []
         global_names = list(self.orphans)
         for st in self.states.values():
             if st.bad or (not st.calls and not st.done):
@@ -843,14 +983,19 @@ def per_sample_grad_norms(
     try:
         for p in all_params:
             p.requires_grad_(False)
-        for attempt in range(2):
+        root_mode = True
+        for attempt in range(5):
             acc = _Acc(norm, x.shape[0], dtype, x.device, details)
             ctx = _Ctx(norm, acc, budget, paths)
-            eng = _Engine(model, wanted, ctx, clone_mods, func_chunk)
+            eng = _Engine(model, wanted, ctx, clone_mods, func_chunk, root_mode)
             try:
-                loss, logits, h, global_names = eng.run(x, y)
+                res = eng.run(x, y)
             finally:
                 eng.remove()
+            if res is None:  # retry: root mode with copies, or the input requiring grad
+                root_mode = root_mode and eng.root_clone is False and model in _ROOT_CLONE
+                continue
+            loss, logits, h, global_names = res
             if not eng.stale:
                 break
             clone_mods = clone_mods | eng.stale

@@ -21,6 +21,10 @@ SCHEDULES = ["constant", "cosine", "step"]
 DEVICES = ["auto", "cpu", "cuda"]
 NORMS = ["l1", "l2", "linf"]
 PARAM_SUBSETS = ["last", "weights", "biases", "all"]
+FLAG_METHODS = ["quantile", "mad", "isolation-forest", "confident"]
+STRATEGIES = ["random", "max-gradient", "non-extreme", "gradient-cdf", "drop-flagged"]
+SCORE_NAMES = ["loss", "grad_norm", "el2n", "margin", "aum", "forgetting", "confidence", "variability",
+               "self_influence"]
 
 DEFAULTS: dict[str, Any] = {
     "data": {
@@ -53,9 +57,10 @@ DEFAULTS: dict[str, Any] = {
         "schedule": "cosine", # constant | cosine | step
         "step_size": 10,      # epochs between lr drops (schedule=step)
         "gamma": 0.1,         # lr factor per drop (schedule=step)
-        "seed": 0,
+        "seeds": [0],         # one run per seed; the first is the model that gets scored
         "device": "auto",     # auto | cpu | cuda
         "checkpoint_every": 1,  # epochs between checkpoints (self-influence uses them)
+        "track": 256,         # random training samples whose gradient norm is recorded each epoch
     },
     "score": {
         "norm": "l2",         # l1 | l2 | linf: the norm of each sample's gradient
@@ -63,6 +68,29 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 256,
         "split": "train",     # train | val | test | all
         "self_influence": True,  # TracIn over the epoch checkpoints (one pass per checkpoint)
+    },
+    "flag": {
+        "method": "mad",      # quantile | mad | isolation-forest | confident
+        "score": "loss",      # score column for quantile / mad
+        "quantile": 0.05,     # quantile: flag the top q
+        "threshold": 3.5,     # mad: robust z above this
+        "contamination": 0.05,  # isolation-forest
+        "projection_dim": 256,  # isolation-forest: random projection of last-layer gradients
+        "folds": 4,           # confident: k-fold cross-fitting (k trainings)
+        "seed": 0,
+        "grid": 36,           # images in the top-flagged grid (0 = none)
+    },
+    "prune": {
+        "strategy": "drop-flagged",  # random | max-gradient | non-extreme | gradient-cdf | drop-flagged
+        "by": "grad_norm",    # score column that orders / weights the selection
+        "keep": 0.8,          # fraction of the training set to keep (not drop-flagged)
+        "skip": 0.05,         # non-extreme: top fraction skipped
+        "balanced": False,    # select per class in proportion to its size
+        "seed": 0,
+    },
+    "sweep": {
+        "strategies": ["random", "max-gradient", "non-extreme", "gradient-cdf"],
+        "keeps": [0.1, 0.5],
     },
 }
 
@@ -75,6 +103,10 @@ CHOICES = {
     "score.norm": NORMS,
     "score.params": PARAM_SUBSETS,
     "score.split": ["train", "val", "test", "all"],
+    "flag.method": FLAG_METHODS,
+    "flag.score": SCORE_NAMES,
+    "prune.strategy": STRATEGIES,
+    "prune.by": SCORE_NAMES,
 }
 
 # (low, high, low_inclusive, high_inclusive)
@@ -90,11 +122,21 @@ RANGES = {
     "train.step_size": (1, None, True, False),
     "train.gamma": (0.0, 1.0, False, True),
     "train.checkpoint_every": (1, None, True, False),
+    "train.track": (0, None, True, False),
     "score.batch_size": (1, None, True, False),
+    "flag.quantile": (0.0, 1.0, False, False),
+    "flag.threshold": (0.0, None, False, False),
+    "flag.contamination": (0.0, 0.5, False, True),
+    "flag.projection_dim": (1, None, True, False),
+    "flag.folds": (2, None, True, False),
+    "flag.grid": (0, None, True, False),
+    "prune.keep": (0.0, 1.0, False, True),
+    "prune.skip": (0.0, 1.0, True, False),
 }
 
 # keys whose value may be of several shapes (checked by their own validator)
-FREE = {"data.root", "data.classes", "data.image_size", "noise.pairs", "model.weights"}
+FREE = {"data.root", "data.classes", "data.image_size", "noise.pairs", "model.weights", "train.seeds",
+        "sweep.strategies", "sweep.keeps"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -204,6 +246,18 @@ def _check_free(p: dict, where: str) -> None:
     if pairs is not None and (not isinstance(pairs, dict) or not all(
             isinstance(a, int) and isinstance(b, int) for a, b in pairs.items())):
         raise CleanError(f"{where}: noise.pairs must be null or a mapping {{class_index: class_index}}, got {pairs!r}")
+    seeds = p["train"]["seeds"]
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                      for s in seeds) and len(set(seeds)) == len(seeds)):
+        raise CleanError(f"{where}: train.seeds must be a non-empty list of distinct integers ≥ 0, got {seeds!r}")
+    strategies = p["sweep"]["strategies"]
+    if not (isinstance(strategies, list) and strategies and all(s in STRATEGIES for s in strategies)):
+        raise CleanError(f"{where}: sweep.strategies must be a non-empty list from: {', '.join(STRATEGIES)}; "
+                         f"got {strategies!r}")
+    keeps = p["sweep"]["keeps"]
+    if not (isinstance(keeps, list) and keeps and all(
+            isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k <= 1 for k in keeps)):
+        raise CleanError(f"{where}: sweep.keeps must be a non-empty list of fractions in (0, 1], got {keeps!r}")
     w = p["model"]["weights"]
     if w is not None and not isinstance(w, str):
         raise CleanError(f"{where}: model.weights must be null or a path string, got {w!r}")

@@ -6,6 +6,7 @@ update (as in AUM / forgetting). `train` is the stage: manifest in, model folder
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,16 +36,17 @@ class Recipe:
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 1
+    track: int = 256
     image_size: list | int | None = None
 
     @classmethod
     def from_params(cls, p: dict) -> "Recipe":
         t, m = p["train"], p["model"]
         return cls(model=m["name"], pretrained=m["pretrained"], weights=m["weights"],
-                   image_size=p["data"]["image_size"],
+                   image_size=p["data"]["image_size"], seed=t["seeds"][0],
                    **{k: t[k] for k in ("epochs", "batch_size", "optimizer", "lr", "momentum",
-                                        "weight_decay", "schedule", "step_size", "gamma", "seed",
-                                        "device", "checkpoint_every")})
+                                        "weight_decay", "schedule", "step_size", "gamma",
+                                        "device", "checkpoint_every", "track")})
 
 
 def lr_at(recipe: Recipe, epoch: int) -> float:
@@ -129,6 +131,11 @@ def fit(images: np.ndarray, labels: np.ndarray, num_classes: int, recipe: Recipe
     E = recipe.epochs
     dyn = {k: np.zeros((E, n), np.float32) for k in ("loss", "margin", "p_label")}
     dyn["correct"] = np.zeros((E, n), bool)
+    # a seeded random subset whose eval-mode last-layer gradient norm is recorded every epoch
+    k = min(recipe.track, n)
+    track_pos = np.sort(np.random.default_rng(recipe.seed).choice(n, size=k, replace=False)) if k else np.zeros(0, int)
+    dyn["track_pos"] = track_pos
+    dyn["track_grad_norm"] = np.zeros((E, k), np.float32)
     history, ckpts = [], []
     bounds = _batch_bounds(n, recipe.batch_size)
     t0 = time.perf_counter()
@@ -174,6 +181,14 @@ def fit(images: np.ndarray, labels: np.ndarray, num_classes: int, recipe: Recipe
             vy = torch.as_tensor(val[1])
             row["val_loss"] = float(F.cross_entropy(vl, vy).item())
             row["val_accuracy"] = float((vl.argmax(1) == vy).float().mean().item())
+        if k:
+            from .gradnorm import forward_logits_features, last_layer_norms
+
+            model.eval()
+            with torch.no_grad():
+                lg, hf = forward_logits_features(model, x_all[torch.as_tensor(track_pos, device=device)])
+                dyn["track_grad_norm"][epoch] = last_layer_norms(
+                    lg.float(), hf.float(), y_all[torch.as_tensor(track_pos, device=device)], "l2").cpu().numpy()
         history.append(row)
         if progress:
             msg = f"epoch {epoch + 1}/{E}  lr {lr:.3g}  loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.4f}"
@@ -190,65 +205,94 @@ def fit(images: np.ndarray, labels: np.ndarray, num_classes: int, recipe: Recipe
     return FitResult(model.cpu(), mean, std, dyn, history, ckpts, time.perf_counter() - t0)
 
 
-def train(manifest: str | Path, out_dir: str | Path, recipe: Recipe, progress=None) -> dict:
-    """Stage: train on the manifest's `train` split → out_dir/{model.safetensors, config.json,
-    metrics.json, dynamics.npz, checkpoints/}. Returns the metrics dict."""
+def train(manifest: str | Path, out_dir: str | Path, recipe: Recipe, seeds: list[int] | None = None,
+          progress=None) -> dict:
+    """Stage: train on the manifest's `train` split, once per seed (default: [recipe.seed]).
+
+    The first seed's run is the full model folder: out_dir/{model.safetensors, config.json,
+    metrics.json, dynamics.npz, checkpoints/}; other seeds go to out_dir/seeds/seed_<s>/
+    (model.safetensors, config.json, metrics.json). Returns the first run's metrics dict
+    with `runs` (one entry per seed).
+    """
     import shutil
     import tempfile
-
-    import torch
-    import timm
+    from dataclasses import replace
 
     from .dataset import classes_path_for, load_split, read_classes, read_manifest
-    from .io import atomic_path, write_json
-    from .models import save_weights
+    from .io import write_json
 
     manifest, out_dir = Path(manifest), Path(out_dir)
     if not manifest.exists():
         raise CleanError(f"manifest not found: {manifest}; create it with `clean prepare`")
+    seeds = list(seeds) if seeds else [recipe.seed]
     info = read_classes(classes_path_for(manifest))
     classes = info["classes"]
     df = read_manifest(manifest, classes)
     tr = load_split(manifest, "train", recipe.image_size, df=df)
     val = load_split(manifest, "val", recipe.image_size, df=df) if (df["split"] == "val").any() else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    # checkpoints go to a temp folder and replace the old ones only when training succeeded
-    ck_tmp = Path(tempfile.mkdtemp(prefix=".checkpoints.", dir=out_dir))
-    ck_tmp.chmod(0o755)
+    # runs go to a temp folder and replace the old outputs only when every seed succeeded
+    work = Path(tempfile.mkdtemp(prefix=".train.", dir=out_dir))
+    work.chmod(0o755)
     try:
-        res = fit(tr.images, tr.labels, len(classes), recipe,
-                  val=(val.images, val.labels) if val is not None else None,
-                  checkpoint_dir=ck_tmp, progress=progress)
-        final = res.history[-1]
-        n = len(tr)
-        metrics = {
-            "n_train": n, "epochs": recipe.epochs, "seconds": round(res.seconds, 3),
-            "samples_per_s": round(recipe.epochs * n / max(res.seconds, 1e-9), 1),
-            "train_loss": final["train_loss"], "train_accuracy": final["train_accuracy"],
-        }
-        for k in ("val_loss", "val_accuracy"):
-            if k in final:
-                metrics[k] = final[k]
-        _, c, h, w = tr.images.shape
-        cfg = {
-            "model": recipe.model, "num_classes": len(classes), "classes": classes,
-            "in_chans": int(c), "image_size": [int(h), int(w)], "mean": res.mean, "std": res.std,
-            "recipe": asdict(recipe), "manifest": str(manifest), "n_train": n,
-            "checkpoints": res.checkpoints, "history": res.history,
-            "versions": {"torch": torch.__version__.split("+")[0], "timm": timm.__version__},
-        }
-        with atomic_path(out_dir / "dynamics.npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, ids=tr.ids, labels=tr.labels,
-                         lr=np.array([r["lr"] for r in res.history], np.float64), **res.dynamics)
-        save_weights(res.model, out_dir / "model.safetensors", {"model": recipe.model})
-        old = out_dir / "checkpoints"
-        if old.exists():
-            shutil.rmtree(old)
-        ck_tmp.rename(old)
-        write_json(out_dir / "config.json", cfg)
-        write_json(out_dir / "metrics.json", metrics)
+        runs = []
+        for i, seed in enumerate(seeds):
+            run_dir = work / "primary" if i == 0 else work / "seeds" / f"seed_{seed}"
+            if progress and len(seeds) > 1:
+                progress("log", message=f"seed {seed} ({i + 1}/{len(seeds)})")
+            m = _train_one(tr, val, classes, replace(recipe, seed=seed), manifest, run_dir, full=(i == 0),
+                           progress=progress)
+            runs.append({"seed": seed, **{k: m[k] for k in ("train_accuracy", "val_accuracy", "seconds") if k in m}})
+        first = json.loads((work / "primary" / "metrics.json").read_text())
+        first["runs"] = runs
+        write_json(work / "primary" / "metrics.json", first)
+        for name in ("checkpoints", "seeds"):
+            if (out_dir / name).exists():
+                shutil.rmtree(out_dir / name)
+        if (work / "seeds").exists():
+            (work / "seeds").rename(out_dir / "seeds")
+        (work / "primary" / "checkpoints").rename(out_dir / "checkpoints")
+        for f in ("dynamics.npz", "model.safetensors", "config.json", "metrics.json"):
+            (work / "primary" / f).replace(out_dir / f)
     finally:
-        if ck_tmp.exists():
-            shutil.rmtree(ck_tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return first
+
+
+def _train_one(tr, val, classes, recipe: Recipe, manifest: Path, run_dir: Path, full: bool, progress=None) -> dict:
+    """One seed's run into run_dir (dynamics + checkpoints only when `full`). Returns metrics."""
+    import torch
+    import timm
+
+    from .io import atomic_path, write_json
+    from .models import save_weights
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ck = run_dir / "checkpoints" if full else None
+    res = fit(tr.images, tr.labels, len(classes), recipe,
+              val=(val.images, val.labels) if val is not None else None, checkpoint_dir=ck, progress=progress)
+    final = res.history[-1]
+    n = len(tr)
+    metrics = {"n_train": n, "epochs": recipe.epochs, "seed": recipe.seed, "seconds": round(res.seconds, 3),
+               "samples_per_s": round(recipe.epochs * n / max(res.seconds, 1e-9), 1),
+               "train_loss": final["train_loss"], "train_accuracy": final["train_accuracy"]}
+    for k in ("val_loss", "val_accuracy"):
+        if k in final:
+            metrics[k] = final[k]
+    _, c, h, w = tr.images.shape
+    cfg = {"model": recipe.model, "num_classes": len(classes), "classes": classes,
+           "in_chans": int(c), "image_size": [int(h), int(w)], "mean": res.mean, "std": res.std,
+           "recipe": asdict(recipe), "manifest": str(manifest), "n_train": n,
+           "checkpoints": res.checkpoints, "history": res.history,
+           "versions": {"torch": torch.__version__.split("+")[0], "timm": timm.__version__}}
+    if full:
+        with atomic_path(run_dir / "dynamics.npz") as tmp:
+            with open(tmp, "wb") as f:
+                dyn = dict(res.dynamics)
+                track_ids = tr.ids[dyn.pop("track_pos")]
+                np.savez(f, ids=tr.ids, labels=tr.labels, track_ids=track_ids,
+                         lr=np.array([r["lr"] for r in res.history], np.float64), **dyn)
+    save_weights(res.model, run_dir / "model.safetensors", {"model": recipe.model, "seed": recipe.seed})
+    write_json(run_dir / "config.json", cfg)
+    write_json(run_dir / "metrics.json", metrics)
     return metrics

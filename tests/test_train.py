@@ -79,6 +79,8 @@ def test_train_stage_writes_every_file_and_reloads(tmp_path):
     assert m["n_train"] == cfg["n_train"] == len(np.load(out / "dynamics.npz")["ids"])
     dyn = np.load(out / "dynamics.npz", allow_pickle=False)
     assert dyn["loss"].shape == (3, m["n_train"]) and dyn["lr"].shape == (3,)
+    assert dyn["track_grad_norm"].shape == (3, len(dyn["track_ids"])) and set(dyn["track_ids"]) <= set(dyn["ids"])
+    assert (dyn["track_grad_norm"] > 0).all()
     model, _ = load_trained(out)
     assert not model.training
     # no leftovers from atomic writes

@@ -1,0 +1,345 @@
+"""Image grids of the top-scoring / flagged samples (like fastai's ``plot_top_losses``).
+
+:func:`image_grid` lays out uint8 images [K,C,H,W] as captioned tiles in one PNG (PIL only:
+exact pixels, small images upscaled with nearest-neighbour so an 8×8 digit stays readable).
+:func:`top_grid` picks the k samples of a scores file with the highest score (lowest for
+margin/aum/confidence), optionally only the flagged ones, and draws them captioned
+"id · label→pred · score=value"; tiles whose prediction disagrees with the label are red.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CleanError
+
+#: Upscaled small images aim for about this many pixels on their longer side.
+TILE_PX = 112
+#: Images larger than this (longer side) are shrunk to TILE_PX·1.5 for the grid.
+MAX_TILE_PX = 256
+RED = (200, 30, 30)
+INK = (25, 25, 25)
+FLAG = (235, 140, 0)
+
+
+def _font(size: int, bold: bool = False):
+    """DejaVu Sans from matplotlib's bundled fonts (PIL's default font if unavailable)."""
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name), size)
+    except Exception:  # noqa: BLE001 - any font problem: fall back to PIL's own
+        return ImageFont.load_default()
+
+
+def default_upscale(h: int, w: int) -> int:
+    """Integer nearest-neighbour factor bringing the longer side near TILE_PX (≥ 1)."""
+    return max(1, int(math.ceil(TILE_PX / max(h, w, 1))))
+
+
+def to_pil(img_u8: np.ndarray, upscale: int = 1):
+    """One uint8 image [C,H,W] (C = 1 or 3) → PIL image, upscaled `upscale`× (nearest)."""
+    from PIL import Image
+
+    a = np.asarray(img_u8)
+    if a.ndim != 3 or a.shape[0] not in (1, 3):
+        raise CleanError(f"expected an image of shape [C,H,W] with C = 1 or 3, got {list(a.shape)}")
+    im = Image.fromarray(a[0] if a.shape[0] == 1 else np.ascontiguousarray(a.transpose(1, 2, 0)))
+    if upscale > 1:
+        im = im.resize((im.width * upscale, im.height * upscale), Image.NEAREST)
+    return im
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Split a caption into lines that fit `width` px: at '\\n', then at ' · ', then truncate."""
+    out = []
+    for line in text.split("\n"):
+        parts = line.split(" · ")
+        cur = ""
+        for p in parts:
+            cand = p if not cur else f"{cur} · {p}"
+            if font.getlength(cand) <= width or not cur:
+                cur = cand
+            else:
+                out.append(cur)
+                cur = p
+        out.append(cur)
+    fitted = []
+    for line in out:
+        while len(line) > 1 and font.getlength(line) > width:
+            line = line[:-2] + "…"
+        fitted.append(line)
+    return fitted
+
+
+def image_grid(images_u8: np.ndarray, titles: list[str], path: str | Path, cols: int | None = None,
+               upscale: int | None = None, colors: list | None = None, frames: list | None = None,
+               title: str | None = None) -> Path:
+    """Write images uint8 [K,C,H,W] as a captioned grid PNG at `path`; returns the path.
+
+    titles: K captions ("\\n" or " · " separate lines). cols: tiles per row (default
+    ceil(sqrt(K))). upscale: nearest-neighbour factor (default: longer side → ~112 px; images
+    over 256 px are shrunk instead). colors: K caption colours (RGB tuples or None = dark);
+    frames: K frame colours (None = no frame). title: optional heading line. K = 0 writes a
+    small PNG saying there is nothing to show.
+    """
+    from PIL import Image, ImageDraw
+
+    from .io import atomic_path
+
+    imgs = np.asarray(images_u8)
+    k = 0 if imgs.size == 0 and imgs.ndim != 4 else len(imgs)
+    if k and (imgs.ndim != 4 or imgs.shape[1] not in (1, 3) or imgs.dtype != np.uint8):
+        raise CleanError(f"image_grid needs uint8 images [K,C,H,W] with C = 1 or 3, got {imgs.dtype} {list(imgs.shape)}")
+    if len(titles) != k:
+        raise CleanError(f"image_grid: {k} images but {len(titles)} titles; pass one title per image")
+    font, head_font = _font(12), _font(15, bold=True)
+    pad = 6
+    if k == 0:
+        canvas = Image.new("RGB", (420, 60), "white")
+        ImageDraw.Draw(canvas).text((pad, 20), (title + ": " if title else "") + "no samples to show",
+                                    fill=INK, font=head_font)
+        with atomic_path(path) as tmp:
+            canvas.save(tmp, format="PNG")
+        return Path(path)
+
+    h, w = imgs.shape[2], imgs.shape[3]
+    shrink = max(h, w) > MAX_TILE_PX
+    if upscale is None:
+        upscale = 1 if shrink else default_upscale(h, w)
+    if upscale < 1:
+        raise CleanError(f"upscale must be an integer >= 1, got {upscale}")
+    if shrink:
+        s = (TILE_PX * 1.5) / max(h, w)
+        tw, th = max(1, round(w * s)), max(1, round(h * s))
+    else:
+        tw, th = w * upscale, h * upscale
+    cols = cols or max(1, math.ceil(math.sqrt(k)))
+    if cols < 1:
+        raise CleanError(f"cols must be >= 1, got {cols}")
+    rows = math.ceil(k / cols)
+    cell_w = max(tw, 150)
+    lines = [_wrap(t, font, cell_w - 2) for t in titles]
+    line_h = 15
+    cap_h = line_h * max(len(ls) for ls in lines) + 4
+    cell_h = th + cap_h
+    width = pad + cols * (cell_w + pad)
+    head = _wrap(title, head_font, width - 2 * pad) if title else []
+    head_h = 19 * len(head) + 8 if head else 0
+    canvas = Image.new("RGB", (width, head_h + pad + rows * (cell_h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, line in enumerate(head):
+        draw.text((pad, 6 + 19 * j), line, fill=INK, font=head_font)
+    for i in range(k):
+        r, c = divmod(i, cols)
+        x0, y0 = pad + c * (cell_w + pad), head_h + pad + r * (cell_h + pad)
+        im = to_pil(imgs[i], 1 if shrink else upscale)
+        if shrink:
+            im = im.resize((tw, th), Image.LANCZOS)
+        xi = x0 + (cell_w - tw) // 2
+        canvas.paste(im.convert("RGB"), (xi, y0))
+        frame = frames[i] if frames else None
+        if frame:
+            draw.rectangle([xi - 3, y0 - 3, xi + tw + 2, y0 + th + 2], outline=frame, width=3)
+        color = (colors[i] if colors else None) or INK
+        for j, line in enumerate(lines[i]):
+            lw = font.getlength(line)
+            draw.text((x0 + (cell_w - lw) / 2, y0 + th + 3 + j * line_h), line, fill=color, font=font)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- scores → grid
+
+
+def resolve_manifest(scores_csv: str | Path, manifest: str | Path | None = None) -> Path | None:
+    """The manifest a scores file came from: `manifest`, else meta.json's, else data/manifest.csv."""
+    if manifest is not None:
+        m = Path(manifest)
+        if not m.exists():
+            raise CleanError(f"manifest not found: {m}; pass the manifest the scores were computed on (--manifest)")
+        return m
+    meta = Path(scores_csv).parent / "meta.json"
+    if meta.exists():
+        try:
+            m = json.loads(meta.read_text()).get("manifest")
+        except (json.JSONDecodeError, AttributeError):
+            m = None
+        if m and Path(m).exists():
+            return Path(m)
+    fallback = Path("data/manifest.csv")
+    return fallback if fallback.exists() else None
+
+
+def class_names(manifest: Path | None, classes: list[str] | None = None) -> list[str] | None:
+    """Class names: `classes` if given, else classes.json beside `manifest`, else None."""
+    if classes is not None:
+        return list(classes)
+    if manifest is None:
+        return None
+    from .dataset import classes_path_for, read_classes
+
+    p = classes_path_for(manifest)
+    return read_classes(p)["classes"] if p.exists() else None
+
+
+def namer(classes: list[str] | None):
+    """label int → class name (or the int as text when unknown)."""
+    def name(i) -> str:
+        try:
+            i = int(i)
+        except (TypeError, ValueError):
+            return str(i)
+        return classes[i] if classes is not None and 0 <= i < len(classes) else str(i)
+    return name
+
+
+def read_scores(path: str | Path, need: list[str] = ()):
+    """Read a scores CSV (id, path, label, pred, score columns) → DataFrame; checks `need` columns."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise CleanError(f"scores file not found: {path}; write it with `clean score`")
+    try:
+        df = pd.read_csv(path, dtype={"path": str}, keep_default_na=False, na_values=["", "nan", "NaN"])
+    except Exception as e:  # noqa: BLE001
+        raise CleanError(f"{path}: not a readable CSV ({type(e).__name__}: {e})") from None
+    missing = [c for c in ["id", "path", "label", "pred", *need] if c not in df.columns]
+    if missing:
+        from .scores import SCORE_COLUMNS
+
+        raise CleanError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))}); "
+                         f"a scores file has id,path,label,pred and score columns ({', '.join(SCORE_COLUMNS)}): "
+                         "re-run `clean score` or pick a score that is there")
+    if df["id"].duplicated().any():
+        raise CleanError(f"{path}: duplicate id {int(df['id'][df['id'].duplicated()].iloc[0])}; ids must be unique")
+    return df
+
+
+def read_flags(path: str | Path):
+    """Read flags.csv (id, flagged 0/1, rule, value) → DataFrame indexed by nothing, flagged as bool."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise CleanError(f"flags file not found: {path}; write it with `clean flag`")
+    try:
+        f = pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"], dtype={"rule": str})
+    except Exception as e:  # noqa: BLE001
+        raise CleanError(f"{path}: not a readable CSV ({type(e).__name__}: {e})") from None
+    missing = [c for c in ("id", "flagged") if c not in f.columns]
+    if missing:
+        raise CleanError(f"{path}: missing column(s) {', '.join(missing)}; flags.csv needs id,flagged,rule,value "
+                         "(re-run `clean flag`)")
+    fl = pd.to_numeric(f["flagged"], errors="coerce")
+    if fl.isna().any() or not fl.isin([0, 1]).all():
+        bad = f["flagged"][fl.isna() | ~fl.isin([0, 1])].iloc[0]
+        raise CleanError(f"{path}: column 'flagged' must hold 0 or 1, found {bad!r}")
+    f["flagged"] = fl.astype(bool)
+    for c, d in (("rule", ""), ("value", np.nan)):
+        if c not in f.columns:
+            f[c] = d
+    f["rule"] = f["rule"].fillna("")
+    return f[["id", "flagged", "rule", "value"]]
+
+
+def join_flags(scores, flags, flags_path: str | Path = "flags.csv"):
+    """scores DataFrame + flags DataFrame (by id) → scores with flagged/rule/flag_value columns."""
+    extra = set(flags["id"]) - set(scores["id"])
+    if extra:
+        raise CleanError(f"{flags_path}: id {sorted(extra)[0]} is not in the scores file ({len(extra)} unknown id(s)); "
+                         "flags and scores must come from the same `clean score` run (re-run `clean flag`)")
+    f = flags.rename(columns={"value": "flag_value"}).drop_duplicates("id")
+    out = scores.drop(columns=[c for c in ("flagged", "rule", "flag_value") if c in scores.columns])
+    out = out.merge(f, on="id", how="left")
+    out["flagged"] = out["flagged"].fillna(False).astype(bool)
+    out["rule"] = out["rule"].fillna("")
+    return out
+
+
+def pick_top(df, by: str, k: int, only_flagged: bool = False):
+    """The k most suspicious rows of `df` by column `by` (see compare.top_order) → DataFrame."""
+    from .compare import top_order
+
+    if only_flagged:
+        df = df[df["flagged"]]
+    vals = df[by].to_numpy(np.float64)
+    order = top_order(vals, by, df["id"].to_numpy())
+    order = order[~np.isnan(vals[order])][:k]
+    return df.iloc[order]
+
+
+def fmt_value(v) -> str:
+    """Compact number for captions: 3 significant digits, NaN as 'nan'."""
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return "nan" if v != v else f"{v:.3g}"
+
+
+def top_grid(scores_csv: str | Path = "scores/scores.csv", by: str = "loss", k: int = 36,
+             path: str | Path | None = None, flags_csv: str | Path | None = None, only_flagged: bool = False,
+             classes: list[str] | None = None, manifest: str | Path | None = None, cols: int | None = None):
+    """Grid PNG of the k most suspicious samples by score `by` → DataFrame of the rows shown.
+
+    by: a score column, or "value" = the flag rule's value from flags_csv (any flag method).
+    path: default reports/top_<by>.png. flags_csv: optional flags.csv (flagged tiles get an
+    orange frame; with only_flagged, only flagged samples are candidates). Images resolve
+    through `manifest` (default: scores/meta.json's manifest, then data/manifest.csv) and
+    class names through classes.json beside it. Returned columns: id, label, pred, <by>,
+    flagged, rule, path.
+    """
+    import pandas as pd
+
+    from .images import load_images
+
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise CleanError(f"k must be a positive integer, got {k!r}")
+    path = Path(path) if path is not None else Path("reports") / f"top_{by}.png"
+    flag_value = by == "value"
+    if flag_value and flags_csv is None:
+        raise CleanError("--by value ranks by the flag rule's value and needs a flags file; run `clean flag` first")
+    df = read_scores(scores_csv, [] if flag_value else [by])
+    if flags_csv is not None:
+        df = join_flags(df, read_flags(flags_csv), flags_csv)
+        if flag_value:
+            df["value"] = df["flag_value"]
+    else:
+        if only_flagged:
+            raise CleanError("only_flagged needs a flags file; run `clean flag` first (writes scores/flags.csv)")
+        df["flagged"], df["rule"] = False, ""
+    df[by] = pd.to_numeric(df[by], errors="coerce").astype(np.float64)
+    if df[by].isna().all():
+        raise CleanError(f"{scores_csv}: column '{by}' is empty (all NaN); pick another score (--by)")
+    top = pick_top(df, by, int(k), only_flagged)
+    man = resolve_manifest(scores_csv, manifest)
+    names = namer(class_names(man, classes))
+    base = man.parent if man is not None else Path(scores_csv).parent
+    imgs = load_images(top["path"].tolist(), base) if len(top) else np.zeros((0, 1, 1, 1), np.uint8)
+    titles, colors, frames = [], [], []
+    for r in top.itertuples(index=False):
+        wrong = int(r.label) != int(r.pred)
+        titles.append(f"{r.id} · {names(r.label)}→{names(r.pred)} · {by}={fmt_value(getattr(r, by))}")
+        colors.append(RED if wrong else None)
+        frames.append(FLAG if r.flagged else None)
+    what = "flagged samples" if only_flagged else "samples"
+    heading = (f"top {len(top)} {what} by {by} ({'lowest' if by in _low() else 'highest'} first) · "
+               f"red caption: label ≠ prediction" + (" · orange frame: flagged" if flags_csv and not only_flagged else ""))
+    image_grid(imgs, titles, path, cols=cols, colors=colors, frames=frames, title=heading)
+    keep = ["id", "label", "pred", by, "flagged", "rule", "path"]
+    return top[keep].reset_index(drop=True)
+
+
+def _low():
+    from .compare import LOW_IS_TOP
+
+    return LOW_IS_TOP

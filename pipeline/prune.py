@@ -1,0 +1,74 @@
+"""The `prune` stage: a new dataset version = the manifest with a subset of training ids.
+
+Validation/test rows are kept untouched; images are never copied or deleted.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CleanError
+
+
+def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path, summary_path: str | Path,
+          strategy: str = "drop-flagged", by: str = "grad_norm", keep: float = 0.8, skip: float = 0.05,
+          balanced: bool = False, seed: int = 0, flags_csv: str | Path | None = None) -> dict:
+    """Select training samples → out_manifest (same columns, kept train rows + all val/test rows)
+    and summary_path (JSON: strategy, kept per class, label entropy of kept vs all vs uniform).
+    Returns the summary dict."""
+    import pandas as pd
+
+    from .dataset import classes_path_for, read_classes, read_manifest, write_manifest
+    from .flagging import read_scores
+    from .io import write_json
+    from .select import select, summary
+
+    manifest = Path(manifest)
+    classes = read_classes(classes_path_for(manifest))["classes"]
+    df = read_manifest(manifest, classes)
+    train = df[df["split"] == "train"]
+    sc = read_scores(scores_csv)
+    train_ids = np.sort(train["id"].to_numpy())
+    sc_ids = np.sort(sc["id"].to_numpy())
+    if not np.array_equal(train_ids, sc_ids):
+        extra = np.setdiff1d(sc_ids, train_ids)
+        lack = np.setdiff1d(train_ids, sc_ids)
+        what = (f"id {int(extra[0])} is not a training id of the manifest" if len(extra)
+                else f"training id {int(lack[0])} has no score")
+        raise CleanError(f"{scores_csv} does not match {manifest} ({what}; {len(extra)} extra, {len(lack)} missing); "
+                         "the scores come from another manifest: rerun `clean score` on this one")
+    sc = sc.set_index("id").loc[train["id"].to_numpy()]
+    labels = train["label"].to_numpy(np.int64)
+    flagged = None
+    if strategy == "drop-flagged":
+        if flags_csv is None or not Path(flags_csv).exists():
+            raise CleanError(f"prune.strategy = drop-flagged needs flags ({flags_csv}); run `clean flag` first")
+        fl = pd.read_csv(flags_csv)
+        if not {"id", "flagged"} <= set(fl.columns) or set(fl["id"]) != set(train["id"]):
+            raise CleanError(f"{flags_csv} does not match the training ids of {manifest}; rerun `clean flag`")
+        flagged = fl.set_index("id").loc[train["id"].to_numpy(), "flagged"].to_numpy().astype(bool)
+        values = np.zeros(len(train))
+    else:
+        if by not in sc.columns:
+            raise CleanError(f"prune.by = {by!r} is not a column of {scores_csv}")
+        values = sc[by].to_numpy(np.float64)
+        if np.isnan(values).any():
+            raise CleanError(f"{scores_csv}: column '{by}' has missing values; choose another prune.by or rescore")
+    kept_pos = select(values, labels, strategy, keep, seed, balanced=balanced, skip=skip, flagged=flagged)
+    kept_ids = set(train["id"].to_numpy()[kept_pos].tolist())
+    out = df[(df["split"] != "train") | df["id"].isin(kept_ids)]
+    write_manifest(out, out_manifest, manifest)
+    summ = summary(labels, kept_pos, len(classes), classes)
+    summ.update({"strategy": strategy, "by": None if strategy == "drop-flagged" else by,
+                 "keep": None if strategy == "drop-flagged" else keep, "balanced": balanced, "seed": seed,
+                 "skip": skip if strategy == "non-extreme" else None, "manifest": str(out_manifest)})
+    if "noisy" in train.columns:
+        noisy = train["noisy"].to_numpy().astype(bool)
+        kept = np.zeros(len(train), bool)
+        kept[kept_pos] = True
+        summ["noisy_removed"] = int((noisy & ~kept).sum())
+        summ["noisy_kept"] = int((noisy & kept).sum())
+        summ["clean_removed"] = int((~noisy & ~kept).sum())
+    write_json(summary_path, summ)
+    return summ

@@ -1,0 +1,80 @@
+"""The paper's experiment: for each strategy × keep fraction, prune, retrain from scratch
+(every seed) and evaluate on the untouched test split; then aggregate (mean ± std)."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def sweep_point(manifest: str | Path, scores_csv: str | Path, out_dir: str | Path, strategy: str, keep: float,
+                recipe, seeds: list[int], by: str = "grad_norm", skip: float = 0.05, balanced: bool = False,
+                prune_seed: int = 0, flags_csv: str | Path | None = None, progress=None) -> dict:
+    """One sweep point → out_dir/{pruned.csv, classes.json, prune.json, metrics.json}.
+
+    metrics.json: strategy, keep, n_kept, accuracy_mean, accuracy_std (ddof=1), runs. The
+    retrained models are temporary (only their test metrics are kept).
+    """
+    from .evaluate import evaluate_model, summarize_runs
+    from .io import write_json
+    from .prune import prune
+    from .train import train
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summ = prune(manifest, scores_csv, out_dir / "pruned.csv", out_dir / "prune.json", strategy=strategy, by=by,
+                 keep=keep, skip=skip, balanced=balanced, seed=prune_seed, flags_csv=flags_csv)
+    work = Path(tempfile.mkdtemp(prefix=".models.", dir=out_dir))
+    try:
+        recipe = _no_extras(recipe)
+        train(out_dir / "pruned.csv", work, recipe, seeds=seeds, progress=progress)
+        from .evaluate import run_dirs
+
+        results = [evaluate_model(d, manifest, "test", recipe.device if recipe.device != "auto" else "cpu")
+                   for d in run_dirs(work)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    m = summarize_runs(results, "test")
+    point = {"strategy": strategy, "keep": keep, "by": by, "balanced": balanced, "n_kept": summ["n_kept"],
+             "n_total": summ["n_total"], "label_entropy_kept": summ["label_entropy"]["kept"],
+             "accuracy_mean": m["accuracy"], "accuracy_std": m["accuracy_std"], "n_seeds": m["n_seeds"],
+             "runs": m["runs"]}
+    write_json(out_dir / "metrics.json", point)
+    return point
+
+
+def _no_extras(recipe):
+    """Sweep retrains need no checkpoints or tracked-sample records: keep them cheap."""
+    from dataclasses import replace
+
+    return replace(recipe, checkpoint_every=recipe.epochs, track=0)
+
+
+def collect(sweep_dir: str | Path, out_csv: str | Path, strategies=None, keeps=None) -> "object":
+    """Aggregate sweep_dir/*/metrics.json → out_csv (strategy,keep,accuracy_mean,accuracy_std,
+    n_seeds,n_kept,label_entropy_kept), sorted by strategy then keep. Returns the DataFrame.
+
+    When `strategies`/`keeps` are given, only those points are collected (stale ones ignored).
+    """
+    import pandas as pd
+
+    from .errors import CleanError
+    from .io import write_frame
+
+    rows = []
+    for f in sorted(Path(sweep_dir).glob("*/metrics.json")):
+        m = json.loads(f.read_text())
+        if strategies is not None and m["strategy"] not in strategies:
+            continue
+        if keeps is not None and not np.isclose(keeps, m["keep"]).any():
+            continue
+        rows.append({k: m[k] for k in ("strategy", "keep", "accuracy_mean", "accuracy_std", "n_seeds", "n_kept",
+                                       "label_entropy_kept")})
+    if not rows:
+        raise CleanError(f"no sweep results under {sweep_dir}; run `dvc repro sweep` or `clean sweep point`")
+    df = pd.DataFrame(rows).sort_values(["strategy", "keep"]).reset_index(drop=True)
+    write_frame(out_csv, df)
+    return df
