@@ -34,7 +34,7 @@ def evaluate_model(model_dir: str | Path, manifest: str | Path, split: str = "te
     if data.images.shape[1] != cfg["in_chans"]:
         raise CleanError(f"{model_dir}: model expects {cfg['in_chans']}-channel images, data has {data.images.shape[1]}")
     logits = predict_logits(model, data.images, cfg["mean"], cfg["std"], batch_size, device, progress)
-    y = torch.as_tensor(data.labels)
+    y = torch.as_tensor(np.array(data.labels, np.int64))
     pred = logits.argmax(1)
     correct = (pred == y).numpy()
     per_class = {}

@@ -57,7 +57,7 @@ def gradient_features(model_dir: str | Path, manifest: str | Path, ids: np.ndarr
     with torch.no_grad():
         for s, e in batches(len(ids), batch_size):
             logits, h = forward_logits_features(model, normalize(images[s:e], cfg["mean"], cfg["std"], device))
-            y = torch.as_tensor(labels[s:e], device=device)
+            y = torch.as_tensor(np.array(labels[s:e], np.int64), device=device)
             logits, h = logits.double(), h.double().reshape(len(y), -1)
             if logits.shape[1] * (h.shape[1] + 1) <= dim:
                 out.append(grad_vectors_last(logits, h, y).cpu().numpy())

@@ -178,7 +178,7 @@ def fit(images: np.ndarray, labels: np.ndarray, num_classes: int, recipe: Recipe
                "train_accuracy": float(dyn["correct"][epoch].mean())}
         if val is not None and len(val[1]):
             vl = predict_logits(model, val[0], mean, std, device=device)
-            vy = torch.as_tensor(val[1])
+            vy = torch.as_tensor(np.array(val[1], np.int64))
             row["val_loss"] = float(F.cross_entropy(vl, vy).item())
             row["val_accuracy"] = float((vl.argmax(1) == vy).float().mean().item())
         if k:
