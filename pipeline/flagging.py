@@ -88,10 +88,16 @@ def flag(scores_csv: str | Path, out_dir: str | Path, method: str = "mad", score
         if score not in df.columns:
             raise CleanError(f"flag.score = {score!r} is not a column of {scores_csv}; "
                              f"use one of: {', '.join(c for c in df.columns if c not in ('id', 'path', 'label', 'pred'))}")
+        from .compare import LOW_IS_TOP
+
         vals = df[score].to_numpy(np.float64)
         if np.isnan(vals).all():
             raise CleanError(f"{scores_csv}: column '{score}' is empty (not computed); choose another flag.score")
-        res = rules.flag_quantile(vals, quantile, score) if method == "quantile" else rules.flag_mad(vals, threshold, score)
+        # rules flag high values; for margin/aum/confidence a LOW value is the suspicious one
+        name = score
+        if score in LOW_IS_TOP:
+            vals, name = -vals, f"-{score}"
+        res = rules.flag_quantile(vals, quantile, name) if method == "quantile" else rules.flag_mad(vals, threshold, name)
     elif method == "isolation-forest":
         if model_dir is None or manifest is None:
             raise CleanError("flag.method = isolation-forest needs --model and --manifest (last-layer gradients)")

@@ -45,17 +45,27 @@ def set_params(repo: Path, **sections):
 def test_dvc_repro_then_param_change_and_metrics_diff(tmp_path):
     repo = copy_project(tmp_path / "proj")
     sh("git", "init", "-q", cwd=repo)
-    set_params(repo, train={"epochs": 4, "device": "cpu"})
+    set_params(repo, train={"epochs": 4, "device": "cpu", "seeds": [0]}, score={"params": "last"},
+               sweep={"strategies": ["random", "max-gradient"], "keeps": [0.5]})
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "project", cwd=repo)
 
     out = sh("dvc", "repro", cwd=repo).stdout
-    assert "Running stage 'prepare'" in out and "Running stage 'evaluate'" in out
+    for stage in ("prepare", "train", "evaluate", "score", "flag", "prune", "retrain", "sweep@random-0.5",
+                  "sweep@max-gradient-0.5", "sweep_summary", "figures", "report"):
+        assert f"Running stage '{stage}'" in out, stage
     base = json.loads((repo / "metrics/base.json").read_text())
     assert base["n"] == 359 and base["accuracy"] > 0.8  # digits test split, 4 epochs
     for f in ("data/manifest.csv", "data/classes.json", "data/problems.csv", "models/base/model.safetensors",
-              "plots/confusion_base.csv", "dvc.lock"):
+              "plots/confusion_base.csv", "dvc.lock", "scores/scores.csv", "scores/flags.csv",
+              "scores/top_flagged.png", "data/pruned.csv", "prune/summary.json", "metrics/pruned.json",
+              "plots/sweep.csv", "reports/index.html"):
         assert (repo / f).exists(), f
+    shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo).stdout)
+    files = next(iter(shown.values()))["data"]
+    assert {"metrics/base.json", "metrics/pruned.json"} <= set(files)
+    pruned = files["metrics/pruned.json"]["data"]
+    assert pruned["n"] == base["n"] and pruned["n_train"] < base["n_train"]
     # nothing changed → nothing re-runs
     again = sh("dvc", "repro", cwd=repo).stdout
     assert "Data and pipelines are up to date" in again or "didn't change" in again
@@ -71,5 +81,17 @@ def test_dvc_repro_then_param_change_and_metrics_diff(tmp_path):
     assert acc["old"] == pytest.approx(base["accuracy"])
     assert acc["new"] == pytest.approx(json.loads((repo / "metrics/base.json").read_text())["accuracy"])
     assert acc["new"] < acc["old"]  # 1 epoch is worse than 4
-    shown = sh("dvc", "plots", "show", "--json", cwd=repo)
-    assert "confusion_base.csv" in shown.stdout
+    plots = sh("dvc", "plots", "show", "--json", cwd=repo).stdout
+    for name in ("confusion_base.csv", "sweep.csv", "grad_heatmap.csv", "entropy_topk"):
+        assert name in plots, name
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "one epoch", cwd=repo)
+
+    # a new dataset version as an experiment: only prune → retrain (and the report) re-run
+    out = sh("dvc", "exp", "run", "-S", "prune.strategy=gradient-cdf", "-S", "prune.keep=0.5", cwd=repo).stdout
+    assert "Running stage 'prune'" in out and "Running stage 'retrain'" in out
+    assert "Running stage 'train'" not in out and "Running stage 'sweep" not in out
+    diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=repo).stdout)
+    assert "n_train" in diff["metrics/pruned.json"]
+    summary = json.loads((repo / "prune/summary.json").read_text())
+    assert summary["strategy"] == "gradient-cdf" and summary["n_kept"] == round(0.5 * summary["n_total"])

@@ -144,3 +144,15 @@ def test_sweep_point_and_collect(data, trained, tmp_path):
     assert df.to_dict("records")[0]["strategy"] == "random"
     with pytest.raises(CleanError, match="no sweep results"):
         collect(tmp_path / "sweep", tmp_path / "plots/s2.csv", ["gradient-cdf"], [0.5])
+
+
+def test_low_is_suspicious_scores_are_flagged_at_the_low_end(data):
+    tr, sc = fake_scores(data)
+    aum = np.linspace(1.0, 2.0, len(tr))
+    aum[:2] = [-5.0, -6.0]  # two clearly mislearned samples
+    sc["aum"] = aum
+    sc.to_csv(data / "scores/scores.csv", index=False)
+    flag(data / "scores/scores.csv", data / "scores", method="mad", score="aum", threshold=3.5)
+    fl = pd.read_csv(data / "scores/flags.csv")
+    assert set(fl[fl["flagged"] == 1]["id"]) == set(tr["id"][:2])
+    assert fl["rule"].iloc[0].startswith("mad z(-aum)")
