@@ -226,8 +226,8 @@ def _score_tables(df, model_dir: Path, sc: dict, top: int) -> None:
 def flag(
     scores: Path = typer.Option(Path("scores/scores.csv"), help="scores from `clean score`"),
     out: Path = typer.Option(Path("scores"), help="folder for flags.csv"),
-    method: Optional[str] = typer.Option(None, help="quantile | mad | isolation-forest | confident (params: flag.method)"),
-    score: Optional[str] = typer.Option(None, help="score column for quantile/mad (params: flag.score)"),
+    method: Optional[str] = typer.Option(None, help="quantile | mad | gmm | isolation-forest | confident (params: flag.method)"),
+    score: Optional[str] = typer.Option(None, help="score column for quantile/mad/gmm (params: flag.score)"),
     quantile: Optional[float] = typer.Option(None, help="flag the top q (params: flag.quantile)"),
     threshold: Optional[float] = typer.Option(None, help="robust z threshold (params: flag.threshold)"),
     contamination: Optional[float] = typer.Option(None, help="isolation-forest contamination (params: flag.contamination)"),

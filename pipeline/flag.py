@@ -169,6 +169,31 @@ def flag_mad(values, threshold: float, score_name: str) -> FlagResult:
     return FlagResult(flagged=z > thr, value=z, rule=rule)
 
 
+def flag_gmm(values, score_name: str, seed: int = 0) -> FlagResult:
+    """Flag the high component of a 2-component Gaussian mixture fitted to a score.
+
+    values: float [N] (finite), oriented so that high = suspicious. Unsupervised noise
+    modelling on per-sample losses (Arazo et al. 2019; DivideMix): no noise rate to know,
+    no k-fold retraining. value = posterior p(high component | x) in [0, 1]; a sample is
+    flagged when that posterior > 0.5 and it lies above the low component's mean (so the
+    far low tail of a narrow high component is never flagged).
+    """
+    from sklearn.mixture import GaussianMixture
+
+    v = _scores_1d(values, score_name)
+    if v.size < 4 or float(np.ptp(v)) == 0.0:
+        return FlagResult(np.zeros(v.size, bool), np.zeros(v.size), f"gmm({score_name}): too few distinct values, nothing flagged")
+    x = v[:, None]
+    gm = GaussianMixture(2, random_state=seed, reg_covar=1e-6 * float(np.var(v)) + 1e-12, n_init=2).fit(x)
+    means = gm.means_[:, 0]
+    hi, lo = int(np.argmax(means)), int(np.argmin(means))
+    post = gm.predict_proba(x)[:, hi]
+    flagged = (post > 0.5) & (v > means[lo])
+    rule = (f"gmm p(high {score_name}) > 0.5 (component means {means[lo]:.3g} / {means[hi]:.3g}, "
+            f"high weight {gm.weights_[hi]:.2f})")
+    return FlagResult(flagged=flagged, value=post, rule=rule)
+
+
 def flag_isolation_forest(
     features, contamination: float, seed: int, n_estimators: int = 100
 ) -> FlagResult:

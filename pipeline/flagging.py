@@ -84,7 +84,7 @@ def flag(scores_csv: str | Path, out_dir: str | Path, method: str = "mad", score
     t0 = time.perf_counter()
     df = read_scores(scores_csv)
     ids = df["id"].to_numpy(np.int64)
-    if method in ("quantile", "mad"):
+    if method in ("quantile", "mad", "gmm"):
         if score not in df.columns:
             raise CleanError(f"flag.score = {score!r} is not a column of {scores_csv}; "
                              f"use one of: {', '.join(c for c in df.columns if c not in ('id', 'path', 'label', 'pred'))}")
@@ -97,7 +97,12 @@ def flag(scores_csv: str | Path, out_dir: str | Path, method: str = "mad", score
         name = score
         if score in LOW_IS_TOP:
             vals, name = -vals, f"-{score}"
-        res = rules.flag_quantile(vals, quantile, name) if method == "quantile" else rules.flag_mad(vals, threshold, name)
+        if method == "quantile":
+            res = rules.flag_quantile(vals, quantile, name)
+        elif method == "mad":
+            res = rules.flag_mad(vals, threshold, name)
+        else:
+            res = rules.flag_gmm(vals, name, seed)
     elif method == "isolation-forest":
         if model_dir is None or manifest is None:
             raise CleanError("flag.method = isolation-forest needs --model and --manifest (last-layer gradients)")
@@ -109,7 +114,7 @@ def flag(scores_csv: str | Path, out_dir: str | Path, method: str = "mad", score
         probs = _crossfit_probs(manifest, ids, recipe, folds, seed, progress)
         res = rules.flag_confident(probs, df["label"].to_numpy(np.int64))
     else:
-        raise CleanError(f"flag.method = {method!r} is not allowed; use one of: quantile, mad, isolation-forest, confident")
+        raise CleanError(f"flag.method = {method!r} is not allowed; use one of: quantile, mad, gmm, isolation-forest, confident")
     out = pd.DataFrame({"id": ids, "flagged": res.flagged.astype(np.int64), "rule": res.rule, "value": res.value})
     write_frame(Path(out_dir) / "flags.csv", out)
     summary = {"method": method, "rule": res.rule, "n": int(len(out)), "n_flagged": int(res.flagged.sum()),

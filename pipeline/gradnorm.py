@@ -36,30 +36,40 @@ max of linf, i.e. the norm of the flattened concatenated gradient.
 
 How each layer is computed ("paths")
 ------------------------------------
-One forward pass with hooks, then ONE backward of Σ_i L_i with respect to the
-*input* only (parameters are temporarily set to ``requires_grad=False``, so no
-parameter gradient is ever accumulated). Because the model is in eval mode every
-sample is independent, so the gradient that reaches a layer's output for sample i
-is exactly ∂L_i/∂out_i. A forward hook keeps each layer's input; a tensor hook on
-its output receives the output gradient, and the layer's per-sample norms are
-computed right there, after which both are released. Per layer type
-(exact types only — subclasses that override ``forward`` are not trusted):
+One forward pass with hooks, then ONE backward of Σ_i L_i that only produces
+activation gradients: parameters are temporarily set to ``requires_grad=False`` (no
+parameter gradient is ever formed), and the output of the first leaf module applied
+to the raw input becomes the autograd root ("root mode"), so — like a training step —
+no gradient w.r.t. the input image is computed. (If no leaf module consumes the raw
+input, or a root is modified in place, the pass is redone with a copied root or with
+the input requiring grad.) Because the model is in eval mode every sample is
+independent, so the gradient reaching a layer's output for sample i is exactly
+∂L_i/∂out_i. A forward hook keeps each layer's input; a tensor hook on its output
+receives the output gradient, and the layer's per-sample norms are computed right
+there during the backward, after which both are released. Per layer type (exact
+types only — subclasses that override ``forward`` are not trusted):
 
 * ``linear-rank1``  nn.Linear on [B, in]: per-sample grad is g aᵀ (rank one) so
   ‖·‖₂ = ‖g‖₂‖a‖₂, ‖·‖₁ = ‖g‖₁‖a‖₁, ‖·‖∞ = ‖g‖∞‖a‖∞ exactly; bias grad = g.
-* ``linear-ghost`` / ``linear-mat``  nn.Linear on [B, T, in]: l2 via the ghost
-  Gram identity ‖Σ_t g_t a_tᵀ‖²_F = Σ_{t,s}(a_t·a_s)(g_t·g_s) when that is cheaper
-  (T·(in+out) < in·out), otherwise (and always for l1/linf) the per-sample
-  gradient gᵀa [b, out, in] is built in sample chunks within ``mem_budget_mb``,
-  reduced, and freed. Bias grad = Σ_t g_t.
-* ``conv-ghost`` / ``conv-mat``  nn.Conv1d / nn.Conv2d (any stride, padding,
-  padding mode, dilation, groups): the input is unfolded (``F.unfold``) to
-  A [b, G, p, T] per group and the output gradient reshaped to [b, G, d, T]; then
-  the same ghost-vs-materialise choice per group (block-diagonal weight).
+* ``linear-ghost`` / ``linear-mat``  nn.Linear on [B, T, in] (any number of middle
+  dims): l2 via the ghost Gram identity ‖Σ_t g_t a_tᵀ‖²_F = Σ_{t,s}(a_t·a_s)(g_t·g_s)
+  when that is cheaper (T·(in+out) < in·out); otherwise (and always for l1/linf)
+  the per-sample gradient gᵀa is built in cache-sized blocks (sample chunks, and
+  output-row blocks when one sample's gradient exceeds the tile), reduced to the
+  norm statistic and freed. Bias grad = Σ_t g_t.
+* ``conv-rank1`` / ``conv-ghost`` / ``conv-mat``  nn.Conv1d / nn.Conv2d (any stride,
+  padding incl. "same" and non-zero padding modes, dilation, groups): the input is
+  unfolded (an as_strided view + copy; F.unfold's CPU im2col is 20-100× slower) to
+  A [b, G, p, T] per group, the output gradient reshaped to [b, G, d, T], and the
+  weight gradient is block-diagonal over groups. One output position (T = 1) is
+  rank one (exact for every norm); otherwise ghost-vs-materialise as for Linear.
 * ``norm``  BatchNorm1d/2d/3d (eval: running statistics), LayerNorm (incl. timm's
-  ``LayerNorm`` and channels-first ``LayerNorm2d``), GroupNorm: per-sample
-  grad of the weight = Σ_positions g·x̂, of the bias = Σ_positions g, with x̂
-  recomputed from the captured input and the layer's statistics.
+  ``LayerNorm`` and channels-first ``LayerNorm2d``), GroupNorm, and timm's fused
+  norm+activation layers (``BatchNormAct2d``, ``GroupNormAct``, ``GroupNorm1Act``,
+  ``LayerNormAct``, ``LayerNormAct2d``: the norm's output gradient is caught at the
+  entry of their ``drop`` child): per-sample grad of the weight = Σ_positions g·x̂,
+  of the bias = Σ_positions g, x̂ recomputed from the captured input and the
+  layer's statistics.
 * ``local-func``  any other module with direct trainable parameters (timm
   layer-scale ``gamma``, a ConvNeXt block's ``gamma``, custom layers, MHA's
   ``in_proj_*``…): the module alone is re-run per sample with
@@ -70,12 +80,15 @@ computed right there, after which both are released. Per layer type
   ``out_proj`` of nn.MultiheadAttention) or whose output does not depend on the
   input: the whole model is re-run with ``torch.func.vmap(grad(...))`` restricted
   to those parameters.
-* ``last`` subset with an nn.Linear head: closed form from (logits, h), no backward.
+* ``last-closed-form``  the ``last`` subset with an nn.Linear head: one no-grad
+  forward and the closed form from (logits, h); no backward at all.
 
-If a captured input is later modified in place (version counter changed) the
-affected layers are recomputed in a second pass that clones their inputs.
-Limitation: a parameter shared by several modules (weight tying) is only seen
-through the module that owns it.
+``per_sample_grad_norms(..., details=True)`` reports the path each module took.
+A module called several times in one forward (shared weights) has its calls
+concatenated along T (Linear/conv) or summed (norms). If a captured input is later
+modified in place (version counter changed) the affected layers are recomputed in a
+second pass that clones their inputs. Limitation: a parameter used *functionally*
+outside the module that owns it (weight tying) is only seen through that module.
 """
 from __future__ import annotations
 
@@ -106,7 +119,6 @@ __all__ = [
 NORMS = ("l1", "l2", "linf")
 SUBSETS = ("last", "weights", "biases", "all")
 
-_LINEAR_TYPES = (nn.Linear,)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Subclasses whose forward is semantically identical to their torch base class
@@ -339,18 +351,18 @@ class _Acc:
         self.total = torch.zeros(n, dtype=dtype, device=device)
         self.per_param: Optional[Dict[str, torch.Tensor]] = {} if keep_per_param else None
 
-    def add(self, name: str, stat: torch.Tensor, rows: slice = slice(None)) -> None:
-        stat = stat.to(self.total.dtype)
+    def add(self, name: str, stat: torch.Tensor) -> None:
+        stat = stat.detach().to(self.total.dtype)
         if self.norm == "linf":
-            self.total[rows] = torch.maximum(self.total[rows], stat)
+            torch.maximum(self.total, stat, out=self.total)
         else:
-            self.total[rows] += stat
+            self.total += stat
         if self.per_param is not None:
-            cur = self.per_param.setdefault(name, torch.zeros_like(self.total))
-            if self.norm == "linf":
-                cur[rows] = torch.maximum(cur[rows], stat)
+            cur = self.per_param.get(name)
+            if cur is None:
+                self.per_param[name] = stat.clone()
             else:
-                cur[rows] += stat
+                self.per_param[name] = torch.maximum(cur, stat) if self.norm == "linf" else cur + stat
 
     def finish(self) -> torch.Tensor:
         return self.total.sqrt() if self.norm == "l2" else self.total
@@ -403,6 +415,10 @@ def _chunks(n: int, per_sample_elems: int, elem_size: int, budget: int, tile: in
 def _dblock(groups: int, d: int, p: int, elem_size: int, tile: int) -> int:
     """Output rows per block so that one sample's per-sample-gradient block fits ``tile`` bytes."""
     return max(1, min(d, int(tile // max(1, groups * p * elem_size))))
+
+
+def _cat(parts: List[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _combine(prev: Optional[torch.Tensor], new: torch.Tensor, norm: str) -> torch.Tensor:
@@ -473,23 +489,29 @@ def _do_linear(ctx: _Ctx, name: str, m: nn.Linear, calls, want: Dict[str, str]) 
     esz = a.element_size()
     if norm == "l2" and T * (p + d) < p * d:
         ctx.path(name, "linear-ghost")
-        for sl in _chunks(b, 2 * T * T, esz, ctx.budget, ctx.tile):
-            ctx.acc.add(wname, _gram_sq(a[sl].transpose(1, 2), g[sl].transpose(1, 2)), sl)
+        parts = [
+            _gram_sq(a[sl].transpose(1, 2), g[sl].transpose(1, 2))
+            for sl in _chunks(b, 2 * T * T, esz, ctx.budget, ctx.tile)
+        ]
+        ctx.acc.add(wname, _cat(parts))
         return
     ctx.path(name, "linear-mat")
     dblk = _dblock(1, d, p, esz, ctx.tile)
+    parts = []
     for sl in _chunks(b, dblk * p, esz, ctx.budget, ctx.tile):
         gt = g[sl].transpose(1, 2)
         st = None
         for d0 in range(0, d, dblk):
             st = _combine(st, _stat(torch.bmm(gt[:, d0 : d0 + dblk], a[sl]), norm), norm)
-        ctx.acc.add(wname, st, sl)
+        parts.append(st)
+    ctx.acc.add(wname, _cat(parts))
 
 
 def _rank1_stat(g: torch.Tensor, a: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-sample stat of Σ_groups g_G a_Gᵀ (one position): g [b, G, d], a [b, G, p] → [b]."""
     if norm == "l2":
-        return (torch.linalg.vector_norm(g, 2, dim=-1).square() * torch.linalg.vector_norm(a, 2, dim=-1).square()).sum(1)
+        gn = torch.linalg.vector_norm(g, 2, dim=-1).square()
+        return (gn * torch.linalg.vector_norm(a, 2, dim=-1).square()).sum(1)
     if norm == "l1":
         return (g.abs().sum(-1) * a.abs().sum(-1)).sum(1)
     return (g.abs().amax(-1) * a.abs().amax(-1)).amax(1)
@@ -524,21 +546,26 @@ def _do_conv(ctx: _Ctx, name: str, m: nn.Module, calls, want: Dict[str, str]) ->
 
     if T == 1:  # one output position: per-sample gradient is rank one per group
         ctx.path(name, "conv-rank1")
+        parts = []
         for sl in _chunks(b, G * pg, esz, ctx.budget, ctx.tile):
             A, Gm = unfolded(sl)
-            ctx.acc.add(wname, _rank1_stat(Gm[..., 0], A[..., 0], norm), sl)
+            parts.append(_rank1_stat(Gm[..., 0], A[..., 0], norm))
+        ctx.acc.add(wname, _cat(parts))
         return
     ghost = norm == "l2" and T * (pg + dg) < pg * dg
     if ghost:
         ctx.path(name, "conv-ghost")
         per = G * (T * pg + 2 * T * T)
+        parts = []
         for sl in _chunks(b, per, esz, ctx.budget, ctx.tile):
             A, Gm = unfolded(sl)
-            ctx.acc.add(wname, _gram_sq(A, Gm), sl)
+            parts.append(_gram_sq(A, Gm))
+        ctx.acc.add(wname, _cat(parts))
         return
     ctx.path(name, "conv-mat")
     dblk = _dblock(G, dg, pg, esz, ctx.tile)
     per = G * (T * pg + dblk * pg)
+    parts = []
     for sl in _chunks(b, per, esz, ctx.budget, ctx.tile):
         A, Gm = unfolded(sl)
         At = A.transpose(-1, -2)
@@ -547,7 +574,8 @@ def _do_conv(ctx: _Ctx, name: str, m: nn.Module, calls, want: Dict[str, str]) ->
             ps = torch.matmul(Gm[:, :, d0 : d0 + dblk], At)  # [b, G, dblk, pg] per-sample grads
             st = _combine(st, _stat(ps, norm), norm)
             del ps
-        ctx.acc.add(wname, st, sl)
+        parts.append(st)
+    ctx.acc.add(wname, _cat(parts))
 
 
 def _do_norm(ctx: _Ctx, name: str, m: nn.Module, kind: str, calls, want: Dict[str, str]) -> None:
@@ -611,7 +639,7 @@ def _do_local(ctx: _Ctx, name: str, m: nn.Module, calls, want: Dict[str, str], c
     pvals = {k: getattr(m, k).detach() for k in local}
     totals: Dict[str, torch.Tensor] = {}
     for (args, kwargs, b), gouts in calls:
-        flat_args = list(args)
+        flat_args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]  # no outer graph
         in_dims = tuple(0 if _is_batched(t, b) else None for t in flat_args)
 
         def f(pv, fargs, gs, _kwargs=kwargs, _dims=in_dims):
@@ -698,7 +726,10 @@ class _ModState:
         self.pend: Optional[torch.Tensor] = None
 
 
+# Per-model memory of how root mode went (models whose first layer's output is modified in
+# place need a copied root; models whose raw input no leaf module consumes skip root mode).
 _ROOT_CLONE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_NO_ROOT: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 class _Engine:
@@ -715,6 +746,7 @@ class _Engine:
         self.root_mode = root_mode
         self.roots: List[torch.Tensor] = []
         self.root_clone = model in _ROOT_CLONE
+        self.roots_seen = True
         self.xr: Optional[torch.Tensor] = None
         if root_mode:
             # Registered before the capture hooks so that those see the replaced output.
@@ -874,32 +906,38 @@ class _Engine:
         finally:
             self.active = False
             self.xr = None
+        self.roots_seen = bool(self.roots)
         if self.root_mode and (not self.roots or any(st.bad for st in self.states.values())):
             return None
         if loss.requires_grad:
             torch.autograd.grad(loss.sum(), self.roots if self.root_mode else xr, allow_unused=True)
         self.roots = []
         global_names = list(self.orphans)
-        for st in self.states.values():
-            if st.bad or (not st.calls and not st.done):
-                # never called, or output independent of the input: whole-model fallback
-                global_names.extend(st.want.values())
-                st.calls = []
-                continue
-            if st.kind == "local":
-                for c in st.calls:
-                    for a, v in zip(c["args"], c["vers"]):
-                        if isinstance(a, torch.Tensor) and a._version != v:
-                            self.stale.add(st.name)
-                if st.name in self.stale:
+        with torch.no_grad():  # (torch.func.grad ignores an outer no_grad)
+            for st in self.states.values():
+                if st.bad or (not st.calls and not st.done):
+                    # never called, or output independent of the input: whole-model fallback
+                    global_names.extend(st.want.values())
                     st.calls = []
                     continue
-                calls = [((c["args"], c["kwargs"], c["b"]), c["g"]) for c in st.calls if any(gi is not None for gi in c["g"])]
-                st.calls = []
-                if calls:
-                    _do_local(self.ctx, st.name, st.module, calls, st.want, self.func_chunk)
-            elif not st.done:
-                self._process(st)  # some calls' outputs got no gradient
+                if st.kind == "local":
+                    for c in st.calls:
+                        for a, v in zip(c["args"], c["vers"]):
+                            if isinstance(a, torch.Tensor) and a._version != v:
+                                self.stale.add(st.name)
+                    if st.name in self.stale:
+                        st.calls = []
+                        continue
+                    calls = [
+                        ((c["args"], c["kwargs"], c["b"]), c["g"])
+                        for c in st.calls
+                        if any(gi is not None for gi in c["g"])
+                    ]
+                    st.calls = []
+                    if calls:
+                        _do_local(self.ctx, st.name, st.module, calls, st.want, self.func_chunk)
+                elif not st.done:
+                    self._process(st)  # some calls' outputs got no gradient
         return loss.detach(), logits.detach(), h.detach(), global_names
 
 
@@ -943,8 +981,10 @@ def per_sample_grad_norms(
         x: inputs [B, ...]; y: integer labels [B].
         norm: "l1", "l2" or "linf" of the flattened gradient of L_i.
         params: "last", "weights", "biases" or "all" (see module docstring).
-        mem_budget_mb: cap on temporaries (unfolded inputs, per-sample gradients, Grams)
-            of one layer; work is split into sample chunks to stay under it.
+        mem_budget_mb: cap on the temporaries (unfolded inputs, per-sample gradients,
+            Grams) of one layer chunk. Chunks are normally sized to a 2 MiB cache tile,
+            so this only binds when set lower; a single sample's unfolded input is the
+            smallest unit.
         func_chunk: vmap chunk size for the torch.func fallbacks.
         details: also return "per_param" ({param name: [B] norm}) and "paths"
             ({module or param name: path taken}).
@@ -976,6 +1016,14 @@ def per_sample_grad_norms(
 
     dtype = x.dtype if x.is_floating_point() else torch.float32
     paths: Optional[Dict[str, str]] = {} if details else None
+    if not wanted:  # e.g. "biases" of a model without biases: all gradients are empty
+        with torch.no_grad():
+            logits, h = forward_logits_features(model, x)
+            loss = F.cross_entropy(logits, y, reduction="none")
+        out = {"loss": loss, "logits": logits, "h": h, "grad_norm": torch.zeros_like(loss, dtype=dtype)}
+        if details:
+            out["per_param"], out["paths"] = {}, {}
+        return out
     budget = int(mem_budget_mb * 2**20)
     all_params = [p for p in model.parameters()]
     flags = [p.requires_grad for p in all_params]
@@ -983,7 +1031,7 @@ def per_sample_grad_norms(
     try:
         for p in all_params:
             p.requires_grad_(False)
-        root_mode = True
+        root_mode = model not in _NO_ROOT
         for attempt in range(5):
             acc = _Acc(norm, x.shape[0], dtype, x.device, details)
             ctx = _Ctx(norm, acc, budget, paths)
@@ -993,6 +1041,8 @@ def per_sample_grad_norms(
             finally:
                 eng.remove()
             if res is None:  # retry: root mode with copies, or the input requiring grad
+                if root_mode and not eng.roots_seen:
+                    _NO_ROOT.add(model)  # no leaf module sees the raw input: skip root mode next time
                 root_mode = root_mode and eng.root_clone is False and model in _ROOT_CLONE
                 continue
             loss, logits, h, global_names = res

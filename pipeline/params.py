@@ -21,7 +21,7 @@ SCHEDULES = ["constant", "cosine", "step"]
 DEVICES = ["auto", "cpu", "cuda"]
 NORMS = ["l1", "l2", "linf"]
 PARAM_SUBSETS = ["last", "weights", "biases", "all"]
-FLAG_METHODS = ["quantile", "mad", "isolation-forest", "confident"]
+FLAG_METHODS = ["quantile", "mad", "gmm", "isolation-forest", "confident"]
 STRATEGIES = ["random", "max-gradient", "non-extreme", "gradient-cdf", "drop-flagged"]
 SCORE_NAMES = ["loss", "grad_norm", "el2n", "margin", "aum", "forgetting", "confidence", "variability",
                "self_influence"]
@@ -70,8 +70,8 @@ DEFAULTS: dict[str, Any] = {
         "self_influence": True,  # TracIn over the epoch checkpoints (one pass per checkpoint)
     },
     "flag": {
-        "method": "mad",      # quantile | mad | isolation-forest | confident
-        "score": "loss",      # score column for quantile / mad
+        "method": "mad",      # quantile | mad | gmm | isolation-forest | confident
+        "score": "loss",      # score column for quantile / mad / gmm
         "quantile": 0.05,     # quantile: flag the top q
         "threshold": 3.5,     # mad: robust z above this
         "contamination": 0.05,  # isolation-forest

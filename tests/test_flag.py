@@ -271,3 +271,22 @@ def test_auroc_and_precision_recall():
     assert precision_recall([0, 1, 1, 0], truth) == (0.5, 0.5)
     assert precision_recall([0, 0, 0, 0], truth) == (0.0, 0.0)
     assert precision_recall([0, 0, 1, 1], [0, 0, 0, 0]) == (0.0, 0.0)
+
+
+def test_gmm_finds_a_planted_mode_without_knowing_its_size():
+    rng = np.random.default_rng(0)
+    clean = rng.normal(0.0, 1.0, 800)
+    noisy = rng.normal(8.0, 1.5, 200)  # 20 % in a second mode
+    v = np.concatenate([clean, noisy])
+    truth = np.r_[np.zeros(800, bool), np.ones(200, bool)]
+    from pipeline import flag
+
+    res = flag.flag_gmm(v, "loss")
+    p, r = flag.precision_recall(res.flagged, truth)
+    assert p > 0.98 and r > 0.98
+    assert res.rule.startswith("gmm p(high loss) > 0.5") and "high weight 0.20" in res.rule
+    assert ((res.value >= 0) & (res.value <= 1)).all()
+    # the far low tail is never flagged even if the high component is wider
+    assert not res.flagged[np.argmin(v)]
+    # constant input flags nothing
+    assert not flag.flag_gmm(np.ones(10), "loss").flagged.any()

@@ -290,6 +290,34 @@ def test_convnext_matches_loop(timm):
     assert paths["stages.0.blocks.0"] == {"local-func"}  # the block's own gamma
 
 
+def test_timm_norm_act_fast_path_matches_loop(timm):
+    """timm BatchNormAct2d (norm → drop → act in one module) takes the 'norm' path, not torch.func."""
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=5).double()
+    randomize_norm_layers(model)
+    model.eval()
+    x, y = _data((3, 32, 32), 5, n=2)
+    paths = check_all(model, x, y, subsets=("weights", "all"))
+    assert paths["bn1"] == {"norm"} and type(model.bn1).__name__ == "BatchNormAct2d"
+    assert not any("func" in p for v in paths.values() for p in v)
+
+
+def test_cache_tiles_and_row_blocks(monkeypatch):
+    """Tiny tile budget: one sample per chunk and one output row per block; same numbers."""
+    import pipeline.gradnorm as gn
+
+    torch.manual_seed(0)
+    model = SmallCNN().double()
+    randomize_norm_layers(model)
+    model.eval()
+    x, y = _data((3, 16, 16), 10, n=3)
+    monkeypatch.setattr(gn, "_TILE_BYTES", 64)
+    check_all(model, x, y, subsets=("all",))
+    custom = Custom().double().eval()  # sequence Linear: linear-mat in row blocks
+    xs, ys = _data((5, 3), 4, n=3)
+    assert "linear-mat" in check_all(custom, xs, ys, subsets=("weights",))["shared"]
+
+
 def test_in_place_modified_input_is_recomputed():
     class M(TimmLike):
         def __init__(self):
@@ -309,6 +337,23 @@ def test_in_place_modified_input_is_recomputed():
     model = M().double().eval()
     x, y = _data((4,), 3, n=5)
     check_all(model, x, y, subsets=("all",))
+
+
+def test_input_preprocessed_before_first_module():
+    """No leaf module sees the raw input (an op on x comes first): the input-grad path is used."""
+    import pipeline.gradnorm as gn
+
+    class Pre(SmallCNN):
+        def forward_features(self, x):
+            return super().forward_features(x * 2 - 1)
+
+    torch.manual_seed(0)
+    model = Pre().double()
+    randomize_norm_layers(model)
+    model.eval()
+    x, y = _data((3, 16, 16), 10, n=3)
+    check_all(model, x, y, subsets=("all",))
+    assert model in gn._NO_ROOT
 
 
 def test_batch_size_invariance():
