@@ -267,6 +267,7 @@ def _proj_block(c: int, d: int, seed: int, blk: int, rows: int) -> Tuple[torch.T
 
 
 def _projection(c: int, d: int, dim: int, seed: int, dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The whole projection (P [dim, C, D], Pb [dim, C]) scaled by 1/sqrt(dim); cached when small."""
     key = (c, d, dim, int(seed), dtype, str(device))
     hit = _proj_cache.get(key)
     if hit is not None:
@@ -286,6 +287,22 @@ def _projection(c: int, d: int, dim: int, seed: int, dtype, device) -> Tuple[tor
     return out
 
 
+def _project_rows(r: torch.Tensor, h: torch.Tensor, p: torch.Tensor, pb: Optional[torch.Tensor]) -> torch.Tensor:
+    """Σ_{c,d} r[b,c] p[k,c,d] h[b,d] (+ r @ pbᵀ) for rows k of p, in sample chunks → [B, k]."""
+    k, c, d = p.shape
+    b = r.shape[0]
+    pflat = p.reshape(k * c, d)
+    out = torch.empty(b, k, dtype=r.dtype, device=r.device)
+    chunk = max(1, (16 * 2**20) // max(1, k * c))
+    for s in range(0, b, chunk):
+        e = min(b, s + chunk)
+        m = (h[s:e] @ pflat.T).view(e - s, k, c)  # [b, k, C]
+        out[s:e] = torch.einsum("bkc,bc->bk", m, r[s:e])
+    if pb is not None:
+        out += r @ pb.T
+    return out
+
+
 def project_last_layer_grads(
     r: torch.Tensor, h: torch.Tensor, dim: int, seed: int, *, bias: bool = True
 ) -> torch.Tensor:
@@ -296,30 +313,33 @@ def project_last_layer_grads(
     expectation). r ⊗ h is never formed: h @ P costs B·dim·C·D and [B, dim, C] memory
     (done in chunks of samples). P is generated in fixed 16-row blocks, each from
     its own seed derived from (seed, C, D, block), so the result is deterministic
-    for a seed and does not depend on the batch size; row k of the projection is
-    the same for every ``dim`` ≥ k+1. Equals ``grad_vectors_last(...) @ Pfull.T``
-    with Pfull = [P.reshape(dim, C·D), Pb].
+    for a seed and does not depend on the batch size or device; row k of the
+    projection is the same for every ``dim`` ≥ k+1. Equals ``grad_vectors_last(...) @
+    Pfull.T`` with Pfull = [P.reshape(dim, C·D), Pb]. Small projections
+    (dim·C·(D+1) ≤ 32 Mi values) are kept in a cache; larger ones (e.g. an ImageNet
+    head) are regenerated block by block on every call, so pass big batches.
     """
     if dim < 1:
         raise CleanError(f"projection dim must be >= 1, got {dim}")
     r = r.detach()
     h = h.detach().reshape(h.shape[0], -1)
-    b, c = r.shape
+    c = r.shape[1]
     d = h.shape[1]
     dtype = r.dtype if r.dtype in (torch.float32, torch.float64) else torch.float32
     r = r.to(dtype)
     h = h.to(dtype)
-    p, pb = _projection(c, d, dim, seed, dtype, r.device)
-    pflat = p.reshape(dim * c, d)  # [dim*C, D]
-    out = torch.empty(b, dim, dtype=dtype, device=r.device)
-    chunk = max(1, (16 * 2**20) // max(1, dim * c))
-    for s in range(0, b, chunk):
-        e = min(b, s + chunk)
-        m = (h[s:e] @ pflat.T).view(e - s, dim, c)  # [b, dim, C]
-        out[s:e] = torch.einsum("bkc,bc->bk", m, r[s:e])
-    if bias:
-        out += r @ pb.T
-    return out
+    if dim * c * (d + 1) <= _PROJ_CACHE_MAX_ELEMS:
+        p, pb = _projection(c, d, dim, seed, dtype, r.device)
+        return _project_rows(r, h, p, pb if bias else None)
+    scale = 1.0 / math.sqrt(dim)
+    cols = []
+    for blk in range((dim + _PROJ_BLOCK - 1) // _PROJ_BLOCK):
+        rows = min(_PROJ_BLOCK, dim - blk * _PROJ_BLOCK)
+        p, pb = _proj_block(c, d, seed, blk, rows)
+        p = p.to(device=r.device, dtype=dtype) * scale
+        pb = pb.to(device=r.device, dtype=dtype) * scale
+        cols.append(_project_rows(r, h, p, pb if bias else None))
+    return torch.cat(cols, 1)
 
 
 # --------------------------------------------------------------------------------------

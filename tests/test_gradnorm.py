@@ -414,6 +414,15 @@ def test_random_projection_deterministic_and_exact():
     full = torch.cat([P.reshape(20, -1), Pb], 1)
     explicit = torch.cat([(r[:, :, None] * h[:, None, :]).reshape(7, -1), r], 1)
     torch.testing.assert_close(p1, explicit @ full.T, rtol=1e-10, atol=1e-12)
+    # the streaming path (projection too big to cache) gives the same numbers
+    import pipeline.gradnorm as gn
+
+    old = gn._PROJ_CACHE_MAX_ELEMS
+    try:
+        gn._PROJ_CACHE_MAX_ELEMS = 10
+        torch.testing.assert_close(project_last_layer_grads(r, h, dim=20, seed=3), p1, rtol=1e-10, atol=1e-12)
+    finally:
+        gn._PROJ_CACHE_MAX_ELEMS = old
     # squared norms roughly preserved (JL)
     big = project_last_layer_grads(r, h, dim=4000, seed=0)
     ratio = big.square().sum(1) / explicit.square().sum(1)
@@ -421,11 +430,10 @@ def test_random_projection_deterministic_and_exact():
     # consistent with the residual helper on real logits
     logits = torch.randn(7, 5, generator=g, dtype=torch.float64)
     y = torch.randint(0, 5, (7,), generator=g)
-    rr = last_layer_residual(logits, y)
+    P8, Pb8 = _projection(5, 6, 8, 1, torch.float64, r.device)
     torch.testing.assert_close(
-        project_last_layer_grads(rr, h, dim=8, seed=1),
-        grad_vectors_last(logits, h, y) @ torch.cat([_projection(5, 6, 8, 1, torch.float64, r.device)[0].reshape(8, -1),
-                                                     _projection(5, 6, 8, 1, torch.float64, r.device)[1]], 1).T,
+        project_last_layer_grads(last_layer_residual(logits, y), h, dim=8, seed=1),
+        grad_vectors_last(logits, h, y) @ torch.cat([P8.reshape(8, -1), Pb8], 1).T,
     )
 
 

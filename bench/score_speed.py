@@ -1,0 +1,367 @@
+"""Speed and memory of per-sample gradient-norm scoring vs. inference and a training step.
+
+Usage:  python bench/score_speed.py [--n 512] [--batch-size 128] [--models cnn,resnet18]
+                                    [--reps 3] [--loop-n 32] [--func-n 64] [--no-memory]
+
+Models (random init, eval mode for scoring, the same weights for every method):
+  * ``cnn``      – the classic 2-conv + 2-fc MNIST net (conv 1→32 3×3, conv 32→64 3×3,
+                   max-pool, fc 9216→128, fc 128→10) on 28×28×1 inputs.
+  * ``resnet18`` – timm ``resnet18`` (BatchNorm, num_classes=10) on 32×32×3 inputs.
+Data: the first n Fashion-MNIST training images when
+/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz exists (zero-padded to 32×32 and
+repeated to 3 channels for resnet18), otherwise Gaussian noise.
+
+Methods (all on the same batches):
+  infer             model(x) under torch.no_grad()
+  train             one SGD step: train mode, forward, mean CE, backward, optimizer.step()
+                    (on a copy of the model, so the scored weights do not move)
+  last/<norm>       per_sample_grad_norms(params="last"): one no-grad forward + closed form
+  weights|all/<n>   per_sample_grad_norms(params=..., norm=n): hooked forward, one backward to
+                    the input, per-layer per-sample norms (ghost / rank-1 / chunked)
+  loop              per-sample loop: batch-1 forward+backward, norm of all grads (timed on the
+                    first --loop-n samples, scaled to 1,000)
+  torch.func        vmap(grad(functional_call)) over --func-chunk samples at a time, all params,
+                    l2 (timed on the first --func-n samples, scaled to 1,000)
+  opacus/backpack   only if importable (optional ``bench`` extra); otherwise reported as skipped.
+
+Time: seconds per 1,000 samples. Every repetition runs all methods back to back on the same
+batches (interleaved, so background load hits them alike); the table reports the minimum over
+--reps repetitions, after one warm-up batch per method.
+
+Memory ("peak MB"): each method runs in a fresh subprocess that builds the same model and one
+batch, records its resident set size (VmRSS), resets the kernel's high-water mark
+(``echo 5 > /proc/self/clear_refs``), runs the method on the batch twice and reads VmHWM.
+Reported: VmHWM − baseline VmRSS, i.e. the extra physical memory the method needed on top of
+model + data. This counts everything the process touched (activations, gradients, per-sample
+temporaries, oneDNN scratch), not just live tensors — coarse but honest, and the same
+yardstick for every method. Workers run with MALLOC_MMAP_THRESHOLD_=131072 so that glibc
+returns large blocks to the OS at once; without it the reading depends on heap fragmentation
+and varies by ±20 % between identical runs. Where clear_refs is unavailable it falls back to
+ru_maxrss (which cannot be reset, so small methods may read 0). The loop's and torch.func's
+peaks are at their own granularity (one sample; one vmap chunk of --func-chunk samples).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import gzip
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.gradnorm import per_sample_grad_norms  # noqa: E402
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+FMNIST_LABELS = Path("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz")
+
+
+# ----------------------------------------------------------------------------- models / data
+class MnistCNN(nn.Module):
+    """pytorch/examples MNIST net with the timm API."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3)
+        self.conv2 = nn.Conv2d(32, 64, 3)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward_features(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return x.flatten(1)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = F.relu(self.fc1(x))
+        return x if pre_logits else self.fc(x)
+
+    def get_classifier(self):
+        return self.fc
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def make_model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "cnn":
+        return MnistCNN().eval()
+    if name == "resnet18":
+        import timm
+
+        return timm.create_model("resnet18", pretrained=False, num_classes=10, in_chans=3).eval()
+    raise SystemExit(f"unknown model {name!r} (choose cnn, resnet18)")
+
+
+def load_data(name: str, n: int):
+    """(x [n, C, H, W] float32, y [n] long, source string)."""
+    if FMNIST.exists() and FMNIST_LABELS.exists():
+        with gzip.open(FMNIST, "rb") as f:
+            f.read(16)
+            raw = np.frombuffer(f.read(n * 784), dtype=np.uint8)
+        with gzip.open(FMNIST_LABELS, "rb") as f:
+            f.read(8)
+            labels = np.frombuffer(f.read(n), dtype=np.uint8)
+        m = raw.size // 784
+        x = torch.from_numpy(raw[: m * 784].reshape(m, 1, 28, 28).astype(np.float32) / 255.0)
+        x = (x - 0.286) / 0.353
+        y = torch.from_numpy(labels[:m].astype(np.int64))
+        if m < n:  # fewer images than asked: repeat
+            reps = -(-n // m)
+            x, y = x.repeat(reps, 1, 1, 1)[:n], y.repeat(reps)[:n]
+        src = "Fashion-MNIST"
+    else:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, 1, 28, 28, generator=g)
+        y = torch.randint(0, 10, (n,), generator=g)
+        src = "random"
+    if name == "resnet18":
+        x = F.pad(x, (2, 2, 2, 2)).repeat(1, 3, 1, 1)
+    return x.contiguous(), y, src
+
+
+# ----------------------------------------------------------------------------- methods
+def _loop_norms(model, x, y):
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = torch.empty(x.shape[0])
+    for i in range(x.shape[0]):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        out[i] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+    return out
+
+
+def _func_norms(model, x, y, chunk):
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def f(p, xi, yi):
+        return F.cross_entropy(functional_call(model, (p, buffers), (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    g = vmap(grad(f), in_dims=(None, 0, 0))
+    outs = []
+    for s in range(0, x.shape[0], chunk):
+        per = g(params, x[s : s + chunk], y[s : s + chunk])
+        sq = sum(v.reshape(v.shape[0], -1).square().sum(1) for v in per.values())
+        del per
+        outs.append(sq.sqrt())
+    return torch.cat(outs)
+
+
+def build_methods(model: nn.Module, args) -> dict:
+    """name -> (fn(x_batch, y_batch), kind) ; kind in {batch, loop, func}."""
+    train_model = copy.deepcopy(model)
+    opt = torch.optim.SGD(train_model.parameters(), lr=0.01)
+
+    def infer(x, y):
+        with torch.no_grad():
+            model(x)
+
+    def train(x, y):
+        train_model.train()
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(train_model(x), y).backward()
+        opt.step()
+
+    methods = {"infer": (infer, "batch"), "train": (train, "batch")}
+    for subset in ("last", "weights", "all"):
+        for norm in ("l1", "l2", "linf"):
+            if subset == "last" and norm != "l2":
+                continue  # the closed form costs the same for every norm
+            methods[f"{subset}/{norm}"] = (
+                (lambda x, y, s=subset, n=norm: per_sample_grad_norms(model, x, y, norm=n, params=s)),
+                "batch",
+            )
+    methods["loop (all/l2)"] = ((lambda x, y: _loop_norms(model, x, y)), "loop")
+    methods["torch.func (all/l2)"] = ((lambda x, y: _func_norms(model, x, y, args.func_chunk)), "func")
+    return methods
+
+
+def optional_methods():
+    notes = []
+    for mod in ("opacus", "backpack"):
+        try:
+            __import__(mod)
+            notes.append(f"{mod}: importable but not wired into this bench")
+        except Exception:
+            notes.append(f"{mod}: not installed (optional `bench` extra) — skipped")
+    return notes
+
+
+# ----------------------------------------------------------------------------- memory worker
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def mem_worker(model_name: str, method: str, args) -> dict:
+    model = make_model(model_name)
+    x, y, _ = load_data(model_name, args.batch_size)
+    fn, kind = build_methods(model, args)[method]
+    if kind == "loop":  # its peak does not grow with the number of samples
+        x, y = x[: min(args.loop_n, len(x))], y[: min(args.loop_n, len(y))]
+    if kind == "func":  # one vmap chunk at a time: two chunks show the steady-state peak
+        x, y = x[: 2 * args.func_chunk], y[: 2 * args.func_chunk]
+    gc.collect()
+    base = _status_kb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        how = "VmHWM"
+    except OSError:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        how = "ru_maxrss"
+    for _ in range(2):
+        fn(x, y)
+    peak = _status_kb("VmHWM") if how == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mb": max(0, peak - base) / 1024.0, "how": how}
+
+
+def measure_memory(model_name: str, method: str, args) -> float:
+    cmd = [
+        sys.executable, __file__, "--_mem-worker", model_name, method,
+        "--batch-size", str(args.batch_size), "--loop-n", str(args.loop_n),
+        "--func-chunk", str(args.func_chunk), "--threads", str(args.threads),
+    ]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if r.returncode != 0:
+        print(f"  memory worker failed for {model_name}/{method}: {r.stderr.strip()[-300:]}", file=sys.stderr)
+        return float("nan")
+    return json.loads(r.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+# ----------------------------------------------------------------------------- timing
+def time_model(model_name: str, args):
+    """Seconds per 1,000 samples for every method.
+
+    Work is cut into units (a batch; one sample for the loop; one vmap chunk for
+    torch.func) and the units of all methods are run round-robin, so a burst of
+    background load hits every method alike. Each unit's time is the minimum over
+    --reps repetitions; a method's time is the sum over its units, scaled to 1,000.
+    """
+    model = make_model(model_name)
+    x, y, src = load_data(model_name, args.n)
+    methods = build_methods(model, args)
+    bs = args.batch_size
+    step = {"batch": bs, "loop": 1, "func": args.func_chunk}
+    limit = {"batch": len(x), "loop": min(args.loop_n, len(x)), "func": min(args.func_n, len(x))}
+    units = {
+        name: [slice(s, min(limit[kind], s + step[kind])) for s in range(0, limit[kind], step[kind])]
+        for name, (fn, kind) in methods.items()
+    }
+    for name, (fn, kind) in methods.items():  # warm-up (allocator, oneDNN primitives)
+        sl = units[name][0]
+        fn(x[sl], y[sl])
+    best = {name: [math.inf] * len(u) for name, u in units.items()}
+    longest = max(len(u) for u in units.values())
+    for rep in range(args.reps):
+        for i in range(longest):
+            for name, (fn, kind) in methods.items():
+                if i >= len(units[name]):
+                    continue
+                sl = units[name][i]
+                t0 = time.perf_counter()
+                fn(x[sl], y[sl])
+                best[name][i] = min(best[name][i], time.perf_counter() - t0)
+        print(f"  [{model_name}] rep {rep + 1}/{args.reps} done", file=sys.stderr, flush=True)
+    per1000 = {name: sum(best[name]) * 1000.0 / limit[methods[name][1]] for name in methods}
+    return per1000, src
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=512, help="samples timed per method (default 512)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--models", default="cnn,resnet18")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions; the minimum is reported")
+    ap.add_argument("--loop-n", type=int, default=32, help="samples timed for the per-sample loop")
+    ap.add_argument("--func-n", type=int, default=64, help="samples timed for torch.func")
+    ap.add_argument("--func-chunk", type=int, default=16, help="vmap chunk for torch.func")
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
+    ap.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads (default 1: on a shared 2-core box, OpenMP barriers of a 2-thread "
+        "run stall whenever another process holds a core, which swamps the comparison)",
+    )
+    ap.add_argument("--_mem-worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    if args._mem_worker:
+        print(json.dumps(mem_worker(args._mem_worker[0], args._mem_worker[1], args)))
+        return
+
+    print(
+        f"# per-sample gradient-norm scoring — torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"n={args.n}, batch={args.batch_size}, min of {args.reps} interleaved reps\n"
+    )
+    summary = []
+    for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        best, src = time_model(model_name, args)
+        mem = {}
+        if not args.no_memory:
+            for name in best:
+                mem[name] = measure_memory(model_name, name, args)
+                print(f"  [{model_name}] memory {name}: {mem[name]:.0f} MB", file=sys.stderr, flush=True)
+        tr, tm = best["train"], mem.get("train", float("nan"))
+        print(f"## {model_name} ({src} data)\n")
+        print("| method | s / 1,000 samples | × train step | samples/s | peak MB (batch) | × train mem |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, t in best.items():
+            m = mem.get(name, float("nan"))
+            print(
+                f"| {name} | {t:.3f} | {t / tr:.2f} | {1000.0 / t:.0f} | "
+                f"{m:.0f} | {m / tm if tm and tm == tm and tm > 0 else float('nan'):.2f} |"
+            )
+        print()
+        summary.append((model_name, best, mem))
+
+    print("## targets\n")
+    for model_name, best, mem in summary:
+        inf, tr = best["infer"], best["train"]
+        chk = [
+            ("last ≥ 0.95× inference throughput", inf / best["last/l2"] >= 0.95, f"{inf / best['last/l2']:.2f}×"),
+            ("all/l2 ≤ 1.3× train step", best["all/l2"] / tr <= 1.3, f"{best['all/l2'] / tr:.2f}×"),
+        ]
+        slow_ref = min(best["loop (all/l2)"], best["torch.func (all/l2)"])
+        for k in ("weights/l1", "weights/linf", "all/l1", "all/linf"):
+            chk.append(
+                (f"{k} faster than loop and torch.func", best[k] < slow_ref, f"{slow_ref / best[k]:.1f}× faster")
+            )
+        if mem:
+            tm = mem["train"]
+            worst = max((mem[k], k) for k in mem if k.split("/")[0] in ("last", "weights", "all"))
+            chk.append(
+                ("peak memory ≤ 1.5× train step", worst[0] <= 1.5 * tm, f"worst {worst[1]}: {worst[0] / tm:.2f}×")
+            )
+        for what, ok, val in chk:
+            print(f"- {model_name}: {what}: {'OK' if ok else 'MISSED'} ({val})")
+    print()
+    for note in optional_methods():
+        print(f"- {note}")
+
+
+if __name__ == "__main__":
+    main()
