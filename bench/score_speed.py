@@ -22,7 +22,26 @@ Methods (all on the same batches):
                     first --loop-n samples, scaled to 1,000)
   torch.func        vmap(grad(functional_call)) over --func-chunk samples at a time, all params,
                     l2 (timed on the first --func-n samples, scaled to 1,000)
-  opacus/backpack   only if importable (optional ``bench`` extra); otherwise reported as skipped.
+  opacus ghost      Opacus GradSampleModuleFastGradientClipping(use_ghost_clipping=True,
+    (all/l2)        loss_reduction="sum"): forward, summed CE, backward, get_norm_sample() = per-sample
+                    l2 over all trainable params (ghost norms for Linear, per-sample grads for conv).
+                    Run on a deep copy of the model. Opacus captures activations only for modules in
+                    train mode, so the modules it hooks (those with their own trainable params) are
+                    switched to train mode, everything else stays in eval mode. Opacus refuses
+                    modules with buffers (BatchNorm), strict or not; when it does, the refusal is
+                    printed and the row "opacus ghost (all/l2) [eval-BN shim]" runs it with every
+                    BatchNorm replaced by a buffer-free module computing the same eval-mode
+                    batch_norm with the same weight/bias, plus a copy of its output (timm's
+                    in-place ReLU / ``x += shortcut`` after BatchNorm is not allowed on the output of
+                    a module with a full backward hook); Opacus then uses its functorch fallback for
+                    those layers.
+  backpack          BackPACK BatchL2Grad: extend(deep copy of the model) — with use_converter=True
+    (all/l2)        only if the plain extend fails on a probe batch (timm's in-place residual add) —
+                    forward, summed CE, backward inside ``with backpack(BatchL2Grad())``, then
+                    sqrt(Σ_params p.batch_l2). Eval mode (BatchNorm on running statistics).
+  Both need the optional ``bench`` extra; without it they are reported as skipped. Before the
+  timing, each is checked on the first batch against per_sample_grad_norms(model, x, y, "l2",
+  "all") (rtol 1e-3); a row that does not match is marked "(mismatch)".
 
 Time: seconds per 1,000 samples. Every repetition runs all methods back to back on the same
 batches (interleaved, so background load hits them alike); the table reports the minimum over
@@ -165,8 +184,12 @@ def _func_norms(model, x, y, chunk):
     return torch.cat(outs)
 
 
-def build_methods(model: nn.Module, args) -> dict:
-    """name -> (fn(x_batch, y_batch), kind) ; kind in {batch, loop, func}."""
+def build_methods(model: nn.Module, args, probe=None, notes: list | None = None) -> dict:
+    """name -> (fn(x_batch, y_batch), kind) ; kind in {batch, loop, func}.
+
+    ``probe`` = (x, y) of a couple of samples, used to test BackPACK's extend; ``notes``
+    collects why an external method is missing or how it was made to run."""
+    notes = [] if notes is None else notes
     train_model = copy.deepcopy(model)
     opt = torch.optim.SGD(train_model.parameters(), lr=0.01)
 
@@ -191,20 +214,164 @@ def build_methods(model: nn.Module, args) -> dict:
             )
     methods["loop (all/l2)"] = ((lambda x, y: _loop_norms(model, x, y)), "loop")
     methods["torch.func (all/l2)"] = ((lambda x, y: _func_norms(model, x, y, args.func_chunk)), "func")
+    if not args.no_external:
+        methods.update(_opacus_methods(model, notes))
+        if probe is not None:
+            methods.update(_backpack_methods(model, probe[0], probe[1], notes))
     return methods
 
 
-def optional_methods():
-    notes = []
-    for mod in ("opacus", "backpack"):
+# ----------------------------------------------------------------------------- Opacus / BackPACK
+EXTERNAL = ("opacus ghost (all/l2)", "opacus ghost (all/l2) [eval-BN shim]", "backpack (all/l2)")
+
+
+def _short(e: BaseException, n: int = 240) -> str:
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:n]}{'…' if len(msg) > n else ''}"
+
+
+class _EvalBatchNormCore(nn.Module):
+    """Buffer-free eval-mode batch_norm: the same Parameter objects as the BatchNorm it
+    replaces, running statistics held as plain tensor attributes (Opacus rejects buffers)."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.weight, self.bias = bn.weight, bn.bias
+        self.rm = bn.running_mean.detach().clone()
+        self.rv = bn.running_var.detach().clone()
+        self.eps = bn.eps
+
+    def forward(self, x):
+        return F.batch_norm(x, self.rm, self.rv, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class _EvalBatchNorm(nn.Module):
+    """Wraps the core and returns a copy of its output: Opacus puts a full backward hook on the
+    core, whose output is then a view that autograd forbids modifying in place, and timm's
+    ResNet does exactly that right after BatchNorm (ReLU(inplace=True), ``x += shortcut``)."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.core = _EvalBatchNormCore(bn)
+
+    def forward(self, x):
+        return self.core(x).clone()
+
+
+def _replace_batchnorm(module: nn.Module) -> int:
+    n = 0
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.track_running_stats:
+            setattr(module, name, _EvalBatchNorm(child))
+            n += 1
+        else:
+            n += _replace_batchnorm(child)
+    return n
+
+
+def _quiet_hook_warnings():
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*does not have an extension for Module.*")
+    warnings.filterwarnings("ignore", message="Full backward hook is firing.*")
+
+
+def _opacus_methods(model: nn.Module, notes: list) -> dict:
+    try:
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    except Exception as e:  # noqa: BLE001
+        notes.append(f"opacus: not installed (optional `bench` extra) — skipped ({_short(e, 80)})")
+        return {}
+    import logging
+
+    logging.getLogger("opacus").setLevel(logging.ERROR)
+    _quiet_hook_warnings()
+
+    def wrap(m: nn.Module, strict: bool):
+        gsm = GradSampleModuleFastGradientClipping(
+            m, batch_first=True, loss_reduction="sum", strict=strict, use_ghost_clipping=True
+        )
+        gsm.eval()
+        for sub in m.modules():  # Opacus only captures activations of modules in train mode
+            if any(p.requires_grad for p in sub.parameters(recurse=False)):
+                sub.train()
+        return gsm
+
+    def runner(gsm):
+        def fn(x, y):
+            gsm.zero_grad(set_to_none=True)
+            F.cross_entropy(gsm(x), y, reduction="sum").backward()
+            return gsm.get_norm_sample().detach()
+
+        return fn
+
+    gsm, errors = None, []
+    for strict in (True, False):
         try:
-            __import__(mod)
-            notes.append(f"{mod}: importable but not wired into this bench")
-        except Exception:
-            notes.append(f"{mod}: not installed (optional `bench` extra) — skipped")
-    return notes
+            gsm = wrap(copy.deepcopy(model), strict)
+            break
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"strict={strict}: {_short(e)}")
+    if gsm is not None:
+        return {EXTERNAL[0]: (runner(gsm), "batch")}
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    notes.append(
+        f"opacus ghost (all/l2): not supported{' (BatchNorm)' if has_bn else ''} — " + "; ".join(errors)
+    )
+    if not has_bn:
+        return {}
+    shim = copy.deepcopy(model)
+    k = _replace_batchnorm(shim)
+    try:
+        gsm = wrap(shim, True)
+    except Exception as e:  # noqa: BLE001
+        notes.append(f"{EXTERNAL[1]}: failed too — {_short(e)}")
+        return {}
+    notes.append(
+        f"{EXTERNAL[1]}: measured instead, with the {k} BatchNorm layers replaced by a buffer-free "
+        "eval-mode batch_norm (same weights; Opacus's functorch fallback computes their norms)"
+    )
+    return {EXTERNAL[1]: (runner(gsm), "batch")}
 
 
+def _backpack_methods(model: nn.Module, x_probe, y_probe, notes: list) -> dict:
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import BatchL2Grad
+    except Exception as e:  # noqa: BLE001
+        notes.append(f"backpack: not installed (optional `bench` extra) — skipped ({_short(e, 80)})")
+        return {}
+    _quiet_hook_warnings()
+
+    def runner(bp):
+        params = [p for p in bp.parameters() if p.requires_grad]
+
+        def fn(x, y):
+            bp.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(bp(x), y, reduction="sum")
+            with backpack(BatchL2Grad()):
+                loss.backward()
+            return torch.stack([p.batch_l2 for p in params]).sum(0).sqrt()
+
+        return fn
+
+    errors = []
+    for conv in (False, True):
+        try:
+            bp = extend(copy.deepcopy(model), use_converter=conv)
+            fn = runner(bp)
+            fn(x_probe, y_probe)  # the plain extend of a model with in-place ops fails here
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"use_converter={conv}: {_short(e)}")
+            continue
+        if errors:
+            notes.append(f"backpack (all/l2): needed use_converter=True (plain extend: {errors[0]})")
+        return {EXTERNAL[2]: (fn, "batch")}
+    notes.append("backpack (all/l2): not supported — " + "; ".join(errors))
+    return {}
+
+
+# ----------------------------------------------------------------------------- memory worker
 # ----------------------------------------------------------------------------- memory worker
 def _status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
@@ -217,7 +384,7 @@ def _status_kb(key: str) -> int:
 def mem_worker(model_name: str, method: str, args) -> dict:
     model = make_model(model_name)
     x, y, _ = load_data(model_name, args.batch_size)
-    fn, kind = build_methods(model, args)[method]
+    fn, kind = build_methods(model, args, probe=(x[:2], y[:2]))[method]
     if kind == "loop":  # its peak does not grow with the number of samples
         x, y = x[: min(args.loop_n, len(x))], y[: min(args.loop_n, len(y))]
     if kind == "func":  # one vmap chunk at a time: two chunks show the steady-state peak
@@ -262,7 +429,8 @@ def time_model(model_name: str, args):
     """
     model = make_model(model_name)
     x, y, src = load_data(model_name, args.n)
-    methods = build_methods(model, args)
+    notes: list = []
+    methods = build_methods(model, args, probe=(x[:2], y[:2]), notes=notes)
     bs = args.batch_size
     step = {"batch": bs, "loop": 1, "func": args.func_chunk}
     limit = {"batch": len(x), "loop": min(args.loop_n, len(x)), "func": min(args.func_n, len(x))}
@@ -270,6 +438,27 @@ def time_model(model_name: str, args):
         name: [slice(s, min(limit[kind], s + step[kind])) for s in range(0, limit[kind], step[kind])]
         for name, (fn, kind) in methods.items()
     }
+    # correctness of the external methods on the first batch: per-sample l2 over all params
+    checks = {}
+    ext = [name for name in methods if name in EXTERNAL]
+    if ext:
+        sl = slice(0, min(bs, len(x)))
+        ref = per_sample_grad_norms(model, x[sl], y[sl], norm="l2", params="all")["grad_norm"].detach()
+        for name in ext:
+            try:
+                got = methods[name][0](x[sl], y[sl]).detach().reshape(-1).to(ref.dtype)
+            except Exception as e:  # noqa: BLE001
+                notes.append(f"{name}: failed on the first batch, left out — {_short(e)}")
+                del methods[name]
+                continue
+            ok = got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-3, atol=1e-6)
+            rel = ((got - ref).abs() / ref.abs().clamp_min(1e-12)).max().item() if got.shape == ref.shape else math.inf
+            checks[name] = (ok, rel)
+            print(
+                f"  [{model_name}] check {name} vs per_sample_grad_norms(l2, all), first {sl.stop} samples: "
+                f"{'match' if ok else 'MISMATCH'} (max rel. diff {rel:.1e})",
+                file=sys.stderr, flush=True,
+            )
     for name, (fn, kind) in methods.items():  # warm-up (allocator, oneDNN primitives)
         sl = units[name][0]
         fn(x[sl], y[sl])
@@ -286,7 +475,7 @@ def time_model(model_name: str, args):
                 best[name][i] = min(best[name][i], time.perf_counter() - t0)
         print(f"  [{model_name}] rep {rep + 1}/{args.reps} done", file=sys.stderr, flush=True)
     per1000 = {name: sum(best[name]) * 1000.0 / limit[methods[name][1]] for name in methods}
-    return per1000, src
+    return per1000, src, checks, notes
 
 
 # ----------------------------------------------------------------------------- main
@@ -300,6 +489,7 @@ def main(argv=None):
     ap.add_argument("--func-n", type=int, default=64, help="samples timed for torch.func")
     ap.add_argument("--func-chunk", type=int, default=16, help="vmap chunk for torch.func")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
+    ap.add_argument("--no-external", action="store_true", help="leave out Opacus and BackPACK")
     ap.add_argument(
         "--threads", type=int, default=1,
         help="torch intra-op threads (default 1: on a shared 2-core box, OpenMP barriers of a 2-thread "
@@ -319,7 +509,7 @@ def main(argv=None):
     )
     summary = []
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        best, src = time_model(model_name, args)
+        best, src, checks, notes = time_model(model_name, args)
         mem = {}
         if not args.no_memory:
             for name in best:
@@ -331,15 +521,16 @@ def main(argv=None):
         print("|---|---:|---:|---:|---:|---:|")
         for name, t in best.items():
             m = mem.get(name, float("nan"))
+            label = name + (" (mismatch)" if name in checks and not checks[name][0] else "")
             print(
-                f"| {name} | {t:.3f} | {t / tr:.2f} | {1000.0 / t:.0f} | "
+                f"| {label} | {t:.3f} | {t / tr:.2f} | {1000.0 / t:.0f} | "
                 f"{m:.0f} | {m / tm if tm and tm == tm and tm > 0 else float('nan'):.2f} |"
             )
         print()
-        summary.append((model_name, best, mem))
+        summary.append((model_name, best, mem, checks, notes))
 
     print("## targets\n")
-    for model_name, best, mem in summary:
+    for model_name, best, mem, _, _ in summary:
         inf, tr = best["infer"], best["train"]
         chk = [
             ("last ≥ 0.95× inference throughput", inf / best["last/l2"] >= 0.95, f"{inf / best['last/l2']:.2f}×"),
@@ -359,8 +550,23 @@ def main(argv=None):
         for what, ok, val in chk:
             print(f"- {model_name}: {what}: {'OK' if ok else 'MISSED'} ({val})")
     print()
-    for note in optional_methods():
-        print(f"- {note}")
+    if args.no_external:
+        return
+    print("## Opacus / BackPACK (per-sample l2 over all params)\n")
+    for model_name, best, mem, checks, notes in summary:
+        tr, ours = best["train"], best["all/l2"]
+        tm = mem.get("train", float("nan"))
+        for name in EXTERNAL:
+            if name not in best:
+                continue
+            ok, rel = checks.get(name, (False, math.inf))
+            mtxt = f", memory {mem[name] / tm:.2f}× train" if name in mem and tm == tm and tm > 0 else ""
+            print(
+                f"- {model_name}: {name}: {best[name] / tr:.2f}× train step, {best[name] / ours:.2f}× all/l2{mtxt}; "
+                f"{'matches' if ok else 'DOES NOT match'} per_sample_grad_norms (max rel. diff {rel:.1e}, rtol 1e-3)"
+            )
+        for note in notes:
+            print(f"- {model_name}: {note}")
 
 
 if __name__ == "__main__":
