@@ -30,6 +30,14 @@ def _params(path: Path, **overrides):
     return override(load_params(path), **overrides)
 
 
+def _check_out_dir(out: Path) -> None:
+    """A model folder option must not name an existing file."""
+    from pipeline.errors import CleanError
+
+    if out.exists() and not out.is_dir():
+        raise CleanError(f"--out {out} is a file; give a folder for the model (e.g. models/base)")
+
+
 def _stage_progress():
     """progress(stage, done, total) callback printing one line per stage (prepare's protocol)."""
     seen = set()
@@ -90,21 +98,46 @@ def train(
     schedule: Optional[str] = typer.Option(None, help="constant | cosine | step (params: train.schedule)"),
     seed: Optional[List[int]] = typer.Option(None, help="seed for init, shuffling, dropout; repeat for several runs (params: train.seeds)"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (params: train.device)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its newest epoch state (OUT/.partial/); same settings required"),
+    amp: Optional[str] = typer.Option(None, help="mixed precision: auto | off | bf16 | fp16 (params: train.amp)"),
+    workers: Optional[int] = typer.Option(None, help="processes decoding streamed images (params: train.workers)"),
+    cache_max_gb: Optional[float] = typer.Option(None, help="decoded images beyond this many GiB are streamed from disk (params: data.cache_max_gb)"),
     params: Path = PARAMS,
 ):
-    """Train a model from scratch on a manifest's train split; writes weights, config, dynamics, checkpoints."""
+    """Train a model from scratch on a manifest's train split; writes weights, config, dynamics, checkpoints.
+
+    Runs data-parallel under torchrun: torchrun --standalone --nproc-per-node N --no-python clean train ..."""
+    from pipeline.distributed import is_main
     from pipeline.train import Recipe, train as run
 
     p = _params(params, model__name=model, model__pretrained=pretrained, train__epochs=epochs,
                 train__batch_size=batch_size, train__optimizer=optimizer, train__lr=lr,
                 train__weight_decay=weight_decay, train__schedule=schedule, train__seeds=list(seed) if seed else None,
-                train__device=device)
+                train__device=device, train__amp=amp, train__workers=workers, data__cache_max_gb=cache_max_gb)
     recipe = Recipe.from_params(p)
-    with RichProgress() as prog:
-        m = run(manifest, out, recipe, seeds=p["train"]["seeds"], progress=prog)
+    _check_out_dir(out)
+    try:
+        with _progress() as prog:
+            m = run(manifest, out, recipe, seeds=p["train"]["seeds"], progress=prog, resume=resume)
+    except KeyboardInterrupt:
+        if is_main():
+            console.print(f"[yellow]interrupted[/]: run the same command with --resume to continue "
+                          f"from the last saved epoch ({out}/.partial/)", highlight=False)
+        raise
+    if not is_main():
+        return
     rows = [(k, m[k]) for k in ("n_train", "epochs", "train_loss", "train_accuracy", "val_loss",
                                 "val_accuracy", "seconds", "samples_per_s") if k in m]
     console.print(table(f"trained {recipe.model} → {out}", ["metric", "value"], rows))
+
+
+def _progress():
+    """Rich progress bars on rank 0; nothing on the other ranks of a torchrun job."""
+    import contextlib
+
+    from pipeline.distributed import is_main
+
+    return RichProgress() if is_main() else contextlib.nullcontext()
 
 
 def _pm(m: dict) -> str:
@@ -148,19 +181,24 @@ def score(
     self_influence: Optional[bool] = typer.Option(None, "--self-influence/--no-self-influence", help="TracIn over checkpoints (params: score.self_influence)"),
     epochs: Optional[int] = typer.Option(None, help="epochs when --model is a name to train (params: train.epochs)"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (params: train.device)"),
+    workers: Optional[int] = typer.Option(None, help="processes decoding streamed images (params: train.workers)"),
+    cache_max_gb: Optional[float] = typer.Option(None, help="decoded images beyond this many GiB are streamed from disk (params: data.cache_max_gb)"),
     top: int = typer.Option(10, help="rows in the top-scoring table"),
     params: Path = PARAMS,
 ):
     """Score every training image (loss, gradient norm, AUM, forgetting, self-influence, ...) → scores/scores.csv.
 
-    Columns: loss, grad_norm, el2n, margin, aum, forgetting, confidence, variability, self_influence."""
+    Columns: loss, grad_norm, el2n, margin, aum, forgetting, confidence, variability, self_influence.
+    Runs sharded under torchrun: torchrun --standalone --nproc-per-node N --no-python clean score ..."""
+    from pipeline.distributed import is_main
     from pipeline.errors import CleanError
     from pipeline.scores import score as run
     from pipeline.standalone import as_manifest
 
     p = _params(params, score__norm=norm, score__params=subset, score__batch_size=batch_size,
                 score__split=split, score__self_influence=self_influence, train__epochs=epochs,
-                train__device=device)
+                train__device=device, train__workers=workers, data__cache_max_gb=cache_max_gb)
+    main = is_main()
     sc = p["score"]
     model_dir = Path(model)
     if not (model_dir / "config.json").exists():
@@ -168,25 +206,32 @@ def score(
             raise CleanError(f"{model_dir}/config.json not found; train a model first (clean train --out {model_dir}) "
                              "or pass a model name such as resnet18 to train one on PATH")
         manifest, summary = as_manifest(path, out / "input")
-        _report_input(summary, out / "input")
+        if main:
+            _report_input(summary, out / "input")
         from pipeline.train import Recipe, train as run_train
 
         recipe = Recipe.from_params(p)
         recipe.model = model
         model_dir = Path("models") / model
-        console.print(f"training {model} on {manifest} for {recipe.epochs} epoch(s) → {model_dir}")
-        with RichProgress() as prog:
+        if main:
+            console.print(f"training {model} on {manifest} for {recipe.epochs} epoch(s) → {model_dir}")
+        with _progress() as prog:
             run_train(manifest, model_dir, recipe, progress=prog)
     else:
-        import json
+        from pipeline.models import check_fits_data, read_config
 
-        classes = json.loads((model_dir / "config.json").read_text()).get("classes")
-        manifest, summary = as_manifest(path, out / "input", classes)
-        _report_input(summary, out / "input")
-    with RichProgress() as prog:
+        cfg = read_config(model_dir)
+        manifest, summary = as_manifest(path, out / "input", cfg["classes"])
+        if main:
+            _report_input(summary, out / "input")
+        check_fits_data(cfg, manifest, model_dir)
+    with _progress() as prog:
         df = run(model_dir, manifest, out, norm=sc["norm"], params=sc["params"], batch_size=sc["batch_size"],
                  device=p["train"]["device"], split=sc["split"] if manifest == path else "train",
-                 with_self_influence=sc["self_influence"], progress=prog)
+                 with_self_influence=sc["self_influence"], progress=prog,
+                 cache_max_gb=p["data"]["cache_max_gb"], workers=p["train"]["workers"])
+    if df is None:  # another rank of a torchrun job: rank 0 wrote the files
+        return
     _score_tables(df, model_dir, sc, top)
     console.print(f"wrote {out}/scores.csv ({len(df)} rows) and {out}/meta.json")
 
@@ -338,6 +383,7 @@ def retrain(
 
     p = _params(params, train__epochs=epochs, train__seeds=list(seed) if seed else None, train__device=device)
     recipe = Recipe.from_params(p)
+    _check_out_dir(out)
     with RichProgress() as prog:
         run_train(manifest, out, recipe, seeds=p["train"]["seeds"], progress=prog)
         m = run_eval(out, test_manifest, name, device=p["train"]["device"], progress=prog)

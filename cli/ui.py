@@ -71,20 +71,41 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def _is_cli_control(e: BaseException) -> bool:
+    """Typer/Click control-flow exceptions (Exit, Abort, usage errors): passed through untouched."""
+    return type(e).__module__.split(".")[0] in ("typer", "click")
+
+
 def handle_errors(fn):
-    """Turn CleanError into one red line on stderr and exit code 2 (no traceback)."""
+    """Turn CleanError into one red line on stderr and exit code 2 (no traceback).
+
+    Any other exception is a bug in `clean`, not bad input: it is shown as one line
+    (`internal error: <type>: <message>`) with exit code 1; set CLEAN_DEBUG=1 to get the
+    traceback (the exception is re-raised).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import os
+
+        from rich.markup import escape
+
         from pipeline.errors import CleanError
 
         try:
             return fn(*args, **kwargs)
         except CleanError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: previous outputs are left as they were")
             sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - last resort: no raw traceback for users
+            if _is_cli_control(e) or os.environ.get("CLEAN_DEBUG", "") not in ("", "0"):
+                raise
+            msg = " ".join(str(e).split()) or "(no message)"
+            err_console.print(f"[bold red]internal error:[/] {escape(type(e).__name__)}: {escape(msg[:500])} "
+                              "(set CLEAN_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper

@@ -40,11 +40,18 @@ def read_manifest(path: str | Path, classes: list[str] | None = None):
         raise CleanError(f"{path}: the manifest has no rows; run `clean prepare` on a source with images")
     for col in ["id", "label"] + [c for c in ("orig_label", "noisy") if c in df.columns]:
         vals = pd.to_numeric(df[col], errors="coerce")
-        bad = vals.isna() | (vals != vals.round())
+        bad = vals.isna() | ~np.isfinite(vals) | (vals != vals.round()) | (vals.abs() > 2 ** 53)
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise CleanError(f"{path}: column '{col}' must hold integers; row {row + 2} has {df[col].iloc[row]!r}")
+            raw = df[col].iloc[row]
+            raise CleanError(f"{path}: column '{col}' must hold integers; row {row + 2} has "
+                             f"{raw.item() if hasattr(raw, 'item') else raw!r}")
         df[col] = vals.astype(np.int64)
+    empty = df["path"].str.strip() == ""
+    if empty.any():
+        row = int(np.flatnonzero(empty.to_numpy())[0])
+        raise CleanError(f"{path}: row {row + 2} (id {int(df['id'].iloc[row])}) has an empty path; "
+                         "every row needs the image file it describes (re-run `clean prepare`)")
     dup = df["id"].duplicated()
     if dup.any():
         raise CleanError(f"{path}: duplicate id {int(df['id'][dup].iloc[0])} "
@@ -68,13 +75,25 @@ def read_classes(path: str | Path) -> dict:
     if not path.exists():
         raise CleanError(f"{path} not found; it is written by `clean prepare` next to the manifest")
     try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CleanError(f"{path}: not valid JSON ({e})") from None
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CleanError(f"{path}: not valid JSON ({e}); re-run `clean prepare`") from None
+    except OSError as e:
+        raise CleanError(f"cannot read {path}: {e.strerror or e}") from None
     if isinstance(info, list):
         info = {"classes": info}
-    if not isinstance(info, dict) or not isinstance(info.get("classes"), list) or not info["classes"]:
-        raise CleanError(f"{path}: expected {{\"classes\": [names...]}}")
+    if not isinstance(info, dict) or not isinstance(info.get("classes"), list):
+        raise CleanError(f"{path}: expected {{\"classes\": [names...]}}; re-run `clean prepare`")
+    names = info["classes"]
+    if not names:
+        raise CleanError(f"{path}: the class list is empty; a classifier needs at least one class "
+                         "(re-run `clean prepare` on a source with images)")
+    bad = [c for c in names if not isinstance(c, str) or not c]
+    if bad:
+        raise CleanError(f"{path}: class names must be non-empty strings, got {bad[0]!r}; re-run `clean prepare`")
+    dup = sorted({c for c in names if names.count(c) > 1})
+    if dup:
+        raise CleanError(f"{path}: class {dup[0]!r} is listed more than once; class names must be distinct")
     return info
 
 
@@ -103,12 +122,21 @@ def image_size_of(size) -> tuple[int, int] | None:
 
 def load_split(manifest: str | Path, split: str, image_size=None, in_chans: int | None = None,
                df=None, classes: list[str] | None = None) -> Split:
-    """Decode every image of `split` once into memory → :class:`Split` (uint8, [N,C,H,W])."""
+    """Decode every image of `split` once into memory → :class:`Split` (uint8, [N,C,H,W]).
+
+    `in_chans` defaults to the dataset's (classes.json `in_chans`), so every split of a
+    dataset with mixed grayscale/color files decodes to the same channel count.
+    """
     from .images import load_images
 
     manifest = Path(manifest)
     if df is None:
         df = read_manifest(manifest, classes)
+    if split not in SPLITS:
+        raise CleanError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if in_chans is None and classes_path_for(manifest).is_file():
+        ch = read_classes(classes_path_for(manifest)).get("in_chans")
+        in_chans = ch if ch in (1, 3) and not isinstance(ch, bool) else None
     part = df[df["split"] == split]
     if len(part) == 0:
         raise CleanError(f"{manifest}: the '{split}' split is empty; check data.val_frac/test_frac or the manifest")

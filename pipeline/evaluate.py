@@ -34,6 +34,10 @@ def evaluate_model(model_dir: str | Path, manifest: str | Path, split: str = "te
     if data.images.shape[1] != cfg["in_chans"]:
         raise CleanError(f"{model_dir}: model expects {cfg['in_chans']}-channel images, data has {data.images.shape[1]}")
     logits = predict_logits(model, data.images, cfg["mean"], cfg["std"], batch_size, device, progress)
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).any(1).sum())
+        raise CleanError(f"{model_dir}: the model outputs NaN/inf for {bad} of {len(logits)} '{split}' images; "
+                         "its weights are broken (training diverged?): retrain with a lower train.lr")
     y = torch.as_tensor(np.array(data.labels, np.int64))
     pred = logits.argmax(1)
     correct = (pred == y).numpy()
@@ -72,14 +76,18 @@ def evaluate(model_dir: str | Path, manifest: str | Path, name: str, split: str 
     """
     import pandas as pd
 
-    from .dataset import read_manifest
+    from .dataset import SPLITS, read_manifest
     from .device import resolve_device
+    from .errors import CleanError
     from .io import write_frame, write_json
-    from .models import load_trained
+    from .models import check_fits_data, load_trained
 
+    if split not in SPLITS:
+        raise CleanError(f"--split {split!r} is not a split; use one of {', '.join(SPLITS)}")
     device = resolve_device(device)
     dirs = run_dirs(model_dir)
     _, cfg = load_trained(dirs[0], "cpu")
+    check_fits_data(cfg, manifest, dirs[0])
     df = read_manifest(manifest, cfg["classes"])
     n = int((df["split"] == split).sum())
     if progress:

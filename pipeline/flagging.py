@@ -13,20 +13,94 @@ import numpy as np
 from .errors import CleanError
 
 
-def read_scores(path: str | Path):
-    """Read scores.csv → DataFrame; CleanError when missing or without the needed columns."""
+def _read_csv(path: Path, what: str, fix: str):
     import pandas as pd
 
-    path = Path(path)
     if not path.exists():
-        raise CleanError(f"scores not found: {path}; run `clean score` first")
-    df = pd.read_csv(path)
+        raise CleanError(f"{what} not found: {path}; {fix}")
+    try:
+        return pd.read_csv(path)
+    except Exception as e:  # noqa: BLE001 - any parser failure is a bad input file
+        msg = " ".join(str(e).split())[:200]
+        raise CleanError(f"{path}: not a readable CSV ({type(e).__name__}: {msg}); {fix}") from None
+
+
+def _integer_column(df, col: str, path: Path, fix: str) -> None:
+    """Convert df[col] to int64 in place; CleanError naming the first non-integer row."""
+    import pandas as pd
+
+    vals = pd.to_numeric(df[col], errors="coerce")
+    bad = vals.isna() | ~np.isfinite(vals) | (vals != vals.round()) | (vals.abs() > 2 ** 53)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raw = df[col].iloc[row]
+        raise CleanError(f"{path}: column '{col}' must hold integers; row {row + 2} has "
+                         f"{raw.item() if hasattr(raw, 'item') else raw!r}; {fix}")
+    df[col] = vals.astype(np.int64)
+
+
+def read_scores(path: str | Path):
+    """Read scores.csv → DataFrame; CleanError when missing, unreadable, or malformed.
+
+    Checks: columns id and label, integer ids (unique) and labels, numeric score columns
+    (NaN allowed: a score that was not computed).
+    """
+    import pandas as pd
+
+    from .params import SCORE_NAMES
+
+    path = Path(path)
+    fix = "regenerate it with `clean score`"
+    df = _read_csv(path, "scores", "run `clean score` first")
     need = ["id", "label"]
     miss = [c for c in need if c not in df.columns]
     if miss:
-        raise CleanError(f"{path}: missing column(s) {', '.join(miss)}; regenerate it with `clean score`")
+        raise CleanError(f"{path}: missing column(s) {', '.join(miss)}; {fix}")
+    if len(df) == 0:
+        raise CleanError(f"{path}: no rows; {fix}")
+    for col in ["id", "label"] + [c for c in ("pred", "noisy") if c in df.columns]:
+        _integer_column(df, col, path, fix)
+    for col in [c for c in SCORE_NAMES if c in df.columns]:
+        vals = pd.to_numeric(df[col], errors="coerce")
+        bad = vals.isna() & df[col].notna()
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise CleanError(f"{path}: column '{col}' must hold numbers; row {row + 2} has {df[col].iloc[row]!r}; {fix}")
+        df[col] = vals.astype(np.float64)
     if df["id"].duplicated().any():
-        raise CleanError(f"{path}: duplicate id {int(df['id'][df['id'].duplicated()].iloc[0])}; regenerate it with `clean score`")
+        raise CleanError(f"{path}: duplicate id {int(df['id'][df['id'].duplicated()].iloc[0])}; {fix}")
+    return df
+
+
+def read_flags(path: str | Path, ids=None):
+    """Read flags.csv → DataFrame (id int, flagged bool, ...); CleanError when malformed.
+
+    `ids`: the training ids it must cover exactly (flags from another scores/manifest → error).
+    """
+    path = Path(path)
+    fix = "re-run `clean flag`"
+    df = _read_csv(path, "flags", "run `clean flag` first")
+    miss = [c for c in ("id", "flagged") if c not in df.columns]
+    if miss:
+        raise CleanError(f"{path}: missing column(s) {', '.join(miss)}; {fix}")
+    _integer_column(df, "id", path, fix)
+    f = df["flagged"].astype(str).str.strip().str.lower()
+    ok = f.isin(["0", "1", "true", "false", "0.0", "1.0"])
+    if not ok.all():
+        row = int(np.flatnonzero(~ok.to_numpy())[0])
+        raw = df["flagged"].iloc[row]
+        raise CleanError(f"{path}: column 'flagged' must be 0 or 1; row {row + 2} has "
+                         f"{raw.item() if hasattr(raw, 'item') else raw!r}; {fix}")
+    df["flagged"] = f.isin(["1", "true", "1.0"]).to_numpy()
+    if df["id"].duplicated().any():
+        raise CleanError(f"{path}: duplicate id {int(df['id'][df['id'].duplicated()].iloc[0])}; {fix}")
+    if ids is not None:
+        have, want = set(df["id"].tolist()), set(np.asarray(ids).tolist())
+        if have != want:
+            extra, lack = sorted(have - want), sorted(want - have)
+            what = (f"id {extra[0]} is not a training id" if extra else f"training id {lack[0]} has no flag")
+            raise CleanError(f"{path} does not match the training ids ({what}; {len(extra)} extra, {len(lack)} "
+                             f"missing); the flags come from other scores: {fix}")
     return df
 
 
@@ -42,9 +116,10 @@ def gradient_features(model_dir: str | Path, manifest: str | Path, ids: np.ndarr
     from .gradnorm import forward_logits_features, grad_vectors_last, last_layer_residual, project_last_layer_grads
     from .images import load_images
     from .infer import batches, normalize
-    from .models import load_trained
+    from .models import check_fits_data, load_trained
 
     model, cfg = load_trained(model_dir, device)
+    check_fits_data(cfg, manifest, model_dir)
     df = read_manifest(manifest, cfg["classes"]).set_index("id")
     missing = np.setdiff1d(ids, df.index.to_numpy())
     if len(missing):
@@ -93,6 +168,10 @@ def flag(scores_csv: str | Path, out_dir: str | Path, method: str = "mad", score
         vals = df[score].to_numpy(np.float64)
         if np.isnan(vals).all():
             raise CleanError(f"{scores_csv}: column '{score}' is empty (not computed); choose another flag.score")
+        bad = ~np.isfinite(vals)
+        if bad.any():
+            raise CleanError(f"{scores_csv}: column '{score}' has {int(bad.sum())} NaN/inf value(s) (first: id "
+                             f"{int(ids[np.flatnonzero(bad)[0]])}); re-run `clean score` or choose another flag.score")
         # rules flag high values; for margin/aum/confidence a LOW value is the suspicious one
         name = score
         if score in LOW_IS_TOP:

@@ -5,12 +5,19 @@ import numpy as np
 
 
 def normalize(images_u8, mean, std, device: str = "cpu"):
-    """uint8 [B,C,H,W] (numpy or tensor) → float32 tensor [B,C,H,W] = (x/255 − mean)/std."""
+    """uint8 [B,C,H,W] (numpy or tensor) → float32 tensor [B,C,H,W] = (x/255 − mean)/std.
+
+    Element-wise, so normalising a batch equals slicing the normalised set. The uint8 batch
+    travels to the GPU as is (4× fewer bytes; non-blocking from pinned memory).
+    """
     import torch
 
     if isinstance(images_u8, np.ndarray) and not images_u8.flags.writeable:
         images_u8 = np.array(images_u8)  # torch refuses read-only buffers (cached IDX arrays)
-    x = torch.as_tensor(images_u8).to(device=device, dtype=torch.float32).div_(255.0)
+    x = torch.as_tensor(images_u8)
+    if x.device != torch.device(device):
+        x = x.to(device, non_blocking=True)
+    x = x.to(dtype=torch.float32).div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     return x.sub_(m).div_(s)

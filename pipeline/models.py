@@ -60,6 +60,26 @@ def save_weights(model, path: str | Path, metadata: dict | None = None) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        canonical_header(tmp)
+
+
+def canonical_header(path: str | Path) -> None:
+    """Rewrite a safetensors file's JSON header in place with sorted keys.
+
+    safetensors writes its metadata map in a random order (a Rust HashMap), so the same weights
+    would give different bytes; sorted keys make the file a function of its content. The header
+    keeps its length (same keys and values), so tensor offsets are untouched.
+    """
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        new = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(new) <= n and new != raw.rstrip(b" "):
+            f.seek(8)
+            f.write(new + b" " * (n - len(new)))
 
 
 def load_weights(model, path: str | Path) -> None:
@@ -73,6 +93,13 @@ def load_weights(model, path: str | Path) -> None:
         state = load_file(str(path))
     except Exception as e:  # noqa: BLE001
         raise CleanError(f"{path}: not a readable safetensors file ({e}); retrain with `clean train`") from None
+    import torch
+
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+        raise CleanError(f"{path}: the weights hold NaN/inf values ({broken[0]}{more}); training diverged: "
+                         "retrain with a lower train.lr")
     own = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
              if k in own and tuple(v.shape) != tuple(own[k].shape)]
@@ -85,16 +112,70 @@ def load_weights(model, path: str | Path) -> None:
                          f"unexpected {list(unexpected)[:3]}); was it trained with another model.name?")
 
 
+# what a model folder's config.json must hold (written by `clean train`) and the JSON type of each
+CONFIG_KEYS = {"model": str, "num_classes": int, "classes": list, "in_chans": int, "image_size": list,
+               "mean": list, "std": list}
+
+
+def read_config(model_dir: str | Path) -> dict:
+    """Read and check `model_dir/config.json` → dict; CleanError naming the file and the fix."""
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "config.json"
+    fix = f"retrain it: clean train --out {model_dir}"
+    if not cfg_path.is_file():
+        raise CleanError(f"{cfg_path} not found; train a model first: clean train --out {model_dir}")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CleanError(f"{cfg_path}: not valid JSON ({e}); {fix}") from None
+    except OSError as e:
+        raise CleanError(f"cannot read {cfg_path}: {e.strerror or e}") from None
+    if not isinstance(cfg, dict):
+        raise CleanError(f"{cfg_path}: expected a JSON object with {', '.join(CONFIG_KEYS)}; {fix}")
+    for key, kind in CONFIG_KEYS.items():
+        v = cfg.get(key)
+        if not isinstance(v, kind) or isinstance(v, bool):
+            what = "missing" if key not in cfg else f"{v!r} is not a {kind.__name__}"
+            raise CleanError(f"{cfg_path}: '{key}' {what}; {fix}")
+    if (cfg["num_classes"] != len(cfg["classes"]) or cfg["in_chans"] not in (1, 3)
+            or len(cfg["image_size"]) != 2 or len(cfg["mean"]) != cfg["in_chans"] or len(cfg["std"]) != cfg["in_chans"]):
+        raise CleanError(f"{cfg_path}: inconsistent config (num_classes {cfg['num_classes']} vs {len(cfg['classes'])} "
+                         f"class names, in_chans {cfg['in_chans']}, image_size {cfg['image_size']}); {fix}")
+    return cfg
+
+
+def check_fits_data(cfg: dict, manifest: str | Path, model_dir: str | Path) -> None:
+    """CleanError unless the model's classes and input channels are those of the data.
+
+    The data's are in classes.json next to the manifest (skipped when there is none).
+    """
+    from .dataset import classes_path_for, read_classes
+
+    cpath = classes_path_for(manifest)
+    if not cpath.exists():
+        return
+    info = read_classes(cpath)
+    have, want = list(info["classes"]), list(cfg["classes"])
+
+    def shown(names):
+        return ", ".join(map(str, names[:5])) + (", ..." if len(names) > 5 else "")
+
+    if have != want:
+        what = (f"{len(want)} classes ({shown(want)})" if len(have) != len(want) else f"classes {shown(want)}")
+        raise CleanError(f"{model_dir} was trained on {what} but {cpath} has {len(have)} ({shown(have)}); "
+                         f"use a model trained on this data (clean train --manifest {manifest})")
+    ch = info.get("in_chans")
+    if isinstance(ch, int) and not isinstance(ch, bool) and ch != cfg["in_chans"]:
+        kind = {1: "grayscale", 3: "color"}
+        raise CleanError(f"{model_dir} expects {cfg['in_chans']}-channel ({kind.get(cfg['in_chans'], '?')}) images but "
+                         f"{cpath} says the data has {ch}-channel ({kind.get(ch, '?')}) images; use a model trained "
+                         f"on this data (clean train --manifest {manifest})")
+
+
 def load_trained(model_dir: str | Path, device: str = "cpu"):
     """Load `model_dir/model.safetensors` + `config.json` → (model in eval mode, config dict)."""
     model_dir = Path(model_dir)
-    cfg_path = model_dir / "config.json"
-    if not cfg_path.exists():
-        raise CleanError(f"{cfg_path} not found; train a model first: clean train --out {model_dir}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CleanError(f"{cfg_path}: not valid JSON ({e}); retrain with `clean train`") from None
+    cfg = read_config(model_dir)
     model = create_model(cfg["model"], cfg["num_classes"], cfg["in_chans"], tuple(cfg["image_size"]))
     load_weights(model, model_dir / "model.safetensors")
     return model.to(device).eval(), cfg

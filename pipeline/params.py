@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
         "test_frac": 0.2,     # ignored when the source has an official test split
         "image_size": None,   # null = native size; int or [H, W] resizes
         "seed": 0,
+        "cache_max_gb": 4.0,  # decoded images beyond this many GiB are streamed from disk (per process)
     },
     "noise": {
         "rate": 0.0,          # fraction of training labels to corrupt (experiments)
@@ -61,6 +62,8 @@ DEFAULTS: dict[str, Any] = {
         "device": "auto",     # auto | cpu | cuda
         "checkpoint_every": 1,  # epochs between checkpoints (self-influence uses them)
         "track": 256,         # random training samples whose gradient norm is recorded each epoch
+        "amp": "auto",        # auto | off | bf16 | fp16: mixed precision (auto: bf16/fp16 on CUDA, off on CPU)
+        "workers": 4,         # DataLoader processes decoding streamed images (0 = in the main process)
     },
     "score": {
         "norm": "l2",         # l1 | l2 | linf: the norm of each sample's gradient
@@ -100,6 +103,7 @@ CHOICES = {
     "train.optimizer": OPTIMIZERS,
     "train.schedule": SCHEDULES,
     "train.device": DEVICES,
+    "train.amp": ["auto", "off", "bf16", "fp16"],
     "score.norm": NORMS,
     "score.params": PARAM_SUBSETS,
     "score.split": ["train", "val", "test", "all"],
@@ -123,6 +127,8 @@ RANGES = {
     "train.gamma": (0.0, 1.0, False, True),
     "train.checkpoint_every": (1, None, True, False),
     "train.track": (0, None, True, False),
+    "train.workers": (0, None, True, False),
+    "data.cache_max_gb": (0.0, None, True, False),
     "score.batch_size": (1, None, True, False),
     "flag.quantile": (0.0, 1.0, False, False),
     "flag.threshold": (0.0, None, False, False),
@@ -268,8 +274,17 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.exists():
         return validate({}, where=str(path))
+    if path.is_dir():
+        raise CleanError(f"{path} is a folder; --params needs a params.yaml file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CleanError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start}); "
+                         "params.yaml must be YAML text") from None
+    except OSError as e:
+        raise CleanError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise CleanError(f"{path}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]}); fix the syntax") from None
     return validate(raw, where=str(path))

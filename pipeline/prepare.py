@@ -76,6 +76,8 @@ def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float,
     validate_fractions(val_frac, test_frac)
     validate_noise(noise_rate, noise_kind)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CleanError(f"--out {out_dir} is a file; give a folder for manifest.csv, classes.json and problems.csv")
     (out_dir / "images").mkdir(parents=True, exist_ok=True)  # exported images (a DVC output, always present)
     out_abs = os.path.abspath(out_dir)
     src = load_source(source, root, out_dir, classes, progress)
@@ -83,11 +85,19 @@ def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float,
     names = src.classes
     index = {n: i for i, n in enumerate(names)}
     labels = np.array([index[r.label] for r in recs], dtype=np.int64)
+    present = np.bincount(labels, minlength=len(names))
+    if classes is None and int((present > 0).sum()) < 2:
+        raise CleanError(f"{source} source {root}: only class {names[int(np.argmax(present))]!r} has readable images; "
+                         "a classifier needs at least 2 classes (check data.root; unreadable files are in problems.csv)")
+    empty_classes = [n for n, k in zip(names, present) if k == 0]
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SplitWarning)
         splits = assign_splits(labels, [r.split for r in recs], val_frac, test_frac, seed)
     notes = [str(w.message) for w in caught if issubclass(w.category, SplitWarning)]
+    if empty_classes:
+        notes.append(f"{len(empty_classes)} class(es) have no readable image: {', '.join(empty_classes[:10])}"
+                     f"{' ...' if len(empty_classes) > 10 else ''} (see problems.csv)")
     for w in caught:
         if not issubclass(w.category, SplitWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -113,7 +123,7 @@ def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float,
     final = labels if noisy_labels is None else noisy_labels
 
     first = recs[0]
-    in_chans = channels_of(first.mode or "L")
+    in_chans = max(channels_of(r.mode or "L") for r in recs)  # 3 when any image has color
     image_size = [int(first.size[0]), int(first.size[1])] if first.size else None
     counts = {s: int((splits == s).sum()) for s in SPLITS}
     per_class_split = {n: {s: int(((final == c) & (splits == s)).sum()) for s in SPLITS}

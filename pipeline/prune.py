@@ -17,14 +17,18 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
     """Select training samples → out_manifest (same columns, kept train rows + all val/test rows)
     and summary_path (JSON: strategy, kept per class, label entropy of kept vs all vs uniform).
     Returns the summary dict."""
-    import pandas as pd
-
     from .dataset import classes_path_for, read_classes, read_manifest, write_manifest
-    from .flagging import read_scores
+    from .flagging import read_flags, read_scores
     from .io import write_json
     from .select import select, summary
 
     manifest = Path(manifest)
+    for out, what in ((out_manifest, "--out"), (summary_path, "--summary")):
+        if Path(out).is_dir():
+            raise CleanError(f"{what} {out} is a folder; give a file path (e.g. data/pruned.csv, prune/summary.json)")
+        if Path(out).resolve() in {Path(f).resolve() for f in (manifest, scores_csv, flags_csv) if f is not None}:
+            raise CleanError(f"{what} {out} would overwrite an input of prune; write the new dataset version "
+                             "elsewhere (e.g. --out data/pruned.csv): a dataset version never replaces its source")
     classes = read_classes(classes_path_for(manifest))["classes"]
     df = read_manifest(manifest, classes)
     train = df[df["split"] == "train"]
@@ -40,21 +44,30 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
                          "the scores come from another manifest: rerun `clean score` on this one")
     sc = sc.set_index("id").loc[train["id"].to_numpy()]
     labels = train["label"].to_numpy(np.int64)
+    relabeled = sc["label"].to_numpy(np.int64) != labels
+    if relabeled.any():
+        i = int(np.flatnonzero(relabeled)[0])
+        raise CleanError(f"{scores_csv} does not match {manifest}: id {int(train['id'].iloc[i])} has label "
+                         f"{int(sc['label'].iloc[i])} in the scores but {int(labels[i])} in the manifest "
+                         f"({int(relabeled.sum())} differ); the manifest changed since scoring: rerun `clean score`")
     flagged = None
     if strategy == "drop-flagged":
         if flags_csv is None or not Path(flags_csv).exists():
             raise CleanError(f"prune.strategy = drop-flagged needs flags ({flags_csv}); run `clean flag` first")
-        fl = pd.read_csv(flags_csv)
-        if not {"id", "flagged"} <= set(fl.columns) or set(fl["id"]) != set(train["id"]):
-            raise CleanError(f"{flags_csv} does not match the training ids of {manifest}; rerun `clean flag`")
+        fl = read_flags(flags_csv, train["id"].to_numpy())
         flagged = fl.set_index("id").loc[train["id"].to_numpy(), "flagged"].to_numpy().astype(bool)
         values = np.zeros(len(train))
     else:
         if by not in sc.columns:
             raise CleanError(f"prune.by = {by!r} is not a column of {scores_csv}")
         values = sc[by].to_numpy(np.float64)
-        if np.isnan(values).any():
-            raise CleanError(f"{scores_csv}: column '{by}' has missing values; choose another prune.by or rescore")
+        if np.isnan(values).all():
+            raise CleanError(f"{scores_csv}: column '{by}' is empty (not computed); choose another prune.by "
+                             "or rescore with it (e.g. score.self_influence: true)")
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise CleanError(f"{scores_csv}: column '{by}' has {int(bad.sum())} missing/NaN/inf value(s) (first: id "
+                             f"{int(train['id'].iloc[int(np.flatnonzero(bad)[0])])}); choose another prune.by or rescore")
     kept_pos = select(values, labels, strategy, keep, seed, balanced=balanced, skip=skip, flagged=flagged)
     kept_ids = set(train["id"].to_numpy()[kept_pos].tolist())
     out = df[(df["split"] != "train") | df["id"].isin(kept_ids)]

@@ -4,17 +4,33 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .dataset import REQUIRED
+from .dataset import REQUIRED, classes_path_for, read_manifest
 from .errors import CleanError
 
 
+def _header(path: Path) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CleanError(f"cannot parse CSV {path}: {e}; save it as UTF-8 CSV (a manifest, or columns path,label)") from None
+    return header
+
+
 def is_manifest(path: Path) -> bool:
-    """True when `path` is a CSV whose header holds the manifest columns id,path,label,split."""
+    """True when `path` is a CSV whose header holds the manifest columns id,path,label,split.
+
+    A CSV with a manifest-only column (id or split) next to a classes.json is meant to be a
+    manifest: read_manifest's error then names the missing columns.
+    """
     if path.suffix.lower() != ".csv" or not path.is_file():
         return False
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
-    return all(c in header for c in REQUIRED)
+    header = _header(path)
+    if all(c in header for c in REQUIRED):
+        return True
+    if {"id", "split"} & set(header) and classes_path_for(path).is_file():
+        read_manifest(path)  # raises: missing column(s) ...
+    return False
 
 
 def as_manifest(path: str | Path, work_dir: str | Path, classes: list[str] | None = None) -> tuple[Path, dict]:
