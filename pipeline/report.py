@@ -173,6 +173,8 @@ def _header(sec: _Section, p: dict | None, p_err: str | None, params_path: Path,
     rows = []
     data = (p or {}).get("data", {}) if isinstance(p, dict) else {}
     model = (p or {}).get("model", {}) if isinstance(p, dict) else {}
+    data = data if isinstance(data, dict) else {}
+    model = model if isinstance(model, dict) else {}
     if data:
         rows.append(("dataset", f"{data.get('source')}" + (f" ({data.get('root')})" if data.get("root") else "")))
     if manifest is not None:
@@ -192,6 +194,7 @@ def _header(sec: _Section, p: dict | None, p_err: str | None, params_path: Path,
         rows.append(("scores", f"norm {meta.get('norm')}, params {meta.get('params')}, split {meta.get('split')}, "
                                f"n {meta.get('n')}"))
     tr = (p or {}).get("train", {}) if isinstance(p, dict) else {}
+    tr = tr if isinstance(tr, dict) else {}
     if tr:
         seeds = tr.get("seeds", tr.get("seed"))
         rows.append(("training", f"{tr.get('epochs')} epochs, batch {tr.get('batch_size')}, {tr.get('optimizer')} "

@@ -72,6 +72,8 @@ def save(state_dir: str | Path, tensors: dict, meta: dict) -> None:
     """Write one state atomically: tensors first, then state.json naming them; drop older tensors."""
     from safetensors.torch import save_file
 
+    from .models import canonical_header
+
     from .io import atomic_path, write_json
 
     state_dir = Path(state_dir)
@@ -79,6 +81,7 @@ def save(state_dir: str | Path, tensors: dict, meta: dict) -> None:
     name = f"state_{meta['epoch']:03d}.safetensors"
     with atomic_path(state_dir / name) as tmp:
         save_file(tensors, str(tmp), metadata={"format": str(FORMAT), "epoch": str(meta["epoch"])})
+        canonical_header(tmp)  # sorted metadata keys: identical states give identical bytes
     write_json(state_dir / STATE_JSON, {**meta, "file": name})
     for old in state_dir.glob("state_*.safetensors"):
         if old.name != name:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -184,9 +185,14 @@ def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path = "sc
     dyn_cols = {k: np.full(len(ids), np.nan) for k in ("aum", "forgetting", "confidence", "variability")}
     n_dyn = 0
     if dyn_path.exists():
-        with np.load(dyn_path, allow_pickle=False) as z:
-            dyn = {k: z[k] for k in z.files}
-        ds = dynamics_scores(dyn)
+        try:
+            with np.load(dyn_path, allow_pickle=False) as z:
+                dyn = {k: z[k] for k in z.files}
+            ds = dynamics_scores(dyn)
+            dyn["ids"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise CleanError(f"{dyn_path}: not a readable training record ({type(e).__name__}: {e}); "
+                             f"re-run `clean train --out {model_dir}`") from None
         pos = pd.Series(np.arange(len(dyn["ids"])), index=dyn["ids"])
         where = pos.reindex(ids).to_numpy()
         have = ~np.isnan(where)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import CleanError
+
 
 def sweep_point(manifest: str | Path, scores_csv: str | Path, out_dir: str | Path, strategy: str, keep: float,
                 recipe, seeds: list[int], by: str = "grad_norm", skip: float = 0.05, balanced: bool = False,
@@ -61,12 +63,21 @@ def collect(sweep_dir: str | Path, out_csv: str | Path, strategies=None, keeps=N
     """
     import pandas as pd
 
-    from .errors import CleanError
     from .io import write_frame
 
     rows = []
     for f in sorted(Path(sweep_dir).glob("*/metrics.json")):
-        m = json.loads(f.read_text())
+        try:
+            m = json.loads(f.read_text())
+            if not isinstance(m, dict):
+                raise ValueError("not a JSON object")
+            missing = [k for k in ("strategy", "keep", "accuracy_mean", "accuracy_std", "n_seeds", "n_kept",
+                                   "label_entropy_kept") if k not in m]
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)}")
+            float(m["keep"])
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            raise CleanError(f"{f}: not a sweep result ({e}); re-run `clean sweep point` for it") from None
         if strategies is not None and m["strategy"] not in strategies:
             continue
         if keeps is not None and not np.isclose(keeps, m["keep"]).any():

@@ -139,3 +139,13 @@ def test_standalone_score_on_a_folder_and_with_a_model_name(trained, tmp_path, m
     assert len(pd.read_csv(tmp_path / "s2/scores.csv")) == 24
     res = runner.invoke(app, ["score", str(tmp_path / "nope"), "--model", str(trained / "models/base")])
     assert res.exit_code == 2 and "no such file or folder" in res.output
+
+
+def test_corrupt_training_record_is_named(trained, tmp_path):
+    import shutil
+
+    shutil.copytree(trained / "models/base", tmp_path / "m")
+    (tmp_path / "m/dynamics.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CleanError, match=r"dynamics.npz: not a readable training record .*re-run `clean train"):
+        score(tmp_path / "m", trained / "data/manifest.csv", tmp_path / "s", params="last",
+              with_self_influence=False, device="cpu")

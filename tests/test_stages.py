@@ -156,3 +156,13 @@ def test_low_is_suspicious_scores_are_flagged_at_the_low_end(data):
     fl = pd.read_csv(data / "scores/flags.csv")
     assert set(fl[fl["flagged"] == 1]["id"]) == set(tr["id"][:2])
     assert fl["rule"].iloc[0].startswith("mad z(-aum)")
+
+
+def test_collect_names_a_corrupt_sweep_result(tmp_path):
+    (tmp_path / "sweep/random-0.5").mkdir(parents=True)
+    (tmp_path / "sweep/random-0.5/metrics.json").write_text('{"strategy": "random"}')
+    with pytest.raises(CleanError, match=r"random-0.5/metrics.json: not a sweep result \(missing keep, accuracy_mean"):
+        collect(tmp_path / "sweep", tmp_path / "out.csv")
+    (tmp_path / "sweep/random-0.5/metrics.json").write_text("[1, 2")
+    with pytest.raises(CleanError, match="not a sweep result"):
+        collect(tmp_path / "sweep", tmp_path / "out.csv")
