@@ -1,6 +1,8 @@
 """Tiny datasets for fast tests: a learnable ImageFolder of 8x8 grayscale images."""
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +37,36 @@ def tiny_arrays(n_per_class: int = 10, classes: int = 3, hw=(8, 8), seed=0):
             xs.append(img[None])
             ys.append(k)
     return np.stack(xs), np.array(ys, np.int64)
+
+
+@contextlib.contextmanager
+def cwd(path: Path):
+    """Run the block with `path` as the working directory."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+# params.yaml for a tiny ImageFolder at data/imgs: 1 epoch, cheap scores, no grid
+TINY_PARAMS = """\
+data:
+  source: imagefolder
+  root: data/imgs
+  val_frac: 0.2
+  test_frac: 0.2
+train:
+  epochs: 1
+  batch_size: 8
+  device: cpu
+  seeds: [0]
+score:
+  params: last
+  self_influence: false
+flag:
+  method: quantile
+  quantile: 0.2
+  grid: 0
+"""

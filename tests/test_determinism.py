@@ -9,10 +9,8 @@ weights, checkpoints, PNGs, confusion CSVs) must match byte for byte.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+
+from .helpers import cwd
 
 runner = CliRunner()
 TIMING_KEYS = {"seconds", "samples_per_s"}
@@ -45,16 +45,6 @@ prune:
 """
 
 STAGES = [["prepare"], ["train"], ["evaluate"], ["score"], ["flag"], ["prune"], ["retrain"]]
-
-
-@contextlib.contextmanager
-def cwd(path: Path):
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def run_pipeline(root: Path, after_prepare=None) -> None:

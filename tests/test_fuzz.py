@@ -8,10 +8,8 @@ a missing manifest (validation happens before any training); manifests go to `cl
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import os
 import traceback
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from pipeline.params import CHOICES, DEFAULTS, RANGES
 
-from .helpers import make_imagefolder
+from .helpers import cwd, make_imagefolder
 
 runner = CliRunner()
 SETTINGS = settings(max_examples=120, deadline=None, derandomize=True, database=None,
@@ -50,16 +48,6 @@ flag:
   quantile: 0.2
   grid: 0
 """
-
-
-@contextlib.contextmanager
-def cwd(path: Path):
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def invoke(where: Path, *args):

@@ -24,29 +24,12 @@ from typer.testing import CliRunner
 
 from cli.main import app
 
-from .helpers import make_imagefolder
+from .helpers import TINY_PARAMS, cwd, make_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
-PARAMS = """\
-data:
-  source: imagefolder
-  root: data/imgs
-  val_frac: 0.2
-  test_frac: 0.2
-train:
-  epochs: 1
-  batch_size: 8
-  device: cpu
-  seeds: [0]
-score:
-  params: last
-  self_influence: false
-flag:
-  method: quantile
-  quantile: 0.2
-  grid: 0
+PARAMS = TINY_PARAMS + """\
 prune:
   strategy: random
   keep: 0.5
@@ -81,16 +64,6 @@ app(prog_name="clean")
 
 NEW = {"score": ["score", "--norm", "l1"], "prune": ["prune", "--keep", "0.8"]}
 OUTPUTS = {"score": ["scores/scores.csv", "scores/meta.json"], "prune": ["data/pruned.csv", "prune/summary.json"]}
-
-
-@contextlib.contextmanager
-def cwd(path: Path):
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def clean(where: Path, *args):

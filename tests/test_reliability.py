@@ -4,7 +4,6 @@ too (exit 1) unless CLEAN_DEBUG=1. Corrupt images are reported, never a crash mi
 never overwrite inputs; source images are never modified; no pickle, no unsafe YAML, no shell."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -20,30 +19,12 @@ from typer.testing import CliRunner
 
 from cli.main import app
 
-from .helpers import make_imagefolder
+from .helpers import TINY_PARAMS, cwd, make_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
-PARAMS = """\
-data:
-  source: imagefolder
-  root: data/imgs
-  val_frac: 0.2
-  test_frac: 0.2
-train:
-  epochs: 1
-  batch_size: 8
-  device: cpu
-  seeds: [0]
-score:
-  params: last
-  self_influence: false
-flag:
-  method: quantile
-  quantile: 0.2
-  grid: 0
-"""
+PARAMS = TINY_PARAMS
 
 # every command that reads params.yaml, with arguments that are valid in the project below
 PARAM_COMMANDS = {
@@ -68,16 +49,6 @@ MANIFEST_COMMANDS = {
     "sweep point": ["sweep", "point", "--strategy", "random", "--keep", "0.5", "--out", "sweep/p"],
 }
 MODEL_COMMANDS = {k: MANIFEST_COMMANDS[k] for k in ("evaluate", "score", "flag")}
-
-
-@contextlib.contextmanager
-def cwd(path: Path):
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def clean(where: Path, *args):
