@@ -39,14 +39,7 @@ def read_manifest(path: str | Path, classes: list[str] | None = None):
     if len(df) == 0:
         raise CleanError(f"{path}: the manifest has no rows; run `clean prepare` on a source with images")
     for col in ["id", "label"] + [c for c in ("orig_label", "noisy") if c in df.columns]:
-        vals = pd.to_numeric(df[col], errors="coerce")
-        bad = vals.isna() | ~np.isfinite(vals) | (vals != vals.round()) | (vals.abs() > 2 ** 53)
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raw = df[col].iloc[row]
-            raise CleanError(f"{path}: column '{col}' must hold integers; row {row + 2} has "
-                             f"{raw.item() if hasattr(raw, 'item') else raw!r}")
-        df[col] = vals.astype(np.int64)
+        integer_column(df, col, path)
     empty = df["path"].str.strip() == ""
     if empty.any():
         row = int(np.flatnonzero(empty.to_numpy())[0])
@@ -67,6 +60,20 @@ def read_manifest(path: str | Path, classes: list[str] | None = None):
                 raise CleanError(f"{path}: {col} {int(df[col][out].iloc[0])} (id {int(df['id'][out].iloc[0])}) "
                                  f"is outside the {c} classes of classes.json (0..{c - 1})")
     return df
+
+
+def integer_column(df, col: str, path, fix: str = "") -> None:
+    """Convert df[col] to int64 in place; CleanError naming the first non-integer row (+ `fix`)."""
+    import pandas as pd
+
+    vals = pd.to_numeric(df[col], errors="coerce")
+    bad = vals.isna() | ~np.isfinite(vals) | (vals != vals.round()) | (vals.abs() > 2 ** 53)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raw = df[col].iloc[row]
+        raise CleanError(f"{path}: column '{col}' must hold integers; row {row + 2} has "
+                         f"{raw.item() if hasattr(raw, 'item') else raw!r}" + (f"; {fix}" if fix else ""))
+    df[col] = vals.astype(np.int64)
 
 
 def read_classes(path: str | Path) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .dataset import integer_column
 from .errors import CleanError
 
 
@@ -23,20 +24,6 @@ def _read_csv(path: Path, what: str, fix: str):
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad input file
         msg = " ".join(str(e).split())[:200]
         raise CleanError(f"{path}: not a readable CSV ({type(e).__name__}: {msg}); {fix}") from None
-
-
-def _integer_column(df, col: str, path: Path, fix: str) -> None:
-    """Convert df[col] to int64 in place; CleanError naming the first non-integer row."""
-    import pandas as pd
-
-    vals = pd.to_numeric(df[col], errors="coerce")
-    bad = vals.isna() | ~np.isfinite(vals) | (vals != vals.round()) | (vals.abs() > 2 ** 53)
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raw = df[col].iloc[row]
-        raise CleanError(f"{path}: column '{col}' must hold integers; row {row + 2} has "
-                         f"{raw.item() if hasattr(raw, 'item') else raw!r}; {fix}")
-    df[col] = vals.astype(np.int64)
 
 
 def read_scores(path: str | Path):
@@ -59,7 +46,7 @@ def read_scores(path: str | Path):
     if len(df) == 0:
         raise CleanError(f"{path}: no rows; {fix}")
     for col in ["id", "label"] + [c for c in ("pred", "noisy") if c in df.columns]:
-        _integer_column(df, col, path, fix)
+        integer_column(df, col, path, fix)
     for col in [c for c in SCORE_NAMES if c in df.columns]:
         vals = pd.to_numeric(df[col], errors="coerce")
         bad = vals.isna() & df[col].notna()
@@ -83,7 +70,7 @@ def read_flags(path: str | Path, ids=None):
     miss = [c for c in ("id", "flagged") if c not in df.columns]
     if miss:
         raise CleanError(f"{path}: missing column(s) {', '.join(miss)}; {fix}")
-    _integer_column(df, "id", path, fix)
+    integer_column(df, "id", path, fix)
     f = df["flagged"].astype(str).str.strip().str.lower()
     ok = f.isin(["0", "1", "true", "false", "0.0", "1.0"])
     if not ok.all():
