@@ -74,7 +74,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "flag": {
         "method": "mad",      # quantile | mad | gmm | isolation-forest | confident
-        "score": "loss",      # score column for quantile / mad / gmm
+        "score": "aum",       # score column for quantile / mad / gmm
         "quantile": 0.05,     # quantile: flag the top q
         "threshold": 3.5,     # mad: robust z above this
         "contamination": 0.05,  # isolation-forest

@@ -47,7 +47,8 @@ def test_dvc_repro_then_param_change_and_metrics_diff(tmp_path):
     repo = copy_project(tmp_path / "proj")
     sh("git", "init", "-q", cwd=repo)
     set_params(repo, train={"epochs": 4, "device": "cpu", "seeds": [0]}, score={"params": "last"},
-               sweep={"strategies": ["random", "max-gradient"], "keeps": [0.5]})
+               sweep={"strategies": ["random", "max-gradient"], "keeps": [0.5]},
+               flag={"method": "quantile", "quantile": 0.1})
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "project", cwd=repo)
 
