@@ -356,7 +356,7 @@ def test_non_finite_and_malformed_scores(proj):
     good = sc.read_text()
     first = pd.read_csv(sc)["id"].iloc[0]
     edit_csv(sc, lambda df: df.assign(loss=["nan", "inf"] + list(df["loss"][2:])))
-    fails(clean(proj, "flag"), f"scores/scores.csv: column 'loss' has 2 NaN/inf value(s) (first: id {first}); "
+    fails(clean(proj, "flag", "--score", "loss"), f"scores/scores.csv: column 'loss' has 2 NaN/inf value(s) (first: id {first}); "
           "re-run `clean score` or choose another flag.score")
     edit_csv(sc, lambda df: df.assign(grad_norm=["inf"] + list(df["grad_norm"][1:])))
     fails(clean(proj, "prune", "--strategy", "max-gradient"), f"scores/scores.csv: column 'grad_norm' has 1 "
@@ -366,7 +366,7 @@ def test_non_finite_and_malformed_scores(proj):
           "with it (e.g. score.self_influence: true)")
     sc.write_text(good)
     edit_csv(sc, lambda df: df.assign(loss="abc"))
-    fails(clean(proj, "flag"), "scores/scores.csv: column 'loss' must hold numbers; row 2 has 'abc'; "
+    fails(clean(proj, "flag", "--score", "loss"), "scores/scores.csv: column 'loss' must hold numbers; row 2 has 'abc'; "
           "regenerate it with `clean score`")
     sc.write_text("")
     fails(clean(proj, "flag"), "scores/scores.csv: not a readable CSV (EmptyDataError: No columns to parse from "
