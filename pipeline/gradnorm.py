@@ -826,6 +826,10 @@ class _Engine:
         if not (isinstance(z, torch.Tensor) and z.requires_grad):
             st.bad = True
             return
+        self._capture(st, a, z)
+
+    def _capture(self, st: _ModState, a: torch.Tensor, z: torch.Tensor) -> None:
+        """Record layer input `a` (copied if the model edits it in place) and hook z's gradient."""
         if st.clone:
             a = a.clone()
         call = {"a": a, "ver": a._version, "g": None}
@@ -859,13 +863,7 @@ class _Engine:
         if len(args) != 1 or kwargs or not isinstance(out, torch.Tensor) or not out.requires_grad:
             st.bad = True
             return
-        a = args[0]
-        if st.clone:
-            a = a.clone()
-        call = {"a": a, "ver": a._version, "g": None}
-        st.calls.append(call)
-        st.pending += 1
-        out.register_hook(partial(self._grad, st, call))
+        self._capture(st, args[0], out)
 
     def _grad_local(self, st, call, i, g):
         call["g"][i] = g.detach()
