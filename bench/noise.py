@@ -28,14 +28,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import flag as rules  # noqa: E402
-from pipeline.crossfit import out_of_sample_probs  # noqa: E402
-from pipeline.dynamics import dynamics_scores  # noqa: E402
-from pipeline.images import read_idx  # noqa: E402
-from pipeline.infer import predict_logits  # noqa: E402
-from pipeline.noise import inject_noise  # noqa: E402
-from pipeline.scores import forward_scores, self_influence  # noqa: E402
-from pipeline.train import Recipe, fit  # noqa: E402
+from pipeline.rules import base as rules# noqa: E402
+from pipeline.training.crossfit import out_of_sample_probs  # noqa: E402
+from pipeline.scores.dynamics import dynamics_scores  # noqa: E402
+from pipeline.data.images import read_idx  # noqa: E402
+from pipeline.training.infer import predict_logits  # noqa: E402
+from pipeline.data.noise import inject_noise  # noqa: E402
+from pipeline.stages.score import forward_scores, self_influence  # noqa: E402
+from pipeline.training.fit import Recipe, fit  # noqa: E402
 
 ROOT = Path("/usr/share/datasets/fashion-mnist")
 LOW_IS_SUSPICIOUS = {"margin", "aum", "confidence"}
@@ -111,8 +111,8 @@ def one_rate(rate, x, y_clean, xt, yt, recipe, seeds, folds, methods, log, conta
         elif m == "isolation-forest":
             import torch
 
-            from pipeline.gradnorm import forward_logits_features, last_layer_residual, project_last_layer_grads
-            from pipeline.infer import normalize
+            from pipeline.scores.gradnorm import forward_logits_features, last_layer_residual, project_last_layer_grads
+            from pipeline.training.infer import normalize
 
             feats = []
             with torch.no_grad():

@@ -53,8 +53,8 @@ def write_idx(path: Path, arr: np.ndarray) -> None:
 
 def make_data(work: Path, n: int) -> Path:
     """IDX files with n training images (+ 100 test) → prepared manifest; returns its path."""
-    from pipeline.images import read_idx
-    from pipeline.prepare import prepare
+    from pipeline.data.images import read_idx
+    from pipeline.stages.prepare import prepare
 
     src = work / "fm"
     src.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,7 @@ def compare(a: Path, b: Path) -> str:
 
 
 def cpu_part(args, work: Path) -> None:
-    from pipeline.train import Recipe, train
+    from pipeline.training.fit import Recipe, train
 
     cores = os.cpu_count() or 1
     manifest = make_data(work / "cpu", args.n)
@@ -139,8 +139,8 @@ def cpu_part(args, work: Path) -> None:
 def gpu_part(args, work: Path) -> None:
     import torch
 
-    from pipeline.scores import score
-    from pipeline.train import Recipe, train
+    from pipeline.stages.score import score
+    from pipeline.training.fit import Recipe, train
 
     if not torch.cuda.is_available():
         print("\nGPU: none visible (torch.cuda.is_available() is False); skipped")

@@ -64,7 +64,7 @@ def prepare(
     params: Path = PARAMS,
 ):
     """Read a source into data/manifest.csv (id,path,label,split), classes.json and problems.csv."""
-    from pipeline.prepare import prepare as run
+    from pipeline.stages.prepare import prepare as run
 
     p = _params(params, data__source=source, data__root=root, data__val_frac=val_frac,
                 data__test_frac=test_frac, data__seed=seed, noise__rate=noise_rate, noise__kind=noise_kind)
@@ -108,7 +108,7 @@ def train(
 
     Runs data-parallel under torchrun: torchrun --standalone --nproc-per-node N --no-python clean train ..."""
     from pipeline.distributed import is_main
-    from pipeline.train import Recipe, train as run
+    from pipeline.training.fit import Recipe, train as run
 
     p = _params(params, model__name=model, model__pretrained=pretrained, train__epochs=epochs,
                 train__batch_size=batch_size, train__optimizer=optimizer, train__lr=lr,
@@ -158,7 +158,7 @@ def evaluate(
     params: Path = PARAMS,
 ):
     """Evaluate a model on the untouched test split → metrics/<name>.json for `dvc metrics diff`."""
-    from pipeline.evaluate import evaluate as run
+    from pipeline.stages.evaluate import evaluate as run
 
     p = _params(params, train__device=device)
     with RichProgress() as prog:
@@ -192,8 +192,8 @@ def score(
     Runs sharded under torchrun: torchrun --standalone --nproc-per-node N --no-python clean score ..."""
     from pipeline.distributed import is_main
     from pipeline.errors import CleanError
-    from pipeline.scores import score as run
-    from pipeline.standalone import as_manifest
+    from pipeline.stages.score import score as run
+    from pipeline.data.standalone import as_manifest
 
     p = _params(params, score__norm=norm, score__params=subset, score__batch_size=batch_size,
                 score__split=split, score__self_influence=self_influence, train__epochs=epochs,
@@ -208,7 +208,7 @@ def score(
         manifest, summary = as_manifest(path, out / "input")
         if main:
             _report_input(summary, out / "input")
-        from pipeline.train import Recipe, train as run_train
+        from pipeline.training.fit import Recipe, train as run_train
 
         recipe = Recipe.from_params(p)
         recipe.model = model
@@ -254,7 +254,7 @@ def _score_tables(df, model_dir: Path, sc: dict, top: int) -> None:
                         ["id", "label", "pred", "loss", "grad_norm", "aum", "path"],
                         [(r.id, name(r.label), name(r.pred), r.loss, r.grad_norm, r.aum, r.path)
                          for r in head.itertuples()]))
-    from pipeline.scores import SCORE_COLUMNS
+    from pipeline.stages.score import SCORE_COLUMNS
 
     cols = [c for c in SCORE_COLUMNS if df[c].notna().any()]
     qs = df[cols].quantile([0.0, 0.25, 0.5, 0.75, 0.95, 1.0])
@@ -283,9 +283,9 @@ def flag(
     params: Path = PARAMS,
 ):
     """Flag suspicious training images → scores/flags.csv (id,flagged,rule,value)."""
-    from pipeline.flagging import flag as run
+    from pipeline.stages.flag import flag as run
     from pipeline.io import write_json
-    from pipeline.train import Recipe
+    from pipeline.training.fit import Recipe
 
     p = _params(params, flag__method=method, flag__score=score, flag__quantile=quantile,
                 flag__threshold=threshold, flag__contamination=contamination, flag__folds=folds)
@@ -300,7 +300,7 @@ def flag(
     if metrics:
         write_json(metrics, s)
     if f["grid"]:
-        from pipeline.grid import top_grid
+        from pipeline.views.grid import top_grid
 
         top_grid(scores, by="value", k=f["grid"], path=out / "top_flagged.png", flags_csv=out / "flags.csv",
                  only_flagged=True, manifest=manifest)
@@ -317,7 +317,7 @@ def flag(
 def _flag_tables(scores: Path, flags: Path, manifest: Path, top: int = 10) -> None:
     import pandas as pd
 
-    from pipeline.dataset import classes_path_for, read_classes
+    from pipeline.data.dataset import classes_path_for, read_classes
 
     classes = read_classes(classes_path_for(manifest))["classes"]
     df = pd.read_csv(scores).merge(pd.read_csv(flags), on="id")
@@ -347,7 +347,7 @@ def prune(
     params: Path = PARAMS,
 ):
     """Select a subset of the training set → data/pruned.csv (ids only; images never copied or deleted)."""
-    from pipeline.prune import prune as run
+    from pipeline.stages.prune import prune as run
 
     p = _params(params, prune__strategy=strategy, prune__by=by, prune__keep=keep, prune__skip=skip,
                 prune__balanced=balanced, prune__seed=seed)
@@ -378,8 +378,8 @@ def retrain(
     """Retrain from scratch on a pruned manifest and evaluate on the untouched test split → metrics/<name>.json.
 
     Same recipe, fresh initialisation, one run per seed in train.seeds."""
-    from pipeline.evaluate import evaluate as run_eval
-    from pipeline.train import Recipe, train as run_train
+    from pipeline.stages.evaluate import evaluate as run_eval
+    from pipeline.training.fit import Recipe, train as run_train
 
     p = _params(params, train__epochs=epochs, train__seeds=list(seed) if seed else None, train__device=device)
     recipe = Recipe.from_params(p)
@@ -407,8 +407,8 @@ def sweep_point(
     params: Path = PARAMS,
 ):
     """One sweep point: prune, retrain (every seed) and evaluate."""
-    from pipeline.sweep import sweep_point as run
-    from pipeline.train import Recipe
+    from pipeline.stages.sweep import sweep_point as run
+    from pipeline.training.fit import Recipe
 
     p = _params(params, prune__strategy=strategy, prune__keep=keep)
     q = p["prune"]
@@ -427,7 +427,7 @@ def sweep_collect(
     params: Path = PARAMS,
 ):
     """Aggregate sweep points → sweep/summary.csv (mean ± std accuracy per strategy × keep)."""
-    from pipeline.sweep import collect
+    from pipeline.stages.sweep import collect
 
     p = _params(params)
     df = collect(sweep_dir, out, p["sweep"]["strategies"], p["sweep"]["keeps"])

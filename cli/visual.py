@@ -27,7 +27,7 @@ def show(
     cols: Optional[int] = typer.Option(None, help="tiles per row (default: square grid)"),
 ):
     """Image grid of the top-k samples by a score: each tile shows id, label→prediction, score."""
-    from pipeline.grid import class_names, namer, resolve_manifest, top_grid
+    from pipeline.views.grid import class_names, namer, resolve_manifest, top_grid
 
     out = out or Path("reports") / f"top_{by}.png"
     use_flags = flags if (flags.exists() or only_flagged) else None
@@ -62,7 +62,7 @@ def report(
     """Write reports/index.html: flagged images per class, score distributions, figures, accuracy per version.
 
     Self-contained (images embedded); open it from disk."""
-    from pipeline.report import build_report
+    from pipeline.views.report import build_report
 
     from .ui import RichProgress
 
@@ -89,12 +89,12 @@ def compare(
     """Overlap |S_A,k ∩ S_B,k| / k of two score files' top-k sets vs k, against the random baseline k/N."""
     import numpy as np
 
-    from pipeline.plots import overlap_topk
+    from pipeline.views.plots import overlap_topk
 
     png = png or out.with_suffix(".png")
     df = overlap_topk(scores_a, scores_b, by, out, png)
     n = int(round(df["k"].iloc[-1] / df["fraction"].iloc[-1]))
-    from pipeline.compare import compare_files
+    from pipeline.views.compare import compare_files
 
     fr = [0.001, 0.01, 0.05, 0.1, 0.25, 0.5]
     ks = sorted({int(min(n, max(1, round(f * n)))) for f in fr})
@@ -127,8 +127,8 @@ def figures(
 
     The sweep summary (plots/sweep.csv) is its own plot data, so `sweep` writes only the PNG; the
     top-k overlap comes from `clean compare`."""
-    from pipeline import plots
-    from pipeline.grid import class_names, resolve_manifest
+    from pipeline.views import plots
+    from pipeline.views.grid import class_names, resolve_manifest
 
     from pipeline.errors import CleanError
 

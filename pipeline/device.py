@@ -1,7 +1,7 @@
 """Device selection: `auto` picks CUDA when present, else CPU."""
 from __future__ import annotations
 
-from .errors import CleanError
+from pipeline.errors import CleanError
 
 
 def resolve_device(name: str) -> str:

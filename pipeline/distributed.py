@@ -11,7 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 
-from .errors import CleanError
+from pipeline.errors import CleanError
 
 _BACKEND: str | None = None
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import CleanError
-from .io import atomic_path, write_json
+from pipeline.errors import CleanError
+from pipeline.io import atomic_path, write_json
 
 SMALL_NETS = {"small_cnn", "small_cnn_bn"}
 
@@ -19,7 +19,7 @@ def create_model(name: str, num_classes: int, in_chans: int, img_size: tuple[int
     """
     import timm
 
-    from . import nets  # noqa: F401  (registers small_cnn, small_cnn_bn into timm)
+    from pipeline import nets# noqa: F401  (registers small_cnn, small_cnn_bn into timm)
 
     if not timm.is_model(name):
         import difflib
@@ -149,7 +149,7 @@ def check_fits_data(cfg: dict, manifest: str | Path, model_dir: str | Path) -> N
 
     The data's are in classes.json next to the manifest (skipped when there is none).
     """
-    from .dataset import classes_path_for, read_classes
+    from pipeline.data.dataset import classes_path_for, read_classes
 
     cpath = classes_path_for(manifest)
     if not cpath.exists():

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .errors import CleanError
+from pipeline.errors import CleanError
 
 SOURCES = ["digits", "fashion-mnist", "imagefolder", "csv"]
 NOISE_KINDS = ["symmetric", "pairs"]

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 from pipeline import distributed as D
 from pipeline.errors import CleanError
-from pipeline.prepare import prepare
-from pipeline.scores import score
-from pipeline.stream import StreamImages, iter_batches, open_split
-from pipeline.train import Recipe, _local_slice, amp_dtype, channel_stats, fit, train
+from pipeline.stages.prepare import prepare
+from pipeline.stages.score import score
+from pipeline.data.stream import StreamImages, iter_batches, open_split
+from pipeline.training.fit import Recipe, _local_slice, amp_dtype, channel_stats, fit, train
 
 from .helpers import make_imagefolder
 
@@ -174,7 +174,7 @@ def test_gpu_code_paths_run_on_cpu(data, monkeypatch):
     assert all(torch.isfinite(v).all() for v in r.model.state_dict().values() if v.is_floating_point())
     assert r.dynamics["loss"].dtype == np.float32 and (r.dynamics["p_label"] > 0).all()
     ref = fit(mem.images, mem.labels, 3, _recipe(epochs=1, optimizer="sgd"))  # Adam would amplify ~0 gradients
-    import pipeline.train as T
+    import pipeline.training.fit as T
 
     monkeypatch.setattr(T, "_channels_last", lambda device: True)  # NHWC, as on CUDA
     nhwc = fit(mem.images, mem.labels, 3, _recipe(epochs=1, optimizer="sgd"))

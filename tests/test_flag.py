@@ -1,11 +1,11 @@
-"""Tests for pipeline.flag: each rule on data with planted outliers, plus bad params."""
+"""Tests for pipeline.rules.base: each rule on data with planted outliers, plus bad params."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from pipeline.errors import CleanError
-from pipeline.flag import (
+from pipeline.rules.base import (
     FlagResult,
     auroc,
     flag_confident,
@@ -279,7 +279,7 @@ def test_gmm_finds_a_planted_mode_without_knowing_its_size():
     noisy = rng.normal(8.0, 1.5, 200)  # 20 % in a second mode
     v = np.concatenate([clean, noisy])
     truth = np.r_[np.zeros(800, bool), np.ones(200, bool)]
-    from pipeline import flag
+    from pipeline.rules import base as flag
 
     res = flag.flag_gmm(v, "loss")
     p, r = flag.precision_recall(res.flagged, truth)

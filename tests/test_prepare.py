@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import CleanError
-from pipeline.images import load_images
-from pipeline.prepare import prepare
+from pipeline.data.images import load_images
+from pipeline.stages.prepare import prepare
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

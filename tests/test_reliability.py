@@ -474,12 +474,12 @@ def test_prepare_needs_two_classes(proj):
 # --------------------------------------------------------------------------- unexpected errors
 
 def test_unexpected_exception_is_one_line_unless_clean_debug(proj, monkeypatch):
-    import pipeline.prune
+    import pipeline.stages.prune
 
     def boom(*a, **k):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(pipeline.prune, "prune", boom)
+    monkeypatch.setattr(pipeline.stages.prune, "prune", boom)
     monkeypatch.delenv("CLEAN_DEBUG")
     res = clean(proj, "prune")
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit)

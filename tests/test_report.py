@@ -50,7 +50,7 @@ def _check_images(html_path: Path, srcs: list[str]) -> int:
 
 
 def _build(p, out, **kw):
-    from pipeline.report import build_report
+    from pipeline.views.report import build_report
 
     args = dict(manifest=p["manifest"], scores_csv=p["scores"], flags_csv=p["flags"], metrics_dir=p["metrics"],
                 plots_dir=p["plots"], sweep_summary=p["sweep"], dynamics=p["dynamics"],
@@ -62,7 +62,7 @@ def _build(p, out, **kw):
 def test_report_full(tmp_path):
     p = make_project(tmp_path, n=60)
     (tmp_path / "params.yaml").write_text("model:\n  name: small_cnn\ntrain:\n  epochs: 4\n")
-    from pipeline.plots import overlap_topk  # what `clean compare` leaves in plots/
+    from pipeline.views.plots import overlap_topk  # what `clean compare` leaves in plots/
 
     overlap_topk(p["scores"], p["scores"], "grad_norm", p["plots"] / "overlap.csv", p["plots"] / "overlap.png")
     r = _build(p, tmp_path / "reports")

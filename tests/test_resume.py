@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline.errors import CleanError
-from pipeline.prepare import prepare
-from pipeline.train import PARTIAL, Recipe, train
+from pipeline.stages.prepare import prepare
+from pipeline.training.fit import PARTIAL, Recipe, train
 
 from .helpers import make_imagefolder
 

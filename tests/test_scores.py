@@ -7,14 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.dynamics import aum, confidence, dynamics_scores, forgetting, variability
+from pipeline.scores.dynamics import aum, confidence, dynamics_scores, forgetting, variability
 from pipeline.errors import CleanError
-from pipeline.gradnorm import per_sample_grad_norms
-from pipeline.infer import normalize
+from pipeline.scores.gradnorm import per_sample_grad_norms
+from pipeline.training.infer import normalize
 from pipeline.models import load_trained, load_weights
-from pipeline.prepare import prepare
-from pipeline.scores import COLUMNS, forward_scores, score
-from pipeline.train import Recipe, train
+from pipeline.stages.prepare import prepare
+from pipeline.stages.score import COLUMNS, forward_scores, score
+from pipeline.training.fit import Recipe, train
 
 from .helpers import make_imagefolder
 
@@ -59,7 +59,7 @@ def test_score_stage_writes_the_contract(trained):
         "epoch_001.safetensors", "epoch_002.safetensors", "epoch_003.safetensors"]
     # loss, el2n, margin against a direct computation
     model, cfg = load_trained(trained / "models/base")
-    from pipeline.dataset import load_split
+    from pipeline.data.dataset import load_split
 
     data = load_split(trained / "data/manifest.csv", "train", cfg["image_size"])
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_self_influence_is_the_lr_weighted_sum_over_checkpoints(trained):
     df = score(trained / "models/base", trained / "data/manifest.csv", trained / "s2", params="last",
                device="cpu")
     model, cfg = load_trained(trained / "models/base")
-    from pipeline.dataset import load_split
+    from pipeline.data.dataset import load_split
 
     data = load_split(trained / "data/manifest.csv", "train", cfg["image_size"])
     x = normalize(data.images, cfg["mean"], cfg["std"])
@@ -102,7 +102,7 @@ def test_self_influence_is_the_lr_weighted_sum_over_checkpoints(trained):
 
 def test_scores_do_not_depend_on_batch_size(trained):
     model, cfg = load_trained(trained / "models/base")
-    from pipeline.dataset import load_split
+    from pipeline.data.dataset import load_split
 
     data = load_split(trained / "data/manifest.csv", "train", cfg["image_size"])
     a = forward_scores(model, data.images, data.labels, cfg["mean"], cfg["std"], "l1", "all", batch_size=len(data))

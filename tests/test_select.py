@@ -1,4 +1,4 @@
-"""Tests for pipeline.select: every strategy on hand-made scores with exact kept sets."""
+"""Tests for pipeline.strategies: every strategy on hand-made scores with exact kept sets."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import CleanError
-from pipeline.select import (
+from pipeline.strategies import (
     STRATEGIES,
     class_quotas,
     label_entropy,

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import CleanError
-from pipeline.images import load_images, read_idx
-from pipeline.sources import FASHION_CLASSES, load_source, read_source
+from pipeline.data.images import load_images, read_idx
+from pipeline.data.sources import FASHION_CLASSES, load_source, read_source
 
 
 def _png_bytes(seed=0, hw=(32, 32)) -> bytes:

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import CleanError
-from pipeline.noise import inject_noise
-from pipeline.split import SplitWarning, assign_splits
+from pipeline.data.noise import inject_noise
+from pipeline.data.split import SplitWarning, assign_splits
 
 LABELS = np.repeat(np.arange(5), 40)  # 5 classes x 40
 

@@ -6,14 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.dataset import load_split, read_manifest
+from pipeline.data.dataset import load_split, read_manifest
 from pipeline.errors import CleanError
-from pipeline.evaluate import evaluate
-from pipeline.flagging import flag, gradient_features
-from pipeline.prepare import prepare
-from pipeline.prune import prune
-from pipeline.sweep import collect, sweep_point
-from pipeline.train import Recipe, train
+from pipeline.stages.evaluate import evaluate
+from pipeline.stages.flag import flag, gradient_features
+from pipeline.stages.prepare import prepare
+from pipeline.stages.prune import prune
+from pipeline.stages.sweep import collect, sweep_point
+from pipeline.training.fit import Recipe, train
 
 from .helpers import make_imagefolder
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from pipeline.errors import CleanError
-from pipeline.evaluate import evaluate
+from pipeline.stages.evaluate import evaluate
 from pipeline.models import create_model, load_trained, load_weights, save_weights
-from pipeline.prepare import prepare
-from pipeline.train import Recipe, fit, lr_at, train
+from pipeline.stages.prepare import prepare
+from pipeline.training.fit import Recipe, fit, lr_at, train
 
 from .helpers import make_imagefolder, tiny_arrays
 

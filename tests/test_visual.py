@@ -114,7 +114,7 @@ def _png(path: Path) -> Image.Image:
 
 
 def test_topk_overlap_matches_brute_force():
-    from pipeline.compare import topk_overlap
+    from pipeline.views.compare import topk_overlap
 
     rng = np.random.default_rng(1)
     a, b = rng.random(50), rng.random(50)
@@ -129,7 +129,7 @@ def test_topk_overlap_matches_brute_force():
 
 
 def test_topk_overlap_aligns_by_id_and_rejects_other_ids():
-    from pipeline.compare import topk_overlap
+    from pipeline.views.compare import topk_overlap
 
     a = pd.Series([3.0, 2.0, 1.0, 0.0], index=[10, 11, 12, 13])
     b = pd.Series([0.0, 1.0, 2.0, 3.0], index=[13, 12, 11, 10])  # same scores, shuffled rows
@@ -141,7 +141,7 @@ def test_topk_overlap_aligns_by_id_and_rejects_other_ids():
 
 
 def test_low_is_top_for_margin():
-    from pipeline.compare import top_order
+    from pipeline.views.compare import top_order
 
     v = np.array([0.5, -2.0, 3.0, np.nan])
     assert top_order(v, "margin").tolist() == [1, 0, 2, 3]
@@ -152,7 +152,7 @@ def test_low_is_top_for_margin():
 
 
 def test_image_grid_upscales_small_images_and_colours_captions(tmp_path):
-    from pipeline.grid import image_grid
+    from pipeline.views.grid import image_grid
 
     imgs = np.zeros((5, 1, 8, 8), np.uint8)
     imgs[:, :, :4] = 255
@@ -171,7 +171,7 @@ def test_image_grid_upscales_small_images_and_colours_captions(tmp_path):
 
 
 def test_top_grid_picks_top_losses_and_only_flagged(tmp_path):
-    from pipeline.grid import top_grid
+    from pipeline.views.grid import top_grid
 
     p = make_project(tmp_path)
     shown = top_grid(p["scores"], by="loss", k=4, path=tmp_path / "top.png", flags_csv=p["flags"])
@@ -189,7 +189,7 @@ def test_top_grid_picks_top_losses_and_only_flagged(tmp_path):
 
 
 def test_top_grid_errors_name_the_file_and_fix(tmp_path):
-    from pipeline.grid import top_grid
+    from pipeline.views.grid import top_grid
 
     p = make_project(tmp_path)
     with pytest.raises(CleanError, match="no score column|missing column.*nope"):
@@ -212,7 +212,7 @@ def test_top_grid_errors_name_the_file_and_fix(tmp_path):
 
 
 def test_grad_heatmap_tidy_csv_and_png(tmp_path):
-    from pipeline.plots import grad_heatmap
+    from pipeline.views.plots import grad_heatmap
 
     p = make_project(tmp_path, epochs=5, track=12)
     df = grad_heatmap(p["dynamics"], tmp_path / "h.csv", tmp_path / "h.png", max_samples=8)
@@ -230,7 +230,7 @@ def test_grad_heatmap_tidy_csv_and_png(tmp_path):
 
 
 def test_entropy_topk(tmp_path):
-    from pipeline.plots import entropy_curve, entropy_topk
+    from pipeline.views.plots import entropy_curve, entropy_topk
 
     labels = np.array([0, 0, 0, 1, 2, 1])
     scores = np.array([9.0, 8, 7, 6, 5, 4])
@@ -247,7 +247,7 @@ def test_entropy_topk(tmp_path):
 
 
 def test_sweep_plot(tmp_path):
-    from pipeline.plots import sweep_plot
+    from pipeline.views.plots import sweep_plot
 
     p = make_project(tmp_path)
     df = sweep_plot(p["sweep"], tmp_path / "s.csv", tmp_path / "s.png")
@@ -264,7 +264,7 @@ def test_sweep_plot(tmp_path):
 
 
 def test_overlap_topk_files(tmp_path):
-    from pipeline.plots import overlap_topk
+    from pipeline.views.plots import overlap_topk
 
     p = make_project(tmp_path)
     sc = pd.read_csv(p["scores"])
@@ -281,7 +281,7 @@ def test_overlap_topk_files(tmp_path):
 
 
 def test_confusion_png(tmp_path):
-    from pipeline.plots import confusion_png
+    from pipeline.views.plots import confusion_png
 
     p = make_project(tmp_path)
     counts = confusion_png(p["plots"] / "confusion_base.csv", tmp_path / "c.png", CLASSES)
@@ -381,7 +381,7 @@ def test_dvc_templates_render_with_real_dvc(tmp_path):
     import subprocess
     import sys
 
-    from pipeline import plots
+    from pipeline.views import plots
 
     repo = Path(__file__).resolve().parents[1]
     templates = sorted((repo / ".dvc" / "plots").glob("*.json"))

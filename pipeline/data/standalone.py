@@ -4,8 +4,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .dataset import REQUIRED, classes_path_for, read_manifest
-from .errors import CleanError
+from pipeline.data.dataset import REQUIRED, classes_path_for, read_manifest
+from pipeline.errors import CleanError
 
 
 def _header(path: Path) -> list[str]:
@@ -41,7 +41,7 @@ def as_manifest(path: str | Path, work_dir: str | Path, classes: list[str] | Non
     model's classes) fixes the label order; other labels are listed in problems.csv.
     Returns (manifest path, prepare summary or {}).
     """
-    from .prepare import prepare
+    from pipeline.stages.prepare import prepare
 
     path = Path(path)
     if not path.exists():

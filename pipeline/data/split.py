@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from .errors import CleanError
+from pipeline.errors import CleanError
 
 SPLITS = ("train", "val", "test")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CleanError
+from pipeline.errors import CleanError
 
 #: Smallest gradient norm on the log scale; exact zeros show as the smallest positive norm seen.
 LOG_FLOOR = 1e-12
@@ -38,7 +38,7 @@ def new_figure(w: float = 7.0, h: float = 4.2, dpi: int = 100):
 
 def save_png(fig, out_png: str | Path) -> Path:
     """Write `fig` to `out_png` atomically (PNG)."""
-    from .io import atomic_path
+    from pipeline.io import atomic_path
 
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
@@ -90,7 +90,7 @@ def grad_heatmap(dynamics_npz: str | Path, out_csv: str | Path, out_png: str | P
     """
     import pandas as pd
 
-    from .io import write_frame
+    from pipeline.io import write_frame
 
     dyn = load_dynamics(dynamics_npz)
     if "track_grad_norm" not in dyn or "track_ids" not in dyn or dyn["track_grad_norm"].size == 0:
@@ -159,7 +159,7 @@ def entropy_curve(scores, labels, num_classes: int, ks, by: str = "") -> np.ndar
 
     labels: int [N] in [0, num_classes). Top = largest score (smallest for margin/aum/confidence).
     """
-    from .compare import top_order
+    from pipeline.views.compare import top_order
 
     y = np.asarray(labels, np.int64)
     if y.size and (y.min() < 0 or y.max() >= num_classes):
@@ -191,9 +191,9 @@ def entropy_topk(scores_csv: str | Path, by, num_classes: int | None, out_csv: s
     """
     import pandas as pd
 
-    from .compare import k_grid
-    from .grid import read_scores
-    from .io import write_frame
+    from pipeline.views.compare import k_grid
+    from pipeline.views.grid import read_scores
+    from pipeline.io import write_frame
 
     bys = [by] if isinstance(by, str) else list(by)
     if not bys:
@@ -262,7 +262,7 @@ def sweep_plot(summary_csv: str | Path, out_csv: str | Path | None, out_png: str
     """
     import pandas as pd
 
-    from .io import write_frame
+    from pipeline.io import write_frame
 
     fix = "it is written by the sweep stage (`dvc repro sweep`)"
     df = _read_csv(summary_csv, "sweep summary", fix)
@@ -314,8 +314,8 @@ def overlap_topk(scores_a: str | Path, scores_b: str | Path, by: str, out_csv: s
     """
     import pandas as pd
 
-    from .compare import compare_files
-    from .io import write_frame
+    from pipeline.views.compare import compare_files
+    from pipeline.io import write_frame
 
     r = compare_files(scores_a, scores_b, by, ks)
     out = pd.DataFrame({"k": r["k"], "fraction": r["k"] / r["n"], "overlap": r["overlap"],

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CleanError
+from pipeline.errors import CleanError
 
 REQUIRED = ["id", "path", "label", "split"]
 SPLITS = ["train", "val", "test"]
@@ -134,7 +134,7 @@ def load_split(manifest: str | Path, split: str, image_size=None, in_chans: int 
     `in_chans` defaults to the dataset's (classes.json `in_chans`), so every split of a
     dataset with mixed grayscale/color files decodes to the same channel count.
     """
-    from .images import load_images
+    from pipeline.data.images import load_images
 
     manifest = Path(manifest)
     if df is None:
@@ -176,7 +176,7 @@ def write_manifest(df, path: str | Path, src_manifest: str | Path) -> None:
     """Write a manifest derived from `src_manifest` (paths rebased; classes.json copied beside it)."""
     import shutil
 
-    from .io import atomic_path, write_frame
+    from pipeline.io import atomic_path, write_frame
 
     path, src_manifest = Path(path), Path(src_manifest)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import integer_column
-from .errors import CleanError
+from pipeline.data.dataset import integer_column
+from pipeline.errors import CleanError
 
 
 def _read_csv(path: Path, what: str, fix: str):
@@ -34,7 +34,7 @@ def read_scores(path: str | Path):
     """
     import pandas as pd
 
-    from .params import SCORE_NAMES
+    from pipeline.params import SCORE_NAMES
 
     path = Path(path)
     fix = "regenerate it with `clean score`"
@@ -99,11 +99,11 @@ def gradient_features(model_dir: str | Path, manifest: str | Path, ids: np.ndarr
     """
     import torch
 
-    from .dataset import read_manifest
-    from .gradnorm import forward_logits_features, grad_vectors_last, last_layer_residual, project_last_layer_grads
-    from .images import load_images
-    from .infer import batches, normalize
-    from .models import check_fits_data, load_trained
+    from pipeline.data.dataset import read_manifest
+    from pipeline.scores.gradnorm import forward_logits_features, grad_vectors_last, last_layer_residual, project_last_layer_grads
+    from pipeline.data.images import load_images
+    from pipeline.training.infer import batches, normalize
+    from pipeline.models import check_fits_data, load_trained
 
     model, cfg = load_trained(model_dir, device)
     check_fits_data(cfg, manifest, model_dir)
@@ -140,8 +140,8 @@ def flag(scores_csv: str | Path, out_dir: str | Path, method: str = "mad", score
     """
     import pandas as pd
 
-    from . import flag as rules
-    from .io import write_frame
+    from pipeline.rules import base as rules
+    from pipeline.io import write_frame
 
     t0 = time.perf_counter()
     df = read_scores(scores_csv)
@@ -150,7 +150,7 @@ def flag(scores_csv: str | Path, out_dir: str | Path, method: str = "mad", score
         if score not in df.columns:
             raise CleanError(f"flag.score = {score!r} is not a column of {scores_csv}; "
                              f"use one of: {', '.join(c for c in df.columns if c not in ('id', 'path', 'label', 'pred'))}")
-        from .compare import LOW_IS_TOP
+        from pipeline.views.compare import LOW_IS_TOP
 
         vals = df[score].to_numpy(np.float64)
         if np.isnan(vals).all():
@@ -195,10 +195,10 @@ def flag(scores_csv: str | Path, out_dir: str | Path, method: str = "mad", score
 
 
 def _crossfit_probs(manifest, ids, recipe, folds, seed, progress):
-    from .crossfit import out_of_sample_probs
-    from .dataset import classes_path_for, read_classes, read_manifest
-    from .images import load_images
-    from .dataset import image_size_of
+    from pipeline.training.crossfit import out_of_sample_probs
+    from pipeline.data.dataset import classes_path_for, read_classes, read_manifest
+    from pipeline.data.images import load_images
+    from pipeline.data.dataset import image_size_of
 
     classes = read_classes(classes_path_for(manifest))["classes"]
     df = read_manifest(manifest, classes).set_index("id")

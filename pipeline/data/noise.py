@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import CleanError
+from pipeline.errors import CleanError
 
 NOISE_KINDS = ("symmetric", "pairs")
 

@@ -1,7 +1,7 @@
 """Images for train/score: decoded once into memory, or streamed from disk in batches.
 
 A split whose decoded size N·C·H·W bytes exceeds `data.cache_max_gb` is not decoded up
-front: `open_split` returns a :class:`~pipeline.dataset.Split` whose `images` is a
+front: `open_split` returns a :class:`~pipeline.data.dataset.Split` whose `images` is a
 :class:`StreamImages`, an array-like that decodes `images[index]` on demand with the same
 code as the in-memory path (`load_images`, same size/channels), and `iter_batches` decodes
 batches ahead in DataLoader worker processes. Same order, same pixels, same normalisation,
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CleanError
+from pipeline.errors import CleanError
 
 GB = 2**30
 
@@ -42,7 +42,7 @@ class StreamImages:
         return len(self.paths)
 
     def __getitem__(self, key) -> np.ndarray:
-        from .images import load_images
+        from pipeline.data.images import load_images
 
         scalar = isinstance(key, (int, np.integer))
         paths = [self.paths[key]] if scalar else list(self.paths[key])
@@ -101,8 +101,8 @@ def open_split(manifest: str | Path, split: str, image_size=None, in_chans: int 
 
     `rows` (a manifest DataFrame slice) replaces the split selection (e.g. split 'all').
     """
-    from .dataset import Split, classes_path_for, image_size_of, load_split, read_classes, read_manifest
-    from .images import load_images
+    from pipeline.data.dataset import Split, classes_path_for, image_size_of, load_split, read_classes, read_manifest
+    from pipeline.data.images import load_images
 
     manifest = Path(manifest)
     if df is None and rows is None:

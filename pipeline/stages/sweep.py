@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CleanError
+from pipeline.errors import CleanError
 
 
 def sweep_point(manifest: str | Path, scores_csv: str | Path, out_dir: str | Path, strategy: str, keep: float,
@@ -20,10 +20,10 @@ def sweep_point(manifest: str | Path, scores_csv: str | Path, out_dir: str | Pat
     metrics.json: strategy, keep, n_kept, accuracy_mean, accuracy_std (ddof=1), runs. The
     retrained models are temporary (only their test metrics are kept).
     """
-    from .evaluate import evaluate_model, summarize_runs
-    from .io import write_json
-    from .prune import prune
-    from .train import train
+    from pipeline.stages.evaluate import evaluate_model, summarize_runs
+    from pipeline.io import write_json
+    from pipeline.stages.prune import prune
+    from pipeline.training.fit import train
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -33,7 +33,7 @@ def sweep_point(manifest: str | Path, scores_csv: str | Path, out_dir: str | Pat
     try:
         recipe = _no_extras(recipe)
         train(out_dir / "pruned.csv", work, recipe, seeds=seeds, progress=progress)
-        from .evaluate import run_dirs
+        from pipeline.stages.evaluate import run_dirs
 
         results = [evaluate_model(d, manifest, "test", recipe.device if recipe.device != "auto" else "cpu")
                    for d in run_dirs(work)]
@@ -63,7 +63,7 @@ def collect(sweep_dir: str | Path, out_csv: str | Path, strategies=None, keeps=N
     """
     import pandas as pd
 
-    from .io import write_frame
+    from pipeline.io import write_frame
 
     rows = []
     for f in sorted(Path(sweep_dir).glob("*/metrics.json")):

@@ -19,9 +19,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .errors import CleanError
-from .images import describe_failure, probe_image, read_idx
-from .io import atomic_path
+from pipeline.errors import CleanError
+from pipeline.data.images import describe_failure, probe_image, read_idx
+from pipeline.io import atomic_path
 
 KINDS = ("digits", "fashion-mnist", "imagefolder", "csv")
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CleanError
+from pipeline.errors import CleanError
 
 
 def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path, summary_path: str | Path,
@@ -17,10 +17,10 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
     """Select training samples → out_manifest (same columns, kept train rows + all val/test rows)
     and summary_path (JSON: strategy, kept per class, label entropy of kept vs all vs uniform).
     Returns the summary dict."""
-    from .dataset import classes_path_for, read_classes, read_manifest, write_manifest
-    from .flagging import read_flags, read_scores
-    from .io import write_json
-    from .select import select, summary
+    from pipeline.data.dataset import classes_path_for, read_classes, read_manifest, write_manifest
+    from pipeline.stages.flag import read_flags, read_scores
+    from pipeline.io import write_json
+    from pipeline.strategies import select, summary
 
     manifest = Path(manifest)
     for out, what in ((out_manifest, "--out"), (summary_path, "--summary")):

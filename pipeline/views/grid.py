@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CleanError
+from pipeline.errors import CleanError
 
 #: Upscaled small images aim for about this many pixels on their longer side.
 TILE_PX = 112
@@ -91,7 +91,7 @@ def image_grid(images_u8: np.ndarray, titles: list[str], path: str | Path, cols:
     """
     from PIL import Image, ImageDraw
 
-    from .io import atomic_path
+    from pipeline.io import atomic_path
 
     imgs = np.asarray(images_u8)
     k = 0 if imgs.size == 0 and imgs.ndim != 4 else len(imgs)
@@ -184,7 +184,7 @@ def class_names(manifest: Path | None, classes: list[str] | None = None) -> list
         return list(classes)
     if manifest is None:
         return None
-    from .dataset import classes_path_for, read_classes
+    from pipeline.data.dataset import classes_path_for, read_classes
 
     p = classes_path_for(manifest)
     return read_classes(p)["classes"] if p.exists() else None
@@ -214,7 +214,7 @@ def read_scores(path: str | Path, need: list[str] = ()):
         raise CleanError(f"{path}: not a readable CSV ({type(e).__name__}: {e})") from None
     missing = [c for c in ["id", "path", "label", "pred", *need] if c not in df.columns]
     if missing:
-        from .scores import SCORE_COLUMNS
+        from pipeline.stages.score import SCORE_COLUMNS
 
         raise CleanError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))}); "
                          f"a scores file has id,path,label,pred and score columns ({', '.join(SCORE_COLUMNS)}): "
@@ -267,7 +267,7 @@ def join_flags(scores, flags, flags_path: str | Path = "flags.csv"):
 
 def pick_top(df, by: str, k: int, only_flagged: bool = False):
     """The k most suspicious rows of `df` by column `by` (see compare.top_order) → DataFrame."""
-    from .compare import top_order
+    from pipeline.views.compare import top_order
 
     if only_flagged:
         df = df[df["flagged"]]
@@ -300,7 +300,7 @@ def top_grid(scores_csv: str | Path = "scores/scores.csv", by: str = "loss", k: 
     """
     import pandas as pd
 
-    from .images import load_images
+    from pipeline.data.images import load_images
 
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise CleanError(f"k must be a positive integer, got {k!r}")
@@ -340,6 +340,6 @@ def top_grid(scores_csv: str | Path = "scores/scores.csv", by: str = "loss", k: 
 
 
 def _low():
-    from .compare import LOW_IS_TOP
+    from pipeline.views.compare import LOW_IS_TOP
 
     return LOW_IS_TOP

@@ -8,12 +8,12 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import CleanError
-from .images import channels_of, split_ref
-from .io import write_csv, write_json
-from .noise import inject_noise, validate_noise
-from .sources import Record, load_source
-from .split import SPLITS, SplitWarning, assign_splits, validate_fractions
+from pipeline.errors import CleanError
+from pipeline.data.images import channels_of, split_ref
+from pipeline.io import write_csv, write_json
+from pipeline.data.noise import inject_noise, validate_noise
+from pipeline.data.sources import Record, load_source
+from pipeline.data.split import SPLITS, SplitWarning, assign_splits, validate_fractions
 
 MANIFEST_COLUMNS = ["id", "path", "label", "split"]
 NOISE_COLUMNS = ["orig_label", "noisy"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CleanError
+from pipeline.errors import CleanError
 
 #: where `train` keeps the unfinished work (per-epoch state for --resume) inside out_dir
 PARTIAL = ".partial"
@@ -131,7 +131,7 @@ def _local_slice(batch: np.ndarray, world: int, rank: int) -> tuple[np.ndarray, 
     """
     if world == 1:
         return batch, 1.0
-    from .distributed import even_split
+    from pipeline.distributed import even_split
 
     a, b = even_split(len(batch), world, rank)
     return (batch[a:b], 1.0) if b > a else (batch[:1], 0.0)
@@ -143,8 +143,8 @@ def channel_histogram(images, chunk: int = 1024) -> np.ndarray:
     Streamed images are read in batches by the decode workers (and sharded across ranks
     under torchrun, the counts summed).
     """
-    from . import distributed as D
-    from .stream import is_streamed, iter_batches
+    from pipeline import distributed as D
+    from pipeline.data.stream import is_streamed, iter_batches
 
     n, c = images.shape[0], images.shape[1]
     hist = np.zeros((c, 256), np.int64)
@@ -181,7 +181,7 @@ class _Feed:
     def __init__(self, images, device: str):
         import torch
 
-        from .stream import is_streamed
+        from pipeline.data.stream import is_streamed
 
         self.images, self.device = images, device
         self.cuda = str(device).startswith("cuda")
@@ -193,7 +193,7 @@ class _Feed:
     def batches(self, keys: list):
         import torch
 
-        from .stream import iter_batches
+        from pipeline.data.stream import iter_batches
 
         if self.resident is not None:
             for k in keys:
@@ -211,9 +211,9 @@ def _predict(core, images, mean, std, device: str, channels_last: bool, batch_si
     (None elsewhere). One process: identical to `infer.predict_logits`."""
     import torch
 
-    from . import distributed as D
-    from .infer import normalize
-    from .stream import iter_batches
+    from pipeline import distributed as D
+    from pipeline.training.infer import normalize
+    from pipeline.data.stream import iter_batches
 
     core.eval()
     s, e = D.shard(len(images), batch_size)
@@ -263,11 +263,11 @@ def fit(images, labels: np.ndarray, num_classes: int, recipe: Recipe,
     import torch
     import torch.nn.functional as F
 
-    from . import distributed as D
-    from . import resume as R
-    from .device import resolve_device
-    from .infer import normalize
-    from .models import create_model, save_weights
+    from pipeline import distributed as D
+    from pipeline.training import resume as R
+    from pipeline.device import resolve_device
+    from pipeline.training.infer import normalize
+    from pipeline.models import create_model, save_weights
 
     n = len(labels)
     if n < 2:
@@ -391,7 +391,7 @@ def fit(images, labels: np.ndarray, num_classes: int, recipe: Recipe,
                 row["val_loss"] = float(F.cross_entropy(vl, vy).item())
                 row["val_accuracy"] = float((vl.argmax(1) == vy).float().mean().item())
         if main and k:
-            from .gradnorm import forward_logits_features, last_layer_norms
+            from pipeline.scores.gradnorm import forward_logits_features, last_layer_norms
 
             core.eval()
             with torch.no_grad():
@@ -453,11 +453,11 @@ def train(manifest: str | Path, out_dir: str | Path, recipe: Recipe, seeds: list
     import shutil
     from dataclasses import replace
 
-    from . import distributed as D
-    from .dataset import classes_path_for, read_classes, read_manifest
-    from .device import resolve_device
-    from .io import write_json
-    from .stream import decoded_bytes, is_streamed, open_split
+    from pipeline import distributed as D
+    from pipeline.data.dataset import classes_path_for, read_classes, read_manifest
+    from pipeline.device import resolve_device
+    from pipeline.io import write_json
+    from pipeline.data.stream import decoded_bytes, is_streamed, open_split
 
     manifest, out_dir = Path(manifest), Path(out_dir)
     if not manifest.exists():
@@ -548,7 +548,7 @@ def _open_partial(partial: Path, fp: dict, seeds: list[int], resume: bool) -> di
     afresh → {done: seeds already trained, note: a line for the user or None}."""
     import shutil
 
-    from .io import write_json
+    from pipeline.io import write_json
 
     run_json = partial / "run.json"
     if resume and run_json.exists():
@@ -573,7 +573,7 @@ def _open_partial(partial: Path, fp: dict, seeds: list[int], resume: bool) -> di
 
 
 def _resumable(partial: Path) -> bool:
-    from .resume import STATE_JSON
+    from pipeline.training.resume import STATE_JSON
 
     return partial.exists() and (any(partial.rglob(STATE_JSON)) or any(partial.rglob("metrics.json")))
 
@@ -589,9 +589,9 @@ def _train_one(tr, val, classes, recipe: Recipe, manifest: Path, run_dir: Path, 
     import torch
     import timm
 
-    from . import distributed as D
-    from .io import atomic_path, write_json
-    from .models import save_weights
+    from pipeline import distributed as D
+    from pipeline.io import atomic_path, write_json
+    from pipeline.models import save_weights
 
     main = D.is_main()
     if main:

@@ -17,8 +17,8 @@ def out_of_sample_probs(images: np.ndarray, labels: np.ndarray, num_classes: int
     import torch
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    from .infer import predict_logits
-    from .train import fit
+    from pipeline.training.infer import predict_logits
+    from pipeline.training.fit import fit
 
     n = len(labels)
     counts = np.bincount(labels, minlength=num_classes)

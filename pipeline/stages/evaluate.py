@@ -21,10 +21,10 @@ def evaluate_model(model_dir: str | Path, manifest: str | Path, split: str = "te
     import torch
     import torch.nn.functional as F
 
-    from .dataset import load_split, read_manifest
-    from .errors import CleanError
-    from .infer import predict_logits
-    from .models import load_trained
+    from pipeline.data.dataset import load_split, read_manifest
+    from pipeline.errors import CleanError
+    from pipeline.training.infer import predict_logits
+    from pipeline.models import load_trained
 
     model, cfg = load_trained(model_dir, device)
     classes = cfg["classes"]
@@ -76,11 +76,11 @@ def evaluate(model_dir: str | Path, manifest: str | Path, name: str, split: str 
     """
     import pandas as pd
 
-    from .dataset import SPLITS, read_manifest
-    from .device import resolve_device
-    from .errors import CleanError
-    from .io import write_frame, write_json
-    from .models import check_fits_data, load_trained
+    from pipeline.data.dataset import SPLITS, read_manifest
+    from pipeline.device import resolve_device
+    from pipeline.errors import CleanError
+    from pipeline.io import write_frame, write_json
+    from pipeline.models import check_fits_data, load_trained
 
     if split not in SPLITS:
         raise CleanError(f"--split {split!r} is not a split; use one of {', '.join(SPLITS)}")

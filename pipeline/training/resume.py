@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CleanError
+from pipeline.errors import CleanError
 
 STATE_JSON = "state.json"
 FORMAT = 1
@@ -72,9 +72,9 @@ def save(state_dir: str | Path, tensors: dict, meta: dict) -> None:
     """Write one state atomically: tensors first, then state.json naming them; drop older tensors."""
     from safetensors.torch import save_file
 
-    from .models import canonical_header
+    from pipeline.models import canonical_header
 
-    from .io import atomic_path, write_json
+    from pipeline.io import atomic_path, write_json
 
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)

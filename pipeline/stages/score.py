@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CleanError
+from pipeline.errors import CleanError
 
 SCORE_COLUMNS = ["loss", "grad_norm", "el2n", "margin", "aum", "forgetting", "confidence",
                  "variability", "self_influence"]
@@ -31,8 +31,8 @@ def forward_scores(model, images_u8, labels: np.ndarray, mean, std, norm: str = 
     grad_norm [N], el2n [N], margin [N]} as numpy. Independent of batch_size (BatchNorm uses
     running stats). Always float32 (no autocast): the per-sample norm math needs it.
     """
-    from .infer import batches
-    from .stream import iter_batches
+    from pipeline.training.infer import batches
+    from pipeline.data.stream import iter_batches
 
     model.eval()
     out = {k: np.empty(len(labels), np.float64) for k in ("loss", "grad_norm", "el2n", "margin")}
@@ -60,8 +60,8 @@ def _exact_fp32():
 def _score_batches(model, spans, feed, labels, mean, std, norm, params, device, out, progress) -> None:
     import torch
 
-    from .gradnorm import per_sample_grad_norms
-    from .infer import normalize
+    from pipeline.scores.gradnorm import per_sample_grad_norms
+    from pipeline.training.infer import normalize
 
     for (s, e), xb in zip(spans, feed):
         x = normalize(xb, mean, std, device)
@@ -90,7 +90,7 @@ def self_influence(model, checkpoints: list[tuple[Path, float]], images_u8, labe
     """
     import copy
 
-    from .models import load_weights
+    from pipeline.models import load_weights
 
     total = np.zeros(len(labels), np.float64)
     work = copy.deepcopy(model)
@@ -115,14 +115,14 @@ def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path = "sc
     """
     import pandas as pd
 
-    from . import distributed as D
-    from .dataset import classes_path_for, read_classes, read_manifest
-    from .device import resolve_device
-    from .dynamics import dynamics_scores
-    from .gradnorm import NORMS, SUBSETS
-    from .io import write_frame, write_json
-    from .models import load_trained
-    from .stream import is_streamed, open_split
+    from pipeline import distributed as D
+    from pipeline.data.dataset import classes_path_for, read_classes, read_manifest
+    from pipeline.device import resolve_device
+    from pipeline.scores.dynamics import dynamics_scores
+    from pipeline.scores.gradnorm import NORMS, SUBSETS
+    from pipeline.io import write_frame, write_json
+    from pipeline.models import load_trained
+    from pipeline.data.stream import is_streamed, open_split
 
     if norm not in NORMS:
         raise CleanError(f"score.norm = {norm!r} is not allowed; use one of: {', '.join(NORMS)}")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CleanError
+from pipeline.errors import CleanError
 
 #: Thumbnails larger than this (longer side, px) are shrunk; smaller ones are scaled by CSS.
 THUMB_PX = 96
@@ -99,7 +99,7 @@ def thumbnail_png(img_u8: np.ndarray) -> bytes:
     """One uint8 image [C,H,W] → PNG bytes (native size; shrunk to THUMB_PX if larger)."""
     from PIL import Image
 
-    from .grid import to_pil
+    from pipeline.views.grid import to_pil
 
     im = to_pil(img_u8)
     if max(im.size) > THUMB_PX:
@@ -130,7 +130,7 @@ class _Section:
 
 
 def _load_params(path: Path) -> tuple[dict | None, str | None]:
-    from .params import load_params
+    from pipeline.params import load_params
 
     if not path.exists():
         return None, f"{path} not found; the header shows defaults only"
@@ -263,8 +263,8 @@ def _card(r, names, img_uri: str | None, has_flags: bool) -> str:
 def _flagged_section(sec: _Section, df, has_flags: bool, flags_path: Path, names, base: Path | None,
                      by: str, max_per_class: int, max_table_rows: int, log) -> dict:
     """Cards of the flagged samples per class (or the top by `by` when there are no flags)."""
-    from .compare import top_order
-    from .images import load_images
+    from pipeline.views.compare import top_order
+    from pipeline.data.images import load_images
 
     if has_flags:
         cand = df[df["flagged"]]
@@ -394,11 +394,11 @@ def build_report(out_dir: str | Path = "reports", manifest: str | Path = "data/m
     """
     import pandas as pd
 
-    from . import plots
-    from .dataset import classes_path_for, read_classes, read_manifest
-    from .grid import class_names, join_flags, namer, read_flags, read_scores, resolve_manifest, top_grid
-    from .io import write_text
-    from .scores import SCORE_COLUMNS
+    from pipeline.views import plots
+    from pipeline.data.dataset import classes_path_for, read_classes, read_manifest
+    from pipeline.views.grid import class_names, join_flags, namer, read_flags, read_scores, resolve_manifest, top_grid
+    from pipeline.io import write_text
+    from pipeline.stages.score import SCORE_COLUMNS
 
     t0 = time.perf_counter()
     out_dir, figs = Path(out_dir), Path(out_dir) / "figures"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CleanError
+from pipeline.errors import CleanError
 
 #: Scores where a *low* value marks the hard / suspicious samples (ranked ascending).
 LOW_IS_TOP = frozenset({"margin", "aum", "confidence"})
@@ -102,7 +102,7 @@ def read_score(path: str | Path, by: str):
     if "id" not in df.columns:
         raise CleanError(f"{path}: no 'id' column; a scores file needs id and score columns (clean score)")
     if by not in df.columns:
-        from .scores import SCORE_COLUMNS
+        from pipeline.stages.score import SCORE_COLUMNS
 
         raise CleanError(f"{path}: no score column '{by}'; choose one of {', '.join(SCORE_COLUMNS)}")
     vals = pd.to_numeric(df[by], errors="coerce")
