@@ -28,14 +28,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.rules import base as rules# noqa: E402
+from pipeline.rules import confident, metrics, outliers, threshold  # noqa: E402
 from pipeline.training.crossfit import out_of_sample_probs  # noqa: E402
 from pipeline.scores.dynamics import dynamics_scores  # noqa: E402
 from pipeline.data.images import read_idx  # noqa: E402
 from pipeline.training.infer import predict_logits  # noqa: E402
 from pipeline.data.noise import inject_noise  # noqa: E402
 from pipeline.stages.score import forward_scores, self_influence  # noqa: E402
-from pipeline.training.fit import Recipe, fit  # noqa: E402
+from pipeline.training.fit import fit  # noqa: E402
+from pipeline.training.recipe import Recipe  # noqa: E402
 
 ROOT = Path("/usr/share/datasets/fashion-mnist")
 LOW_IS_SUSPICIOUS = {"margin", "aum", "confidence"}
@@ -97,7 +98,7 @@ def one_rate(rate, x, y_clean, xt, yt, recipe, seeds, folds, methods, log, conta
     aurocs = {}
     for k, v in scores.items():
         oriented = -v if k in LOW_IS_SUSPICIOUS else v
-        aurocs[k] = {"auroc": rules.auroc(oriented, noisy), "seconds_beyond_training": times[k]}
+        aurocs[k] = {"auroc": metrics.auroc(oriented, noisy), "seconds_beyond_training": times[k]}
     out["scores"] = aurocs
     log("AUROC: " + ", ".join(f"{k} {a['auroc']:.4f}" for k, a in sorted(aurocs.items(), key=lambda kv: -kv[1]["auroc"])))
 
@@ -107,11 +108,11 @@ def one_rate(rate, x, y_clean, xt, yt, recipe, seeds, folds, methods, log, conta
         if m.startswith(("mad:", "gmm:")):
             kind, sc = m.split(":", 1)
             v = -scores[sc] if sc in LOW_IS_SUSPICIOUS else scores[sc]
-            res = rules.flag_mad(v, 3.5, sc) if kind == "mad" else rules.flag_gmm(v, sc)
+            res = threshold.flag_mad(v, 3.5, sc) if kind == "mad" else threshold.flag_gmm(v, sc)
         elif m == "isolation-forest":
             import torch
 
-            from pipeline.scores.gradnorm import forward_logits_features, last_layer_residual, project_last_layer_grads
+            from pipeline.scores.head import forward_logits_features, last_layer_residual, project_last_layer_grads
             from pipeline.training.infer import normalize
 
             feats = []
@@ -120,16 +121,16 @@ def one_rate(rate, x, y_clean, xt, yt, recipe, seeds, folds, methods, log, conta
                     lg, h = forward_logits_features(r1.model, normalize(x[s0:s0 + 1024], r1.mean, r1.std))
                     yy = torch.as_tensor(y[s0:s0 + 1024])
                     feats.append(project_last_layer_grads(last_layer_residual(lg.double(), yy), h.double(), 256, 0).numpy())
-            res = rules.flag_isolation_forest(np.concatenate(feats), contamination, 0)
+            res = outliers.flag_isolation_forest(np.concatenate(feats), contamination, 0)
         elif m == "confident":
             probs = out_of_sample_probs(x, y, 10, replace(recipe, track=0), folds, seed=0)
-            res = rules.flag_confident(probs, y)
+            res = confident.flag_confident(probs, y)
         else:
             raise SystemExit(f"unknown method {m}")
         secs = time.perf_counter() - t  # cleanlab's includes its k-fold trainings
-        p, r = rules.precision_recall(res.flagged, noisy)
+        p, r = metrics.precision_recall(res.flagged, noisy)
         flags[m] = {"rule": res.rule, "n_flagged": int(res.flagged.sum()), "precision": p, "recall": r,
-                    "auroc": rules.auroc(res.value, noisy), "seconds": secs, "flagged": res.flagged}
+                    "auroc": metrics.auroc(res.value, noisy), "seconds": secs, "flagged": res.flagged}
         log(f"flag {m}: {res.flagged.sum()} flagged, precision {p:.3f}, recall {r:.3f}, "
             f"AUROC {flags[m]['auroc']:.4f}, {secs:.0f}s")
     out["flags"] = {k: {kk: vv for kk, vv in v.items() if kk != "flagged"} for k, v in flags.items()}

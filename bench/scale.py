@@ -109,7 +109,8 @@ def compare(a: Path, b: Path) -> str:
 
 
 def cpu_part(args, work: Path) -> None:
-    from pipeline.training.fit import Recipe, train
+    from pipeline.stages.train import train
+    from pipeline.training.recipe import Recipe
 
     cores = os.cpu_count() or 1
     manifest = make_data(work / "cpu", args.n)
@@ -140,7 +141,8 @@ def gpu_part(args, work: Path) -> None:
     import torch
 
     from pipeline.stages.score import score
-    from pipeline.training.fit import Recipe, train
+    from pipeline.stages.train import train
+    from pipeline.training.recipe import Recipe
 
     if not torch.cuda.is_available():
         print("\nGPU: none visible (torch.cuda.is_available() is False); skipped")

@@ -24,6 +24,13 @@ app = typer.Typer(
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read (defaults are used for missing keys).")
 
 
+def _one_of(key: str, prefix: str = "", key_note: bool = True) -> str:
+    """Option help 'a | b | c (params: key)' from params.py's CHOICES (which read the registries)."""
+    from pipeline.params import CHOICES
+
+    return prefix + " | ".join(CHOICES[key]) + (f" (params: {key})" if key_note else "")
+
+
 def _params(path: Path, **overrides):
     from pipeline.params import load_params, override
 
@@ -38,29 +45,17 @@ def _check_out_dir(out: Path) -> None:
         raise CleanError(f"--out {out} is a file; give a folder for the model (e.g. models/base)")
 
 
-def _stage_progress():
-    """progress(stage, done, total) callback printing one line per stage (prepare's protocol)."""
-    seen = set()
-
-    def cb(stage: str, done: int, total: int) -> None:
-        if stage not in seen:
-            seen.add(stage)
-            console.print(f"[dim]{stage}: {total} item(s)[/]", highlight=False)
-
-    return cb
-
-
 @app.command()
 @handle_errors
 def prepare(
-    source: Optional[str] = typer.Option(None, help="digits | fashion-mnist | imagefolder | csv (params: data.source)"),
+    source: Optional[str] = typer.Option(None, help=_one_of("data.source")),
     root: Optional[str] = typer.Option(None, help="image folder, CSV file, or IDX folder (params: data.root)"),
     out: Path = typer.Option(Path("data"), help="folder for manifest.csv, classes.json, problems.csv"),
     val_frac: Optional[float] = typer.Option(None, help="validation fraction of the training part (params: data.val_frac)"),
     test_frac: Optional[float] = typer.Option(None, help="test fraction when the source has no test split (params: data.test_frac)"),
     seed: Optional[int] = typer.Option(None, help="split seed (params: data.seed)"),
     noise_rate: Optional[float] = typer.Option(None, help="fraction of training labels to corrupt (params: noise.rate)"),
-    noise_kind: Optional[str] = typer.Option(None, help="symmetric | pairs (params: noise.kind)"),
+    noise_kind: Optional[str] = typer.Option(None, help=_one_of("noise.kind")),
     params: Path = PARAMS,
 ):
     """Read a source into data/manifest.csv (id,path,label,split), classes.json and problems.csv."""
@@ -69,9 +64,10 @@ def prepare(
     p = _params(params, data__source=source, data__root=root, data__val_frac=val_frac,
                 data__test_frac=test_frac, data__seed=seed, noise__rate=noise_rate, noise__kind=noise_kind)
     d, nz = p["data"], p["noise"]
-    s = run(d["source"], d["root"], out, val_frac=d["val_frac"], test_frac=d["test_frac"], seed=d["seed"],
-            classes=d["classes"], noise_rate=nz["rate"], noise_kind=nz["kind"], noise_pairs=nz["pairs"],
-            noise_seed=nz["seed"], progress=_stage_progress())
+    with RichProgress() as prog:
+        s = run(d["source"], d["root"], out, val_frac=d["val_frac"], test_frac=d["test_frac"], seed=d["seed"],
+                classes=d["classes"], noise_rate=nz["rate"], noise_kind=nz["kind"], noise_pairs=nz["pairs"],
+                noise_seed=nz["seed"], progress=prog)
     rows = [(k, v) for k, v in s.get("counts", {}).items()]
     console.print(table(f"prepared {s.get('source')} → {out}/manifest.csv", ["split", "images"], rows))
     if s.get("n_noisy"):
@@ -92,12 +88,12 @@ def train(
     pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="start from timm weights (params: model.pretrained)"),
     epochs: Optional[int] = typer.Option(None, help="epochs (params: train.epochs)"),
     batch_size: Optional[int] = typer.Option(None, help="batch size (params: train.batch_size)"),
-    optimizer: Optional[str] = typer.Option(None, help="sgd | adam | adamw (params: train.optimizer)"),
+    optimizer: Optional[str] = typer.Option(None, help=_one_of("train.optimizer")),
     lr: Optional[float] = typer.Option(None, help="learning rate (params: train.lr)"),
     weight_decay: Optional[float] = typer.Option(None, help="weight decay (params: train.weight_decay)"),
-    schedule: Optional[str] = typer.Option(None, help="constant | cosine | step (params: train.schedule)"),
+    schedule: Optional[str] = typer.Option(None, help=_one_of("train.schedule")),
     seed: Optional[List[int]] = typer.Option(None, help="seed for init, shuffling, dropout; repeat for several runs (params: train.seeds)"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (params: train.device)"),
+    device: Optional[str] = typer.Option(None, help=_one_of("train.device")),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its newest epoch state (OUT/.partial/); same settings required"),
     amp: Optional[str] = typer.Option(None, help="mixed precision: auto | off | bf16 | fp16 (params: train.amp)"),
     workers: Optional[int] = typer.Option(None, help="processes decoding streamed images (params: train.workers)"),
@@ -108,7 +104,8 @@ def train(
 
     Runs data-parallel under torchrun: torchrun --standalone --nproc-per-node N --no-python clean train ..."""
     from pipeline.distributed import is_main
-    from pipeline.training.fit import Recipe, train as run
+    from pipeline.stages.train import train as run
+    from pipeline.training.recipe import Recipe
 
     p = _params(params, model__name=model, model__pretrained=pretrained, train__epochs=epochs,
                 train__batch_size=batch_size, train__optimizer=optimizer, train__lr=lr,
@@ -154,7 +151,7 @@ def evaluate(
     manifest: Path = typer.Option(Path("data/manifest.csv"), help="manifest holding the test split"),
     name: str = typer.Option("base", help="version name: writes metrics/<name>.json, plots/confusion_<name>.csv"),
     split: str = typer.Option("test", help="split to evaluate on"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (params: train.device)"),
+    device: Optional[str] = typer.Option(None, help=_one_of("train.device")),
     params: Path = PARAMS,
 ):
     """Evaluate a model on the untouched test split → metrics/<name>.json for `dvc metrics diff`."""
@@ -162,7 +159,8 @@ def evaluate(
 
     p = _params(params, train__device=device)
     with RichProgress() as prog:
-        m = run(model, manifest, name, split=split, device=p["train"]["device"], progress=prog)
+        m = run(model, manifest, name, Path("metrics"), Path("plots"), split=split, device=p["train"]["device"],
+                progress=prog)
     rows = [("accuracy", _pm(m)), ("loss", m["loss"]), ("n", m["n"]), ("seeds", m["n_seeds"])]
     rows += [(f"accuracy[{k}]", v) for k, v in m["per_class_accuracy"].items()]
     console.print(table(f"{name}: {model} on {split}", ["metric", "value"], rows))
@@ -174,13 +172,13 @@ def score(
     path: Path = typer.Argument(Path("data/manifest.csv"), help="a manifest, an image folder (root/<class>/<image>) or a CSV of path,label"),
     model: str = typer.Option("models/base", help="trained model folder, or a model name to train first on PATH (e.g. resnet18)"),
     out: Path = typer.Option(Path("scores"), help="folder for scores.csv and meta.json"),
-    norm: Optional[str] = typer.Option(None, help="l1 | l2 | linf (params: score.norm)"),
-    subset: Optional[str] = typer.Option(None, help="gradient w.r.t.: last | weights | biases | all (params: score.params)"),
+    norm: Optional[str] = typer.Option(None, help=_one_of("score.norm")),
+    subset: Optional[str] = typer.Option(None, help=_one_of("score.params", "gradient w.r.t.: ")),
     batch_size: Optional[int] = typer.Option(None, help="scoring batch size (params: score.batch_size)"),
-    split: Optional[str] = typer.Option(None, help="train | val | test | all (params: score.split)"),
+    split: Optional[str] = typer.Option(None, help=_one_of("score.split")),
     self_influence: Optional[bool] = typer.Option(None, "--self-influence/--no-self-influence", help="TracIn over checkpoints (params: score.self_influence)"),
     epochs: Optional[int] = typer.Option(None, help="epochs when --model is a name to train (params: train.epochs)"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (params: train.device)"),
+    device: Optional[str] = typer.Option(None, help=_one_of("train.device")),
     workers: Optional[int] = typer.Option(None, help="processes decoding streamed images (params: train.workers)"),
     cache_max_gb: Optional[float] = typer.Option(None, help="decoded images beyond this many GiB are streamed from disk (params: data.cache_max_gb)"),
     top: int = typer.Option(10, help="rows in the top-scoring table"),
@@ -188,51 +186,20 @@ def score(
 ):
     """Score every training image (loss, gradient norm, AUM, forgetting, self-influence, ...) → scores/scores.csv.
 
-    Columns: loss, grad_norm, el2n, margin, aum, forgetting, confidence, variability, self_influence.
+    One column per registered score (docs/methods.md §1); `clean score --help` lists the options.
     Runs sharded under torchrun: torchrun --standalone --nproc-per-node N --no-python clean score ..."""
     from pipeline.distributed import is_main
-    from pipeline.errors import CleanError
-    from pipeline.stages.score import score as run
-    from pipeline.data.standalone import as_manifest
+    from pipeline.stages.score import score_input
 
     p = _params(params, score__norm=norm, score__params=subset, score__batch_size=batch_size,
                 score__split=split, score__self_influence=self_influence, train__epochs=epochs,
                 train__device=device, train__workers=workers, data__cache_max_gb=cache_max_gb)
-    main = is_main()
-    sc = p["score"]
-    model_dir = Path(model)
-    if not (model_dir / "config.json").exists():
-        if model_dir.exists() or "/" in model:
-            raise CleanError(f"{model_dir}/config.json not found; train a model first (clean train --out {model_dir}) "
-                             "or pass a model name such as resnet18 to train one on PATH")
-        manifest, summary = as_manifest(path, out / "input")
-        if main:
-            _report_input(summary, out / "input")
-        from pipeline.training.fit import Recipe, train as run_train
-
-        recipe = Recipe.from_params(p)
-        recipe.model = model
-        model_dir = Path("models") / model
-        if main:
-            console.print(f"training {model} on {manifest} for {recipe.epochs} epoch(s) → {model_dir}")
-        with _progress() as prog:
-            run_train(manifest, model_dir, recipe, progress=prog)
-    else:
-        from pipeline.models import check_fits_data, read_config
-
-        cfg = read_config(model_dir)
-        manifest, summary = as_manifest(path, out / "input", cfg["classes"])
-        if main:
-            _report_input(summary, out / "input")
-        check_fits_data(cfg, manifest, model_dir)
     with _progress() as prog:
-        df = run(model_dir, manifest, out, norm=sc["norm"], params=sc["params"], batch_size=sc["batch_size"],
-                 device=p["train"]["device"], split=sc["split"] if manifest == path else "train",
-                 with_self_influence=sc["self_influence"], progress=prog,
-                 cache_max_gb=p["data"]["cache_max_gb"], workers=p["train"]["workers"])
+        df, model_dir = score_input(path, model, out, p, progress=prog,
+                                    on_input=_report_input if is_main() else None)
     if df is None:  # another rank of a torchrun job: rank 0 wrote the files
         return
-    _score_tables(df, model_dir, sc, top)
+    _score_tables(df, model_dir, p["score"], top)
     console.print(f"wrote {out}/scores.csv ({len(df)} rows) and {out}/meta.json")
 
 
@@ -254,9 +221,9 @@ def _score_tables(df, model_dir: Path, sc: dict, top: int) -> None:
                         ["id", "label", "pred", "loss", "grad_norm", "aum", "path"],
                         [(r.id, name(r.label), name(r.pred), r.loss, r.grad_norm, r.aum, r.path)
                          for r in head.itertuples()]))
-    from pipeline.stages.score import SCORE_COLUMNS
+    from pipeline.registry import SCORES
 
-    cols = [c for c in SCORE_COLUMNS if df[c].notna().any()]
+    cols = [c for c in SCORES.names() if df[c].notna().any()]
     qs = df[cols].quantile([0.0, 0.25, 0.5, 0.75, 0.95, 1.0])
     console.print(table("score quantiles", ["score", "min", "q25", "median", "q75", "q95", "max"],
                         [(c, *[float(qs.loc[q, c]) for q in qs.index]) for c in cols]))
@@ -271,7 +238,7 @@ def _score_tables(df, model_dir: Path, sc: dict, top: int) -> None:
 def flag(
     scores: Path = typer.Option(Path("scores/scores.csv"), help="scores from `clean score`"),
     out: Path = typer.Option(Path("scores"), help="folder for flags.csv"),
-    method: Optional[str] = typer.Option(None, help="quantile | mad | gmm | isolation-forest | confident (params: flag.method)"),
+    method: Optional[str] = typer.Option(None, help=_one_of("flag.method")),
     score: Optional[str] = typer.Option(None, help="score column for quantile/mad/gmm (params: flag.score)"),
     quantile: Optional[float] = typer.Option(None, help="flag the top q (params: flag.quantile)"),
     threshold: Optional[float] = typer.Option(None, help="robust z threshold (params: flag.threshold)"),
@@ -283,27 +250,19 @@ def flag(
     params: Path = PARAMS,
 ):
     """Flag suspicious training images → scores/flags.csv (id,flagged,rule,value)."""
+    from pipeline.device import resolve_device
     from pipeline.stages.flag import flag as run
-    from pipeline.io import write_json
-    from pipeline.training.fit import Recipe
+    from pipeline.training.recipe import Recipe
 
     p = _params(params, flag__method=method, flag__score=score, flag__quantile=quantile,
                 flag__threshold=threshold, flag__contamination=contamination, flag__folds=folds)
     f = p["flag"]
-    from pipeline.device import resolve_device
-
     with RichProgress() as prog:
         s = run(scores, out, method=f["method"], score=f["score"], quantile=f["quantile"], threshold=f["threshold"],
                 contamination=f["contamination"], projection_dim=f["projection_dim"], folds=f["folds"],
                 seed=f["seed"], model_dir=model, manifest=manifest, recipe=Recipe.from_params(p),
-                device=resolve_device(p["train"]["device"]), progress=prog)
-    if metrics:
-        write_json(metrics, s)
+                device=resolve_device(p["train"]["device"]), progress=prog, metrics_path=metrics, grid=f["grid"])
     if f["grid"]:
-        from pipeline.views.grid import top_grid
-
-        top_grid(scores, by="value", k=f["grid"], path=out / "top_flagged.png", flags_csv=out / "flags.csv",
-                 only_flagged=True, manifest=manifest)
         console.print(f"grid of the top flagged images → {out}/top_flagged.png")
     rows = [("rule", s["rule"]), ("flagged", f"{s['n_flagged']} of {s['n']} ({s['n_flagged'] / max(s['n'], 1):.1%})")]
     for k in ("n_noisy", "precision", "recall", "auroc"):
@@ -315,12 +274,11 @@ def flag(
 
 
 def _flag_tables(scores: Path, flags: Path, manifest: Path, top: int = 10) -> None:
-    import pandas as pd
-
-    from pipeline.data.dataset import classes_path_for, read_classes
+    from pipeline.formats.manifest import classes_path_for, read_classes
+    from pipeline.formats.tables import join_flags, read_flags, read_scores
 
     classes = read_classes(classes_path_for(manifest))["classes"]
-    df = pd.read_csv(scores).merge(pd.read_csv(flags), on="id")
+    df = join_flags(read_scores(scores, ["path", "pred"]), read_flags(flags), flags).rename(columns={"flag_value": "value"})
     per = df.groupby("label").agg(n=("id", "size"), flagged=("flagged", "sum"))
     console.print(table("flagged per class", ["class", "n", "flagged", "%"],
                         [(classes[c], int(r.n), int(r.flagged), f"{r.flagged / r.n:.1%}") for c, r in per.iterrows()]))
@@ -338,7 +296,7 @@ def prune(
     flags: Path = typer.Option(Path("scores/flags.csv"), help="flags from `clean flag` (drop-flagged)"),
     out: Path = typer.Option(Path("data/pruned.csv"), help="the new dataset version (a manifest)"),
     summary: Path = typer.Option(Path("prune/summary.json"), help="kept per class, label entropy"),
-    strategy: Optional[str] = typer.Option(None, help="random | max-gradient | non-extreme | gradient-cdf | drop-flagged (params: prune.strategy)"),
+    strategy: Optional[str] = typer.Option(None, help=_one_of("prune.strategy")),
     by: Optional[str] = typer.Option(None, help="score column driving the selection (params: prune.by)"),
     keep: Optional[float] = typer.Option(None, help="fraction of training samples to keep (params: prune.keep)"),
     skip: Optional[float] = typer.Option(None, help="non-extreme: top fraction skipped (params: prune.skip)"),
@@ -372,21 +330,20 @@ def retrain(
     name: str = typer.Option("pruned", help="version name: metrics/<name>.json"),
     epochs: Optional[int] = typer.Option(None, help="epochs (params: train.epochs)"),
     seed: Optional[List[int]] = typer.Option(None, help="seed(s) (params: train.seeds)"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (params: train.device)"),
+    device: Optional[str] = typer.Option(None, help=_one_of("train.device")),
     params: Path = PARAMS,
 ):
     """Retrain from scratch on a pruned manifest and evaluate on the untouched test split → metrics/<name>.json.
 
     Same recipe, fresh initialisation, one run per seed in train.seeds."""
-    from pipeline.stages.evaluate import evaluate as run_eval
-    from pipeline.training.fit import Recipe, train as run_train
+    from pipeline.stages.retrain import retrain as run
+    from pipeline.training.recipe import Recipe
 
     p = _params(params, train__epochs=epochs, train__seeds=list(seed) if seed else None, train__device=device)
-    recipe = Recipe.from_params(p)
     _check_out_dir(out)
     with RichProgress() as prog:
-        run_train(manifest, out, recipe, seeds=p["train"]["seeds"], progress=prog)
-        m = run_eval(out, test_manifest, name, device=p["train"]["device"], progress=prog)
+        m = run(manifest, test_manifest, out, name, Recipe.from_params(p), p["train"]["seeds"], p["train"]["device"],
+                Path("metrics"), Path("plots"), progress=prog)
     console.print(table(f"{name}: retrained on {manifest}, tested on {test_manifest}", ["metric", "value"],
                         [("n_train", m["n_train"]), ("accuracy", _pm(m)), ("loss", m["loss"])]))
 
@@ -398,7 +355,7 @@ app.add_typer(sweep_app, name="sweep")
 @sweep_app.command("point")
 @handle_errors
 def sweep_point(
-    strategy: str = typer.Option(..., help="random | max-gradient | non-extreme | gradient-cdf | drop-flagged"),
+    strategy: str = typer.Option(..., help=_one_of("prune.strategy", key_note=False)),
     keep: float = typer.Option(..., help="fraction of the training set kept"),
     out: Path = typer.Option(..., help="folder for this point (pruned.csv, metrics.json)"),
     manifest: Path = typer.Option(Path("data/manifest.csv")),
@@ -408,7 +365,7 @@ def sweep_point(
 ):
     """One sweep point: prune, retrain (every seed) and evaluate."""
     from pipeline.stages.sweep import sweep_point as run
-    from pipeline.training.fit import Recipe
+    from pipeline.training.recipe import Recipe
 
     p = _params(params, prune__strategy=strategy, prune__keep=keep)
     q = p["prune"]

@@ -7,8 +7,6 @@ from pathlib import Path
 from pipeline.errors import CleanError
 from pipeline.io import atomic_path, write_json
 
-SMALL_NETS = {"small_cnn", "small_cnn_bn"}
-
 
 def create_model(name: str, num_classes: int, in_chans: int, img_size: tuple[int, int],
                  pretrained: bool = False, weights: str | None = None):
@@ -29,6 +27,8 @@ def create_model(name: str, num_classes: int, in_chans: int, img_size: tuple[int
         raise CleanError(f"model.name: unknown model '{name}'. Use a timm model name "
                          f"(e.g. resnet18, efficientnet_b0) or small_cnn / small_cnn_bn.{hint}")
     kwargs = dict(num_classes=num_classes, in_chans=in_chans)
+    from pipeline.nets import SMALL_NETS
+
     if name in SMALL_NETS:
         kwargs["img_size"] = tuple(img_size)
         if pretrained:
@@ -149,7 +149,7 @@ def check_fits_data(cfg: dict, manifest: str | Path, model_dir: str | Path) -> N
 
     The data's are in classes.json next to the manifest (skipped when there is none).
     """
-    from pipeline.data.dataset import classes_path_for, read_classes
+    from pipeline.formats.manifest import classes_path_for, read_classes
 
     cpath = classes_path_for(manifest)
     if not cpath.exists():

@@ -13,22 +13,11 @@ from typing import Any
 import yaml
 
 from pipeline.errors import CleanError
-
-SOURCES = ["digits", "fashion-mnist", "imagefolder", "csv"]
-NOISE_KINDS = ["symmetric", "pairs"]
-OPTIMIZERS = ["sgd", "adam", "adamw"]
-SCHEDULES = ["constant", "cosine", "step"]
-DEVICES = ["auto", "cpu", "cuda"]
-NORMS = ["l1", "l2", "linf"]
-PARAM_SUBSETS = ["last", "weights", "biases", "all"]
-FLAG_METHODS = ["quantile", "mad", "gmm", "isolation-forest", "confident"]
-STRATEGIES = ["random", "max-gradient", "non-extreme", "gradient-cdf", "drop-flagged"]
-SCORE_NAMES = ["loss", "grad_norm", "el2n", "margin", "aum", "forgetting", "confidence", "variability",
-               "self_influence"]
+from pipeline.registry import RULES, SCORES, SOURCES, STRATEGIES
 
 DEFAULTS: dict[str, Any] = {
     "data": {
-        "source": "digits",   # digits | fashion-mnist | imagefolder | csv
+        "source": "digits",   # a data source (registry: pipeline/data/sources.py)
         "root": None,         # folder / CSV / IDX folder; null = the source's default
         "classes": None,      # optional fixed class list; other labels go to problems.csv
         "val_frac": 0.1,      # of the training part
@@ -58,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
         "schedule": "cosine", # constant | cosine | step
         "step_size": 10,      # epochs between lr drops (schedule=step)
         "gamma": 0.1,         # lr factor per drop (schedule=step)
-        "seeds": [0],         # one run per seed; the first is the model that gets scored
+        "seeds": [0, 1, 2],   # one run per seed (mean ± std); the first is the model that gets scored
         "device": "auto",     # auto | cpu | cuda
         "checkpoint_every": 1,  # epochs between checkpoints (self-influence uses them)
         "track": 256,         # random training samples whose gradient norm is recorded each epoch
@@ -73,8 +62,8 @@ DEFAULTS: dict[str, Any] = {
         "self_influence": True,  # TracIn over the epoch checkpoints (one pass per checkpoint)
     },
     "flag": {
-        "method": "mad",      # quantile | mad | gmm | isolation-forest | confident
-        "score": "aum",       # score column for quantile / mad / gmm
+        "method": "mad",      # a flag rule (registry: pipeline/rules/)
+        "score": "aum",       # score column for the threshold rules (registry: pipeline/scores/)
         "quantile": 0.05,     # quantile: flag the top q
         "threshold": 3.5,     # mad: robust z above this
         "contamination": 0.05,  # isolation-forest
@@ -84,7 +73,7 @@ DEFAULTS: dict[str, Any] = {
         "grid": 36,           # images in the top-flagged grid (0 = none)
     },
     "prune": {
-        "strategy": "drop-flagged",  # random | max-gradient | non-extreme | gradient-cdf | drop-flagged
+        "strategy": "drop-flagged",  # a prune strategy (registry: pipeline/strategies.py)
         "by": "grad_norm",    # score column that orders / weights the selection
         "keep": 0.8,          # fraction of the training set to keep (not drop-flagged)
         "skip": 0.05,         # non-extreme: top fraction skipped
@@ -97,21 +86,23 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
+#: Allowed values of every key with a fixed set; the registries supply scores, rules, strategies, sources.
 CHOICES = {
-    "data.source": SOURCES,
-    "noise.kind": NOISE_KINDS,
-    "train.optimizer": OPTIMIZERS,
-    "train.schedule": SCHEDULES,
-    "train.device": DEVICES,
+    "data.source": SOURCES.names(),
+    "noise.kind": ["symmetric", "pairs"],
+    "train.optimizer": ["sgd", "adam", "adamw"],
+    "train.schedule": ["constant", "cosine", "step"],
+    "train.device": ["auto", "cpu", "cuda"],
     "train.amp": ["auto", "off", "bf16", "fp16"],
-    "score.norm": NORMS,
-    "score.params": PARAM_SUBSETS,
+    "score.norm": ["l1", "l2", "linf"],
+    "score.params": ["last", "weights", "biases", "all"],
     "score.split": ["train", "val", "test", "all"],
-    "flag.method": FLAG_METHODS,
-    "flag.score": SCORE_NAMES,
-    "prune.strategy": STRATEGIES,
-    "prune.by": SCORE_NAMES,
+    "flag.method": RULES.names(),
+    "flag.score": SCORES.names(),
+    "prune.strategy": STRATEGIES.names(),
+    "prune.by": SCORES.names(),
 }
+
 
 # (low, high, low_inclusive, high_inclusive)
 RANGES = {
@@ -245,7 +236,7 @@ def _check_free(p: dict, where: str) -> None:
     root = p["data"]["root"]
     if root is not None and not isinstance(root, str):
         raise CleanError(f"{where}: data.root must be null or a path string, got {root!r}")
-    if p["data"]["source"] in ("imagefolder", "csv") and root is None:
+    if "root" in SOURCES[p["data"]["source"]].needs and root is None:
         raise CleanError(f"{where}: data.source = {p['data']['source']} needs data.root "
                          f"(the {'image folder' if p['data']['source'] == 'imagefolder' else 'CSV file'})")
     pairs = p["noise"]["pairs"]
@@ -258,7 +249,7 @@ def _check_free(p: dict, where: str) -> None:
         raise CleanError(f"{where}: train.seeds must be a non-empty list of distinct integers ≥ 0, got {seeds!r}")
     strategies = p["sweep"]["strategies"]
     if not (isinstance(strategies, list) and strategies and all(s in STRATEGIES for s in strategies)):
-        raise CleanError(f"{where}: sweep.strategies must be a non-empty list from: {', '.join(STRATEGIES)}; "
+        raise CleanError(f"{where}: sweep.strategies must be a non-empty list from: {', '.join(STRATEGIES.names())}; "
                          f"got {strategies!r}")
     keeps = p["sweep"]["keeps"]
     if not (isinstance(keeps, list) and keeps and all(

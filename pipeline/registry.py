@@ -101,6 +101,14 @@ class Registry:
         self._load()
         return len(self._entries)
 
+    def __eq__(self, other) -> bool:
+        """A registry equals the sequence of its names (registration order)."""
+        if isinstance(other, (list, tuple)):
+            return tuple(self.names()) == tuple(other)
+        return self is other
+
+    __hash__ = object.__hash__
+
     def names(self) -> list[str]:
         """The registered names, in registration order."""
         self._load()

@@ -1,7 +1,7 @@
-"""Subset selection (the `prune` stage): which training samples to keep.
+"""Prune strategies (remedies): which training samples to keep. The STRATEGIES registry.
 
-:func:`select` keeps a fraction ``keep`` of the training set by one of the strategies of
-METHODS.md §3, optionally class-balanced; :func:`summary` and :func:`label_entropy` describe
+Each strategy is one registered function below; :func:`select` keeps a fraction ``keep`` of
+the training set by one of them (docs/methods.md §3), optionally class-balanced; :func:`summary` and :func:`label_entropy` describe
 the kept set (kept per class, label entropy: top-gradient selection skews the class mix).
 
 Strategies (``prune.strategy``):
@@ -37,8 +37,7 @@ import math
 import numpy as np
 
 from pipeline.errors import CleanError
-
-STRATEGIES = ("random", "max-gradient", "non-extreme", "gradient-cdf", "drop-flagged")
+from pipeline.registry import STRATEGIES
 
 
 # --------------------------------------------------------------------------- validation
@@ -118,28 +117,58 @@ def _desc_order(scores: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(scores.size), -scores))
 
 
-def _pick(scores: np.ndarray, n: int, strategy: str, rng: np.random.Generator, skip: float) -> np.ndarray:
-    """n local indices (unsorted) of ``scores`` chosen by ``strategy``."""
+@STRATEGIES.register("random", doc="uniform without replacement (the baseline)")
+def random_subset(scores: np.ndarray, n: int, rng: np.random.Generator, skip: float) -> np.ndarray:
+    """n indices drawn uniformly without replacement."""
+    return rng.choice(scores.size, size=n, replace=False)
+
+
+@STRATEGIES.register("max-gradient", needs=("score",), doc="keep the largest prune.by")
+def max_gradient(scores: np.ndarray, n: int, rng: np.random.Generator, skip: float) -> np.ndarray:
+    """The n largest scores; ties by index."""
+    return _desc_order(scores)[:n]
+
+
+@STRATEGIES.register("non-extreme", needs=("score",), doc="skip the top prune.skip, then keep the largest")
+def non_extreme(scores: np.ndarray, n: int, rng: np.random.Generator, skip: float) -> np.ndarray:
+    """Sort descending, skip the top round(skip·N), keep the next n (window shifted up if short)."""
     size = scores.size
+    start = min(int(round(skip * size)), size - n)
+    return _desc_order(scores)[start : start + n]
+
+
+@STRATEGIES.register("gradient-cdf", needs=("score",), doc="sample ∝ prune.by, without replacement")
+def gradient_cdf(scores: np.ndarray, n: int, rng: np.random.Generator, skip: float) -> np.ndarray:
+    """Successive sampling with P(i) ∝ g_i (Efraimidis–Spirakis keys E_i / g_i); zeros last."""
+    pos = np.flatnonzero(scores > 0)
+    if pos.size >= n:
+        keys = rng.standard_exponential(pos.size) / scores[pos]
+        return pos[np.argsort(keys, kind="stable")[:n]]
+    zeros = np.flatnonzero(scores <= 0)
+    fill = rng.choice(zeros, size=n - pos.size, replace=False)
+    return np.concatenate([pos, fill])
+
+
+@STRATEGIES.register("drop-flagged", needs=("flags",), doc="keep everything `clean flag` did not flag")
+def drop_flagged(flagged: np.ndarray) -> np.ndarray:
+    """Indices of the samples not flagged (bool [N], True = drop)."""
+    n = flagged.shape[0]
+    f = np.asarray(flagged)
+    if f.dtype.kind != "b":
+        if not np.isin(f, (0, 1)).all():
+            raise CleanError(f"flagged must be boolean (or 0/1), got dtype {f.dtype}")
+        f = f.astype(bool)
+    kept = np.flatnonzero(~f).astype(np.int64)
+    if kept.size == 0:
+        raise CleanError(f"drop-flagged would keep 0 of {n} samples: every sample is flagged")
+    return kept
+
+
+def _pick(scores: np.ndarray, n: int, strategy: str, rng: np.random.Generator, skip: float) -> np.ndarray:
+    """n local indices (unsorted) of ``scores`` chosen by the registered ``strategy``."""
     if n <= 0:
         return np.empty(0, dtype=np.int64)
-    if strategy == "random":
-        return rng.choice(size, size=n, replace=False)
-    if strategy == "max-gradient":
-        return _desc_order(scores)[:n]
-    if strategy == "non-extreme":
-        n_skip = int(round(skip * size))
-        start = min(n_skip, size - n)
-        return _desc_order(scores)[start : start + n]
-    if strategy == "gradient-cdf":
-        pos = np.flatnonzero(scores > 0)
-        if pos.size >= n:
-            keys = rng.standard_exponential(pos.size) / scores[pos]
-            return pos[np.argsort(keys, kind="stable")[:n]]
-        zeros = np.flatnonzero(scores <= 0)
-        fill = rng.choice(zeros, size=n - pos.size, replace=False)
-        return np.concatenate([pos, fill])
-    raise AssertionError(strategy)  # pragma: no cover
+    return STRATEGIES[strategy].fn(scores, n, rng, skip)
 
 
 def select(
@@ -162,7 +191,7 @@ def select(
     """
     if strategy not in STRATEGIES:
         raise CleanError(
-            f"prune.strategy must be one of: {', '.join(STRATEGIES)}; got {_fmt(strategy)}"
+            f"prune.strategy must be one of: {', '.join(STRATEGIES.names())}; got {_fmt(strategy)}"
         )
     try:
         s = np.asarray(scores, dtype=float)
@@ -175,30 +204,23 @@ def select(
         raise CleanError("nothing to select from: the score vector is empty")
     y = _check_labels(labels, n)
 
-    if strategy == "drop-flagged":
+    if "flags" in STRATEGIES[strategy].needs:
         if flagged is None:
             raise CleanError(
-                "prune.strategy 'drop-flagged' needs the flag stage's output (flagged); "
+                f"prune.strategy '{strategy}' needs the flag stage's output (flagged); "
                 "run `clean flag` first or choose another strategy"
             )
         f = np.asarray(flagged)
         if f.shape != (n,):
             raise CleanError(f"flagged must be a 1-D array [N] with N = {n}, got shape {f.shape}")
-        if f.dtype.kind != "b":
-            if not np.isin(f, (0, 1)).all():
-                raise CleanError(f"flagged must be boolean (or 0/1), got dtype {f.dtype}")
-            f = f.astype(bool)
-        kept = np.flatnonzero(~f).astype(np.int64)
-        if kept.size == 0:
-            raise CleanError(f"drop-flagged would keep 0 of {n} samples: every sample is flagged")
-        return kept
+        return STRATEGIES[strategy].fn(f)
 
     n_keep = n_keep_for(keep, n)
     seed = _check_seed(seed)
     sk = _as_float(skip, "prune.skip")
     if not (0.0 <= sk < 1.0):
         raise CleanError(f"prune.skip must be in [0, 1), got {_fmt(skip)}")
-    if strategy in ("max-gradient", "non-extreme", "gradient-cdf"):
+    if "score" in STRATEGIES[strategy].needs:
         bad = int(np.count_nonzero(~np.isfinite(s)))
         if bad:
             raise CleanError(f"strategy '{strategy}' needs finite scores; {bad} are NaN/inf")

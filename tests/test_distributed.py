@@ -18,7 +18,9 @@ from pipeline.errors import CleanError
 from pipeline.stages.prepare import prepare
 from pipeline.stages.score import score
 from pipeline.data.stream import StreamImages, iter_batches, open_split
-from pipeline.training.fit import Recipe, _local_slice, amp_dtype, channel_stats, fit, train
+from pipeline.stages.train import train
+from pipeline.training.fit import _local_slice, channel_stats, fit
+from pipeline.training.recipe import Recipe, amp_dtype
 
 from .helpers import make_imagefolder
 

@@ -1,19 +1,15 @@
-"""Tests for pipeline.rules.base: each rule on data with planted outliers, plus bad params."""
+"""Tests for pipeline/rules/: each rule on data with planted outliers, plus bad params."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from pipeline.errors import CleanError
-from pipeline.rules.base import (
-    FlagResult,
-    auroc,
-    flag_confident,
-    flag_isolation_forest,
-    flag_mad,
-    flag_quantile,
-    precision_recall,
-)
+from pipeline.rules.base import FlagResult
+from pipeline.rules.confident import flag_confident
+from pipeline.rules.metrics import auroc, precision_recall
+from pipeline.rules.outliers import flag_isolation_forest
+from pipeline.rules.threshold import flag_mad, flag_quantile
 
 
 @pytest.fixture(scope="module")
@@ -279,14 +275,15 @@ def test_gmm_finds_a_planted_mode_without_knowing_its_size():
     noisy = rng.normal(8.0, 1.5, 200)  # 20 % in a second mode
     v = np.concatenate([clean, noisy])
     truth = np.r_[np.zeros(800, bool), np.ones(200, bool)]
-    from pipeline.rules import base as flag
+    from pipeline.rules.metrics import precision_recall
+    from pipeline.rules.threshold import flag_gmm
 
-    res = flag.flag_gmm(v, "loss")
-    p, r = flag.precision_recall(res.flagged, truth)
+    res = flag_gmm(v, "loss")
+    p, r = precision_recall(res.flagged, truth)
     assert p > 0.98 and r > 0.98
     assert res.rule.startswith("gmm p(high loss) > 0.5") and "high weight 0.20" in res.rule
     assert ((res.value >= 0) & (res.value <= 1)).all()
     # the far low tail is never flagged even if the high component is wider
     assert not res.flagged[np.argmin(v)]
     # constant input flags nothing
-    assert not flag.flag_gmm(np.ones(10), "loss").flagged.any()
+    assert not flag_gmm(np.ones(10), "loss").flagged.any()

@@ -1,4 +1,4 @@
-"""Per-sample gradient norms (pipeline/gradnorm.py) against a per-sample backward loop.
+"""Per-sample gradient norms (pipeline/scores/engine.py, head.py, layers.py) against a per-sample backward loop.
 
 Reference: for each sample, zero the grads, backward its own loss, flatten the grads of
 the chosen parameter subset and take the norm. Everything is compared in float64.
@@ -13,12 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.errors import CleanError
-from pipeline.scores.gradnorm import (
+from pipeline.scores.engine import per_sample_grad_norms
+from pipeline.scores.head import (
     forward_logits_features,
     grad_vectors_last,
     last_layer_norms,
     last_layer_residual,
-    per_sample_grad_norms,
     project_last_layer_grads,
 )
 
@@ -298,7 +298,7 @@ def test_timm_norm_act_fast_path_matches_loop(timm):
 
 def test_cache_tiles_and_row_blocks(monkeypatch):
     """Tiny tile budget: one sample per chunk and one output row per block; same numbers."""
-    import pipeline.scores.gradnorm as gn
+    import pipeline.scores.layers as gn
 
     torch.manual_seed(0)
     model = SmallCNN().double()
@@ -335,7 +335,7 @@ def test_in_place_modified_input_is_recomputed():
 
 def test_input_preprocessed_before_first_module():
     """No leaf module sees the raw input (an op on x comes first): the input-grad path is used."""
-    import pipeline.scores.gradnorm as gn
+    import pipeline.scores.engine as gn
 
     class Pre(SmallCNN):
         def forward_features(self, x):
@@ -402,14 +402,14 @@ def test_random_projection_deterministic_and_exact():
     # batch independence
     torch.testing.assert_close(project_last_layer_grads(r[:3], h[:3], dim=20, seed=3), p1[:3])
     # equals projecting the explicitly materialised vec(r ⊗ h) ⊕ r
-    from pipeline.scores.gradnorm import _projection
+    from pipeline.scores.head import _projection
 
     P, Pb = _projection(5, 6, 20, 3, torch.float64, r.device)
     full = torch.cat([P.reshape(20, -1), Pb], 1)
     explicit = torch.cat([(r[:, :, None] * h[:, None, :]).reshape(7, -1), r], 1)
     torch.testing.assert_close(p1, explicit @ full.T, rtol=1e-10, atol=1e-12)
     # the streaming path (projection too big to cache) gives the same numbers
-    import pipeline.scores.gradnorm as gn
+    import pipeline.scores.head as gn
 
     old = gn._PROJ_CACHE_MAX_ELEMS
     try:

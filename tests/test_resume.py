@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from pipeline.errors import CleanError
 from pipeline.stages.prepare import prepare
-from pipeline.training.fit import PARTIAL, Recipe, train
+from pipeline.stages.train import PARTIAL, train
+from pipeline.training.recipe import Recipe
 
 from .helpers import make_imagefolder
 

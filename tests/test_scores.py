@@ -9,12 +9,16 @@ import torch
 
 from pipeline.scores.dynamics import aum, confidence, dynamics_scores, forgetting, variability
 from pipeline.errors import CleanError
-from pipeline.scores.gradnorm import per_sample_grad_norms
+from pipeline.scores.engine import per_sample_grad_norms
 from pipeline.training.infer import normalize
 from pipeline.models import load_trained, load_weights
 from pipeline.stages.prepare import prepare
-from pipeline.stages.score import COLUMNS, forward_scores, score
-from pipeline.training.fit import Recipe, train
+from pipeline.scores.compute import forward_scores
+from pipeline.stages.score import columns, score
+
+COLUMNS = columns()
+from pipeline.stages.train import train
+from pipeline.training.recipe import Recipe
 
 from .helpers import make_imagefolder
 

@@ -6,14 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.data.dataset import load_split, read_manifest
+from pipeline.data.dataset import load_split
+from pipeline.formats.manifest import read_manifest
 from pipeline.errors import CleanError
 from pipeline.stages.evaluate import evaluate
 from pipeline.stages.flag import flag, gradient_features
 from pipeline.stages.prepare import prepare
 from pipeline.stages.prune import prune
 from pipeline.stages.sweep import collect, sweep_point
-from pipeline.training.fit import Recipe, train
+from pipeline.stages.train import train
+from pipeline.training.recipe import Recipe
 
 from .helpers import make_imagefolder
 

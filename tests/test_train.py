@@ -8,7 +8,9 @@ from pipeline.errors import CleanError
 from pipeline.stages.evaluate import evaluate
 from pipeline.models import create_model, load_trained, load_weights, save_weights
 from pipeline.stages.prepare import prepare
-from pipeline.training.fit import Recipe, fit, lr_at, train
+from pipeline.stages.train import train
+from pipeline.training.fit import fit
+from pipeline.training.recipe import Recipe, lr_at
 
 from .helpers import make_imagefolder, tiny_arrays
 

@@ -141,7 +141,7 @@ def test_topk_overlap_aligns_by_id_and_rejects_other_ids():
 
 
 def test_low_is_top_for_margin():
-    from pipeline.views.compare import top_order
+    from pipeline.scores.order import top_order
 
     v = np.array([0.5, -2.0, 3.0, np.nan])
     assert top_order(v, "margin").tolist() == [1, 0, 2, 3]

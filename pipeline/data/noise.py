@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.errors import CleanError
+from pipeline.params import CHOICES
 
-NOISE_KINDS = ("symmetric", "pairs")
+NOISE_KINDS = tuple(CHOICES["noise.kind"])
 
 
 def validate_noise(rate: float, kind: str) -> None:

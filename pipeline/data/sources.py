@@ -14,16 +14,16 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from pipeline.errors import CleanError
+from pipeline.progress import Progress, Ticker
+from pipeline.registry import SOURCES
 from pipeline.data.images import describe_failure, probe_image, read_idx
 from pipeline.io import atomic_path
 
-KINDS = ("digits", "fashion-mnist", "imagefolder", "csv")
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 DIGITS_CLASSES = [str(i) for i in range(10)]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -34,7 +34,6 @@ _FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"
 _FASHION_FIX = ("install it with `apt-get install -y dataset-fashion-mnist`, or set data.root "
                 "to a folder holding the four Fashion-MNIST IDX files")
 
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -79,23 +78,16 @@ def load_source(kind: str, root: str | os.PathLike | None, out_dir: Path,
 
     `root`: folder / CSV file / IDX folder (None = the source's default; required for
     imagefolder and csv). `out_dir`: where ``digits`` exports its PNGs. `classes`: fixed
-    class list (other labels become problems). `progress(stage, done, total)` is called
-    while images are checked. No readable image at all -> CleanError.
+    class list (other labels become problems). `progress` (pipeline/progress.py) reports
+    the images being checked. No readable image at all -> CleanError.
     """
     if classes is not None:
         classes = [str(c) for c in classes]
         if not classes or len(set(classes)) != len(classes):
             raise CleanError(f"data.classes must be a non-empty list of distinct names, got {classes!r}")
-    if kind == "digits":
-        src = _digits(Path(out_dir), classes, progress)
-    elif kind == "fashion-mnist":
-        src = _fashion(root, classes)
-    elif kind == "imagefolder":
-        src = _imagefolder(root, classes, progress)
-    elif kind == "csv":
-        src = _csv(root, classes, progress)
-    else:
-        raise CleanError(f"unknown data source {kind!r}; data.source must be one of: {', '.join(KINDS)}")
+    if kind not in SOURCES:
+        raise CleanError(f"unknown data source {kind!r}; data.source must be one of: {', '.join(SOURCES)}")
+    src = SOURCES[kind].fn(root, Path(out_dir), classes, progress)
     if not src.records:
         shown = "; ".join(f"{p.path}: {p.reason}" for p in src.problems[:3])
         more = f" (and {len(src.problems) - 3} more)" if len(src.problems) > 3 else ""
@@ -138,7 +130,8 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
-def _digits(out_dir: Path, classes, progress) -> Source:
+@SOURCES.register("digits", doc="scikit-learn's bundled 8×8 handwritten digits (1,797 images), exported once as PNGs")
+def _digits(root, out_dir: Path, classes, progress) -> Source:
     from sklearn.datasets import load_digits
 
     names = _check_fixed("digits", classes, DIGITS_CLASSES)
@@ -146,14 +139,13 @@ def _digits(out_dir: Path, classes, progress) -> Source:
     imgs = np.rint(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # [1797, 8, 8]
     base = Path(os.path.abspath(out_dir)) / "images" / "digits"
     records = []
+    tick = Ticker(progress, "export digits", len(imgs))
     for i, (img, t) in enumerate(zip(imgs, d.target)):
         p = base / str(int(t)) / f"{i:04d}.png"
         _write_if_changed(p, _png_bytes(img))
         records.append(Record(str(p), str(int(t)), None, "L", img.shape))
-        if progress and (i + 1) % 256 == 0:
-            progress("export digits", i + 1, len(imgs))
-    if progress:
-        progress("export digits", len(imgs), len(imgs))
+        tick.to(i + 1)
+    tick.done()
     return Source("digits", records, [], names)
 
 
@@ -164,7 +156,10 @@ def _find(root: Path, stem: str) -> Path:
     raise CleanError(f"Fashion-MNIST file missing: {root / stem}[.gz]; {_FASHION_FIX}")
 
 
-def _fashion(root, classes) -> Source:
+@SOURCES.register("fashion-mnist",
+                  doc="the four Fashion-MNIST IDX files (official 60k train / 10k test); default root "
+                      "/usr/share/datasets/fashion-mnist")
+def _fashion(root, out_dir: Path, classes, progress) -> Source:
     names = _check_fixed("fashion-mnist", classes, FASHION_CLASSES)
     root = Path(root) if root is not None else FASHION_ROOT
     if not root.is_dir():
@@ -204,6 +199,7 @@ def _check_files(candidates: list[tuple[str, str]], progress) -> tuple[list[Reco
 
     records, problems = [], []
     total = len(candidates)
+    tick = Ticker(progress, "check images", total)
     workers = min(8, 2 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as ex:
         for k, ((path, label), (mode, hw, reason)) in enumerate(zip(candidates, ex.map(check, candidates))):
@@ -211,8 +207,8 @@ def _check_files(candidates: list[tuple[str, str]], progress) -> tuple[list[Reco
                 records.append(Record(path, label, None, mode, hw))
             else:
                 problems.append(Problem(path, reason))
-            if progress and ((k + 1) % 256 == 0 or k + 1 == total):
-                progress("check images", k + 1, total)
+            tick.to(k + 1)
+    tick.done()
     return records, problems
 
 
@@ -220,7 +216,8 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTS
 
 
-def _imagefolder(root, classes, progress) -> Source:
+@SOURCES.register("imagefolder", needs=("root",), doc="a folder root/<class>/<image>")
+def _imagefolder(root, out_dir: Path, classes, progress) -> Source:
     if root is None:
         raise CleanError("data.root is required for data.source = imagefolder: "
                          "set it to a folder with one subfolder per class")
@@ -254,7 +251,8 @@ def _imagefolder(root, classes, progress) -> Source:
     return Source("imagefolder", records, problems + bad, names)
 
 
-def _csv(root, classes, progress) -> Source:
+@SOURCES.register("csv", needs=("root",), doc="a CSV with columns path,label (paths relative to the CSV)")
+def _csv(root, out_dir: Path, classes, progress) -> Source:
     if root is None:
         raise CleanError("data.root is required for data.source = csv: "
                          "set it to a CSV file with columns path,label")

@@ -8,8 +8,8 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from pipeline.errors import CleanError
+from pipeline.formats.manifest import SPLITS
 
-SPLITS = ("train", "val", "test")
 
 
 class SplitWarning(UserWarning):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from pipeline.data.dataset import REQUIRED, classes_path_for, read_manifest
+from pipeline.formats.manifest import REQUIRED, classes_path_for, read_manifest
 from pipeline.errors import CleanError
 
 

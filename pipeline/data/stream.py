@@ -101,7 +101,8 @@ def open_split(manifest: str | Path, split: str, image_size=None, in_chans: int 
 
     `rows` (a manifest DataFrame slice) replaces the split selection (e.g. split 'all').
     """
-    from pipeline.data.dataset import Split, classes_path_for, image_size_of, load_split, read_classes, read_manifest
+    from pipeline.data.dataset import Split, image_size_of, load_split
+    from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
     from pipeline.data.images import load_images
 
     manifest = Path(manifest)

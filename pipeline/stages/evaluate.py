@@ -1,5 +1,7 @@
-"""Evaluation on the untouched test split → metrics JSON (for `dvc metrics diff`) and
-confusion-matrix plot data (for `dvc plots`)."""
+"""The `evaluate` stage: a model folder (every seed's run) on the untouched test split →
+metrics_dir/<name>.json (for `dvc metrics diff`) and plots_dir/confusion_<name>.csv (for
+`dvc plots`); `evaluate_model` (one run), `summarize_runs` (mean ± std over seeds) and
+`run_dirs` serve the sweep too (docs/methods.md §5.3)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +23,8 @@ def evaluate_model(model_dir: str | Path, manifest: str | Path, split: str = "te
     import torch
     import torch.nn.functional as F
 
-    from pipeline.data.dataset import load_split, read_manifest
+    from pipeline.data.dataset import load_split
+    from pipeline.formats.manifest import read_manifest
     from pipeline.errors import CleanError
     from pipeline.training.infer import predict_logits
     from pipeline.models import load_trained
@@ -65,9 +68,9 @@ def summarize_runs(results: list[dict], split: str) -> dict:
     }
 
 
-def evaluate(model_dir: str | Path, manifest: str | Path, name: str, split: str = "test",
-             metrics_dir: str | Path = "metrics", plots_dir: str | Path = "plots",
-             device: str = "auto", batch_size: int = 512, progress=None) -> dict:
+def evaluate(model_dir: str | Path, manifest: str | Path, name: str, metrics_dir: str | Path,
+             plots_dir: str | Path, split: str = "test", device: str = "auto", batch_size: int = 512,
+             progress=None) -> dict:
     """Evaluate `model_dir` (and its other-seed runs) on `split` of `manifest`.
 
     Writes `metrics_dir/<name>.json` (accuracy = mean over seeds, accuracy_std, loss [nats],
@@ -76,7 +79,7 @@ def evaluate(model_dir: str | Path, manifest: str | Path, name: str, split: str 
     """
     import pandas as pd
 
-    from pipeline.data.dataset import SPLITS, read_manifest
+    from pipeline.formats.manifest import SPLITS, read_manifest
     from pipeline.device import resolve_device
     from pipeline.errors import CleanError
     from pipeline.io import write_frame, write_json

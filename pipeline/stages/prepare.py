@@ -9,13 +9,14 @@ from typing import Callable
 import numpy as np
 
 from pipeline.errors import CleanError
+from pipeline.formats.manifest import REQUIRED
+from pipeline.progress import Progress
 from pipeline.data.images import channels_of, split_ref
 from pipeline.io import write_csv, write_json
 from pipeline.data.noise import inject_noise, validate_noise
 from pipeline.data.sources import Record, load_source
 from pipeline.data.split import SPLITS, SplitWarning, assign_splits, validate_fractions
 
-MANIFEST_COLUMNS = ["id", "path", "label", "split"]
 NOISE_COLUMNS = ["orig_label", "noisy"]
 
 
@@ -61,12 +62,12 @@ def _resolve_pairs(pairs: dict | None, names: list[str]) -> dict[int, int] | Non
 def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float, seed: int,
             classes: list[str] | None = None, noise_rate: float = 0.0,
             noise_kind: str = "symmetric", noise_pairs: dict | None = None,
-            progress: Callable[[str, int, int], None] | None = None,
+            progress: Progress = None,
             noise_seed: int | None = None) -> dict:
     """Read a source, split it, optionally corrupt train labels, write the three data files.
 
     Writes (atomically) `out_dir`/manifest.csv (id,path,label,split[,orig_label,noisy]),
-    classes.json and problems.csv (path,reason). `progress(stage, done, total)` reports
+    classes.json and problems.csv (path,reason). `progress` (pipeline/progress.py) reports
     image checking/export. Noise touches only the train split; `noise_seed` defaults to
     `seed`. Returns a summary: source, num_samples, num_classes, in_chans, image_size,
     counts {split: n}, per_class {name: n}, per_class_split {name: {split: n}},
@@ -109,7 +110,7 @@ def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float,
                                     seed if noise_seed is None else noise_seed,
                                     pairs=pairs, mask=splits == "train")
 
-    header = list(MANIFEST_COLUMNS)
+    header = list(REQUIRED)
     paths = [manifest_path(r.path, out_abs) for r in recs]
     if noisy_labels is None:
         rows = [(i, p, int(y), s) for i, (p, y, s) in enumerate(zip(paths, labels, splits))]

@@ -9,16 +9,21 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import CleanError
+from pipeline.params import DEFAULTS
+
+
+_P = DEFAULTS["prune"]
 
 
 def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path, summary_path: str | Path,
-          strategy: str = "drop-flagged", by: str = "grad_norm", keep: float = 0.8, skip: float = 0.05,
-          balanced: bool = False, seed: int = 0, flags_csv: str | Path | None = None) -> dict:
+          strategy: str = _P["strategy"], by: str = _P["by"], keep: float = _P["keep"], skip: float = _P["skip"],
+          balanced: bool = _P["balanced"], seed: int = _P["seed"], flags_csv: str | Path | None = None) -> dict:
     """Select training samples → out_manifest (same columns, kept train rows + all val/test rows)
     and summary_path (JSON: strategy, kept per class, label entropy of kept vs all vs uniform).
     Returns the summary dict."""
-    from pipeline.data.dataset import classes_path_for, read_classes, read_manifest, write_manifest
-    from pipeline.stages.flag import read_flags, read_scores
+    from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest, write_manifest
+    from pipeline.formats.tables import read_flags, read_scores
+    from pipeline.registry import STRATEGIES
     from pipeline.io import write_json
     from pipeline.strategies import select, summary
 
@@ -51,9 +56,12 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
                          f"{int(sc['label'].iloc[i])} in the scores but {int(labels[i])} in the manifest "
                          f"({int(relabeled.sum())} differ); the manifest changed since scoring: rerun `clean score`")
     flagged = None
-    if strategy == "drop-flagged":
+    if strategy not in STRATEGIES:
+        raise CleanError(f"prune.strategy = {strategy!r} is not allowed; use one of: {', '.join(STRATEGIES)}")
+    uses_flags = "flags" in STRATEGIES[strategy].needs
+    if uses_flags:
         if flags_csv is None or not Path(flags_csv).exists():
-            raise CleanError(f"prune.strategy = drop-flagged needs flags ({flags_csv}); run `clean flag` first")
+            raise CleanError(f"prune.strategy = {strategy} needs flags ({flags_csv}); run `clean flag` first")
         fl = read_flags(flags_csv, train["id"].to_numpy())
         flagged = fl.set_index("id").loc[train["id"].to_numpy(), "flagged"].to_numpy().astype(bool)
         values = np.zeros(len(train))
@@ -73,8 +81,8 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
     out = df[(df["split"] != "train") | df["id"].isin(kept_ids)]
     write_manifest(out, out_manifest, manifest)
     summ = summary(labels, kept_pos, len(classes), classes)
-    summ.update({"strategy": strategy, "by": None if strategy == "drop-flagged" else by,
-                 "keep": None if strategy == "drop-flagged" else keep, "balanced": balanced, "seed": seed,
+    summ.update({"strategy": strategy, "by": None if uses_flags else by,
+                 "keep": None if uses_flags else keep, "balanced": balanced, "seed": seed,
                  "skip": skip if strategy == "non-extreme" else None, "manifest": str(out_manifest)})
     if "noisy" in train.columns:
         noisy = train["noisy"].to_numpy().astype(bool)

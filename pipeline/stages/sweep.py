@@ -23,7 +23,7 @@ def sweep_point(manifest: str | Path, scores_csv: str | Path, out_dir: str | Pat
     from pipeline.stages.evaluate import evaluate_model, summarize_runs
     from pipeline.io import write_json
     from pipeline.stages.prune import prune
-    from pipeline.training.fit import train
+    from pipeline.stages.train import train
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

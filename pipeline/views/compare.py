@@ -3,7 +3,7 @@
 overlap(k) = |S_A,k ∩ S_B,k| / k, where S_X,k are the k samples ranked highest by score X.
 Two independent random k-subsets of N samples overlap by k/N in expectation: the random
 baseline. "Top" means most suspicious: the largest value for most scores, the smallest for
-the scores where low is bad (margin, aum, confidence; see :data:`LOW_IS_TOP`).
+the scores where low is bad (margin, aum, confidence: pipeline/scores/order.py).
 """
 from __future__ import annotations
 
@@ -12,31 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import CleanError
-
-#: Scores where a *low* value marks the hard / suspicious samples (ranked ascending).
-LOW_IS_TOP = frozenset({"margin", "aum", "confidence"})
-
-
-def top_order(values, by: str = "", ids=None) -> np.ndarray:
-    """Indices [N] of `values` [N] from most to least suspicious for score `by`.
-
-    Descending (ascending for :data:`LOW_IS_TOP`); ties by `ids` [N] ascending (default:
-    position); NaN always last.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    key = -v if by not in LOW_IS_TOP else v.copy()
-    key[np.isnan(key)] = np.inf
-    tie = np.arange(v.size) if ids is None else np.asarray(ids)
-    return np.lexsort((tie, key))
-
-
-def ranks(values, by: str = "", ids=None) -> np.ndarray:
-    """Rank [N] (0 = most suspicious) of each sample under :func:`top_order`."""
-    order = top_order(values, by, ids)
-    r = np.empty(order.size, dtype=np.int64)
-    r[order] = np.arange(order.size)
-    return r
-
+from pipeline.scores.order import ranks, top_order  # noqa: F401  (re-used by callers of compare)
 
 def _aligned(a, b) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Align two score vectors: pandas Series are matched by index (the ids)."""
@@ -92,20 +68,10 @@ def read_score(path: str | Path, by: str):
     """Column `by` of a scores CSV as a pandas Series indexed by id (float)."""
     import pandas as pd
 
-    path = Path(path)
-    if not path.exists():
-        raise CleanError(f"scores file not found: {path}; write it with `clean score`")
-    try:
-        df = pd.read_csv(path, usecols=lambda c: c in ("id", by))
-    except Exception as e:  # noqa: BLE001
-        raise CleanError(f"{path}: not a readable CSV ({type(e).__name__}: {e})") from None
-    if "id" not in df.columns:
-        raise CleanError(f"{path}: no 'id' column; a scores file needs id and score columns (clean score)")
-    if by not in df.columns:
-        from pipeline.stages.score import SCORE_COLUMNS
+    from pipeline.formats.tables import read_scores
 
-        raise CleanError(f"{path}: no score column '{by}'; choose one of {', '.join(SCORE_COLUMNS)}")
-    vals = pd.to_numeric(df[by], errors="coerce")
+    df = read_scores(path, need=[by])
+    vals = df[by]
     if vals.isna().all():
         raise CleanError(f"{path}: column '{by}' has no numeric values (all empty/NaN); pick another score "
                          "or re-run `clean score` with it enabled")

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import CleanError
+from pipeline.formats.tables import join_flags, read_flags, read_scores
+from pipeline.scores.order import low_is_suspicious
 
 #: Upscaled small images aim for about this many pixels on their longer side.
 TILE_PX = 112
@@ -184,7 +186,7 @@ def class_names(manifest: Path | None, classes: list[str] | None = None) -> list
         return list(classes)
     if manifest is None:
         return None
-    from pipeline.data.dataset import classes_path_for, read_classes
+    from pipeline.formats.manifest import classes_path_for, read_classes
 
     p = classes_path_for(manifest)
     return read_classes(p)["classes"] if p.exists() else None
@@ -201,73 +203,9 @@ def namer(classes: list[str] | None):
     return name
 
 
-def read_scores(path: str | Path, need: list[str] = ()):
-    """Read a scores CSV (id, path, label, pred, score columns) → DataFrame; checks `need` columns."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.exists():
-        raise CleanError(f"scores file not found: {path}; write it with `clean score`")
-    try:
-        df = pd.read_csv(path, dtype={"path": str}, keep_default_na=False, na_values=["", "nan", "NaN"])
-    except Exception as e:  # noqa: BLE001
-        raise CleanError(f"{path}: not a readable CSV ({type(e).__name__}: {e})") from None
-    missing = [c for c in ["id", "path", "label", "pred", *need] if c not in df.columns]
-    if missing:
-        from pipeline.stages.score import SCORE_COLUMNS
-
-        raise CleanError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))}); "
-                         f"a scores file has id,path,label,pred and score columns ({', '.join(SCORE_COLUMNS)}): "
-                         "re-run `clean score` or pick a score that is there")
-    if df["id"].duplicated().any():
-        raise CleanError(f"{path}: duplicate id {int(df['id'][df['id'].duplicated()].iloc[0])}; ids must be unique")
-    return df
-
-
-def read_flags(path: str | Path):
-    """Read flags.csv (id, flagged 0/1, rule, value) → DataFrame indexed by nothing, flagged as bool."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.exists():
-        raise CleanError(f"flags file not found: {path}; write it with `clean flag`")
-    try:
-        f = pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"], dtype={"rule": str})
-    except Exception as e:  # noqa: BLE001
-        raise CleanError(f"{path}: not a readable CSV ({type(e).__name__}: {e})") from None
-    missing = [c for c in ("id", "flagged") if c not in f.columns]
-    if missing:
-        raise CleanError(f"{path}: missing column(s) {', '.join(missing)}; flags.csv needs id,flagged,rule,value "
-                         "(re-run `clean flag`)")
-    fl = pd.to_numeric(f["flagged"], errors="coerce")
-    if fl.isna().any() or not fl.isin([0, 1]).all():
-        bad = f["flagged"][fl.isna() | ~fl.isin([0, 1])].iloc[0]
-        raise CleanError(f"{path}: column 'flagged' must hold 0 or 1, found {bad!r}")
-    f["flagged"] = fl.astype(bool)
-    for c, d in (("rule", ""), ("value", np.nan)):
-        if c not in f.columns:
-            f[c] = d
-    f["rule"] = f["rule"].fillna("")
-    return f[["id", "flagged", "rule", "value"]]
-
-
-def join_flags(scores, flags, flags_path: str | Path = "flags.csv"):
-    """scores DataFrame + flags DataFrame (by id) → scores with flagged/rule/flag_value columns."""
-    extra = set(flags["id"]) - set(scores["id"])
-    if extra:
-        raise CleanError(f"{flags_path}: id {sorted(extra)[0]} is not in the scores file ({len(extra)} unknown id(s)); "
-                         "flags and scores must come from the same `clean score` run (re-run `clean flag`)")
-    f = flags.rename(columns={"value": "flag_value"}).drop_duplicates("id")
-    out = scores.drop(columns=[c for c in ("flagged", "rule", "flag_value") if c in scores.columns])
-    out = out.merge(f, on="id", how="left")
-    out["flagged"] = out["flagged"].fillna(False).astype(bool)
-    out["rule"] = out["rule"].fillna("")
-    return out
-
-
 def pick_top(df, by: str, k: int, only_flagged: bool = False):
     """The k most suspicious rows of `df` by column `by` (see compare.top_order) → DataFrame."""
-    from pipeline.views.compare import top_order
+    from pipeline.scores.order import top_order
 
     if only_flagged:
         df = df[df["flagged"]]
@@ -308,7 +246,7 @@ def top_grid(scores_csv: str | Path = "scores/scores.csv", by: str = "loss", k: 
     flag_value = by == "value"
     if flag_value and flags_csv is None:
         raise CleanError("--by value ranks by the flag rule's value and needs a flags file; run `clean flag` first")
-    df = read_scores(scores_csv, [] if flag_value else [by])
+    df = read_scores(scores_csv, ["path", "pred"] + ([] if flag_value else [by]))
     if flags_csv is not None:
         df = join_flags(df, read_flags(flags_csv), flags_csv)
         if flag_value:
@@ -332,14 +270,8 @@ def top_grid(scores_csv: str | Path = "scores/scores.csv", by: str = "loss", k: 
         colors.append(RED if wrong else None)
         frames.append(FLAG if r.flagged else None)
     what = "flagged samples" if only_flagged else "samples"
-    heading = (f"top {len(top)} {what} by {by} ({'lowest' if by in _low() else 'highest'} first) · "
+    heading = (f"top {len(top)} {what} by {by} ({'lowest' if low_is_suspicious(by) else 'highest'} first) · "
                f"red caption: label ≠ prediction" + (" · orange frame: flagged" if flags_csv and not only_flagged else ""))
     image_grid(imgs, titles, path, cols=cols, colors=colors, frames=frames, title=heading)
     keep = ["id", "label", "pred", by, "flagged", "rule", "path"]
     return top[keep].reset_index(drop=True)
-
-
-def _low():
-    from pipeline.views.compare import LOW_IS_TOP
-
-    return LOW_IS_TOP

@@ -159,7 +159,7 @@ def entropy_curve(scores, labels, num_classes: int, ks, by: str = "") -> np.ndar
 
     labels: int [N] in [0, num_classes). Top = largest score (smallest for margin/aum/confidence).
     """
-    from pipeline.views.compare import top_order
+    from pipeline.scores.order import top_order
 
     y = np.asarray(labels, np.int64)
     if y.size and (y.min() < 0 or y.max() >= num_classes):
@@ -192,7 +192,7 @@ def entropy_topk(scores_csv: str | Path, by, num_classes: int | None, out_csv: s
     import pandas as pd
 
     from pipeline.views.compare import k_grid
-    from pipeline.views.grid import read_scores
+    from pipeline.formats.tables import read_scores
     from pipeline.io import write_frame
 
     bys = [by] if isinstance(by, str) else list(by)

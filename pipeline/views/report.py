@@ -263,7 +263,7 @@ def _card(r, names, img_uri: str | None, has_flags: bool) -> str:
 def _flagged_section(sec: _Section, df, has_flags: bool, flags_path: Path, names, base: Path | None,
                      by: str, max_per_class: int, max_table_rows: int, log) -> dict:
     """Cards of the flagged samples per class (or the top by `by` when there are no flags)."""
-    from pipeline.views.compare import top_order
+    from pipeline.scores.order import top_order
     from pipeline.data.images import load_images
 
     if has_flags:
@@ -395,10 +395,13 @@ def build_report(out_dir: str | Path = "reports", manifest: str | Path = "data/m
     import pandas as pd
 
     from pipeline.views import plots
-    from pipeline.data.dataset import classes_path_for, read_classes, read_manifest
-    from pipeline.views.grid import class_names, join_flags, namer, read_flags, read_scores, resolve_manifest, top_grid
+    from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
+    from pipeline.formats.tables import join_flags, read_flags, read_scores
+    from pipeline.views.grid import class_names, namer, resolve_manifest, top_grid
     from pipeline.io import write_text
-    from pipeline.stages.score import SCORE_COLUMNS
+    from pipeline.registry import SCORES
+
+    SCORE_COLUMNS = SCORES.names()
 
     t0 = time.perf_counter()
     out_dir, figs = Path(out_dir), Path(out_dir) / "figures"
@@ -446,7 +449,7 @@ def build_report(out_dir: str | Path = "reports", manifest: str | Path = "data/m
         for s in (flagged_sec, top_sec, dist_sec, ent_sec):
             s.missing(f"no scores file ({scores_csv}); run `clean score` (dvc repro score)")
     else:
-        df = read_scores(scores_csv)
+        df = read_scores(scores_csv, ["path", "pred"])
         for c in SCORE_COLUMNS + ["label", "pred"]:
             if c in df.columns:
                 df[c] = pd.to_numeric(df[c], errors="coerce")

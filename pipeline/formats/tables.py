@@ -1,0 +1,119 @@
+"""scores/scores.csv and scores/flags.csv: the one reader of each (and their join).
+
+Every reader checks what its consumers rely on and raises :class:`CleanError` naming the
+file, the row and the fix; no other module parses these files.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import CleanError
+from pipeline.formats.manifest import integer_column
+
+#: pandas options shared by every CSV read here ("NA" in a path stays a string).
+_CSV = dict(keep_default_na=False, na_values=["", "nan", "NaN"])
+
+
+def read_csv(path: str | Path, what: str, fix: str, **kw):
+    """pandas.read_csv with one clear CleanError for a missing or unparsable file."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise CleanError(f"{what} not found: {path}; {fix}")
+    if path.is_dir():
+        raise CleanError(f"{path} is a folder; {what} must be a CSV file")
+    try:
+        return pd.read_csv(path, **{**_CSV, **kw})
+    except Exception as e:  # noqa: BLE001 - any parser failure is a bad input file
+        msg = " ".join(str(e).split())[:200]
+        raise CleanError(f"{path}: not a readable CSV ({type(e).__name__}: {msg}); {fix}") from None
+
+
+def _unique_ids(df, path: Path, fix: str) -> None:
+    if df["id"].duplicated().any():
+        raise CleanError(f"{path}: duplicate id {int(df['id'][df['id'].duplicated()].iloc[0])}; {fix}")
+
+
+def read_scores(path: str | Path, need=()):
+    """Read scores.csv → DataFrame; CleanError when missing, unreadable or malformed.
+
+    Checks: columns id, label and `need`; at least one row; integer ids (unique), labels,
+    pred and noisy; numeric score columns (float64; NaN = a score that was not computed).
+    """
+    import pandas as pd
+
+    from pipeline.registry import SCORES
+
+    path = Path(path)
+    fix = "regenerate it with `clean score`"
+    df = read_csv(path, "scores", "run `clean score` first", dtype={"path": str})
+    miss = [c for c in ["id", "label", *need] if c not in df.columns]
+    if miss:
+        raise CleanError(f"{path}: missing column(s) {', '.join(miss)}; {fix} "
+                         f"(score columns: {', '.join(SCORES.names())})")
+    if len(df) == 0:
+        raise CleanError(f"{path}: no rows; {fix}")
+    for col in ["id", "label"] + [c for c in ("pred", "noisy", "orig_label") if c in df.columns]:
+        integer_column(df, col, path, fix)
+    for col in [c for c in SCORES.names() if c in df.columns]:
+        vals = pd.to_numeric(df[col], errors="coerce")
+        bad = vals.isna() & df[col].notna()
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise CleanError(f"{path}: column '{col}' must hold numbers; row {row + 2} has {df[col].iloc[row]!r}; {fix}")
+        df[col] = vals.astype(np.float64)
+    _unique_ids(df, path, fix)
+    return df
+
+
+def read_flags(path: str | Path, ids=None):
+    """Read flags.csv → DataFrame (id int, flagged bool, rule str, value float, ...).
+
+    `flagged` accepts 0/1 and true/false. `ids`: the training ids it must cover exactly
+    (flags from another scores file or manifest → CleanError).
+    """
+    import pandas as pd
+
+    path = Path(path)
+    fix = "re-run `clean flag`"
+    df = read_csv(path, "flags", "run `clean flag` first", dtype={"rule": str})
+    miss = [c for c in ("id", "flagged") if c not in df.columns]
+    if miss:
+        raise CleanError(f"{path}: missing column(s) {', '.join(miss)}; {fix}")
+    integer_column(df, "id", path, fix)
+    f = df["flagged"].astype(str).str.strip().str.lower()
+    ok = f.isin(["0", "1", "true", "false", "0.0", "1.0"])
+    if not ok.all():
+        row = int(np.flatnonzero(~ok.to_numpy())[0])
+        raw = df["flagged"].iloc[row]
+        raise CleanError(f"{path}: column 'flagged' must be 0 or 1; row {row + 2} has "
+                         f"{raw.item() if hasattr(raw, 'item') else raw!r}; {fix}")
+    df["flagged"] = f.isin(["1", "true", "1.0"]).to_numpy()
+    df["rule"] = df["rule"].fillna("").astype(str) if "rule" in df.columns else ""
+    df["value"] = pd.to_numeric(df["value"], errors="coerce") if "value" in df.columns else np.nan
+    _unique_ids(df, path, fix)
+    if ids is not None:
+        have, want = set(df["id"].tolist()), set(np.asarray(ids).tolist())
+        if have != want:
+            extra, lack = sorted(have - want), sorted(want - have)
+            what = (f"id {extra[0]} is not a training id" if extra else f"training id {lack[0]} has no flag")
+            raise CleanError(f"{path} does not match the training ids ({what}; {len(extra)} extra, {len(lack)} "
+                             f"missing); the flags come from other scores: {fix}")
+    return df
+
+
+def join_flags(scores, flags, flags_path: str | Path = "flags.csv"):
+    """scores DataFrame + flags DataFrame (by id) → scores with flagged/rule/flag_value columns."""
+    extra = set(flags["id"]) - set(scores["id"])
+    if extra:
+        raise CleanError(f"{flags_path}: id {sorted(extra)[0]} is not in the scores file ({len(extra)} unknown id(s)); "
+                         "flags and scores must come from the same `clean score` run (re-run `clean flag`)")
+    f = flags[["id", "flagged", "rule", "value"]].rename(columns={"value": "flag_value"})
+    out = scores.drop(columns=[c for c in ("flagged", "rule", "flag_value") if c in scores.columns])
+    out = out.merge(f, on="id", how="left")
+    out["flagged"] = out["flagged"].fillna(False).astype(bool)
+    out["rule"] = out["rule"].fillna("")
+    return out

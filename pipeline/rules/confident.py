@@ -1,0 +1,93 @@
+"""Confident learning (cleanlab) on out-of-sample probabilities from k-fold cross-fitting.
+
+In-sample probabilities are biased toward the given labels, so `confident` trains
+`flag.folds` extra models (pipeline/training/crossfit.py). Formulas: docs/methods.md §2.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import CleanError
+from pipeline.registry import RULES
+from pipeline.rules.base import FlagResult, rows_for, _float_array, _fmt, _labels_1d
+
+#: filter_by values accepted by cleanlab.filter.find_label_issues.
+CONFIDENT_FILTERS = (
+    "prune_by_noise_rate",
+    "prune_by_class",
+    "both",
+    "confident_learning",
+    "predicted_neq_given",
+    "low_normalized_margin",
+    "low_self_confidence",
+)
+
+#: Tolerance on |sum_c p_ic - 1| for predicted probabilities (float32 softmax is well within it).
+PROB_SUM_ATOL = 1e-3
+
+
+def flag_confident(pred_probs, labels, filter_by: str = "prune_by_noise_rate") -> FlagResult:
+    """Confident learning (cleanlab) on OUT-OF-SAMPLE predicted probabilities.
+
+    pred_probs: float [N, C] (C >= 2), rows in [0, 1] summing to 1 (atol 1e-3), from k-fold
+    cross-fitting (in-sample probabilities are biased toward the given labels).
+    labels: int [N] in [0, C).
+    flagged = cleanlab.filter.find_label_issues(labels, pred_probs, filter_by=filter_by);
+    value = 1 - cleanlab.rank.get_label_quality_scores(labels, pred_probs) (self-confidence),
+    i.e. higher = more likely mislabeled. rule e.g. ``"confident-learning prune_by_noise_rate"``.
+    """
+    if filter_by not in CONFIDENT_FILTERS:
+        raise CleanError(
+            f"flag.filter_by must be one of: {', '.join(CONFIDENT_FILTERS)}; got {_fmt(filter_by)}"
+        )
+    p = _float_array(pred_probs, "pred_probs")
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise CleanError(f"pred_probs must be a 2-D array [N, C] with C >= 2, got shape {p.shape}")
+    n, n_classes = p.shape
+    if n == 0:
+        raise CleanError("pred_probs is empty: nothing to flag")
+    y = _labels_1d(labels, n, n_classes)
+    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+        raise CleanError("pred_probs must be finite probabilities in [0, 1]")
+    sums = p.sum(axis=1)
+    off = np.flatnonzero(np.abs(sums - 1.0) > PROB_SUM_ATOL)
+    if off.size:
+        i = int(off[0])
+        raise CleanError(
+            f"pred_probs rows must sum to 1 (tolerance {PROB_SUM_ATOL:g}): {off.size} row(s) "
+            f"do not, e.g. row {i} sums to {sums[i]:.6g}; pass softmax probabilities, not logits"
+        )
+    # A class missing from labels is allowed: cleanlab warns and flags nothing for it.
+
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    flagged = find_label_issues(y, p, filter_by=filter_by, n_jobs=1)
+    quality = get_label_quality_scores(y, p)
+    return FlagResult(
+        flagged=np.asarray(flagged, dtype=bool),
+        value=1.0 - np.asarray(quality, dtype=float),
+        rule=f"confident-learning {filter_by}",
+    )
+
+
+def _crossfit_probs(manifest, ids, recipe, folds, seed, progress):
+    from pipeline.training.crossfit import out_of_sample_probs
+    from pipeline.formats.manifest import classes_path_for, read_classes
+    from pipeline.data.images import load_images
+    from pipeline.data.dataset import image_size_of
+
+    classes = read_classes(classes_path_for(manifest))["classes"]
+    rows = rows_for(manifest, ids, classes)
+    images = load_images(rows["path"].tolist(), Path(manifest).parent, image_size_of(recipe.image_size))
+    return out_of_sample_probs(images, rows["label"].to_numpy(np.int64), len(classes), recipe, folds, seed, progress)
+
+
+@RULES.register("confident", needs=("training", "images"),
+                doc="cleanlab's confident learning on k-fold out-of-sample probabilities (flag.folds extra trainings)")
+def confident_rule(inputs, cfg: dict) -> FlagResult:
+    inputs.require("confident", "manifest", "recipe")
+    probs = _crossfit_probs(inputs.manifest, inputs.ids, inputs.recipe, cfg["folds"], cfg["seed"], inputs.progress)
+    return flag_confident(probs, inputs.labels)
