@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 
+from . import options as opt
 from .ui import RichProgress, console, handle_errors, table
 
 app = typer.Typer(
@@ -21,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-PARAMS = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read (defaults are used for missing keys).")
+PARAMS = opt.PARAMS
 
 
 def _one_of(key: str, prefix: str = "", key_note: bool = True) -> str:
@@ -82,7 +83,7 @@ def prepare(
 @app.command()
 @handle_errors
 def train(
-    manifest: Path = typer.Option(Path("data/manifest.csv"), help="manifest to train on (its train split)"),
+    manifest: Path = opt.manifest("manifest to train on (its train split)"),
     out: Path = typer.Option(Path("models/base"), help="model folder to write"),
     model: Optional[str] = typer.Option(None, help="timm model name or small_cnn / small_cnn_bn (params: model.name)"),
     pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="start from timm weights (params: model.pretrained)"),
@@ -147,8 +148,8 @@ def _pm(m: dict) -> str:
 @app.command()
 @handle_errors
 def evaluate(
-    model: Path = typer.Option(Path("models/base"), help="trained model folder"),
-    manifest: Path = typer.Option(Path("data/manifest.csv"), help="manifest holding the test split"),
+    model: Path = opt.model("trained model folder"),
+    manifest: Path = opt.manifest("manifest holding the test split"),
     name: str = typer.Option("base", help="version name: writes metrics/<name>.json, plots/confusion_<name>.csv"),
     split: str = typer.Option("test", help="split to evaluate on"),
     device: Optional[str] = typer.Option(None, help=_one_of("train.device")),
@@ -159,7 +160,7 @@ def evaluate(
 
     p = _params(params, train__device=device)
     with RichProgress() as prog:
-        m = run(model, manifest, name, Path("metrics"), Path("plots"), split=split, device=p["train"]["device"],
+        m = run(model, manifest, name, opt.METRICS, opt.PLOTS, split=split, device=p["train"]["device"],
                 progress=prog)
     rows = [("accuracy", _pm(m)), ("loss", m["loss"]), ("n", m["n"]), ("seeds", m["n_seeds"])]
     rows += [(f"accuracy[{k}]", v) for k, v in m["per_class_accuracy"].items()]
@@ -236,7 +237,7 @@ def _score_tables(df, model_dir: Path, sc: dict, top: int) -> None:
 @app.command()
 @handle_errors
 def flag(
-    scores: Path = typer.Option(Path("scores/scores.csv"), help="scores from `clean score`"),
+    scores: Path = opt.scores("scores from `clean score`"),
     out: Path = typer.Option(Path("scores"), help="folder for flags.csv"),
     method: Optional[str] = typer.Option(None, help=_one_of("flag.method")),
     score: Optional[str] = typer.Option(None, help="score column for quantile/mad/gmm (params: flag.score)"),
@@ -244,8 +245,8 @@ def flag(
     threshold: Optional[float] = typer.Option(None, help="robust z threshold (params: flag.threshold)"),
     contamination: Optional[float] = typer.Option(None, help="isolation-forest contamination (params: flag.contamination)"),
     folds: Optional[int] = typer.Option(None, help="confident: k-fold cross-fitting (params: flag.folds)"),
-    model: Path = typer.Option(Path("models/base"), help="model for isolation-forest gradient vectors"),
-    manifest: Path = typer.Option(Path("data/manifest.csv"), help="manifest the scores came from"),
+    model: Path = opt.model("model for isolation-forest gradient vectors"),
+    manifest: Path = opt.manifest("manifest the scores came from"),
     metrics: Optional[Path] = typer.Option(Path("metrics/flags.json"), help="flag summary JSON (precision/recall/AUROC when the truth is known)"),
     params: Path = PARAMS,
 ):
@@ -291,9 +292,9 @@ def _flag_tables(scores: Path, flags: Path, manifest: Path, top: int = 10) -> No
 @app.command()
 @handle_errors
 def prune(
-    manifest: Path = typer.Option(Path("data/manifest.csv"), help="manifest to select from"),
-    scores: Path = typer.Option(Path("scores/scores.csv"), help="scores from `clean score`"),
-    flags: Path = typer.Option(Path("scores/flags.csv"), help="flags from `clean flag` (drop-flagged)"),
+    manifest: Path = opt.manifest("manifest to select from"),
+    scores: Path = opt.scores("scores from `clean score`"),
+    flags: Path = opt.flags("flags from `clean flag` (drop-flagged)"),
     out: Path = typer.Option(Path("data/pruned.csv"), help="the new dataset version (a manifest)"),
     summary: Path = typer.Option(Path("prune/summary.json"), help="kept per class, label entropy"),
     strategy: Optional[str] = typer.Option(None, help=_one_of("prune.strategy")),
@@ -325,7 +326,7 @@ def prune(
 @handle_errors
 def retrain(
     manifest: Path = typer.Option(Path("data/pruned.csv"), help="the pruned dataset version"),
-    test_manifest: Path = typer.Option(Path("data/manifest.csv"), help="manifest whose untouched test split evaluates it"),
+    test_manifest: Path = opt.manifest("manifest whose untouched test split evaluates it"),
     out: Path = typer.Option(Path("models/pruned"), help="model folder to write"),
     name: str = typer.Option("pruned", help="version name: metrics/<name>.json"),
     epochs: Optional[int] = typer.Option(None, help="epochs (params: train.epochs)"),
@@ -343,7 +344,7 @@ def retrain(
     _check_out_dir(out)
     with RichProgress() as prog:
         m = run(manifest, test_manifest, out, name, Recipe.from_params(p), p["train"]["seeds"], p["train"]["device"],
-                Path("metrics"), Path("plots"), progress=prog)
+                opt.METRICS, opt.PLOTS, progress=prog)
     console.print(table(f"{name}: retrained on {manifest}, tested on {test_manifest}", ["metric", "value"],
                         [("n_train", m["n_train"]), ("accuracy", _pm(m)), ("loss", m["loss"])]))
 
@@ -358,9 +359,9 @@ def sweep_point(
     strategy: str = typer.Option(..., help=_one_of("prune.strategy", key_note=False)),
     keep: float = typer.Option(..., help="fraction of the training set kept"),
     out: Path = typer.Option(..., help="folder for this point (pruned.csv, metrics.json)"),
-    manifest: Path = typer.Option(Path("data/manifest.csv")),
-    scores: Path = typer.Option(Path("scores/scores.csv")),
-    flags: Path = typer.Option(Path("scores/flags.csv")),
+    manifest: Path = opt.manifest(),
+    scores: Path = opt.scores(),
+    flags: Path = opt.flags(),
     params: Path = PARAMS,
 ):
     """One sweep point: prune, retrain (every seed) and evaluate."""

@@ -122,14 +122,9 @@ def read_config(model_dir: str | Path) -> dict:
     model_dir = Path(model_dir)
     cfg_path = model_dir / "config.json"
     fix = f"retrain it: clean train --out {model_dir}"
-    if not cfg_path.is_file():
-        raise CleanError(f"{cfg_path} not found; train a model first: clean train --out {model_dir}")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CleanError(f"{cfg_path}: not valid JSON ({e}); {fix}") from None
-    except OSError as e:
-        raise CleanError(f"cannot read {cfg_path}: {e.strerror or e}") from None
+    from pipeline.formats.jsonfile import read_json
+
+    cfg = read_json(cfg_path, f"not found; train a model first: clean train --out {model_dir}", fix)
     if not isinstance(cfg, dict):
         raise CleanError(f"{cfg_path}: expected a JSON object with {', '.join(CONFIG_KEYS)}; {fix}")
     for key, kind in CONFIG_KEYS.items():

@@ -36,30 +36,14 @@ import math
 
 import numpy as np
 
+from pipeline.checks import as_float as _as_float
+from pipeline.checks import check_seed as _check_seed
+from pipeline.checks import fmt as _fmt
 from pipeline.errors import CleanError
 from pipeline.registry import STRATEGIES
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _fmt(x) -> str:
-    return repr(x) if isinstance(x, str) else f"{x}"
-
-
-def _as_float(x, name: str) -> float:
-    if isinstance(x, bool):
-        raise CleanError(f"{name} must be a number, got {_fmt(x)}")
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        raise CleanError(f"{name} must be a number, got {_fmt(x)}") from None
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise CleanError(f"seed must be a non-negative integer, got {_fmt(seed)}")
-    return int(seed)
 
 
 def _check_labels(labels, n: int | None = None) -> np.ndarray:

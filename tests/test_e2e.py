@@ -75,6 +75,19 @@ def test_dvc_repro_then_param_change_and_metrics_diff(tmp_path):
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "base run", cwd=repo)
 
+    # editing one scoring module re-runs score and what follows from it, and nothing else
+    engine = repo / "pipeline/scores/engine.py"
+    original = engine.read_text()
+    engine.write_text(original + "\n# an edit\n")
+    status = json.loads(sh("dvc", "status", "--json", cwd=repo).stdout)
+    assert set(status) == {"score"}, status
+    dry = sh("dvc", "repro", "--dry", cwd=repo).stdout
+    ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
+    assert ran == {"score", "flag", "prune", "retrain", "sweep@random-0.5", "sweep@max-gradient-0.5",
+                   "sweep_summary", "figures", "report"}, ran
+    engine.write_text(original)
+    assert json.loads(sh("dvc", "status", "--json", cwd=repo).stdout) == {}
+
     set_params(repo, train={"epochs": 1})
     out = sh("dvc", "repro", cwd=repo).stdout
     assert "Stage 'prepare' didn't change, skipping" in out and "Running stage 'train'" in out

@@ -103,6 +103,16 @@ def proj(project, tmp_path):
     return Path(shutil.copytree(project[0], tmp_path / "p"))
 
 
+def _restore_sigint() -> None:
+    """In the child: SIGINT back to its default, even when pytest was started with SIGINT ignored
+    (a background job inherits SIG_IGN, and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _popen(*args, **kw) -> subprocess.Popen:
+    return subprocess.Popen(*args, preexec_fn=_restore_sigint, **kw)
+
+
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> float:
     t0 = time.monotonic()
     while not path.exists():
@@ -142,7 +152,7 @@ def test_killed_mid_write_keeps_old_outputs_and_rerun_works(project, proj, stage
     new = project[1]
     old = state(proj, stage)
     mark = proj / "stalled.txt"
-    proc = subprocess.Popen([sys.executable, "-c", STALLING_CLEAN, *NEW[stage]], cwd=proj, text=True,
+    proc = _popen([sys.executable, "-c", STALLING_CLEAN, *NEW[stage]], cwd=proj, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env(STALL_TARGET=target, STALL_MODE=mode, STALL_MARK=str(mark)))
     t_write = wait_for(mark, proc)
@@ -178,7 +188,7 @@ def test_killed_at_any_moment_leaves_old_or_new_never_partial(project, proj, sta
     t_write = project[2].get(stage)
     if t_write is None:  # measured by the mid-write tests above; measure here when run alone
         mark = proj / "stalled.txt"
-        proc = subprocess.Popen([sys.executable, "-c", STALLING_CLEAN, *NEW[stage]], cwd=proj, env=env(
+        proc = _popen([sys.executable, "-c", STALLING_CLEAN, *NEW[stage]], cwd=proj, env=env(
             STALL_TARGET=Path(OUTPUTS[stage][0]).name, STALL_MODE="full", STALL_MARK=str(mark)),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t_write = wait_for(mark, proc)
@@ -186,7 +196,7 @@ def test_killed_at_any_moment_leaves_old_or_new_never_partial(project, proj, sta
         proc.wait()
         assert state(proj, stage) == old
     for frac, sig in kills:
-        proc = subprocess.Popen([sys.executable, "-m", "cli.main", *NEW[stage]], cwd=proj, env=env(),
+        proc = _popen([sys.executable, "-m", "cli.main", *NEW[stage]], cwd=proj, env=env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(frac * t_write)
         proc.send_signal(sig)
@@ -217,7 +227,7 @@ def test_atomic_path_killed_inside_the_context(tmp_path, sig, existed):
     if existed:
         target.parent.mkdir()
         target.write_text("old\n")
-    proc = subprocess.Popen([sys.executable, "-c", ATOMIC_WRITER, str(target)], env=env(), text=True,
+    proc = _popen([sys.executable, "-c", ATOMIC_WRITER, str(target)], env=env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     tmp = Path(proc.stdout.readline().strip())
     assert tmp.exists() and tmp.read_text() == "new, half written"

@@ -212,16 +212,20 @@ def _check_files(candidates: list[tuple[str, str]], progress) -> tuple[list[Reco
     return records, problems
 
 
+def _root(root, kind: str, what: str) -> Path:
+    """data.root as a Path; CleanError when a source that needs it has none."""
+    if root is None:
+        raise CleanError(f"data.root is required for data.source = {kind}: set it to {what}")
+    return Path(root)
+
+
 def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTS
 
 
 @SOURCES.register("imagefolder", needs=("root",), doc="a folder root/<class>/<image>")
 def _imagefolder(root, out_dir: Path, classes, progress) -> Source:
-    if root is None:
-        raise CleanError("data.root is required for data.source = imagefolder: "
-                         "set it to a folder with one subfolder per class")
-    root = Path(root)
+    root = _root(root, "imagefolder", "a folder with one subfolder per class")
     if not root.is_dir():
         raise CleanError(f"image folder not found: {root}; set data.root to a folder with one "
                          f"subfolder per class (root/<class>/<image>)")
@@ -253,10 +257,7 @@ def _imagefolder(root, out_dir: Path, classes, progress) -> Source:
 
 @SOURCES.register("csv", needs=("root",), doc="a CSV with columns path,label (paths relative to the CSV)")
 def _csv(root, out_dir: Path, classes, progress) -> Source:
-    if root is None:
-        raise CleanError("data.root is required for data.source = csv: "
-                         "set it to a CSV file with columns path,label")
-    csv_path = Path(root)
+    csv_path = _root(root, "csv", "a CSV file with columns path,label")
     if not csv_path.is_file():
         what = "is a folder, not a CSV file" if csv_path.is_dir() else "not found"
         raise CleanError(f"CSV file {csv_path} {what}; set data.root to a CSV with columns path,label")

@@ -6,7 +6,6 @@ classes.json (beside the manifest) holds the class names in label order.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -78,15 +77,10 @@ def integer_column(df, col: str, path, fix: str = "") -> None:
 
 def read_classes(path: str | Path) -> dict:
     """Read `classes.json` → dict with at least `classes` (list of names)."""
+    from pipeline.formats.jsonfile import read_json
+
     path = Path(path)
-    if not path.exists():
-        raise CleanError(f"{path} not found; it is written by `clean prepare` next to the manifest")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CleanError(f"{path}: not valid JSON ({e}); re-run `clean prepare`") from None
-    except OSError as e:
-        raise CleanError(f"cannot read {path}: {e.strerror or e}") from None
+    info = read_json(path, "not found; it is written by `clean prepare` next to the manifest", "re-run `clean prepare`")
     if isinstance(info, list):
         info = {"classes": info}
     if not isinstance(info, dict) or not isinstance(info.get("classes"), list):

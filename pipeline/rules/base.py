@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.checks import as_float as _as_float
+from pipeline.checks import check_seed as _check_seed
+from pipeline.checks import fmt as _fmt
 from pipeline.errors import CleanError
 
 
@@ -32,21 +35,6 @@ class FlagResult:
     def n_flagged(self) -> int:
         """Number of flagged samples."""
         return int(np.count_nonzero(self.flagged))
-
-
-def _fmt(x) -> str:
-    """Short repr of a user-supplied param for error messages."""
-    return repr(x) if isinstance(x, str) else f"{x}"
-
-
-def _as_float(x, name: str) -> float:
-    if isinstance(x, bool):
-        raise CleanError(f"{name} must be a number, got {_fmt(x)}")
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        raise CleanError(f"{name} must be a number, got {_fmt(x)}") from None
-    return v
 
 
 def _check_open_unit(x, name: str) -> float:
@@ -81,12 +69,6 @@ def _scores_1d(values, score_name: str) -> np.ndarray:
     return v
 
 
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise CleanError(f"seed must be a non-negative integer, got {_fmt(seed)}")
-    return int(seed)
-
-
 def _labels_1d(labels, n: int, n_classes: int) -> np.ndarray:
     y = np.asarray(labels)
     if y.shape != (n,):
@@ -103,8 +85,6 @@ def _labels_1d(labels, n: int, n_classes: int) -> np.ndarray:
             f"got range [{int(y.min())}, {int(y.max())}]"
         )
     return y
-
-
 
 
 def rows_for(manifest, ids: np.ndarray, classes):

@@ -1,0 +1,35 @@
+"""Options shared by several commands: the DVC pipeline's default paths, written once.
+
+Only cli/ knows these locations (data/, models/, scores/, metrics/, plots/); pipeline/ takes
+every path as an argument.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+MANIFEST = Path("data/manifest.csv")
+SCORES = Path("scores/scores.csv")
+FLAGS = Path("scores/flags.csv")
+BASE_MODEL = Path("models/base")
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+
+PARAMS = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read (defaults are used for missing keys).")
+
+
+def manifest(help: str = "the dataset manifest (from `clean prepare`)"):
+    return typer.Option(MANIFEST, help=help)
+
+
+def scores(help: str = "scores from `clean score`"):
+    return typer.Option(SCORES, help=help)
+
+
+def flags(help: str = "flags from `clean flag`"):
+    return typer.Option(FLAGS, help=help)
+
+
+def model(help: str = "trained model folder"):
+    return typer.Option(BASE_MODEL, help=help)
