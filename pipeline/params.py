@@ -60,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 256,
         "split": "train",     # train | val | test | all
         "self_influence": True,  # TracIn over the epoch checkpoints (one pass per checkpoint)
+        "embeddings": True,   # scores/embeddings.npz: every split's penultimate features + image stats (flag's checks)
     },
     "flag": {
         "method": "mad",      # a flag rule (registry: pipeline/rules/)

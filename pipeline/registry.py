@@ -28,6 +28,7 @@ NEEDS = frozenset({
     "model",        # a trained model folder
     "training",     # extra training runs (k-fold cross-fitting)
     "score",        # a score column of scores.csv
+    "probs",        # the running mean over epochs of each sample's pre-update softmax (dynamics.npz)
     "flags",        # scores/flags.csv
     "root",         # a path given in data.root
 })
@@ -132,6 +133,9 @@ class Registry:
 SCORES = Registry("score", loader="pipeline.scores")
 #: Flag rules (issue detectors) — registered in pipeline/rules/.
 RULES = Registry("flag rule", loader="pipeline.rules")
+#: Issue types (label, duplicate, outlier, image properties, ...): each one `is_<type>` / `<type>_score`
+#: pair in scores/flags.csv — registered in pipeline/rules/.
+ISSUES = Registry("issue type", loader="pipeline.rules")
 #: Prune strategies (remedies) — registered in pipeline/strategies.py.
 STRATEGIES = Registry("prune strategy", loader="pipeline.strategies")
 #: Data sources for `clean prepare` — registered in pipeline/data/sources.py.

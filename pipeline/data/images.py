@@ -110,6 +110,20 @@ def probe_image(path: str | os.PathLike) -> tuple[str, tuple[int, int]]:
         return im.mode, (im.height, im.width)
 
 
+def probe_size(file: str, shown: str) -> tuple[int, int]:
+    """(H, W) of one stored image, reading only its header (an IDX reference: the file's H, W)."""
+    _, idx = split_ref(shown)
+    try:
+        if idx is not None:
+            return tuple(int(d) for d in _idx_images(file, shown).shape[1:3])
+        with Image.open(file) as im:
+            return im.height, im.width
+    except CleanError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure names the file
+        raise CleanError(f"cannot read image {shown}: {describe_failure(file, e)}; {_FIX}") from None
+
+
 def describe_failure(path: str | os.PathLike, exc: BaseException) -> str:
     """A short human reason for why `path` could not be decoded (for problems.csv)."""
     if isinstance(exc, FileNotFoundError):

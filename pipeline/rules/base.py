@@ -8,7 +8,8 @@ where ``inputs`` is a :class:`RuleInputs` (lazy: a rule pays only for what it as
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -87,6 +88,24 @@ def _labels_1d(labels, n: int, n_classes: int) -> np.ndarray:
     return y
 
 
+@dataclass
+class IssueResult:
+    """Outcome of one issue-type detector on the training samples (scores.csv order).
+
+    flagged: bool [N] (True = the sample has this issue) → flags.csv `is_<type>`;
+    score: float [N], higher = more severe (NaN where undefined) → `<type>_score`;
+    columns: extra per-sample columns for flags.csv (e.g. duplicate_group, suggested_label);
+    summary: JSON-serialisable facts for metrics/flags.json (e.g. groups, conflicts, leakage);
+    rule: the human-readable rule that fired.
+    """
+
+    flagged: np.ndarray
+    score: np.ndarray
+    rule: str
+    columns: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+
 def rows_for(manifest, ids: np.ndarray, classes):
     """The manifest rows of the scored samples `ids` [N], in that order (CleanError if one is missing)."""
     from pipeline.formats.manifest import read_manifest
@@ -97,6 +116,30 @@ def rows_for(manifest, ids: np.ndarray, classes):
         raise CleanError(f"scores hold id {int(missing[0])} which is not in {manifest}; the scores come from "
                          "another manifest: rerun `clean score`")
     return df.loc[ids]
+
+
+def load_features(path: Path, train_ids: np.ndarray) -> dict:
+    """Read embeddings.npz; CleanError when missing or not from the scored manifest."""
+    import zipfile
+
+    if not path.exists():
+        raise CleanError(f"{path} not found: the duplicate / outlier / image checks need it; run `clean score` "
+                         "with score.embeddings: true (or leave those issue types out of flag.issues)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            feats = {k: z[k] for k in z.files}
+        all_ids = np.asarray(feats["ids"], np.int64)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise CleanError(f"{path}: not a readable embeddings file ({type(e).__name__}: {e}); re-run `clean score`") from None
+    order = np.argsort(all_ids, kind="stable")
+    at = np.clip(np.searchsorted(all_ids[order], train_ids), 0, max(len(all_ids) - 1, 0))
+    found = len(all_ids) > 0 and all_ids[order][at] == train_ids
+    missing = np.flatnonzero(~np.asarray(found, bool) if len(all_ids) else np.ones(len(train_ids), bool))
+    if len(missing):
+        raise CleanError(f"{path} has no row for training id {int(train_ids[missing[0]])} ({len(missing)} missing); "
+                         "it comes from another manifest: re-run `clean score`")
+    feats["train_pos"] = order[at].astype(np.int64)
+    return feats
 
 
 class RuleInputs:
@@ -113,6 +156,13 @@ class RuleInputs:
         self.device, self.progress = device, progress
         self.ids = scores["id"].to_numpy(np.int64)
         self.labels = scores["label"].to_numpy(np.int64)
+
+    def features(self) -> dict:
+        """scores/embeddings.npz beside scores.csv (every split: ids, split, label, emb, hash, image
+        stats — pipeline/scores/features.py) plus `train_pos` [N]: the row of each training sample."""
+        if getattr(self, "_features", None) is None:
+            self._features = load_features(Path(self.scores_csv).parent / "embeddings.npz", self.ids)
+        return self._features
 
     def score(self, name: str) -> tuple[np.ndarray, str]:
         """Score column `name` oriented so that high = suspicious → (values [N], display name)."""

@@ -38,8 +38,11 @@ _S, _D, _T = DEFAULTS["score"], DEFAULTS["data"], DEFAULTS["train"]
 def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, norm: str = _S["norm"],
           params: str = _S["params"], batch_size: int = _S["batch_size"], device: str = _T["device"],
           split: str = _S["split"], with_self_influence: bool = _S["self_influence"], progress=None,
-          cache_max_gb: float = _D["cache_max_gb"], workers: int = _T["workers"]):
-    """Stage: score every sample of `split` → out_dir/scores.csv + out_dir/meta.json.
+          cache_max_gb: float = _D["cache_max_gb"], workers: int = _T["workers"],
+          embeddings: bool = _S["embeddings"]):
+    """Stage: score every sample of `split` → out_dir/scores.csv + out_dir/meta.json
+    (+ out_dir/embeddings.npz with `embeddings`: every split's penultimate features, pixel
+    hashes and image statistics for flag's duplicate / outlier / image checks).
 
     Returns the scores DataFrame (one row per sample, columns :func:`columns` [+ orig_label,
     noisy]). Defaults are params.yaml's (pipeline/params.py). Images whose decoded size
@@ -79,6 +82,9 @@ def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, norm
         D.barrier()  # until rank 0 has written the files
         return None
     s = {k: np.concatenate([p[k] for p in parts]) for k in s}
+    if embeddings:
+        _write_features(out_dir / "embeddings.npz", model, manifest, df, cfg, batch_size, device, cache_max_gb,
+                        workers, progress)
     ids = rows["id"].to_numpy(np.int64)
     dyn_cols, n_dyn = _dynamics_columns(model_dir, ids)
     out = _frame(rows, s, dyn_cols)
@@ -95,6 +101,26 @@ def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, norm
     })
     D.barrier()
     return out
+
+
+def _write_features(path: Path, model, manifest: Path, df, cfg: dict, batch_size: int, device: str,
+                    cache_max_gb: float, workers: int, progress) -> None:
+    """embeddings.npz for every row of the manifest: ids, split, emb [M, D] float16, hash, image stats."""
+    from pipeline.io import atomic_path
+    from pipeline.scores.features import image_features, native_sizes
+
+    data = open_split(manifest, "all", cfg["image_size"], cfg["in_chans"], df=df, cache_max_gb=cache_max_gb,
+                      workers=workers, rows=df)
+    if progress:
+        progress("start", desc="embed every split", total=len(df))
+    feats = image_features(model, data.images, cfg["mean"], cfg["std"], batch_size, device, progress)
+    if progress:
+        progress("end")
+    height, width = native_sizes(df["path"].tolist(), manifest.parent)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, ids=df["id"].to_numpy(np.int64), split=df["split"].to_numpy().astype("U5"),
+                     label=df["label"].to_numpy(np.int64), height=height, width=width, **feats)
 
 
 def _check_settings(norm: str, params: str, split: str) -> None:
@@ -210,5 +236,5 @@ def score_input(path: str | Path, model: str, out_dir: str | Path, p: dict, prog
     df = score(model_dir, manifest, out_dir, norm=sc["norm"], params=sc["params"], batch_size=sc["batch_size"],
                device=p["train"]["device"], split=sc["split"] if manifest == path else "train",
                with_self_influence=sc["self_influence"], progress=progress,
-               cache_max_gb=p["data"]["cache_max_gb"], workers=p["train"]["workers"])
+               cache_max_gb=p["data"]["cache_max_gb"], workers=p["train"]["workers"], embeddings=sc["embeddings"])
     return df, model_dir

@@ -2,9 +2,10 @@
 
 :func:`image_grid` lays out uint8 images [K,C,H,W] as captioned tiles in one PNG (PIL only:
 exact pixels, small images upscaled with nearest-neighbour so an 8×8 digit stays readable).
-:func:`top_grid` picks the k samples of a scores file with the highest score (lowest for
-margin/aum/confidence), optionally only the flagged ones, and draws them captioned
-"id · label→pred · score=value"; tiles whose prediction disagrees with the label are red.
+:func:`top_grid` picks the k most suspicious samples of a scores file (the suspicious end of
+each score is the SCORES registry's, pipeline/scores/order.py; docs/methods.md §1.1),
+optionally only the flagged ones, and draws them captioned "id · label→pred · score=value";
+tiles whose prediction disagrees with the label are red. :func:`show_top` is `clean show`.
 """
 from __future__ import annotations
 
@@ -161,8 +162,10 @@ def image_grid(images_u8: np.ndarray, titles: list[str], path: str | Path, cols:
 # --------------------------------------------------------------------------- scores → grid
 
 
-def resolve_manifest(scores_csv: str | Path, manifest: str | Path | None = None) -> Path | None:
-    """The manifest a scores file came from: `manifest`, else meta.json's, else data/manifest.csv."""
+def resolve_manifest(scores_csv: str | Path, manifest: str | Path | None = None,
+                     fallback: str | Path | None = None) -> Path | None:
+    """The manifest a scores file came from: `manifest` (must exist), else the one the scores'
+    meta.json names (when it exists), else `fallback` (when given and it exists), else None."""
     if manifest is not None:
         m = Path(manifest)
         if not m.exists():
@@ -176,8 +179,7 @@ def resolve_manifest(scores_csv: str | Path, manifest: str | Path | None = None)
             m = None
         if m and Path(m).exists():
             return Path(m)
-    fallback = Path("data/manifest.csv")
-    return fallback if fallback.exists() else None
+    return Path(fallback) if fallback is not None and Path(fallback).exists() else None
 
 
 def class_names(manifest: Path | None, classes: list[str] | None = None) -> list[str] | None:
@@ -224,25 +226,12 @@ def fmt_value(v) -> str:
     return "nan" if v != v else f"{v:.3g}"
 
 
-def top_grid(scores_csv: str | Path = "scores/scores.csv", by: str = "loss", k: int = 36,
-             path: str | Path | None = None, flags_csv: str | Path | None = None, only_flagged: bool = False,
-             classes: list[str] | None = None, manifest: str | Path | None = None, cols: int | None = None):
-    """Grid PNG of the k most suspicious samples by score `by` → DataFrame of the rows shown.
-
-    by: a score column, or "value" = the flag rule's value from flags_csv (any flag method).
-    path: default reports/top_<by>.png. flags_csv: optional flags.csv (flagged tiles get an
-    orange frame; with only_flagged, only flagged samples are candidates). Images resolve
-    through `manifest` (default: scores/meta.json's manifest, then data/manifest.csv) and
-    class names through classes.json beside it. Returned columns: id, label, pred, <by>,
-    flagged, rule, path.
-    """
+def _ranked(scores_csv: str | Path, by: str, k: int, flags_csv: str | Path | None, only_flagged: bool):
+    """scores (+ flags) → the k most suspicious rows by `by` ("value" = the flag rule's value)."""
     import pandas as pd
-
-    from pipeline.data.images import load_images
 
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise CleanError(f"k must be a positive integer, got {k!r}")
-    path = Path(path) if path is not None else Path("reports") / f"top_{by}.png"
     flag_value = by == "value"
     if flag_value and flags_csv is None:
         raise CleanError("--by value ranks by the flag rule's value and needs a flags file; run `clean flag` first")
@@ -258,10 +247,14 @@ def top_grid(scores_csv: str | Path = "scores/scores.csv", by: str = "loss", k: 
     df[by] = pd.to_numeric(df[by], errors="coerce").astype(np.float64)
     if df[by].isna().all():
         raise CleanError(f"{scores_csv}: column '{by}' is empty (all NaN); pick another score (--by)")
-    top = pick_top(df, by, int(k), only_flagged)
-    man = resolve_manifest(scores_csv, manifest)
-    names = namer(class_names(man, classes))
-    base = man.parent if man is not None else Path(scores_csv).parent
+    return pick_top(df, by, int(k), only_flagged)
+
+
+def _draw_top(top, by: str, path: str | Path, names, base: Path, only_flagged: bool, framed: bool,
+              cols: int | None) -> None:
+    """The grid PNG of the ranked rows `top`: captions id · label→pred · by=value, red when wrong."""
+    from pipeline.data.images import load_images
+
     imgs = load_images(top["path"].tolist(), base) if len(top) else np.zeros((0, 1, 1, 1), np.uint8)
     titles, colors, frames = [], [], []
     for r in top.itertuples(index=False):
@@ -271,7 +264,48 @@ def top_grid(scores_csv: str | Path = "scores/scores.csv", by: str = "loss", k: 
         frames.append(FLAG if r.flagged else None)
     what = "flagged samples" if only_flagged else "samples"
     heading = (f"top {len(top)} {what} by {by} ({'lowest' if low_is_suspicious(by) else 'highest'} first) · "
-               f"red caption: label ≠ prediction" + (" · orange frame: flagged" if flags_csv and not only_flagged else ""))
+               f"red caption: label ≠ prediction" + (" · orange frame: flagged" if framed and not only_flagged else ""))
     image_grid(imgs, titles, path, cols=cols, colors=colors, frames=frames, title=heading)
+
+
+def _top_grid(scores_csv, by, k, path, flags_csv, only_flagged, classes, manifest, fallback_manifest, cols):
+    """top_grid's work → (rows shown, label namer)."""
+    top = _ranked(scores_csv, by, k, flags_csv, only_flagged)
+    man = resolve_manifest(scores_csv, manifest, fallback_manifest)
+    names = namer(class_names(man, classes))
+    base = man.parent if man is not None else Path(scores_csv).parent
+    _draw_top(top, by, path, names, base, only_flagged, bool(flags_csv), cols)
     keep = ["id", "label", "pred", by, "flagged", "rule", "path"]
-    return top[keep].reset_index(drop=True)
+    return top[keep].reset_index(drop=True), names
+
+
+def top_grid(scores_csv: str | Path, by: str = "loss", k: int = 36, *, path: str | Path,
+             flags_csv: str | Path | None = None, only_flagged: bool = False, classes: list[str] | None = None,
+             manifest: str | Path | None = None, fallback_manifest: str | Path | None = None,
+             cols: int | None = None):
+    """Grid PNG at `path` of the k most suspicious samples by score `by` → DataFrame of the rows shown.
+
+    by: a score column, or "value" = the flag rule's value from flags_csv (any flag method).
+    flags_csv: optional flags.csv (flagged tiles get an orange frame; with only_flagged, only
+    flagged samples are candidates). Images resolve through `manifest` (None: the one the
+    scores' meta.json names, else `fallback_manifest`, else paths relative to the scores
+    file) and class names through classes.json beside it. Returned columns: id, label, pred,
+    <by>, flagged, rule, path.
+    """
+    return _top_grid(scores_csv, by, k, path, flags_csv, only_flagged, classes, manifest, fallback_manifest,
+                     cols)[0]
+
+
+def show_top(scores_csv: str | Path, by: str, k: int, path: str | Path, flags_csv: str | Path,
+             only_flagged: bool, manifest: str | Path | None, fallback_manifest: str | Path | None,
+             cols: int | None) -> dict:
+    """`clean show`: :func:`top_grid` with `flags_csv` used when it exists (required with only_flagged).
+
+    Returns {"shown": the rows shown (top_grid's columns), "names": label int → class name,
+    "n_wrong": how many of them have label ≠ prediction, "path": the PNG}.
+    """
+    use_flags = flags_csv if (Path(flags_csv).exists() or only_flagged) else None
+    shown, names = _top_grid(scores_csv, by, k, path, use_flags, only_flagged, None, manifest, fallback_manifest,
+                             cols)
+    return {"shown": shown, "names": names, "n_wrong": int((shown["label"] != shown["pred"]).sum()),
+            "path": Path(path)}

@@ -7,9 +7,12 @@
 5. :func:`confusion_png`  confusion matrix of an evaluated model (DVC's built-in `confusion`
                           template renders the CSV written by `clean evaluate`)
 
-Matplotlib is imported inside the functions and drawn with the Agg canvas (no pyplot, no
-display). The Vega-Lite templates for `dvc plots` live in .dvc/plots/ (sweep.json,
-heatmap.json); figures 2 and 4 use DVC's built-in `simple` template with two y columns.
+Which of the paper's findings each figure checks: docs/methods.md §6.1 (the tracked norms of
+figure 1: §1.5; the label entropy of figure 2: §3). Every function takes its input and output
+paths as arguments (the defaults are the CLI's). Matplotlib is imported inside the functions
+and drawn with the Agg canvas (no pyplot, no display). The Vega-Lite templates for `dvc plots`
+live in .dvc/plots/ (sweep.json, heatmap.json); figures 2 and 4 use DVC's built-in `simple`
+template with two y columns.
 """
 from __future__ import annotations
 
@@ -45,18 +48,6 @@ def save_png(fig, out_png: str | Path) -> Path:
     return Path(out_png)
 
 
-def _read_csv(path: str | Path, what: str, fix: str):
-    import pandas as pd
-
-    path = Path(path)
-    if not path.exists():
-        raise CleanError(f"{what} not found: {path}; {fix}")
-    try:
-        return pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
-    except Exception as e:  # noqa: BLE001
-        raise CleanError(f"{path}: not a readable CSV ({type(e).__name__}: {e}); {fix}") from None
-
-
 def _need(df, cols, path, fix: str) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
@@ -64,18 +55,6 @@ def _need(df, cols, path, fix: str) -> None:
 
 
 # --------------------------------------------------------------------------- 1. gradient heatmap
-
-
-def load_dynamics(path: str | Path) -> dict:
-    """Read a dynamics.npz (allow_pickle=False) → {name: array}; missing/corrupt → CleanError."""
-    path = Path(path)
-    if not path.exists():
-        raise CleanError(f"dynamics file not found: {path}; it is written by `clean train` (models/<name>/dynamics.npz)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as e:  # noqa: BLE001
-        raise CleanError(f"{path}: not a readable .npz ({type(e).__name__}: {e}); re-run `clean train`") from None
 
 
 def grad_heatmap(dynamics_npz: str | Path, out_csv: str | Path, out_png: str | Path, max_samples: int = 64,
@@ -90,9 +69,10 @@ def grad_heatmap(dynamics_npz: str | Path, out_csv: str | Path, out_png: str | P
     """
     import pandas as pd
 
+    from pipeline.formats.dynamics import load_dynamics
     from pipeline.io import write_frame
 
-    dyn = load_dynamics(dynamics_npz)
+    dyn = load_dynamics(dynamics_npz, need=())  # the track arrays are checked below, with their own fix
     if "track_grad_norm" not in dyn or "track_ids" not in dyn or dyn["track_grad_norm"].size == 0:
         raise CleanError(f"{dynamics_npz}: no tracked per-epoch gradient norms (track_ids, track_grad_norm); "
                          "retrain with train.track > 0 in params.yaml (`clean train`)")
@@ -241,15 +221,13 @@ def entropy_topk(scores_csv: str | Path, by, num_classes: int | None, out_csv: s
 # --------------------------------------------------------------------------- 3. sweep
 
 
-#: Where the sweep summary may live (first existing wins): the issue's name, then `clean sweep collect`'s.
-SWEEP_SUMMARIES = (Path("sweep/summary.csv"), Path("plots/sweep.csv"))
-
-
-def find_sweep_summary(path: str | Path | None = None) -> Path:
-    """`path`, else the first existing of SWEEP_SUMMARIES (else the first name, for the message)."""
-    if path is not None:
-        return Path(path)
-    return next((p for p in SWEEP_SUMMARIES if p.exists()), SWEEP_SUMMARIES[0])
+def find_sweep_summary(candidates) -> Path | None:
+    """The sweep summary among `candidates` (a path, or several: the first that exists, else the
+    first, for the message); None when none is given."""
+    if candidates is None or isinstance(candidates, (str, Path)):
+        return None if candidates is None else Path(candidates)
+    paths = [Path(c) for c in candidates]
+    return next((c for c in paths if c.exists()), paths[0] if paths else None)
 
 
 def sweep_plot(summary_csv: str | Path, out_csv: str | Path | None, out_png: str | Path):
@@ -264,8 +242,10 @@ def sweep_plot(summary_csv: str | Path, out_csv: str | Path | None, out_png: str
 
     from pipeline.io import write_frame
 
+    from pipeline.formats.tables import read_csv
+
     fix = "it is written by the sweep stage (`dvc repro sweep`)"
-    df = _read_csv(summary_csv, "sweep summary", fix)
+    df = read_csv(summary_csv, "sweep summary", fix)
     _need(df, ["strategy", "keep", "accuracy_mean"], summary_csv, fix)
     if len(df) == 0:
         raise CleanError(f"{summary_csv}: no rows; {fix}")
@@ -337,6 +317,27 @@ def overlap_topk(scores_a: str | Path, scores_b: str | Path, by: str, out_csv: s
     return out
 
 
+#: Fractions of N at which `clean compare` prints the overlap.
+COMPARE_FRACTIONS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5)
+
+
+def compare_topk(scores_a: str | Path, scores_b: str | Path, by: str, out_csv: str | Path, out_png: str | Path,
+                 fractions=COMPARE_FRACTIONS) -> dict:
+    """`clean compare`: figure 4 (:func:`overlap_topk`) plus the overlap at a few fractions of N.
+
+    Returns {"curve": overlap_topk's DataFrame, "n": N, "k": [k at each fraction (distinct)],
+    "overlap": [overlap at each of those k], "mean_excess": mean of overlap − k/N on the k grid}.
+    """
+    from pipeline.views.compare import compare_files
+
+    curve = overlap_topk(scores_a, scores_b, by, out_csv, out_png)
+    n = int(round(curve["k"].iloc[-1] / curve["fraction"].iloc[-1]))
+    ks = sorted({int(min(n, max(1, round(f * n)))) for f in fractions})
+    r = compare_files(scores_a, scores_b, by, ks)
+    return {"curve": curve, "n": n, "k": ks, "overlap": [float(o) for o in r["overlap"]],
+            "mean_excess": float(np.mean(curve["overlap"] - curve["random_baseline"]))}
+
+
 # --------------------------------------------------------------------------- 5. confusion
 
 
@@ -345,8 +346,10 @@ def confusion_counts(confusion_csv: str | Path, classes: list[str] | None = None
 
     Class order: `classes` (names not in it are appended), else sorted names.
     """
+    from pipeline.formats.tables import read_csv
+
     fix = "it is written by `clean evaluate` (plots/confusion_<name>.csv)"
-    df = _read_csv(confusion_csv, "confusion data", fix)
+    df = read_csv(confusion_csv, "confusion data", fix)
     _need(df, ["actual", "predicted"], confusion_csv, fix)
     a, p = df["actual"].astype(str).to_numpy(), df["predicted"].astype(str).to_numpy()
     names = [str(c) for c in classes] if classes is not None else []

@@ -1,15 +1,18 @@
-"""`clean report`: one self-contained HTML page (reports/index.html) that shows every result.
+"""`clean report`'s page: one self-contained HTML file that shows every result.
 
 Sections: header (dataset, model, params, accuracy of each evaluated version, prune summary),
 flagged samples per class (thumbnails with id, label→pred, rule and scores), the top-k grid,
 score distributions, and the paper's figures (gradient heatmap, entropy of the top-k,
-accuracy vs keep fraction, top-k overlap of two score files, confusion matrices).
+accuracy vs keep fraction, top-k overlap of two score files, confusion matrices; which
+finding each one checks: docs/methods.md §6.1).
 
-Every image is embedded as a base64 PNG data: URI, so the page opens from disk with no server
-and can be copied anywhere; the figure PNGs (and their CSV data) are also kept under
-reports/figures/. A missing optional input (no flags yet, no sweep, no second score file)
-turns its section into a note saying what to run; nothing else fails. At 60k samples the page
-stays small: thumbnails are capped per class and in total bytes, the flagged table is capped.
+This module renders: one function per section, each taking what it shows (data frames,
+dicts, paths) as arguments; pipeline/stages/report.py reads the input files and writes the
+page. Every image is embedded as a base64 PNG data: URI, so the page opens from disk with no
+server and can be copied anywhere; the figure PNGs (and their CSV data) are also kept under
+the report's figures/ folder. A missing optional input turns its section into a note saying
+what to run. At 60k samples the page stays small: thumbnails are capped per class and in total
+bytes, the flagged table is capped.
 """
 from __future__ import annotations
 
@@ -17,8 +20,6 @@ import base64
 import datetime as _dt
 import html
 import io
-import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,11 @@ THUMB_PX = 96
 THUMB_BUDGET = 12_000_000
 #: At most this many cards over all classes.
 MAX_CARDS = 1500
-#: Score columns shown on each card when present.
+#: Score columns shown on each card (and in the flagged table) when present: a display choice,
+#: not a list of the scores (that is pipeline.registry.SCORES).
 CARD_SCORES = ("loss", "grad_norm", "margin", "self_influence")
+#: The lines of figure 2, when present (the first fills the `entropy` column): the paper's choice.
+ENTROPY_SCORES = ("grad_norm", "loss", "el2n", "forgetting", "self_influence")
 
 _CSS = """
 body{font-family:system-ui,-apple-system,'DejaVu Sans',sans-serif;margin:0;color:#1d1d1f;background:#fafafa}
@@ -109,8 +113,8 @@ def thumbnail_png(img_u8: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class _Section:
-    """Collects one section's HTML; run(fn) turns a CleanError into a note."""
+class Section:
+    """Collects one section's HTML; missing(why) turns it into a note saying what to run."""
 
     def __init__(self, key: str, title: str):
         self.key, self.title, self.parts, self.status = key, title, [], "ok"
@@ -126,59 +130,48 @@ class _Section:
         return f"<section id='{self.key}'><h2>{_e(self.title)}</h2>{''.join(self.parts)}</section>"
 
 
-# --------------------------------------------------------------------------- inputs
+#: Section key → title (the top-k title is formatted with k and by), in page order.
+TITLES = {
+    "summary": "Summary",
+    "flagged": "Flagged samples per class",
+    "top": "Top {k} by {by}",
+    "scores": "Score distributions",
+    "heatmap": "Per-sample gradient magnitude over training (figure 1)",
+    "entropy": "Label entropy of the top-k samples (figure 2)",
+    "sweep": "Accuracy vs keep fraction (figure 3)",
+    "overlap": "Top-k overlap of two score files (figure 4)",
+    "confusion": "Confusion matrices (figure 5)",
+}
 
 
-def _load_params(path: Path) -> tuple[dict | None, str | None]:
-    from pipeline.params import load_params
+def section(key: str, **fmt) -> Section:
+    """A new, empty section `key` with its title from TITLES."""
+    return Section(key, TITLES[key].format(**fmt))
 
-    if not path.exists():
-        return None, f"{path} not found; the header shows defaults only"
+
+def _figure(sec: Section, fn, *args, alt: str, **kw) -> bool:
+    """Run a plots.* function writing a PNG (last positional arg); embed it or note the CleanError."""
     try:
-        return load_params(path), None
+        fn(*args, **kw)
     except CleanError as e:
-        import yaml
-
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except Exception:  # noqa: BLE001
-            raw = None
-        return raw if isinstance(raw, dict) else None, str(e)
+        sec.missing(str(e))
+        return False
+    sec.add(_img_file(args[-1], alt))
+    return True
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CleanError(f"{path}: not valid JSON ({e}); re-run the stage that writes it") from None
+# --------------------------------------------------------------------------- summary
 
 
-def _metrics(metrics_dir: Path) -> dict[str, dict]:
-    out = {}
-    if not metrics_dir.is_dir():
-        return out
-    for p in sorted(metrics_dir.glob("*.json")):
-        m = _read_json(p)
-        if isinstance(m, dict) and "accuracy" in m:
-            out[p.stem] = m
-    order = sorted(out, key=lambda n: (n != "base", n))
-    return {n: out[n] for n in order}
+def _part(p, key: str) -> dict:
+    """params section `key` as a dict ({} when params are missing or the section is not a mapping)."""
+    body = p.get(key, {}) if isinstance(p, dict) else {}
+    return body if isinstance(body, dict) else {}
 
 
-# --------------------------------------------------------------------------- sections
-
-
-def _header(sec: _Section, p: dict | None, p_err: str | None, params_path: Path, manifest: Path | None,
-            mdf, classes, meta: dict, metrics: dict, prune: dict | None, prune_path: Path) -> None:
+def _dataset_rows(mdf, classes) -> list:
+    """Header rows from the manifest: samples per split, injected noise, class names."""
     rows = []
-    data = (p or {}).get("data", {}) if isinstance(p, dict) else {}
-    model = (p or {}).get("model", {}) if isinstance(p, dict) else {}
-    data = data if isinstance(data, dict) else {}
-    model = model if isinstance(model, dict) else {}
-    if data:
-        rows.append(("dataset", f"{data.get('source')}" + (f" ({data.get('root')})" if data.get("root") else "")))
-    if manifest is not None:
-        rows.append(("manifest", str(manifest)))
     if mdf is not None:
         counts = mdf["split"].value_counts()
         rows.append(("samples", ", ".join(f"{s}: {int(counts.get(s, 0)):,}" for s in ("train", "val", "test"))))
@@ -187,67 +180,98 @@ def _header(sec: _Section, p: dict | None, p_err: str | None, params_path: Path,
     if classes:
         shown = ", ".join(classes[:20]) + (f", … ({len(classes)} in all)" if len(classes) > 20 else "")
         rows.append(("classes", f"{len(classes)}: {shown}"))
+    return rows
+
+
+def _run_rows(p, manifest, mdf, classes, meta: dict) -> list:
+    """Header rows: dataset, manifest, samples, classes, model, scoring, training, stage params."""
+    data, model, tr = _part(p, "data"), _part(p, "model"), _part(p, "train")
+    rows = []
+    if data:
+        rows.append(("dataset", f"{data.get('source')}" + (f" ({data.get('root')})" if data.get("root") else "")))
+    if manifest is not None:
+        rows.append(("manifest", str(manifest)))
+    rows += _dataset_rows(mdf, classes)
     mname = meta.get("model") or model.get("name")
     if mname:
         rows.append(("model", f"{mname}" + (" (pretrained)" if model.get("pretrained") else "")))
     if meta:
         rows.append(("scores", f"norm {meta.get('norm')}, params {meta.get('params')}, split {meta.get('split')}, "
                                f"n {meta.get('n')}"))
-    tr = (p or {}).get("train", {}) if isinstance(p, dict) else {}
-    tr = tr if isinstance(tr, dict) else {}
     if tr:
         seeds = tr.get("seeds", tr.get("seed"))
         rows.append(("training", f"{tr.get('epochs')} epochs, batch {tr.get('batch_size')}, {tr.get('optimizer')} "
                                  f"lr {tr.get('lr')}, {tr.get('schedule')}, seed(s) {seeds}"))
     for stage in ("flag", "prune", "sweep"):
-        body = (p or {}).get(stage) if isinstance(p, dict) else None
-        if isinstance(body, dict) and body:
+        body = _part(p, stage)
+        if body:
             rows.append((stage, ", ".join(f"{k} {v}" for k, v in body.items())))
-    sec.add("<table class='kv'><tbody>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows)
+    return rows
+
+
+def _accuracy(metrics: dict, classes) -> str:
+    """Accuracy of each evaluated version, and per class (or a note saying what to run)."""
+    if not metrics:
+        return _note("no metrics/*.json yet; run `clean evaluate` (dvc repro evaluate)")
+    trows = []
+    for n, m in metrics.items():
+        std = m.get("accuracy_std")
+        trows.append((n, m.get("model", ""), m.get("accuracy"), "–" if std is None else std,
+                      len(m.get("runs") or []) or 1, m.get("loss"), m.get("n"), m.get("n_train")))
+    out = _table(["version", "model", "accuracy", "± std", "seeds", "loss (nats)", "n test", "n train"],
+                 trows, left=2)
+    per = {n: m.get("per_class_accuracy") or {} for n, m in metrics.items()}
+    names = list(classes) if classes else sorted({c for d in per.values() for c in d})
+    if any(per.values()) and names:
+        prow = [(c, *[per[n].get(c) for n in metrics]) for c in names]
+        out += f"<details><summary>per-class accuracy</summary>{_table(['class', *metrics], prow)}</details>"
+    return out
+
+
+def _pruned(prune: dict | None, prune_path: Path) -> str:
+    """The prune summary: kept count and fraction, label entropy kept / all / uniform."""
+    if not prune:
+        return f"<p class='small'>no prune summary ({_e(prune_path)}) yet.</p>"
+    le = prune.get("label_entropy") or {}
+    frac = prune.get("fraction_kept", (prune.get("n_kept") or 0) / max(prune.get("n_total") or 1, 1))
+    return "<h3>Pruned dataset</h3>" + _table(
+        ["n total", "n kept", "fraction", "label entropy kept", "all", "uniform"],
+        [(prune.get("n_total"), prune.get("n_kept"), frac, le.get("kept"), le.get("all"), le.get("uniform"))],
+        left=0)
+
+
+def summary_section(p, p_err: str | None, params_path: Path, manifest, mdf, classes, meta: dict, metrics: dict,
+                    prune: dict | None, prune_path: Path) -> Section:
+    """Header: dataset, model, params, accuracy of each evaluated version, prune summary."""
+    sec = section("summary")
+    sec.add("<table class='kv'><tbody>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>"
+                                                  for k, v in _run_rows(p, manifest, mdf, classes, meta))
             + "</tbody></table>")
     if p_err:
         sec.add(_note(f"params: {p_err}"))
-
     sec.add("<h3>Accuracy of each version (test split)</h3>")
-    if metrics:
-        trows = []
-        for n, m in metrics.items():
-            acc = m.get("accuracy")
-            std = m.get("accuracy_std")
-            runs = m.get("runs") or []
-            trows.append((n, m.get("model", ""), acc, "–" if std is None else std, len(runs) or 1,
-                          m.get("loss"), m.get("n"), m.get("n_train")))
-        sec.add(_table(["version", "model", "accuracy", "± std", "seeds", "loss (nats)", "n test", "n train"],
-                       trows, left=2))
-        per = {n: m.get("per_class_accuracy") or {} for n, m in metrics.items()}
-        names = list(classes) if classes else sorted({c for d in per.values() for c in d})
-        if any(per.values()) and names:
-            prow = [(c, *[per[n].get(c) for n in metrics]) for c in names]
-            sec.add(f"<details><summary>per-class accuracy</summary>{_table(['class', *metrics], prow)}</details>")
-    else:
-        sec.add(_note("no metrics/*.json yet; run `clean evaluate` (dvc repro evaluate)"))
-
-    if prune:
-        le = prune.get("label_entropy") or {}
-        sec.add("<h3>Pruned dataset</h3>")
-        sec.add(_table(["n total", "n kept", "fraction", "label entropy kept", "all", "uniform"],
-                       [(prune.get("n_total"), prune.get("n_kept"), prune.get("fraction_kept",
-                         (prune.get("n_kept") or 0) / max(prune.get("n_total") or 1, 1)),
-                         le.get("kept"), le.get("all"), le.get("uniform"))], left=0))
-    else:
-        sec.add(f"<p class='small'>no prune summary ({_e(prune_path)}) yet.</p>")
+    sec.add(_accuracy(metrics, classes))
+    sec.add(_pruned(prune, prune_path))
     if p:
         import yaml
 
         sec.add(f"<details><summary>params ({_e(params_path)})</summary><pre>"
                 f"{_e(yaml.safe_dump(p, sort_keys=False))}</pre></details>")
+    return sec
+
+
+# --------------------------------------------------------------------------- flagged samples
+
+
+def _short(score: str) -> str:
+    """Card label of a score column: the initials of a compound name (grad_norm → gn)."""
+    return "".join(w[0] for w in score.split("_")) if "_" in score else score
 
 
 def _card(r, names, img_uri: str | None, has_flags: bool) -> str:
     wrong = int(r["label"]) != int(r["pred"])
     img = (f"<img alt='id {_e(r['id'])}' src='{img_uri}'>" if img_uri else "<div class='noimg'>no image</div>")
-    scores = " · ".join(f"{c.replace('self_influence', 'si').replace('grad_norm', 'gn')} {_num(r[c], 3)}"
-                        for c in CARD_SCORES if c in r and r[c] == r[c])
+    scores = " · ".join(f"{_short(c)} {_num(r[c], 3)}" for c in CARD_SCORES if c in r and r[c] == r[c])
     rule = ""
     if has_flags and r.get("flagged"):
         rule = f"<div class='rule'>{_e(r.get('rule', ''))} = {_num(r.get('flag_value'), 3)}</div>"
@@ -260,37 +284,27 @@ def _card(r, names, img_uri: str | None, has_flags: bool) -> str:
             f"</span><div>{_e(scores)}</div>{rule}{noisy}</figcaption></figure>")
 
 
-def _flagged_section(sec: _Section, df, has_flags: bool, flags_path: Path, names, base: Path | None,
-                     by: str, max_per_class: int, max_table_rows: int, log) -> dict:
-    """Cards of the flagged samples per class (or the top by `by` when there are no flags)."""
+def _candidates(sec: Section, df, has_flags: bool, flags_path: Path, by: str, max_per_class: int):
+    """The samples to show, most suspicious first: the flagged ones by flag value, else all by `by`
+    → (rows, what they are ordered by, what they are)."""
     from pipeline.scores.order import top_order
-    from pipeline.data.images import load_images
 
-    if has_flags:
-        cand = df[df["flagged"]]
-        key = np.where(np.isnan(cand["flag_value"].to_numpy(np.float64)), cand[by].to_numpy(np.float64),
-                       cand["flag_value"].to_numpy(np.float64))
-        order_by, what = "flag value (highest first)", "flagged"
-        sec.add(f"<p>{len(cand):,} of {len(df):,} training samples flagged "
-                f"({len(cand) / max(len(df), 1):.2%}) by <code>{_e(', '.join(sorted(set(cand['rule'])))[:300])}</code>."
-                f" Red: the model predicts another class than the label.</p>")
-        cand = cand.iloc[top_order(key, "", cand["id"].to_numpy())]
-    else:
+    if not has_flags:
         sec.add(_note(f"no flags file ({flags_path}); run `clean flag`. Showing the top {max_per_class} samples "
                       f"per class by {by} instead."))
-        cand = df.iloc[top_order(df[by].to_numpy(np.float64), by, df["id"].to_numpy())]
-        order_by, what = by, "top"
-    if len(cand) == 0:
-        sec.add("<p>No sample is flagged.</p>")
-        return {"n_flagged": 0, "n_shown": 0, "ids": []}
+        return df.iloc[top_order(df[by].to_numpy(np.float64), by, df["id"].to_numpy())], by, "top"
+    cand = df[df["flagged"]]
+    value = cand["flag_value"].to_numpy(np.float64)
+    key = np.where(np.isnan(value), cand[by].to_numpy(np.float64), value)
+    sec.add(f"<p>{len(cand):,} of {len(df):,} training samples flagged "
+            f"({len(cand) / max(len(df), 1):.2%}) by <code>{_e(', '.join(sorted(set(cand['rule'])))[:300])}</code>."
+            f" Red: the model predicts another class than the label.</p>")
+    return cand.iloc[top_order(key, "", cand["id"].to_numpy())], "flag value (highest first)", "flagged"
 
-    labels = cand["label"].to_numpy(np.int64)
-    present = [c for c in np.unique(labels)]
-    per = max(1, min(max_per_class, MAX_CARDS // max(len(present), 1)))
-    shown = cand.groupby("label", sort=True, group_keys=False).head(per)
-    # summary per class
+
+def _class_summary(df, flc, has_flags: bool, names) -> str:
+    """Per class: samples, flagged, % flagged, label ≠ prediction, injected noise."""
     allc = df.groupby("label").size()
-    flc = cand.groupby("label").size()
     extra = "noisy" in df.columns
     wrong = (df["label"] != df["pred"]).groupby(df["label"]).sum()
     noisy = df["noisy"].fillna(0).groupby(df["label"]).sum() if extra else None
@@ -303,16 +317,23 @@ def _flagged_section(sec: _Section, df, has_flags: bool, flags_path: Path, names
             row.append(int(noisy.get(c, 0)))
         srows.append(row)
     cols = ["class", "samples", "flagged", "% flagged", "label≠pred"] + (["injected noise"] if extra else [])
-    sec.add(f"<details open><summary>per class</summary>{_table(cols, srows)}</details>")
-    if extra and has_flags:
-        nz = df["noisy"].fillna(0).astype(int).astype(bool).to_numpy()
-        fl = df["flagged"].to_numpy(bool)
-        tp = int((nz & fl).sum())
-        sec.add(f"<p>Against the injected noise: precision {tp / max(fl.sum(), 1):.3f} "
-                f"({tp} of {int(fl.sum())} flagged are noisy), recall {tp / max(nz.sum(), 1):.3f} "
-                f"({tp} of {int(nz.sum())} noisy are flagged).</p>")
+    return f"<details open><summary>per class</summary>{_table(cols, srows)}</details>"
 
-    # images
+
+def _noise_recall(df) -> str:
+    """Precision and recall of the flags against the injected noise."""
+    nz = df["noisy"].fillna(0).astype(int).astype(bool).to_numpy()
+    fl = df["flagged"].to_numpy(bool)
+    tp = int((nz & fl).sum())
+    return (f"<p>Against the injected noise: precision {tp / max(fl.sum(), 1):.3f} "
+            f"({tp} of {int(fl.sum())} flagged are noisy), recall {tp / max(nz.sum(), 1):.3f} "
+            f"({tp} of {int(nz.sum())} noisy are flagged).</p>")
+
+
+def _thumbnails(sec: Section, shown, base: Path | None) -> dict:
+    """id → thumbnail data: URI for the rows `shown`, within THUMB_BUDGET (a note says what is left out)."""
+    from pipeline.data.images import load_images
+
     uris: dict = {}
     img_note = None
     if base is None:
@@ -332,213 +353,179 @@ def _flagged_section(sec: _Section, df, has_flags: bool, flags_path: Path, names
             img_note = f"images could not be read ({e}); cards show no image"
     if img_note:
         sec.add(_note(img_note))
-    log(f"report: {len(shown)} sample cards, {len(uris)} thumbnails")
+    return uris
 
-    recs = shown.to_dict("records")
+
+def _class_cards(shown, flc, names, uris: dict, has_flags: bool, what: str, order_by: str) -> str:
+    """One folding block of sample cards per class."""
     by_class: dict = {}
-    for r in recs:
+    for r in shown.to_dict("records"):
         by_class.setdefault(int(r["label"]), []).append(r)
     open_attr = " open" if len(by_class) <= 20 else ""
+    out = []
     for c, rs in sorted(by_class.items()):
-        total = int(flc.get(c, 0))
         cards = "".join(_card(r, names, uris.get(r["id"]), has_flags) for r in rs)
-        sec.add(f"<details{open_attr}><summary>{_e(names(c))}: showing {len(rs)} of {total:,} {what} "
-                f"(by {_e(order_by)})</summary><div class='cards'>{cards}</div></details>")
+        out.append(f"<details{open_attr}><summary>{_e(names(c))}: showing {len(rs)} of {int(flc.get(c, 0)):,} "
+                   f"{what} (by {_e(order_by)})</summary><div class='cards'>{cards}</div></details>")
+    return "".join(out)
 
+
+def _flag_table(cand, names, flags_path: Path, max_rows: int) -> str:
+    """The table of all flagged samples (the first `max_rows`)."""
+    extra = "noisy" in cand.columns
+    shown_scores = [c for c in CARD_SCORES if c in cand.columns]
+    cols = ["id", "class", "pred", "rule", "value"] + shown_scores + (["noisy"] if extra else [])
+    head = cand.head(max_rows)
+    rows = [[r["id"], names(r["label"]), names(r["pred"]), r["rule"], r["flag_value"],
+             *[r[c] for c in shown_scores], *([int(r["noisy"])] if extra else [])]
+            for r in head.to_dict("records")]
+    more = (f" (the first {len(head):,} of {len(cand):,}; the full list is {flags_path})"
+            if len(cand) > len(head) else "")
+    return f"<details><summary>all flagged samples{_e(more)}</summary>{_table(cols, rows, left=4)}</details>"
+
+
+def flagged_section(df, has_flags: bool, flags_path: Path, names, base: Path | None, by: str,
+                    max_per_class: int, max_table_rows: int, log) -> tuple[Section, dict]:
+    """Cards of the flagged samples per class (or the top by `by` when there are no flags)
+    → (section, {"n_flagged", "n_shown", "ids"})."""
+    sec = section("flagged")
+    cand, order_by, what = _candidates(sec, df, has_flags, flags_path, by, max_per_class)
+    if len(cand) == 0:
+        sec.add("<p>No sample is flagged.</p>")
+        return sec, {"n_flagged": 0, "n_shown": 0, "ids": []}
+    present = np.unique(cand["label"].to_numpy(np.int64))
+    per = max(1, min(max_per_class, MAX_CARDS // max(len(present), 1)))
+    shown = cand.groupby("label", sort=True, group_keys=False).head(per)
+    flc = cand.groupby("label").size()
+    sec.add(_class_summary(df, flc, has_flags, names))
+    if "noisy" in df.columns and has_flags:
+        sec.add(_noise_recall(df))
+    uris = _thumbnails(sec, shown, base)
+    log(f"report: {len(shown)} sample cards, {len(uris)} thumbnails")
+    sec.add(_class_cards(shown, flc, names, uris, has_flags, what, order_by))
     if has_flags:
-        cols = ["id", "class", "pred", "rule", "value"] + [c for c in CARD_SCORES if c in cand.columns]
-        if extra:
-            cols.append("noisy")
-        head = cand.head(max_table_rows)
-        rows = [[r["id"], names(r["label"]), names(r["pred"]), r["rule"], r["flag_value"],
-                 *[r[c] for c in CARD_SCORES if c in cand.columns], *([int(r["noisy"])] if extra else [])]
-                for r in head.to_dict("records")]
-        more = (f" (the first {len(head):,} of {len(cand):,}; the full list is {flags_path})"
-                if len(cand) > len(head) else "")
-        sec.add(f"<details><summary>all flagged samples{_e(more)}</summary>{_table(cols, rows, left=4)}</details>")
-    return {"n_flagged": int(len(cand)) if has_flags else 0, "n_shown": int(len(shown)),
-            "ids": [int(i) for i in shown["id"]]}
+        sec.add(_flag_table(cand, names, flags_path, max_table_rows))
+    return sec, {"n_flagged": int(len(cand)) if has_flags else 0, "n_shown": int(len(shown)),
+                 "ids": [int(i) for i in shown["id"]]}
 
 
-def _figure(sec: _Section, fn, *args, alt: str, **kw) -> bool:
-    """Run a plots.* function writing a PNG (last positional arg); embed it or note the CleanError."""
+# --------------------------------------------------------------------------- scores and figures
+
+
+def top_section(scores_csv: Path, by: str, k: int, figs: Path, flags_csv: Path | None, classes,
+                manifest: Path | None) -> Section:
+    """The top-k grid (the same picture as `clean show`); `manifest` resolves the image paths."""
+    from pipeline.views.grid import top_grid
+
+    sec = section("top", k=k, by=by)
+    if manifest is None:
+        sec.missing("no manifest found to resolve image paths; pass --manifest")
+        return sec
     try:
-        fn(*args, **kw)
+        shown = top_grid(scores_csv, by=by, k=k, path=figs / f"top_{by}.png", flags_csv=flags_csv, classes=classes,
+                         manifest=manifest)
+        sec.add(_img_file(figs / f"top_{by}.png", f"top {k} by {by}"))
+        sec.add(f"<p class='small'>ids, in order: {_e(', '.join(map(str, shown['id'].tolist())))}</p>")
     except CleanError as e:
         sec.missing(str(e))
-        return False
-    sec.add(_img_file(args[-1], alt))
-    return True
+    return sec
 
 
-# --------------------------------------------------------------------------- main
-
-
-def build_report(out_dir: str | Path = "reports", manifest: str | Path = "data/manifest.csv",
-                 scores_csv: str | Path = "scores/scores.csv", flags_csv: str | Path = "scores/flags.csv",
-                 metrics_dir: str | Path = "metrics", plots_dir: str | Path = "plots",
-                 sweep_summary: str | Path | None = None, dynamics: str | Path = "models/base/dynamics.npz",
-                 params: str | Path = "params.yaml", prune_summary: str | Path = "prune/summary.json",
-                 compare_scores: str | Path | None = None, max_per_class: int = 24, by: str = "loss",
-                 k: int = 36, max_table_rows: int = 1000, progress=None) -> dict:
-    """Write `out_dir`/index.html (all images embedded) + figures under `out_dir`/figures/.
-
-    Every input but `scores_csv` is optional (its section then says what to run); a bad
-    file that exists still raises CleanError naming it. max_per_class: flagged cards per
-    class (also capped at 1500 cards and 12 MB of thumbnails in total). by: score used to
-    order samples when there is no flags file, and for the top-k grid of `k` tiles.
-    sweep_summary: None → sweep/summary.csv or plots/sweep.csv, whichever exists.
-    compare_scores: a second scores.csv for the top-k overlap figure (else
-    `plots_dir`/overlap.csv from `clean compare` is drawn if present).
-    Returns {"path", "bytes", "seconds", "n_flagged", "n_shown", "shown_ids", "sections"}.
-    """
-    import pandas as pd
-
+def scores_section(df, cols: list[str], has_flags: bool, figs: Path) -> Section:
+    """Quantiles of each score column `cols` (and the flagged median), and their histograms."""
     from pipeline.views import plots
-    from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
-    from pipeline.formats.tables import join_flags, read_flags, read_scores
-    from pipeline.views.grid import class_names, namer, resolve_manifest, top_grid
-    from pipeline.io import write_text
-    from pipeline.registry import SCORES
 
-    SCORE_COLUMNS = SCORES.names()
+    sec = section("scores")
+    qs = df[cols].quantile([0.0, 0.25, 0.5, 0.75, 0.95, 1.0])
+    sec.add(_table(["score", "min", "q25", "median", "q75", "q95", "max", "flagged median"],
+                   [(c, *[qs.loc[q, c] for q in qs.index],
+                     df.loc[df["flagged"], c].median() if df["flagged"].any() else None) for c in cols]))
+    plots.score_hist_png(df, cols, figs / "score_hist.png", flagged=df["flagged"].to_numpy() if has_flags else None)
+    sec.add(_img_file(figs / "score_hist.png", "score histograms"))
+    return sec
 
-    t0 = time.perf_counter()
-    out_dir, figs = Path(out_dir), Path(out_dir) / "figures"
-    manifest, scores_csv, flags_csv = Path(manifest), Path(scores_csv), Path(flags_csv)
-    metrics_dir, plots_dir, params = Path(metrics_dir), Path(plots_dir), Path(params)
-    if isinstance(max_per_class, bool) or not isinstance(max_per_class, int) or max_per_class < 1:
-        raise CleanError(f"max_per_class must be a positive integer, got {max_per_class!r}")
 
-    def log(msg: str) -> None:
-        if progress:
-            progress("log", message=msg)
+def entropy_section(scores_csv: Path, cols: list[str], classes, figs: Path) -> Section:
+    """Figure 2 for the ENTROPY_SCORES among the score columns `cols`."""
+    from pipeline.views import plots
 
-    p, p_err = _load_params(params)
-    # the manifest the scores came from resolves the image paths
-    meta_path = scores_csv.parent / "meta.json"
-    meta = _read_json(meta_path) if meta_path.exists() else {}
-    img_manifest = resolve_manifest(scores_csv, None)
-    if img_manifest is None and manifest.exists():
-        img_manifest = manifest
-    head_manifest = manifest if manifest.exists() else img_manifest
-    mdf = read_manifest(head_manifest) if head_manifest is not None else None
-    classes = class_names(head_manifest) if head_manifest is not None else None
-    if classes is None and classes_path_for(manifest).exists():
-        classes = read_classes(classes_path_for(manifest))["classes"]
-    names = namer(classes)
-    metrics = _metrics(metrics_dir)
-    prune_path = Path(prune_summary)
-    prune = _read_json(prune_path) if prune_path.exists() else None
+    sec = section("entropy")
+    bys = [b for b in ENTROPY_SCORES if b in cols]
+    _figure(sec, plots.entropy_topk, scores_csv, bys, len(classes) if classes else None,
+            figs / "entropy_topk.csv", figs / "entropy_topk.png", alt="label entropy of the top-k")
+    return sec
 
-    sections: list[_Section] = []
-    head = _Section("summary", "Summary")
-    _header(head, p, p_err, params, head_manifest, mdf, classes, meta, metrics, prune, prune_path)
-    sections.append(head)
-    log("report: header")
 
-    # scores (+ flags)
-    flagged_sec = _Section("flagged", "Flagged samples per class")
-    top_sec = _Section("top", f"Top {k} by {by}")
-    dist_sec = _Section("scores", "Score distributions")
-    ent_sec = _Section("entropy", "Label entropy of the top-k samples (figure 2)")
-    sections += [flagged_sec, top_sec, dist_sec]
-    info = {"n_flagged": 0, "n_shown": 0, "ids": []}
-    df = None
-    if not scores_csv.exists():
-        for s in (flagged_sec, top_sec, dist_sec, ent_sec):
-            s.missing(f"no scores file ({scores_csv}); run `clean score` (dvc repro score)")
-    else:
-        df = read_scores(scores_csv, ["path", "pred"])
-        for c in SCORE_COLUMNS + ["label", "pred"]:
-            if c in df.columns:
-                df[c] = pd.to_numeric(df[c], errors="coerce")
-        if by not in df.columns or df[by].isna().all():
-            raise CleanError(f"{scores_csv}: no values in score column '{by}'; pick another (--by), one of "
-                             f"{', '.join(c for c in SCORE_COLUMNS if c in df.columns)}")
-        has_flags = flags_csv.exists()
-        if has_flags:
-            df = join_flags(df, read_flags(flags_csv), flags_csv)
-        else:
-            df["flagged"], df["rule"], df["flag_value"] = False, "", np.nan
-        base = img_manifest.parent if img_manifest is not None else None
-        info = _flagged_section(flagged_sec, df, has_flags, flags_csv, names, base, by,
-                                max_per_class, max_table_rows, log)
-        # top-k grid (the same picture as `clean show`)
-        if base is not None:
-            try:
-                shown = top_grid(scores_csv, by=by, k=k, path=figs / f"top_{by}.png",
-                                 flags_csv=flags_csv if has_flags else None, classes=classes, manifest=img_manifest)
-                top_sec.add(_img_file(figs / f"top_{by}.png", f"top {k} by {by}"))
-                top_sec.add(f"<p class='small'>ids, in order: {_e(', '.join(map(str, shown['id'].tolist())))}</p>")
-            except CleanError as e:
-                top_sec.missing(str(e))
-        else:
-            top_sec.missing("no manifest found to resolve image paths; pass --manifest")
-        log("report: flagged samples and top-k grid")
-        # distributions
-        cols = [c for c in SCORE_COLUMNS if c in df.columns and df[c].notna().any()]
-        qs = df[cols].quantile([0.0, 0.25, 0.5, 0.75, 0.95, 1.0])
-        dist_sec.add(_table(["score", "min", "q25", "median", "q75", "q95", "max", "flagged median"],
-                            [(c, *[qs.loc[q, c] for q in qs.index],
-                              df.loc[df["flagged"], c].median() if df["flagged"].any() else None) for c in cols]))
-        plots.score_hist_png(df, cols, figs / "score_hist.png", flagged=df["flagged"].to_numpy() if has_flags else None)
-        dist_sec.add(_img_file(figs / "score_hist.png", "score histograms"))
-        # figure 2
-        bys = [b for b in ("grad_norm", "loss", "el2n", "forgetting", "self_influence") if b in cols]
-        _figure(ent_sec, plots.entropy_topk, scores_csv, bys, len(classes) if classes else None,
-                figs / "entropy_topk.csv", figs / "entropy_topk.png", alt="label entropy of the top-k")
-        log("report: score distributions, entropy")
+def heatmap_section(dynamics: Path, figs: Path) -> Section:
+    """Figure 1 from a dynamics.npz."""
+    from pipeline.views import plots
 
-    # figure 1
-    heat = _Section("heatmap", "Per-sample gradient magnitude over training (figure 1)")
-    _figure(heat, plots.grad_heatmap, dynamics, figs / "grad_heatmap.csv", figs / "grad_heatmap.png",
+    sec = section("heatmap")
+    _figure(sec, plots.grad_heatmap, dynamics, figs / "grad_heatmap.csv", figs / "grad_heatmap.png",
             alt="gradient heatmap")
-    # figure 3
-    sweep = _Section("sweep", "Accuracy vs keep fraction (figure 3)")
-    sweep_summary = plots.find_sweep_summary(sweep_summary)
-    if sweep_summary.exists():
-        _figure(sweep, plots.sweep_plot, sweep_summary, figs / "sweep.csv", figs / "sweep.png", alt="sweep")
+    return sec
+
+
+def sweep_section(summary: Path | None, figs: Path) -> Section:
+    """Figure 3 from a sweep summary (None: none given)."""
+    from pipeline.views import plots
+
+    sec = section("sweep")
+    if summary is not None and summary.exists():
+        _figure(sec, plots.sweep_plot, summary, figs / "sweep.csv", figs / "sweep.png", alt="sweep")
     else:
-        sweep.missing(f"no sweep yet ({sweep_summary}); run the sweep stage (dvc repro sweep)")
-    # figure 4
-    ov = _Section("overlap", "Top-k overlap of two score files (figure 4)")
-    if compare_scores is not None and df is not None:
-        _figure(ov, plots.overlap_topk, scores_csv, compare_scores, "grad_norm", figs / "overlap.csv",
+        sec.missing(f"no sweep yet ({summary or 'no summary given'}); run the sweep stage (dvc repro sweep)")
+    return sec
+
+
+def overlap_section(scores_csv: Path, compare_scores: Path | None, have_scores: bool, plots_dir: Path,
+                    figs: Path) -> Section:
+    """Figure 4: drawn from a second score file, else the one `clean compare` left in `plots_dir`."""
+    from pipeline.views import plots
+
+    sec = section("overlap")
+    if compare_scores is not None and have_scores:
+        _figure(sec, plots.overlap_topk, scores_csv, compare_scores, "grad_norm", figs / "overlap.csv",
                 figs / "overlap.png", alt="top-k overlap")
     elif (plots_dir / "overlap.png").exists():
-        ov.add(_img_file(plots_dir / "overlap.png", "top-k overlap"))
-        ov.add(f"<p class='small'>from {_e(plots_dir / 'overlap.png')} (written by `clean compare`).</p>")
+        sec.add(_img_file(plots_dir / "overlap.png", "top-k overlap"))
+        sec.add(f"<p class='small'>from {_e(plots_dir / 'overlap.png')} (written by `clean compare`).</p>")
     else:
-        ov.missing("no second score file; run `clean compare scores_a.csv scores_b.csv` "
-                   f"(writes {plots_dir / 'overlap.png'}) or pass --compare")
-    # figure 5
-    conf = _Section("confusion", "Confusion matrices (figure 5)")
-    cfiles = sorted(plots_dir.glob("confusion_*.csv")) if plots_dir.is_dir() else []
-    if cfiles:
-        conf.add("<div class='figs'>")
-        for cf in cfiles:
-            name = cf.stem[len("confusion_"):]
-            _figure(conf, plots.confusion_png, cf, figs / f"{cf.stem}.png", alt=f"confusion {name}",
-                    classes=classes, title=name)
-        conf.add("</div>")
-    else:
-        conf.missing(f"no confusion data ({plots_dir}/confusion_*.csv); run `clean evaluate`")
-    sections += [heat, ent_sec, sweep, ov, conf]
-    log("report: figures")
+        sec.missing("no second score file; run `clean compare scores_a.csv scores_b.csv` "
+                    f"(writes {plots_dir / 'overlap.png'}) or pass --compare")
+    return sec
 
-    title = f"clean report — {(p or {}).get('data', {}).get('source', '') if isinstance(p, dict) else ''}".rstrip(" —")
+
+def confusion_section(plots_dir: Path, classes, figs: Path) -> Section:
+    """Figure 5 for every confusion_<version>.csv in `plots_dir`."""
+    from pipeline.views import plots
+
+    sec = section("confusion")
+    cfiles = sorted(plots_dir.glob("confusion_*.csv")) if plots_dir.is_dir() else []
+    if not cfiles:
+        sec.missing(f"no confusion data ({plots_dir}/confusion_*.csv); run `clean evaluate`")
+        return sec
+    sec.add("<div class='figs'>")
+    for cf in cfiles:
+        name = cf.stem[len("confusion_"):]
+        _figure(sec, plots.confusion_png, cf, figs / f"{cf.stem}.png", alt=f"confusion {name}",
+                classes=classes, title=name)
+    sec.add("</div>")
+    return sec
+
+
+# --------------------------------------------------------------------------- page
+
+
+def render_page(p, sections: list[Section], n_scored: int, n_flagged: int, metrics: dict) -> str:
+    """The whole page: title, navigation, one <section> each."""
+    title = f"clean report — {_part(p, 'data').get('source', '')}".rstrip(" —")
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     nav = "".join(f"<a href='#{s.key}'>{_e(s.title.split(' (')[0])}</a>" for s in sections)
     acc = " · ".join(f"{n} {m.get('accuracy', float('nan')):.4f}" for n, m in metrics.items())
-    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{_CSS}</style></head><body>"
             f"<header><h1>{_e(title)}</h1><div class='sub'>generated {when} · "
-            f"{_e(len(df) if df is not None else 0)} scored samples · {_e(info['n_flagged'])} flagged"
+            f"{_e(n_scored)} scored samples · {_e(n_flagged)} flagged"
             f"{' · accuracy ' + _e(acc) if acc else ''}</div></header><nav>{nav}</nav><main>"
             + "".join(s.html() for s in sections) + "</main></body></html>\n")
-    out = out_dir / "index.html"
-    write_text(out, page)
-    return {"path": str(out), "bytes": len(page.encode("utf-8")), "seconds": round(time.perf_counter() - t0, 3),
-            "n_flagged": info["n_flagged"], "n_shown": info["n_shown"], "shown_ids": info["ids"],
-            "sections": {s.key: s.status for s in sections}}

@@ -1,0 +1,110 @@
+"""Per-image features for the embedding- and image-based detectors (docs/methods.md §2.2).
+
+One eval-mode forward pass over every split of the manifest gives, per image:
+- the penultimate embedding h (the classifier head's input; float16 [M, D]);
+- a 64-bit hash of the decoded pixels (exact duplicates);
+- image statistics for the image-property checks, computed from the same decoded batch:
+  brightness percentiles, variance of the Laplacian (blur), pixel entropy (information),
+  colour spread (grayscale in a colour set); plus each file's native height and width.
+Written by `clean score` to scores/embeddings.npz and read by `clean flag`. Batched numpy /
+torch math; no loop over samples except hashing each image's bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+#: the arrays of embeddings.npz besides ids / split / emb / hash
+STAT_KEYS = ("brightness_p05", "brightness_p99", "blur", "entropy", "colour_spread", "height", "width")
+
+
+def pixel_hash(batch_u8: np.ndarray) -> np.ndarray:
+    """64-bit BLAKE2b hash of each image's decoded pixels (shape included): uint8 [B,C,H,W] → uint64 [B]."""
+    b = np.ascontiguousarray(batch_u8)
+    head = np.asarray(b.shape[1:], np.int64).tobytes()
+    return np.array([int.from_bytes(hashlib.blake2b(head + img.tobytes(), digest_size=8).digest(), "little")
+                     for img in b], dtype=np.uint64)
+
+
+def image_stats(batch_u8: np.ndarray) -> dict[str, np.ndarray]:
+    """Image statistics of uint8 [B,C,H,W] → {name: float32 [B]} (cleanvision's definitions).
+
+    brightness = perceived luminance in [0, 1] (0.299 R + 0.587 G + 0.114 B for colour);
+    brightness_p05 / _p99: its 5th / 99th percentile per image; blur: variance of the
+    4-neighbour Laplacian of the luminance (in [0,1] units; low = blurry); entropy: Shannon
+    entropy (bits, 0..8) of the 256-bin luminance histogram (low = little information);
+    colour_spread: mean over pixels of max − min over the colour channels, in [0, 1]
+    (0 for a grayscale image, and for 1-channel sets).
+    """
+    x = np.asarray(batch_u8, np.float32) / 255.0
+    b, c, h, w = x.shape
+    lum = x[:, 0] if c == 1 else 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    flat = lum.reshape(b, -1)
+    p05, p99 = np.percentile(flat, [5, 99], axis=1)
+    if h >= 3 and w >= 3:
+        lap = (lum[:, 1:-1, :-2] + lum[:, 1:-1, 2:] + lum[:, :-2, 1:-1] + lum[:, 2:, 1:-1]
+               - 4.0 * lum[:, 1:-1, 1:-1])
+        blur = lap.reshape(b, -1).var(axis=1)
+    else:
+        blur = np.zeros(b, np.float32)
+    q = np.clip(np.rint(flat * 255.0), 0, 255).astype(np.int64)
+    counts = np.zeros((b, 256), np.float64)
+    np.add.at(counts, (np.repeat(np.arange(b), q.shape[1]), q.ravel()), 1.0)
+    p = counts / q.shape[1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -(np.where(p > 0, p * np.log2(p), 0.0)).sum(axis=1)
+    spread = (x.max(axis=1) - x.min(axis=1)).reshape(b, -1).mean(axis=1) if c > 1 else np.zeros(b, np.float32)
+    return {"brightness_p05": p05.astype(np.float32), "brightness_p99": p99.astype(np.float32),
+            "blur": blur.astype(np.float32), "entropy": ent.astype(np.float32),
+            "colour_spread": np.asarray(spread, np.float32)}
+
+
+def native_sizes(paths: list[str], base_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(height [M], width [M]) of each file as stored (header read only; IDX images: the file's H, W)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.data.images import probe_size, split_ref
+
+    def one(p: str):
+        file, _ = split_ref(str(p))
+        return probe_size(file if os.path.isabs(file) else os.path.join(base_dir, file), str(p))
+
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as ex:
+        hw = list(ex.map(one, paths))
+    arr = np.asarray(hw, np.int64).reshape(-1, 2)
+    return arr[:, 0], arr[:, 1]
+
+
+def image_features(model, images_u8, mean, std, batch_size: int, device: str, progress=None) -> dict:
+    """Embeddings, pixel hashes and image statistics of uint8 images [M,C,H,W] (array or streamed).
+
+    Returns {emb float16 [M, D], hash uint64 [M], <STAT_KEYS minus height/width> float32 [M]}.
+    The embedding is the input of the classifier head in eval mode (pipeline/scores/head.py).
+    """
+    import torch
+
+    from pipeline.data.stream import iter_batches
+    from pipeline.scores.head import forward_logits_features
+    from pipeline.training.infer import batches, normalize
+
+    model.eval()
+    spans = list(batches(len(images_u8), batch_size))
+    out: dict[str, list] = {"emb": [], "hash": []}
+    with torch.inference_mode():
+        for (s, e), xb in zip(spans, iter_batches(images_u8, [slice(s, e) for s, e in spans],
+                                                  pin=str(device).startswith("cuda"))):
+            xb = np.asarray(xb)
+            _, h = forward_logits_features(model, normalize(xb, mean, std, device))
+            out["emb"].append(h.float().reshape(len(xb), -1).cpu().numpy().astype(np.float16))
+            out["hash"].append(pixel_hash(xb))
+            for k, v in image_stats(xb).items():
+                out.setdefault(k, []).append(v)
+            if progress:
+                progress("advance", n=e - s)
+    if not spans:
+        return {"emb": np.zeros((0, 0), np.float16), "hash": np.zeros(0, np.uint64),
+                **{k: np.zeros(0, np.float32) for k in STAT_KEYS if k not in ("height", "width")}}
+    return {k: np.concatenate(v) for k, v in out.items()}
