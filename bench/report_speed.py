@@ -161,7 +161,7 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, default=None, help="write synthetic inputs + report here and keep them")
     a = ap.parse_args()
 
-    from pipeline.views.report import build_report
+    from pipeline.stages.report import report as build_report
 
     kw = real_inputs(a.root) if a.root else None
     tmp = None

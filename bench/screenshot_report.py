@@ -78,7 +78,7 @@ def main() -> int:
     html = a.html
     if a.synthetic or not html.exists():
         from bench.report_speed import make_inputs
-        from pipeline.views.report import build_report
+        from pipeline.stages.report import report as build_report
 
         root = Path(tempfile.mkdtemp(prefix="report_shot_"))
         n = a.synthetic or 60_000

@@ -251,7 +251,10 @@ def flag(
     metrics: Optional[Path] = typer.Option(Path("metrics/flags.json"), help="flag summary JSON (precision/recall/AUROC when the truth is known)"),
     params: Path = PARAMS,
 ):
-    """Flag suspicious training images → scores/flags.csv (id,flagged,rule,value)."""
+    """Find the training images with a problem → scores/flags.csv, scores/issues.json, metrics/flags.json.
+
+    Every issue type (label errors, duplicates and train/test leakage, outliers, image defects)
+    gets is_<type> / <type>_score columns; flagged,rule,value are the label rule (flag.method)."""
     from pipeline.device import resolve_device
     from pipeline.stages.flag import flag as run
     from pipeline.training.recipe import Recipe
@@ -260,10 +263,9 @@ def flag(
                 flag__threshold=threshold, flag__contamination=contamination, flag__folds=folds)
     f = p["flag"]
     with RichProgress() as prog:
-        s = run(scores, out, method=f["method"], score=f["score"], quantile=f["quantile"], threshold=f["threshold"],
-                contamination=f["contamination"], projection_dim=f["projection_dim"], folds=f["folds"],
-                seed=f["seed"], model_dir=model, manifest=manifest, recipe=Recipe.from_params(p),
-                device=resolve_device(p["train"]["device"]), progress=prog, metrics_path=metrics, grid=f["grid"])
+        s = run(scores, out, **{k: v for k, v in f.items() if k != "grid"}, model_dir=model, manifest=manifest,
+                recipe=Recipe.from_params(p), device=resolve_device(p["train"]["device"]), progress=prog,
+                metrics_path=metrics, grid=f["grid"])
     if f["grid"]:
         console.print(f"grid of the top flagged images → {out}/top_flagged.png")
     rows = [("rule", s["rule"]), ("flagged", f"{s['n_flagged']} of {s['n']} ({s['n_flagged'] / max(s['n'], 1):.1%})")]
@@ -272,7 +274,19 @@ def flag(
             rows.append((f"{k} (vs injected noise)" if k != "n_noisy" else "injected noisy labels", s[k]))
     rows.append(("seconds", s["seconds"]))
     console.print(table(f"flag: {f['method']} → {out}/flags.csv", ["", "value"], rows))
+    _issue_table(out / "issues.json", s["n"])
     _flag_tables(scores, out / "flags.csv", manifest)
+
+
+def _issue_table(issues_json: Path, n: int) -> None:
+    import json
+
+    found = json.loads(issues_json.read_text())
+    skip = {"rule", "n", "examples", "seconds"}
+    console.print(table("issues found", ["issue", "images", "%", "e.g. id", "details"],
+                        [(t, d["n"], f"{d['n'] / max(n, 1):.1%}", ", ".join(map(str, d["examples"][:3])),
+                          "; ".join(f"{k} {v}" for k, v in d.items() if k not in skip and not isinstance(v, (list, dict))))
+                         for t, d in found.items()]))
 
 
 def _flag_tables(scores: Path, flags: Path, manifest: Path, top: int = 10) -> None:
@@ -304,16 +318,17 @@ def prune(
     skip: Optional[float] = typer.Option(None, help="non-extreme: top fraction skipped (params: prune.skip)"),
     balanced: Optional[bool] = typer.Option(None, "--balanced/--unbalanced", help="select per class (params: prune.balanced)"),
     seed: Optional[int] = typer.Option(None, help="seed for random / gradient-cdf (params: prune.seed)"),
+    drop: Optional[List[str]] = typer.Option(None, help="drop-flagged: an issue type to drop; repeat for several (params: prune.drop)"),
     params: Path = PARAMS,
 ):
     """Select a subset of the training set → data/pruned.csv (ids only; images never copied or deleted)."""
     from pipeline.stages.prune import prune as run
 
     p = _params(params, prune__strategy=strategy, prune__by=by, prune__keep=keep, prune__skip=skip,
-                prune__balanced=balanced, prune__seed=seed)
+                prune__balanced=balanced, prune__seed=seed, prune__drop=list(drop) if drop else None)
     q = p["prune"]
     s = run(manifest, scores, out, summary, strategy=q["strategy"], by=q["by"], keep=q["keep"], skip=q["skip"],
-            balanced=q["balanced"], seed=q["seed"], flags_csv=flags)
+            balanced=q["balanced"], seed=q["seed"], flags_csv=flags, drop=q["drop"])
     ent = s["label_entropy"]
     console.print(table(f"prune: {q['strategy']} → {out}", ["", "value"], [
         ("kept", f"{s['n_kept']} of {s['n_total']} ({s['n_kept'] / s['n_total']:.1%})"),

@@ -22,7 +22,9 @@ def as_float(x, name: str) -> float:
 
 
 def check_seed(seed) -> int:
-    """A non-negative integer seed, else CleanError."""
+    """An integer seed in 0 .. 2**32 - 1 (what numpy's and torch's generators take), else CleanError."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise CleanError(f"seed must be a non-negative integer, got {fmt(seed)}")
+    if seed > 2**32 - 1:
+        raise CleanError(f"seed must be at most 4294967295 (2**32 - 1), got {fmt(seed)}")
     return int(seed)

@@ -136,7 +136,25 @@ def read_config(model_dir: str | Path) -> dict:
             or len(cfg["image_size"]) != 2 or len(cfg["mean"]) != cfg["in_chans"] or len(cfg["std"]) != cfg["in_chans"]):
         raise CleanError(f"{cfg_path}: inconsistent config (num_classes {cfg['num_classes']} vs {len(cfg['classes'])} "
                          f"class names, in_chans {cfg['in_chans']}, image_size {cfg['image_size']}); {fix}")
+    _check_numbers(cfg, cfg_path, fix)
     return cfg
+
+
+def _check_numbers(cfg: dict, cfg_path: Path, fix: str) -> None:
+    """The numbers every prediction divides or resizes by: image_size positive integers, mean
+    finite, std finite and > 0 (a std of 0 or NaN makes every input, hence every score, NaN)."""
+    import math
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    size = cfg["image_size"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise CleanError(f"{cfg_path}: 'image_size' must be two positive integers [H, W], got {size!r}; {fix}")
+    if not all(number(v) for v in cfg["mean"]):
+        raise CleanError(f"{cfg_path}: 'mean' must hold finite numbers, got {cfg['mean']!r}; {fix}")
+    if not all(number(v) and v > 0 for v in cfg["std"]):
+        raise CleanError(f"{cfg_path}: 'std' must hold finite numbers > 0, got {cfg['std']!r}; {fix}")
 
 
 def check_fits_data(cfg: dict, manifest: str | Path, model_dir: str | Path) -> None:

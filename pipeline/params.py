@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pipeline.errors import CleanError
-from pipeline.registry import RULES, SCORES, SOURCES, STRATEGIES
+from pipeline.registry import ISSUES, RULES, SCORES, SOURCES, STRATEGIES
 
 DEFAULTS: dict[str, Any] = {
     "data": {
@@ -63,7 +64,9 @@ DEFAULTS: dict[str, Any] = {
         "embeddings": True,   # scores/embeddings.npz: every split's penultimate features + image stats (flag's checks)
     },
     "flag": {
-        "method": "mad",      # a flag rule (registry: pipeline/rules/)
+        "method": "confident-dynamics",  # the label rule that drives `flagged` (registry: pipeline/rules/)
+        "issues": None,       # issue types to check (registry ISSUES); null = every registered type
+        "filter_by": "prune_by_noise_rate",  # confident / confident-dynamics: cleanlab's find_label_issues filter
         "score": "aum",       # score column for the threshold rules (registry: pipeline/scores/)
         "quantile": 0.05,     # quantile: flag the top q
         "threshold": 3.5,     # mad: robust z above this
@@ -72,9 +75,19 @@ DEFAULTS: dict[str, Any] = {
         "folds": 4,           # confident: k-fold cross-fitting (k trainings)
         "seed": 0,
         "grid": 36,           # images in the top-flagged grid (0 = none)
+        "duplicate_tau": 0.13,  # duplicate: near copy when cosine distance < tau x median nearest-neighbour distance
+        "outlier_k": 10,      # outlier (and duplicate search): nearest training embeddings
+        "outlier_mad": 6.0,   # outlier: robust z of the mean kNN distance above this
+        "dark": 0.37,         # dark: 99th brightness percentile below this (cleanvision)
+        "light": 0.05,        # light: 5th brightness percentile above 1 - this (cleanvision)
+        "blurry_mad": 4.0,    # blurry: robust z of log(Laplacian variance / contrast^2) below minus this
+        "low_information": 3.0,  # low_information: pixel entropy below this many bits
+        "odd_size": 1.5,      # odd_size: sqrt(h*w) outside the 3 IQR fence and this factor from the median
+        "odd_aspect_ratio": 0.5,  # odd_aspect_ratio: min(a/a0, a0/a) below this (a0 = the median w/h)
     },
     "prune": {
         "strategy": "drop-flagged",  # a prune strategy (registry: pipeline/strategies.py)
+        "drop": ["label"],    # drop-flagged: the issue types it drops (flags.csv is_<type>)
         "by": "grad_norm",    # score column that orders / weights the selection
         "keep": 0.8,          # fraction of the training set to keep (not drop-flagged)
         "skip": 0.05,         # non-extreme: top fraction skipped
@@ -102,8 +115,12 @@ CHOICES = {
     "flag.score": SCORES.names(),
     "prune.strategy": STRATEGIES.names(),
     "prune.by": SCORES.names(),
+    "flag.filter_by": ["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"],
 }
 
+
+#: the largest seed numpy's legacy generator accepts (2**32 - 1); every seed param is ≤ it
+SEED_MAX = 2**32 - 1
 
 # (low, high, low_inclusive, high_inclusive)
 RANGES = {
@@ -128,12 +145,26 @@ RANGES = {
     "flag.projection_dim": (1, None, True, False),
     "flag.folds": (2, None, True, False),
     "flag.grid": (0, None, True, False),
+    "flag.duplicate_tau": (0.0, None, False, False),
+    "flag.outlier_k": (1, None, True, False),
+    "flag.outlier_mad": (0.0, None, False, False),
+    "flag.dark": (0.0, 1.0, True, True),
+    "flag.light": (0.0, 1.0, True, True),
+    "flag.blurry_mad": (0.0, None, False, False),
+    "flag.low_information": (0.0, 8.0, True, True),
+    "flag.odd_size": (1.0, None, False, False),
+    "flag.odd_aspect_ratio": (0.0, 1.0, True, True),
     "prune.keep": (0.0, 1.0, False, True),
     "prune.skip": (0.0, 1.0, True, False),
+    # every seed feeds numpy / torch generators, which take 0 .. 2**32 - 1
+    "data.seed": (0, SEED_MAX, True, True),
+    "noise.seed": (0, SEED_MAX, True, True),
+    "flag.seed": (0, SEED_MAX, True, True),
+    "prune.seed": (0, SEED_MAX, True, True),
 }
 
 # keys whose value may be of several shapes (checked by their own validator)
-FREE = {"data.root", "data.classes", "data.image_size", "noise.pairs", "model.weights", "train.seeds",
+FREE = {"flag.issues", "prune.drop", "data.root", "data.classes", "data.image_size", "noise.pairs", "model.weights", "train.seeds",
         "sweep.strategies", "sweep.keeps"}
 
 
@@ -248,6 +279,9 @@ def _check_free(p: dict, where: str) -> None:
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                                       for s in seeds) and len(set(seeds)) == len(seeds)):
         raise CleanError(f"{where}: train.seeds must be a non-empty list of distinct integers ≥ 0, got {seeds!r}")
+    if max(seeds) > SEED_MAX:
+        raise CleanError(f"{where}: train.seeds: seed {max(seeds)} is too large; seeds must be integers from 0 to "
+                         f"{SEED_MAX} (2**32 - 1)")
     strategies = p["sweep"]["strategies"]
     if not (isinstance(strategies, list) and strategies and all(s in STRATEGIES for s in strategies)):
         raise CleanError(f"{where}: sweep.strategies must be a non-empty list from: {', '.join(STRATEGIES.names())}; "
@@ -256,9 +290,34 @@ def _check_free(p: dict, where: str) -> None:
     if not (isinstance(keeps, list) and keeps and all(
             isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k <= 1 for k in keeps)):
         raise CleanError(f"{where}: sweep.keeps must be a non-empty list of fractions in (0, 1], got {keeps!r}")
+    for key, value in (("flag.issues", p["flag"]["issues"]), ("prune.drop", p["prune"]["drop"])):
+        if value is None and key == "flag.issues":
+            continue
+        if not (isinstance(value, list) and all(isinstance(t, str) and t in ISSUES for t in value)):
+            raise CleanError(f"{where}: {key} must be a list of issue types from: {', '.join(ISSUES)}; got {value!r}")
     w = p["model"]["weights"]
     if w is not None and not isinstance(w, str):
         raise CleanError(f"{where}: model.weights must be null or a path string, got {w!r}")
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads YAML 1.2 floats: `1e-3`, `5E+4` (YAML 1.1, and with it
+    PyYAML, wants a dot: `1.0e-3`; without this `lr: 1e-3` would be the string '1e-3')."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml(text: str):
+    """Parse YAML text with the safe loader (+ YAML 1.2 floats)."""
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:
@@ -276,7 +335,7 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     except OSError as e:
         raise CleanError(f"cannot read {path}: {e.strerror or e}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _yaml(text)
     except yaml.YAMLError as e:
         raise CleanError(f"{path}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]}); fix the syntax") from None
     return validate(raw, where=str(path))

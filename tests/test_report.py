@@ -50,7 +50,7 @@ def _check_images(html_path: Path, srcs: list[str]) -> int:
 
 
 def _build(p, out, **kw):
-    from pipeline.views.report import build_report
+    from pipeline.stages.report import report as build_report
 
     args = dict(manifest=p["manifest"], scores_csv=p["scores"], flags_csv=p["flags"], metrics_dir=p["metrics"],
                 plots_dir=p["plots"], sweep_summary=p["sweep"], dynamics=p["dynamics"],

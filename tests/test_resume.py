@@ -111,7 +111,7 @@ def test_resume_mid_epoch_with_several_seeds_and_sgd(manifest, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(manifest, cut, r, seeds=[0, 1], progress=cb)
     assert (cut / PARTIAL / "primary" / "metrics.json").exists()
-    assert json.loads((cut / PARTIAL / "seeds/seed_1/resume/state.json").read_text())["epoch"] == 2
+    assert json.loads((cut / PARTIAL / "primary/seeds/seed_1/resume/state.json").read_text())["epoch"] == 2
     logs = []
     m = train(manifest, cut, r, seeds=[0, 1], resume=True, progress=lambda ev, **kw: logs.append(kw.get("message", "")))
     assert any("seed 0 (1/2): already trained" in x for x in logs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import re
 import struct
 import threading
 import zlib
@@ -35,10 +36,18 @@ def channels_of(mode: str) -> int:
     return 1 if mode in GRAY_MODES else 3
 
 
+def is_idx_name(name: str) -> bool:
+    """True for the name of an IDX file as distributed (``...-idx3-ubyte``, optionally ``.gz``)."""
+    return re.search(r"-idx\d-ubyte(\.gz)?$", os.path.basename(name)) is not None
+
+
 def split_ref(path: str) -> tuple[str, int | None]:
-    """Split ``'file#12'`` into ``('file', 12)``; a plain path gives ``(path, None)``."""
+    """Split ``'<idx file>#12'`` into ``('<idx file>', 12)``; any other path gives ``(path, None)``.
+
+    Only a file named like an IDX file (:func:`is_idx_name`) makes ``#<n>`` a reference, so an
+    image file whose name holds ``#`` (``scan#12``) is read as that file."""
     head, sep, tail = str(path).rpartition("#")
-    if sep and head and tail.isdigit():
+    if sep and head and tail.isdigit() and tail.isascii() and is_idx_name(head):
         return head, int(tail)
     return str(path), None
 

@@ -223,6 +223,20 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTS
 
 
+def _is_utf8(name: str) -> bool:
+    """False for a file name that is not valid UTF-8 (Python holds its bytes as surrogates)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _shown(path: str) -> str:
+    """A path that cannot be encoded, with its undecodable bytes written as \\xNN (for problems.csv)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 @SOURCES.register("imagefolder", needs=("root",), doc="a folder root/<class>/<image>")
 def _imagefolder(root, out_dir: Path, classes, progress) -> Source:
     root = _root(root, "imagefolder", "a folder with one subfolder per class")
@@ -233,13 +247,13 @@ def _imagefolder(root, out_dir: Path, classes, progress) -> Source:
     subdirs = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
     if not subdirs:
         raise CleanError(f"no class subfolders in {root}; expected root/<class>/<image>")
-    names = classes if classes is not None else sort_names(d.name for d in subdirs)
+    names = classes if classes is not None else sort_names(d.name for d in subdirs if _is_utf8(d.name))
     known = set(names)
     problems: list[Problem] = []
     candidates: list[tuple[str, str]] = []
     for f in entries:
         if not f.is_dir() and _is_image_name(f.name):
-            problems.append(Problem(os.path.abspath(f), "image not inside a class subfolder"))
+            problems.append(Problem(_shown(os.path.abspath(f)), "image not inside a class subfolder"))
     for d in subdirs:
         for dirpath, dirnames, filenames in os.walk(d):
             dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
@@ -247,7 +261,10 @@ def _imagefolder(root, out_dir: Path, classes, progress) -> Source:
                 if not _is_image_name(fn):
                     continue
                 p = os.path.abspath(os.path.join(dirpath, fn))
-                if d.name not in known:
+                if not _is_utf8(p):  # a manifest is UTF-8 text: such a name cannot be listed in it
+                    what = "class folder" if not _is_utf8(d.name) else "file or folder"
+                    problems.append(Problem(_shown(p), f"{what} name is not valid UTF-8 (rename it)"))
+                elif d.name not in known:
                     problems.append(Problem(p, f"unknown label '{d.name}' (not in data.classes)"))
                 else:
                     candidates.append((p, d.name))

@@ -55,6 +55,14 @@ class StreamImages:
         return StreamImages(self.paths[start:stop], self.base_dir, self.chw, self.workers)
 
 
+class _Failed:
+    """What a decode worker returns instead of raising: the CleanError's message (a worker's
+    exception would reach the main process wrapped in a traceback text)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
 class _Decode:
     """Map-style dataset for DataLoader: a key (slice or index array) → uint8 array batch."""
 
@@ -62,7 +70,10 @@ class _Decode:
         self.images = images
 
     def __getitem__(self, key):
-        return self.images[key]
+        try:
+            return self.images[key]
+        except CleanError as e:
+            return _Failed(str(e))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -85,7 +96,23 @@ def iter_batches(images, keys: list, pin: bool = False):
     loader = DataLoader(_Decode(images), sampler=keys, batch_size=None, num_workers=min(images.workers, len(keys)),
                         pin_memory=pin, prefetch_factor=2,
                         generator=torch.Generator())  # own generator: never draws from the global RNG
-    yield from loader
+    for xb in loader:
+        if isinstance(xb, _Failed):
+            raise CleanError(xb.message)
+        yield xb
+
+
+def check_readable(images, progress=None, chunk: int = 1024) -> None:
+    """Decode every streamed image once (with the decode workers) so that an unreadable one is
+    named before training starts, not when it is first needed; in-memory images are already
+    decoded."""
+    if not isinstance(images, StreamImages):
+        return
+    if progress:
+        progress("log", message=f"checking {len(images):,} streamed validation images")
+    n = len(images)
+    for _ in iter_batches(images, [slice(a, min(n, a + chunk)) for a in range(0, n, chunk)]):
+        pass
 
 
 def decoded_bytes(n: int, chw) -> int:

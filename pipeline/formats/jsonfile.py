@@ -9,7 +9,9 @@ from pipeline.errors import CleanError
 
 def read_json(path: str | Path, missing: str, fix: str):
     """json.loads of `path`; CleanError "`path` `missing`" when absent, "not valid JSON ...; `fix`" when broken."""
-    path = Path(path)
+    from pipeline.io import settled
+
+    path = settled(path)  # a commit of several files that a kill interrupted is finished first
     if not path.is_file():
         raise CleanError(f"{path} {missing}")
     try:

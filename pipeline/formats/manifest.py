@@ -24,7 +24,9 @@ def read_manifest(path: str | Path, classes: list[str] | None = None):
     """
     import pandas as pd
 
-    path = Path(path)
+    from pipeline.io import settled
+
+    path = settled(path)  # a commit of several files that a kill interrupted is finished first
     if not path.exists():
         raise CleanError(f"manifest not found: {path}; create it with `clean prepare`")
     try:

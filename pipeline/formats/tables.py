@@ -20,7 +20,9 @@ def read_csv(path: str | Path, what: str, fix: str, **kw):
     """pandas.read_csv with one clear CleanError for a missing or unparsable file."""
     import pandas as pd
 
-    path = Path(path)
+    from pipeline.io import settled
+
+    path = settled(path)  # a commit of several files that a kill interrupted is finished first
     if not path.exists():
         raise CleanError(f"{what} not found: {path}; {fix}")
     if path.is_dir():
@@ -92,6 +94,13 @@ def read_flags(path: str | Path, ids=None):
         raise CleanError(f"{path}: column 'flagged' must be 0 or 1; row {row + 2} has "
                          f"{raw.item() if hasattr(raw, 'item') else raw!r}; {fix}")
     df["flagged"] = f.isin(["1", "true", "1.0"]).to_numpy()
+    for col in [c for c in df.columns if c.startswith("is_")]:
+        v = df[col].astype(str).str.strip().str.lower()
+        bad = ~v.isin(["0", "1", "true", "false", "0.0", "1.0"])
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise CleanError(f"{path}: column '{col}' must be 0 or 1; row {row + 2} has {df[col].iloc[row]!r}; {fix}")
+        df[col] = v.isin(["1", "true", "1.0"]).to_numpy()
     df["rule"] = df["rule"].fillna("").astype(str) if "rule" in df.columns else ""
     df["value"] = pd.to_numeric(df["value"], errors="coerce") if "value" in df.columns else np.nan
     _unique_ids(df, path, fix)

@@ -142,6 +142,29 @@ def load_features(path: Path, train_ids: np.ndarray) -> dict:
     return feats
 
 
+def seed_mean_probs(model_dir: Path, ids: np.ndarray) -> np.ndarray:
+    """Mean over seeds of the epoch-averaged pre-update softmax [N, C] of the samples `ids` (float64)."""
+    from pipeline.formats.dynamics import load_dynamics
+
+    fix = f"retrain with `clean train --out {model_dir}` (this model's training record has no mean softmax)"
+    dyn = load_dynamics(model_dir / "dynamics.npz", need=("ids",))
+    if "probs" not in dyn:
+        raise CleanError(f"{model_dir}/dynamics.npz: no 'probs' array; {fix}")
+    records = [(dyn["ids"], dyn["probs"])] + [
+        (r["ids"], r["probs"]) for r in (load_dynamics(f, need=("ids", "probs"))
+                                         for f in sorted((model_dir / "seeds").glob("seed_*/probs.npz")))]
+    total = np.zeros((len(ids), dyn["probs"].shape[1]), np.float64)
+    for rid, pr in records:
+        order = np.argsort(rid, kind="stable")
+        at = np.clip(np.searchsorted(rid[order], ids), 0, len(rid) - 1)
+        if not np.array_equal(rid[order][at], ids):
+            raise CleanError(f"{model_dir}: the training record does not cover every scored id; the scores come "
+                             "from another manifest: re-run `clean score`")
+        total += pr[order[at]].astype(np.float64)
+    total /= len(records)
+    return total / total.sum(axis=1, keepdims=True)
+
+
 class RuleInputs:
     """What a rule may need, computed on first use (docs/methods.md §2).
 
@@ -163,6 +186,22 @@ class RuleInputs:
         if getattr(self, "_features", None) is None:
             self._features = load_features(Path(self.scores_csv).parent / "embeddings.npz", self.ids)
         return self._features
+
+    def rule_result(self, cfg: dict) -> FlagResult:
+        """The flag.method rule's result (computed once: it drives flagged/rule/value and `label`)."""
+        if getattr(self, "_rule_result", None) is None:
+            from pipeline.registry import RULES
+
+            self._rule_result = RULES[cfg["method"]].fn(self, cfg)
+        return self._rule_result
+
+    def probs(self) -> np.ndarray:
+        """p̄ [N, C]: the mean over epochs of each sample's pre-update softmax, averaged over the
+        trained seeds (model_dir/dynamics.npz + model_dir/seeds/*/probs.npz), in scores.csv order."""
+        if getattr(self, "_probs", None) is None:
+            self.require("confident-dynamics", "model_dir")
+            self._probs = seed_mean_probs(Path(self.model_dir), self.ids)
+        return self._probs
 
     def score(self, name: str) -> tuple[np.ndarray, str]:
         """Score column `name` oriented so that high = suspicious → (values [N], display name)."""

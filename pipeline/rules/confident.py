@@ -91,3 +91,13 @@ def confident_rule(inputs, cfg: dict) -> FlagResult:
     inputs.require("confident", "manifest", "recipe")
     probs = _crossfit_probs(inputs.manifest, inputs.ids, inputs.recipe, cfg["folds"], cfg["seed"], inputs.progress)
     return flag_confident(probs, inputs.labels)
+
+
+@RULES.register("confident-dynamics", needs=("probs",),
+                doc="confident learning (cleanlab) on the epoch- and seed-averaged pre-update softmax: "
+                    "no k-fold, adapts to the noise rate")
+def confident_dynamics_rule(inputs, cfg: dict) -> FlagResult:
+    """Label issues without extra training: p̄ = mean over epochs (and seeds) of each sample's
+    train-mode softmax taken before its update — early epochs act like held-out predictions."""
+    res = flag_confident(inputs.probs(), inputs.labels, filter_by=cfg.get("filter_by", "prune_by_noise_rate"))
+    return FlagResult(res.flagged, res.value, f"confident-dynamics {cfg.get('filter_by', 'prune_by_noise_rate')}")

@@ -1,7 +1,9 @@
-"""Outlier rules in gradient space: an isolation forest on last-layer gradient vectors r ⊗ h.
+"""Outliers: an isolation forest on last-layer gradient vectors r ⊗ h (a flag rule), and the
+kNN out-of-distribution issue type on penultimate embeddings.
 
 Detrimental samples are outliers in gradient space (Chhabra et al. 2024, Outlier Gradient
-Analysis); formulas: docs/methods.md §2.
+Analysis); out-of-distribution images are far from their nearest training neighbours in
+embedding space (kNN OOD score, as in cleanlab Datalab); formulas: docs/methods.md §2.
 """
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import CleanError
-from pipeline.registry import RULES
-from pipeline.rules.base import FlagResult, rows_for, _as_float, _check_seed, _float_array, _fmt
+from pipeline.registry import ISSUES, RULES
+from pipeline.rules.base import FlagResult, IssueResult, rows_for, _as_float, _check_seed, _float_array, _fmt
 
 
 def flag_isolation_forest(
@@ -93,3 +95,42 @@ def isolation_forest_rule(inputs, cfg: dict) -> FlagResult:
     feats = gradient_features(inputs.model_dir, inputs.manifest, inputs.ids, cfg["projection_dim"], cfg["seed"],
                               inputs.device)
     return flag_isolation_forest(feats, cfg["contamination"], cfg["seed"])
+
+
+def knn_outliers(feats: dict, k: int = 10, c: float = 6.0, exact_max: int | None = None, seed: int = 0) -> IssueResult:
+    """kNN out-of-distribution score of the training samples (feats: load_features' dict).
+
+    score = mean cosine distance to the k nearest *training* embeddings (itself excluded;
+    faiss search shared with the duplicate check, pipeline/rules/knn.py). Flagged when the
+    score's robust z = (score − median) / (1.4826 · MAD) exceeds `c` (flag.outlier_mad).
+    """
+    from pipeline.rules import knn
+    from pipeline.rules.threshold import MAD_SCALE
+
+    pos = np.asarray(feats["train_pos"], np.int64)
+    nn = knn.train_knn(feats, k, knn.EXACT_MAX if exact_max is None else exact_max, seed)
+    d = nn["dist"][pos]
+    d = np.where(np.isfinite(d), d, np.nan)
+    with np.errstate(invalid="ignore"):
+        score = np.nanmean(d, axis=1) if d.shape[1] else np.full(len(pos), np.nan)
+    ok = np.isfinite(score)
+    if ok.sum() < 2:
+        return IssueResult(np.zeros(len(pos), bool), score.astype(np.float64),
+                           "outlier: too few training samples, nothing flagged", summary={"n_flagged": 0})
+    med = float(np.median(score[ok]))
+    mad = float(np.median(np.abs(score[ok] - med)))
+    scale = MAD_SCALE * mad if mad > 0 else 1.2533 * float(np.mean(np.abs(score[ok] - med)))
+    thr = med + float(c) * scale if scale > 0 else np.inf
+    flagged = ok & (score > thr)
+    rule = f"mean cosine distance to {k} nearest training embeddings > median + {c:g}·1.4826·MAD ({thr:.4g})"
+    summary = {"n_flagged": int(flagged.sum()), "k": int(k), "threshold": float(thr), "median": med,
+               "mad": mad, "c": float(c), "index": nn["kind"]}
+    return IssueResult(flagged=flagged, score=score.astype(np.float64), rule=rule, summary=summary)
+
+
+@ISSUES.register("outlier", needs=("embeddings",),
+                 doc="mean cosine distance to the flag.outlier_k nearest training embeddings above "
+                     "median + flag.outlier_mad · MAD (kNN out-of-distribution score)")
+def outlier(inputs, cfg: dict) -> IssueResult:
+    return knn_outliers(inputs.features(), k=cfg.get("outlier_k", 10), c=cfg.get("outlier_mad", 6.0),
+                        seed=cfg.get("seed", 0))

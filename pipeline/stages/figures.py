@@ -23,21 +23,12 @@ def _classes(scores_csv: Path, manifest, fallback_manifest):
     return class_names(resolve_manifest(scores_csv, manifest, fallback_manifest))
 
 
-def _confusion(out: Path, confusion_dir: Path, explicit: bool, classes) -> list[tuple[str, str, str]]:
-    """Figure 5 for each confusion_<version>.csv in `confusion_dir` (none: an error when asked for)."""
-    from pipeline.views.plots import confusion_png
-
+def _confusion_files(confusion_dir: Path, explicit: bool) -> list[Path]:
+    """confusion_<version>.csv files in `confusion_dir` (none, when asked for by name: CleanError)."""
     files = sorted(confusion_dir.glob("confusion_*.csv")) if confusion_dir.is_dir() else []
-    if not files:
-        if explicit:
-            raise CleanError(f"no {confusion_dir}/confusion_*.csv; run `clean evaluate` first")
-        return [("confusion", "skipped", f"no {confusion_dir}/confusion_*.csv")]
-    names = classes()
-    rows = []
-    for f in files:
-        confusion_png(f, out / f"{f.stem}.png", names, title=f.stem[len("confusion_"):])
-        rows.append(("confusion", "ok", f"{out}/{f.stem}.png"))
-    return rows
+    if not files and explicit:
+        raise CleanError(f"no {confusion_dir}/confusion_*.csv; run `clean evaluate` first")
+    return files
 
 
 def figures(which, out_dir: str | Path, *, scores_csv: str | Path, by, dynamics: str | Path, max_samples: int,
@@ -56,17 +47,18 @@ def figures(which, out_dir: str | Path, *, scores_csv: str | Path, by, dynamics:
     bad = [w for w in (which or []) if w not in FIGURES]
     if bad:
         raise CleanError(f"unknown figure {bad[0]!r}; choose from {', '.join(FIGURES)}")
-    out, scores_csv, dynamics = Path(out_dir), Path(scores_csv), Path(dynamics)
+    out, scores_csv, dynamics, confusion_dir = Path(out_dir), Path(scores_csv), Path(dynamics), Path(confusion_dir)
     sweep = plots.find_sweep_summary(sweep_summary)
     explicit = bool(which)
     inputs = {"heatmap": dynamics, "entropy": scores_csv, "sweep": sweep}
     rows = []
     for w in list(which) if which else list(FIGURES):
-        src = inputs.get(w, Path("."))
-        if src is None or (not src.exists() and not explicit):
-            rows.append((w, "skipped", f"no {src if src is not None else 'sweep summary given'}"))
-            continue
-        if w == "heatmap":
+        src = inputs.get(w)
+        if w in inputs and src is None and explicit:
+            raise CleanError(f"figure {w} needs its input file; pass it (clean figures --help)")
+        if w in inputs and (src is None or not (src.exists() or explicit)):
+            rows.append((w, "skipped", f"no {src or 'input given'}"))
+        elif w == "heatmap":
             plots.grad_heatmap(dynamics, out / "grad_heatmap.csv", out / "grad_heatmap.png", max_samples=max_samples)
             rows.append((w, "ok", f"{out}/grad_heatmap.csv, .png"))
         elif w == "entropy":
@@ -78,6 +70,11 @@ def figures(which, out_dir: str | Path, *, scores_csv: str | Path, by, dynamics:
             plots.sweep_plot(sweep, None, out / "sweep.png")  # the summary itself is the DVC plot data
             rows.append((w, "ok", f"{out}/sweep.png"))
         else:
-            rows += _confusion(out, Path(confusion_dir), explicit,
-                               lambda: _classes(scores_csv, manifest, fallback_manifest))
+            files = _confusion_files(confusion_dir, explicit)
+            if not files:
+                rows.append((w, "skipped", f"no {confusion_dir}/confusion_*.csv"))
+            classes = _classes(scores_csv, manifest, fallback_manifest) if files else None
+            for f in files:
+                plots.confusion_png(f, out / f"{f.stem}.png", classes, title=f.stem[len("confusion_"):])
+                rows.append((w, "ok", f"{out}/{f.stem}.png"))
     return rows

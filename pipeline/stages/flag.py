@@ -22,32 +22,49 @@ def flag(scores_csv: str | Path, out_dir: str | Path, method: str = _F["method"]
          contamination: float = _F["contamination"], projection_dim: int = _F["projection_dim"],
          folds: int = _F["folds"], seed: int = _F["seed"], model_dir: str | Path | None = None,
          manifest: str | Path | None = None, recipe=None, device: str = "cpu", progress=None,
-         metrics_path: str | Path | None = None, grid: int = 0) -> dict:
-    """Stage: flag suspicious samples → out_dir/flags.csv (id,flagged,rule,value); returns the summary.
+         metrics_path: str | Path | None = None, grid: int = 0, issues: list | None = _F["issues"],
+         **settings) -> dict:
+    """Stage: find every issue type → out_dir/flags.csv, out_dir/issues.json; returns the summary.
 
-    The rule `method` comes from the RULES registry; `isolation-forest` needs model_dir +
-    manifest (gradient vectors), `confident` manifest + recipe (k-fold cross-fitting trains
-    `folds` models). With `metrics_path` the summary is also written there (JSON); with
-    `grid` > 0 and a manifest, out_dir/top_flagged.png shows the `grid` top flagged images.
-    When scores carry the injected-noise truth (`noisy`) the summary has precision, recall
-    and AUROC against it. Defaults are params.yaml's (pipeline/params.py).
+    flags.csv (one row per training sample): id, flagged, rule, value (the rule `method` from
+    the RULES registry, which drives `drop-flagged`), then for each issue type of `issues`
+    (None = every registered type, the ISSUES registry) `is_<type>` and `<type>_score`, then
+    the detectors' extra columns (suggested_label, duplicate_group, ...). `isolation-forest`
+    needs model_dir + manifest, `confident` manifest + recipe (k-fold cross-fitting),
+    `confident-dynamics` and the suggested labels model_dir (its training record), the
+    embedding/image types scores/embeddings.npz beside scores_csv. `settings`: the other
+    flag.* keys of params.yaml (detector thresholds). With `metrics_path` the flat summary
+    is also written there; with `grid` > 0 and a manifest, out_dir/top_flagged.png shows the
+    top flagged images. Against injected noise (`noisy` in scores) the summary has
+    precision, recall and AUROC of the label issues. Defaults are params.yaml's.
     """
     from pipeline.formats.tables import read_scores
     from pipeline.io import write_frame, write_json
-    from pipeline.registry import RULES
+    from pipeline.registry import ISSUES, RULES
     from pipeline.rules.base import RuleInputs
 
     t0 = time.perf_counter()
     if method not in RULES:
         raise CleanError(f"flag.method = {method!r} is not allowed; use one of: {', '.join(RULES)}")
+    types = list(ISSUES) if issues is None else list(issues)
+    unknown = [t for t in types if t not in ISSUES]
+    if unknown:
+        raise CleanError(f"flag.issues: unknown issue type {unknown[0]!r}; use some of: {', '.join(ISSUES)}")
     df = read_scores(scores_csv)
-    cfg = {"method": method, "score": score, "quantile": quantile, "threshold": threshold,
+    cfg = {**{k: v for k, v in _F.items() if k not in ("issues", "grid")}, **settings,
+           "method": method, "score": score, "quantile": quantile, "threshold": threshold,
            "contamination": contamination, "projection_dim": projection_dim, "folds": folds, "seed": seed}
     inputs = RuleInputs(df, scores_csv, model_dir, manifest, recipe, device, progress)
-    res = RULES[method].fn(inputs, cfg)
+    res = inputs.rule_result(cfg)
+    found, seconds = {}, {}
+    for t in types:
+        t1 = time.perf_counter()
+        found[t] = ISSUES[t].fn(inputs, cfg)
+        seconds[t] = round(time.perf_counter() - t1, 3)
     out_dir = Path(out_dir)
-    write_frame(out_dir / "flags.csv", _frame(inputs.ids, res))
-    summary = _summary(df, res, method, time.perf_counter() - t0)
+    write_frame(out_dir / "flags.csv", _frame(inputs.ids, res, found))
+    summary = _summary(df, res, method, found, time.perf_counter() - t0)
+    write_json(out_dir / "issues.json", _details(inputs.ids, found, seconds))
     if metrics_path is not None:
         write_json(metrics_path, summary)
     if grid and manifest is not None:
@@ -58,17 +75,28 @@ def flag(scores_csv: str | Path, out_dir: str | Path, method: str = _F["method"]
     return summary
 
 
-def _frame(ids: np.ndarray, res):
+def _frame(ids: np.ndarray, res, found: dict):
+    """flags.csv: id, flagged, rule, value, is_<type>/<type>_score per issue type, extra columns."""
     import pandas as pd
 
-    return pd.DataFrame({"id": ids, "flagged": res.flagged.astype(np.int64), "rule": res.rule, "value": res.value})
+    cols = {"id": ids, "flagged": res.flagged.astype(np.int64), "rule": res.rule, "value": res.value}
+    for t, r in found.items():
+        cols[f"is_{t}"] = np.asarray(r.flagged, bool).astype(np.int64)
+        cols[f"{t}_score"] = np.round(np.asarray(r.score, np.float64), 6)
+    for r in found.values():
+        for k, v in r.columns.items():
+            v = np.asarray(v)
+            cols[k] = v.astype(np.int64) if v.dtype == bool else v
+    return pd.DataFrame(cols)
 
 
-def _summary(df, res, method: str, seconds: float) -> dict:
-    """Counts, and precision/recall/AUROC against the injected-noise truth when it is known."""
+def _summary(df, res, method: str, found: dict, seconds: float) -> dict:
+    """Flat counts (metrics/flags.json), and precision/recall/AUROC of the label issues against
+    the injected-noise truth when it is known."""
     from pipeline.rules.metrics import auroc, precision_recall
 
     summary = {"method": method, "rule": res.rule, "n": int(len(df)), "n_flagged": int(res.flagged.sum()),
+               **{f"n_{t}": int(np.count_nonzero(r.flagged)) for t, r in found.items()},
                "seconds": round(seconds, 3)}
     if "noisy" in df.columns:
         truth = df["noisy"].to_numpy().astype(bool)
@@ -77,3 +105,16 @@ def _summary(df, res, method: str, seconds: float) -> dict:
         if 0 < truth.sum() < len(truth):
             summary["auroc"] = auroc(res.value, truth)
     return summary
+
+
+def _details(ids: np.ndarray, found: dict, seconds: dict, examples: int = 5) -> dict:
+    """issues.json: per issue type its rule, count, example ids (most severe first), the
+    detector's own summary (groups, conflicts, leakage, ...) and seconds."""
+    out = {}
+    for t, r in found.items():
+        flagged = np.flatnonzero(np.asarray(r.flagged, bool))
+        sev = np.nan_to_num(np.asarray(r.score, np.float64)[flagged], nan=-np.inf)
+        top = flagged[np.lexsort((ids[flagged], -sev))][:examples]
+        out[t] = {"rule": r.rule, "n": int(flagged.size), "examples": [int(i) for i in ids[top]],
+                  **r.summary, "seconds": seconds[t]}
+    return out

@@ -12,7 +12,7 @@ from pipeline.errors import CleanError
 from pipeline.formats.manifest import REQUIRED
 from pipeline.progress import Progress
 from pipeline.data.images import channels_of, split_ref
-from pipeline.io import write_csv, write_json
+from pipeline.io import together, write_csv, write_json
 from pipeline.data.noise import inject_noise, validate_noise
 from pipeline.data.sources import Record, load_source
 from pipeline.data.split import SPLITS, SplitWarning, assign_splits, validate_fractions
@@ -37,6 +37,25 @@ def manifest_path(path: str, out_dir: str) -> str:
     except ValueError:
         pass
     return a if idx is None else f"{a}#{idx}"
+
+
+def _common_size(recs: list[Record]) -> tuple[list[int] | None, str | None]:
+    """The dataset's image size [H, W] (the most common one; the first in manifest order on a
+    tie) and, when the images have several sizes, a line saying what happens to the others.
+
+    classes.json records it and `clean train` resizes every image of every split to it
+    (unless data.image_size is set), so mixed sizes are legitimate input."""
+    from collections import Counter
+
+    sizes = Counter(tuple(int(v) for v in r.size) for r in recs if r.size)
+    if not sizes:
+        return None, None
+    (h, w), _ = sizes.most_common(1)[0]
+    if len(sizes) == 1:
+        return [h, w], None
+    shown = ", ".join(f"{a}x{b} ({n})" for (a, b), n in sizes.most_common(4)) + (", ..." if len(sizes) > 4 else "")
+    return [h, w], (f"the images have {len(sizes)} sizes (HxW: {shown}); training resizes every image to "
+                    f"{h}x{w}, the most common one: set data.image_size to choose another size")
 
 
 def _resolve_pairs(pairs: dict | None, names: list[str]) -> dict[int, int] | None:
@@ -72,7 +91,9 @@ def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float,
     `seed`. Returns a summary: source, num_samples, num_classes, in_chans, image_size,
     counts {split: n}, per_class {name: n}, per_class_split {name: {split: n}},
     n_problems, n_noisy, warnings (list of str, e.g. unstratified-split fallbacks).
-    Same arguments -> byte-identical files. Source images are never modified.
+    Same arguments -> byte-identical files. Source images are never modified. The three
+    files are replaced together (pipeline/io.together): an interrupted or failed run leaves
+    all of the old ones.
     """
     validate_fractions(val_frac, test_frac)
     validate_noise(noise_rate, noise_kind)
@@ -123,20 +144,22 @@ def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float,
         n_noisy = int(flags.sum())
     final = labels if noisy_labels is None else noisy_labels
 
-    first = recs[0]
     in_chans = max(channels_of(r.mode or "L") for r in recs)  # 3 when any image has color
-    image_size = [int(first.size[0]), int(first.size[1])] if first.size else None
+    image_size, size_note = _common_size(recs)
+    if size_note:
+        notes.append(size_note)
     counts = {s: int((splits == s).sum()) for s in SPLITS}
     per_class_split = {n: {s: int(((final == c) & (splits == s)).sum()) for s in SPLITS}
                        for c, n in enumerate(names)}
     problems = sorted((manifest_path(p.path, out_abs), p.reason) for p in src.problems)
 
-    write_csv(out_dir / "problems.csv", ["path", "reason"], problems)
-    write_json(out_dir / "classes.json", {
-        "classes": names, "source": source, "in_chans": in_chans, "image_size": image_size,
-        "num_samples": len(recs), "counts": counts,
-    })
-    write_csv(out_dir / "manifest.csv", header, rows)
+    with together(out_dir):  # the three files change as one (all old or all new)
+        write_csv(out_dir / "problems.csv", ["path", "reason"], problems)
+        write_json(out_dir / "classes.json", {
+            "classes": names, "source": source, "in_chans": in_chans, "image_size": image_size,
+            "num_samples": len(recs), "counts": counts,
+        })
+        write_csv(out_dir / "manifest.csv", header, rows)
     return {
         "source": source,
         "num_samples": len(recs),

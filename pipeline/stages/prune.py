@@ -17,7 +17,8 @@ _P = DEFAULTS["prune"]
 
 def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path, summary_path: str | Path,
           strategy: str = _P["strategy"], by: str = _P["by"], keep: float = _P["keep"], skip: float = _P["skip"],
-          balanced: bool = _P["balanced"], seed: int = _P["seed"], flags_csv: str | Path | None = None) -> dict:
+          balanced: bool = _P["balanced"], seed: int = _P["seed"], flags_csv: str | Path | None = None,
+          drop: list | None = _P["drop"]) -> dict:
     """Select training samples → out_manifest (same columns, kept train rows + all val/test rows)
     and summary_path (JSON: strategy, kept per class, label entropy of kept vs all vs uniform).
     Returns the summary dict."""
@@ -63,7 +64,7 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
         if flags_csv is None or not Path(flags_csv).exists():
             raise CleanError(f"prune.strategy = {strategy} needs flags ({flags_csv}); run `clean flag` first")
         fl = read_flags(flags_csv, train["id"].to_numpy())
-        flagged = fl.set_index("id").loc[train["id"].to_numpy(), "flagged"].to_numpy().astype(bool)
+        flagged = dropped(fl.set_index("id").loc[train["id"].to_numpy()], drop, flags_csv)
         values = np.zeros(len(train))
     else:
         if by not in sc.columns:
@@ -81,7 +82,8 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
     out = df[(df["split"] != "train") | df["id"].isin(kept_ids)]
     write_manifest(out, out_manifest, manifest)
     summ = summary(labels, kept_pos, len(classes), classes)
-    summ.update({"strategy": strategy, "by": None if uses_flags else by,
+    summ.update({"strategy": strategy, "drop": list(drop) if uses_flags and drop is not None else None,
+                 "by": None if uses_flags else by,
                  "keep": None if uses_flags else keep, "balanced": balanced, "seed": seed,
                  "skip": skip if strategy == "non-extreme" else None, "manifest": str(out_manifest)})
     if "noisy" in train.columns:
@@ -93,3 +95,18 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
         summ["clean_removed"] = int((~noisy & ~kept).sum())
     write_json(summary_path, summ)
     return summ
+
+
+def dropped(flags, drop: list | None, flags_csv) -> np.ndarray:
+    """bool [N]: samples with any of the issue types `drop` (flags.csv `is_<type>`); `drop` None,
+    or a flags.csv without issue columns (written by an older version), uses `flagged`."""
+    if drop is None or not any(c.startswith("is_") for c in flags.columns):
+        return flags["flagged"].to_numpy().astype(bool)
+    missing = [t for t in drop if f"is_{t}" not in flags.columns]
+    if missing:
+        raise CleanError(f"prune.drop names issue type {missing[0]!r} but {flags_csv} has no is_{missing[0]} column; "
+                         "add it to flag.issues and re-run `clean flag`, or remove it from prune.drop")
+    out = np.zeros(len(flags), bool)
+    for t in drop:
+        out |= flags[f"is_{t}"].to_numpy().astype(bool)
+    return out

@@ -16,7 +16,7 @@ from pipeline.data.stream import is_streamed, open_split
 from pipeline.errors import CleanError
 from pipeline.formats.dynamics import load_dynamics
 from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
-from pipeline.io import write_frame, write_json
+from pipeline.io import together, write_frame, write_json
 from pipeline.params import CHOICES, DEFAULTS
 from pipeline.registry import SCORES
 from pipeline.scores.compute import forward_scores, self_influence
@@ -82,23 +82,25 @@ def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, norm
         D.barrier()  # until rank 0 has written the files
         return None
     s = {k: np.concatenate([p[k] for p in parts]) for k in s}
-    if embeddings:
-        _write_features(out_dir / "embeddings.npz", model, manifest, df, cfg, batch_size, device, cache_max_gb,
-                        workers, progress)
-    ids = rows["id"].to_numpy(np.int64)
-    dyn_cols, n_dyn = _dynamics_columns(model_dir, ids)
-    out = _frame(rows, s, dyn_cols)
-    write_frame(out_dir / "scores.csv", out)
-    write_json(out_dir / "meta.json", {
-        "norm": norm, "params": params, "model_dir": str(model_dir), "model": cfg["model"],
-        "manifest": str(manifest), "split": split, "n": int(len(out)), "n_with_dynamics": n_dyn,
-        "dynamics_epochs": len(cfg.get("history", [])),
-        "dynamics_source": "each sample's minibatch forward pass during training, before the update",
-        "self_influence": {"computed": bool(with_self_influence), "norm": "l2 squared", "params": params,
-                           "checkpoints": [{"file": p.name, "lr": lr} for p, lr in ckpts]},
-        "seconds": round(time.perf_counter() - t0, 3), "columns": list(out.columns),
-        "processes": D.world_size(), "streamed": bool(is_streamed(images)),
-    })
+    _check_finite(s, model_dir, split)
+    with together(out_dir):  # scores.csv, meta.json (and embeddings.npz) change as one
+        if embeddings:
+            _write_features(out_dir / "embeddings.npz", model, manifest, df, cfg, batch_size, device, cache_max_gb,
+                            workers, progress)
+        ids = rows["id"].to_numpy(np.int64)
+        dyn_cols, n_dyn = _dynamics_columns(model_dir, ids)
+        out = _frame(rows, s, dyn_cols)
+        write_frame(out_dir / "scores.csv", out)
+        write_json(out_dir / "meta.json", {
+            "norm": norm, "params": params, "model_dir": str(model_dir), "model": cfg["model"],
+            "manifest": str(manifest), "split": split, "n": int(len(out)), "n_with_dynamics": n_dyn,
+            "dynamics_epochs": len(cfg.get("history", [])),
+            "dynamics_source": "each sample's minibatch forward pass during training, before the update",
+            "self_influence": {"computed": bool(with_self_influence), "norm": "l2 squared", "params": params,
+                               "checkpoints": [{"file": p.name, "lr": lr} for p, lr in ckpts]},
+            "seconds": round(time.perf_counter() - t0, 3), "columns": list(out.columns),
+            "processes": D.world_size(), "streamed": bool(is_streamed(images)),
+        })
     D.barrier()
     return out
 
@@ -121,6 +123,16 @@ def _write_features(path: Path, model, manifest: Path, df, cfg: dict, batch_size
         with open(tmp, "wb") as f:
             np.savez(f, ids=df["id"].to_numpy(np.int64), split=df["split"].to_numpy().astype("U5"),
                      label=df["label"].to_numpy(np.int64), height=height, width=width, **feats)
+
+
+def _check_finite(s: dict, model_dir: Path, split: str) -> None:
+    """CleanError when the model's loss is NaN/inf on some images (broken weights or config
+    numbers): scores.csv is never written with such rows."""
+    bad = ~np.isfinite(np.asarray(s["loss"], np.float64))
+    if bad.any():
+        raise CleanError(f"{model_dir}: the model gives a NaN/inf loss on {int(bad.sum())} of {len(bad)} '{split}' "
+                         "images, so no score would mean anything; its weights or config.json are broken: retrain "
+                         f"it with `clean train --out {model_dir}`")
 
 
 def _check_settings(norm: str, params: str, split: str) -> None:

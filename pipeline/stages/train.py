@@ -5,10 +5,16 @@
 (`_agree_on_partial`: resume it or start over), trains each seed (`_train_seeds`, one
 `_train_one` each, through pipeline.training.fit.fit) and puts the finished runs in place
 (`_publish`). The recipe is pipeline/training/recipe.py.
+
+The model folder is owned as a whole (pipeline/ownership.py): a run holds its lock, refuses a
+non-empty folder `clean train` did not write, builds the new folder in out_dir/.partial/primary
+and swaps it in with one atomic rename, so out_dir is always the complete old or the complete
+new model.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -36,6 +42,8 @@ def train(manifest: str | Path, out_dir: str | Path, recipe: Recipe, seeds: list
     training state of the unfinished one); `resume=True` continues it (same settings
     required), a run without `resume` starts over. Under torchrun only rank 0 writes.
     """
+    import contextlib
+
     from pipeline import distributed as D
     from pipeline.device import resolve_device
 
@@ -49,31 +57,57 @@ def train(manifest: str | Path, out_dir: str | Path, recipe: Recipe, seeds: list
         progress = None
     classes, tr, val = _open_data(manifest, recipe, progress)
     partial = out_dir / PARTIAL
-    done = _agree_on_partial(partial, recipe, seeds, manifest, resume, progress)
-    try:
-        runs, first = _train_seeds(tr, val, classes, recipe, seeds, done, manifest, partial, progress, resume)
-        if not main:
-            D.barrier()  # until rank 0 has put the outputs in place (a next command may read them)
-            return first
-        first = _publish(partial, out_dir, runs)
-        D.barrier()
-    except BaseException:
-        if main and not _resumable(partial):
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
+    created = main and not out_dir.exists()
+    with contextlib.ExitStack() as hold:  # rank 0: the lock on out_dir, released at the end
+        done = _agree_on_partial(partial, recipe, seeds, manifest, resume, progress, hold)
+        try:
+            runs, first = _train_seeds(tr, val, classes, recipe, seeds, done, manifest, partial, progress, resume)
+            if not main:
+                D.barrier()  # until rank 0 has put the outputs in place (a next command may read them)
+                return first
+            first = _publish(partial, out_dir, runs)
+            D.barrier()
+        except BaseException:
+            if main and not _resumable(partial):
+                shutil.rmtree(partial, ignore_errors=True)
+                _remove_if_only_marker(out_dir, created)
+            raise
     return first
+
+
+def _owned(out_dir: Path, hold) -> None:
+    """Rank 0: lock out_dir (held by `hold`), finish or undo a swap a kill interrupted, and
+    claim the folder (refused when it holds files `clean train` did not write)."""
+    from pipeline import ownership
+
+    hold.enter_context(ownership.locked(out_dir))
+    ownership.recover(out_dir, work=PARTIAL)
+    ownership.claim(out_dir)
+
+
+def _remove_if_only_marker(out_dir: Path, created: bool) -> None:
+    """A folder this run created and left with nothing but its marker is removed again."""
+    from pipeline.ownership import MARKER
+
+    if created and out_dir.is_dir() and [p.name for p in out_dir.iterdir()] == [MARKER]:
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def _open_data(manifest: Path, recipe: Recipe, progress) -> tuple:
     """→ (class names, train split, val split or None), in memory or streamed per data.cache_max_gb."""
-    from pipeline.data.stream import decoded_bytes, is_streamed, open_split
+    from pipeline.data.stream import check_readable, decoded_bytes, is_streamed, open_split
     from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
 
-    classes = read_classes(classes_path_for(manifest))["classes"]
+    info = read_classes(classes_path_for(manifest))
+    classes = info["classes"]
     df = read_manifest(manifest, classes)
     opts = dict(df=df, cache_max_gb=recipe.cache_max_gb, workers=recipe.workers)
-    tr = open_split(manifest, "train", recipe.image_size, **opts)
-    val = open_split(manifest, "val", recipe.image_size, **opts) if (df["split"] == "val").any() else None
+    tr = open_split(manifest, "train", _image_size(recipe, info), **opts)
+    # the validation images at the training images' size and channels, whatever their own
+    val = (open_split(manifest, "val", list(tr.images.shape[2:]), tr.images.shape[1], **opts)
+           if (df["split"] == "val").any() else None)
+    if val is not None and is_streamed(val.images):
+        check_readable(val.images, progress)  # a broken one is named now, not after the first epoch
     if progress and is_streamed(tr.images):
         gib = decoded_bytes(len(tr), tr.images.shape[1:]) / 2**30
         progress("log", message=f"streaming {len(tr):,} training images from disk ({gib:.1f} GiB decoded > "
@@ -81,15 +115,27 @@ def _open_data(manifest: Path, recipe: Recipe, progress) -> tuple:
     return classes, tr, val
 
 
+def _image_size(recipe: Recipe, info: dict):
+    """data.image_size, else the dataset's size from classes.json (`clean prepare` records the
+    most common one when the images differ), else None (the first training image's)."""
+    if recipe.image_size is not None:
+        return recipe.image_size
+    size = info.get("image_size")
+    ok = (isinstance(size, list) and len(size) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size))
+    return size if ok else None
+
+
 def _agree_on_partial(partial: Path, recipe: Recipe, seeds: list[int], manifest: Path, resume: bool,
-                      progress) -> list[int]:
-    """Rank 0 opens out_dir/.partial (`_open_partial`); every rank gets its decision → the seeds
-    already trained (or the same CleanError on every rank)."""
+                      progress, hold) -> list[int]:
+    """Rank 0 takes out_dir (`_owned`) and opens out_dir/.partial (`_open_partial`); every rank
+    gets its decision → the seeds already trained (or the same CleanError on every rank)."""
     from pipeline import distributed as D
 
     decision = None
     if D.is_main():
         try:
+            _owned(partial.parent, hold)
             decision = _open_partial(partial, _fingerprint(recipe, seeds, manifest), seeds, resume)
         except CleanError as e:
             decision = {"error": str(e)}
@@ -128,29 +174,32 @@ def _train_seeds(tr, val, classes, recipe: Recipe, seeds: list[int], done: list[
 
 
 def _publish(partial: Path, out_dir: Path, runs: list) -> dict:
-    """Rank 0: the finished runs in partial/ replace out_dir's outputs → the first run's metrics
-    with `runs`."""
+    """Rank 0: the finished model folder partial/primary (with the other seeds' runs in its
+    seeds/) replaces out_dir in one atomic swap → the first run's metrics with `runs`.
+
+    Steps: metrics.json gets `runs`; leftover training states go; the marker is written
+    (the folder is complete); it is renamed beside out_dir and swapped in (the old version,
+    with .partial, is then removed). A kill between any two leaves out_dir complete (old or
+    new) and `ownership.recover` finishes the swap on the next run."""
+    from pipeline import ownership
     from pipeline.io import write_json
 
-    first = json.loads((partial / "primary" / "metrics.json").read_text())
+    primary = partial / "primary"
+    first = json.loads((primary / "metrics.json").read_text())
     first["runs"] = runs
-    write_json(partial / "primary" / "metrics.json", first)
-    for leftover in partial.rglob("resume"):
+    write_json(primary / "metrics.json", first)
+    for leftover in sorted(primary.rglob("resume")):
         shutil.rmtree(leftover, ignore_errors=True)
-    for name in ("checkpoints", "seeds"):
-        if (out_dir / name).exists():
-            shutil.rmtree(out_dir / name)
-    if (partial / "seeds").exists():
-        (partial / "seeds").rename(out_dir / "seeds")
-    (partial / "primary" / "checkpoints").rename(out_dir / "checkpoints")
-    for f in ("dynamics.npz", "model.safetensors", "config.json", "metrics.json"):
-        (partial / "primary" / f).replace(out_dir / f)
-    shutil.rmtree(partial, ignore_errors=True)
+    ownership.mark(primary)
+    staged = ownership.staging_path(out_dir)
+    os.rename(primary, staged)
+    ownership.swap_in(staged, out_dir)
     return first
 
 
 def _run_dir(partial: Path, i: int, seed: int) -> Path:
-    return partial / "primary" if i == 0 else partial / "seeds" / f"seed_{seed}"
+    """partial/primary is the new model folder; the other seeds' runs go to its seeds/."""
+    return partial / "primary" if i == 0 else partial / "primary" / "seeds" / f"seed_{seed}"
 
 
 def _fingerprint(recipe: Recipe, seeds: list[int], manifest: Path) -> dict:
@@ -224,6 +273,12 @@ def _train_one(tr, val, classes, recipe: Recipe, manifest: Path, run_dir: Path, 
     return metrics
 
 
+def mean_probs(probs_sum: np.ndarray, epochs: int) -> np.ndarray:
+    """Mean over epochs of each sample's pre-update softmax [N, C] (float16 past 2**24 values)."""
+    mean = probs_sum / max(epochs, 1)
+    return mean.astype(np.float16 if mean.size > 2**24 else np.float32)
+
+
 def _write_run(res, tr, classes, recipe: Recipe, manifest: Path, run_dir: Path, full: bool, metrics: dict) -> None:
     """Rank 0: a finished run's files (weights, config, metrics; dynamics when `full`) into run_dir."""
     import torch
@@ -238,13 +293,18 @@ def _write_run(res, tr, classes, recipe: Recipe, manifest: Path, run_dir: Path, 
            "recipe": asdict(recipe), "manifest": str(manifest), "n_train": len(tr),
            "checkpoints": res.checkpoints, "history": res.history,
            "versions": {"torch": torch.__version__.split("+")[0], "timm": timm.__version__}}
+    dyn = dict(res.dynamics)
+    probs = mean_probs(dyn.pop("probs_sum"), len(res.history))
     if full:
         with atomic_path(run_dir / "dynamics.npz") as tmp:
             with open(tmp, "wb") as f:
-                dyn = dict(res.dynamics)
                 track_ids = tr.ids[dyn.pop("track_pos")]
                 np.savez(f, ids=tr.ids, labels=tr.labels, track_ids=track_ids,
-                         lr=np.array([r["lr"] for r in res.history], np.float64), **dyn)
+                         lr=np.array([r["lr"] for r in res.history], np.float64), probs=probs, **dyn)
+    else:  # the other seeds keep their mean softmax: the label rule averages it over seeds
+        with atomic_path(run_dir / "probs.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, ids=tr.ids, probs=probs)
     save_weights(res.model, run_dir / "model.safetensors", {"model": recipe.model, "seed": recipe.seed})
     write_json(run_dir / "config.json", cfg)
     write_json(run_dir / "metrics.json", metrics)

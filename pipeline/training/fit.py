@@ -295,6 +295,7 @@ def _setup(images, labels: np.ndarray, num_classes: int, recipe: Recipe) -> _Run
         dyn["correct"] = np.zeros((E, n), bool)
         dyn["track_pos"] = track_pos
         dyn["track_grad_norm"] = np.zeros((E, k), np.float32)
+        dyn["probs_sum"] = np.zeros((n, num_classes), np.float32)  # Σ over epochs of the pre-update softmax
     return _Run(recipe, device, world, rank, amp, core, model, nhwc, mean, std, feed, y_all, opt, scaler, gen,
                 track_pos, dyn)
 
@@ -396,15 +397,16 @@ def _step(run: _Run, loss) -> None:
 
 
 def _record(idx: np.ndarray, yb, logits, loss_i) -> tuple:
-    """A batch's per-sample training record: (idx, loss, margin, p(label), correct)."""
+    """A batch's per-sample training record: (idx, loss, margin, p(label), correct, softmax [b, C])."""
     import torch
 
     with torch.no_grad():
         lf = logits.detach().float()
         z_y = lf.gather(1, yb[:, None])[:, 0]
         other = lf.scatter(1, yb[:, None], float("-inf")).amax(1)
-        p_y = torch.softmax(lf, 1).gather(1, yb[:, None])[:, 0]
-        return idx, loss_i.detach(), z_y - other, p_y, lf.argmax(1) == yb
+        probs = torch.softmax(lf, 1)
+        p_y = probs.gather(1, yb[:, None])[:, 0]
+        return idx, loss_i.detach(), z_y - other, p_y, lf.argmax(1) == yb, probs
 
 
 def _gather_dynamics(run: _Run, epoch: int, lr: float, recs: list) -> dict | None:
@@ -419,6 +421,7 @@ def _gather_dynamics(run: _Run, epoch: int, lr: float, recs: list) -> dict | Non
     for p in parts:
         for key in ("loss", "margin", "p_label", "correct"):
             run.dyn[key][epoch, p["idx"]] = p[key]
+        run.dyn["probs_sum"][p["idx"]] += p["probs"]  # each sample sits once in an epoch's permutation
     return {"epoch": epoch + 1, "lr": lr, "train_loss": float(run.dyn["loss"][epoch].mean(dtype=np.float64)),
             "train_accuracy": float(run.dyn["correct"][epoch].mean())}
 
@@ -475,14 +478,14 @@ def _epoch_line(epoch: int, epochs: int, lr: float, row: dict) -> str:
 
 
 def _records(recs: list) -> dict:
-    """One epoch's per-sample records of this rank → numpy {idx, loss, margin, p_label, correct}."""
+    """One epoch's per-sample records of this rank → numpy {idx, loss, margin, p_label, correct, probs}."""
     import torch
 
     if not recs:
         return {"idx": np.zeros(0, np.int64), "loss": np.zeros(0, np.float32), "margin": np.zeros(0, np.float32),
-                "p_label": np.zeros(0, np.float32), "correct": np.zeros(0, bool)}
+                "p_label": np.zeros(0, np.float32), "correct": np.zeros(0, bool), "probs": np.zeros((0, 0), np.float32)}
     cols = list(zip(*recs))
     out = {"idx": np.concatenate(cols[0]).astype(np.int64)}
-    for key, col in zip(("loss", "margin", "p_label", "correct"), cols[1:]):
+    for key, col in zip(("loss", "margin", "p_label", "correct", "probs"), cols[1:]):
         out[key] = torch.cat(col).cpu().numpy()
     return out

@@ -18,6 +18,8 @@ from pipeline.errors import CleanError
 STATE_JSON = "state.json"
 FORMAT = 1
 DYN_KEYS = ("loss", "margin", "p_label", "correct", "track_grad_norm")
+#: dynamics that accumulate over epochs (saved and restored whole, not per epoch)
+DYN_SUMS = ("probs_sum",)
 
 
 def rng_states() -> dict:
@@ -60,6 +62,8 @@ def capture(model, opt, scaler, gen, dyn: dict | None, epoch: int, history: list
     if dyn is not None:
         for k in DYN_KEYS:
             tensors[f"dyn/{k}"] = torch.from_numpy(np.ascontiguousarray(dyn[k][:epoch]))
+        for k in DYN_SUMS:
+            tensors[f"dyn/{k}"] = torch.from_numpy(np.ascontiguousarray(dyn[k]))
     meta = {"format": FORMAT, "epoch": int(epoch), "history": history, "checkpoints": ckpts,
             "optimizer": {"param_groups": osd["param_groups"], "state": opt_state},
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -133,3 +137,6 @@ def restore(tensors: dict, meta: dict, model, opt, scaler, gen, dyn: dict | None
         e = meta["epoch"]
         for k in DYN_KEYS:
             dyn[k][:e] = tensors[f"dyn/{k}"].numpy()
+        for k in DYN_SUMS:
+            if f"dyn/{k}" in tensors:
+                dyn[k][...] = tensors[f"dyn/{k}"].numpy()

@@ -1,0 +1,162 @@
+"""Image-property issue types (cleanvision's definitions), from the statistics `clean score`
+writes to embeddings.npz in its decode pass (pipeline/scores/features.py::image_stats).
+
+One ISSUES entry per property; each `<type>_score` is oriented so that higher = more severe.
+
+| type | statistic | flagged when | kind |
+|---|---|---|---|
+| dark | 99th percentile of luminance p99 | p99 < flag.dark (0.37, cleanvision) | absolute |
+| light | 5th percentile p05 | p05 > 1 − flag.light (0.05, cleanvision) | absolute |
+| blurry | Laplacian variance / (p99 − p05)² | robust z of its log < −flag.blurry_mad | relative |
+| low_information | luminance entropy (bits) | entropy < flag.low_information (3.0 bits; cleanvision 0.3 × 10) | absolute |
+| odd_size | √(h·w) | outside [q1 − 3·IQR, q3 + 3·IQR] (cleanvision) and ×/÷ flag.odd_size from the median | relative |
+| odd_aspect_ratio | min(w/h, h/w) against the set's median shape | < flag.odd_aspect_ratio (0.5) | relative |
+| grayscale | colour spread (mean max − min over channels) | ≤ 0.01 in a colour set (≥ half the images in colour) | absolute |
+
+The blur statistic is divided by the squared contrast so that a dark or faded image is not
+called blurry for its low contrast alone (cleanvision adds the grey-level spread for the
+same reason); images with no contrast at all (p99 − p05 < 0.02) are low-information, not
+blurry. Blur and size are relative because their natural range depends on the resolution of
+the set (a sharp 28 × 28 image has the Laplacian variance of a blurred photo).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.registry import ISSUES
+from pipeline.rules.base import IssueResult
+
+#: below this contrast (p99 − p05) an image is flat: blur is undefined there
+MIN_CONTRAST = 0.02
+#: colour spread at or below which an image is grayscale (8-bit rounding and JPEG chroma noise)
+GRAY_SPREAD = 0.01
+#: cleanvision's IQR factor for odd sizes
+IQR_FACTOR = 3.0
+
+
+def _stat(feats: dict, key: str) -> np.ndarray:
+    from pipeline.errors import CleanError
+
+    if key not in feats:
+        raise CleanError(f"embeddings.npz has no '{key}' (written by an older `clean score`): re-run `clean score`")
+    return np.asarray(feats[key], np.float64)[np.asarray(feats["train_pos"], np.int64)]
+
+
+def _robust_z(x: np.ndarray) -> np.ndarray:
+    """(x − median) / (1.4826·MAD) over the finite values (mean-absolute-deviation fallback; NaN stays NaN)."""
+    ok = np.isfinite(x)
+    z = np.full(x.shape, np.nan)
+    if not ok.any():
+        return z
+    med = float(np.median(x[ok]))
+    dev = np.abs(x[ok] - med)
+    scale = 1.4826 * float(np.median(dev))
+    if scale == 0:
+        scale = 1.2533 * float(np.mean(dev))
+    z[ok] = (x[ok] - med) / scale if scale > 0 else 0.0
+    return z
+
+
+def dark_issue(feats: dict, threshold: float = 0.37) -> IssueResult:
+    p99 = _stat(feats, "brightness_p99")
+    flagged = p99 < threshold
+    return IssueResult(flagged, 1.0 - p99, f"99th percentile of brightness < {threshold:g}",
+                       summary={"n_flagged": int(flagged.sum()), "threshold": float(threshold)})
+
+
+def light_issue(feats: dict, threshold: float = 0.05) -> IssueResult:
+    p05 = _stat(feats, "brightness_p05")
+    flagged = 1.0 - p05 < threshold
+    return IssueResult(flagged, p05, f"5th percentile of brightness > {1 - threshold:g}",
+                       summary={"n_flagged": int(flagged.sum()), "threshold": float(threshold)})
+
+
+def blurry_issue(feats: dict, c: float = 4.0) -> IssueResult:
+    contrast = _stat(feats, "brightness_p99") - _stat(feats, "brightness_p05")
+    blur = _stat(feats, "blur")
+    flat = contrast < MIN_CONTRAST
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sharp = np.where(flat, np.nan, np.log(np.maximum(blur, 1e-12) / np.maximum(contrast, MIN_CONTRAST) ** 2))
+    z = _robust_z(sharp)
+    flagged = np.isfinite(z) & (z < -c)
+    return IssueResult(flagged, -z, f"robust z of log(Laplacian variance / contrast²) < −{c:g}",
+                       summary={"n_flagged": int(flagged.sum()), "c": float(c), "n_flat_skipped": int(flat.sum())})
+
+
+def low_information_issue(feats: dict, threshold: float = 3.0) -> IssueResult:
+    ent = _stat(feats, "entropy")
+    flagged = ent < threshold
+    return IssueResult(flagged, 8.0 - ent, f"pixel entropy < {threshold:g} bits",
+                       summary={"n_flagged": int(flagged.sum()), "threshold": float(threshold)})
+
+
+def odd_size_issue(feats: dict, ratio: float = 1.5) -> IssueResult:
+    size = np.sqrt(_stat(feats, "height") * _stat(feats, "width"))
+    if not len(size):
+        return IssueResult(np.zeros(0, bool), np.zeros(0), "odd size: no images")
+    q1, med, q3 = np.percentile(size, [25, 50, 75])
+    lo, hi = q1 - IQR_FACTOR * (q3 - q1), q3 + IQR_FACTOR * (q3 - q1)
+    rel = np.abs(np.log(np.maximum(size, 1e-9) / med))
+    flagged = ((size < lo) | (size > hi)) & (rel > np.log(ratio))
+    return IssueResult(flagged, rel, f"√(h·w) outside [{lo:.3g}, {hi:.3g}] and ×/÷ {ratio:g} from the median {med:.3g}",
+                       summary={"n_flagged": int(flagged.sum()), "median": float(med), "ratio": float(ratio)})
+
+
+def odd_aspect_ratio_issue(feats: dict, threshold: float = 0.5) -> IssueResult:
+    la = np.log(np.maximum(_stat(feats, "width"), 1) / np.maximum(_stat(feats, "height"), 1))
+    med = float(np.median(la)) if len(la) else 0.0
+    ratio = np.exp(-np.abs(la - med))  # min(a/a₀, a₀/a), in (0, 1]
+    flagged = ratio < threshold
+    return IssueResult(flagged, 1.0 - ratio,
+                       f"min(a/a₀, a₀/a) < {threshold:g} (a = w/h, a₀ = the median {np.exp(med):.3g})",
+                       summary={"n_flagged": int(flagged.sum()), "threshold": float(threshold)})
+
+
+def grayscale_issue(feats: dict) -> IssueResult:
+    spread = _stat(feats, "colour_spread")
+    gray = spread <= GRAY_SPREAD
+    colour_set = len(spread) > 0 and float(np.mean(~gray)) >= 0.5
+    flagged = gray & colour_set
+    rule = (f"colour spread ≤ {GRAY_SPREAD:g} in a colour set" if colour_set
+            else "not a colour set (fewer than half the images in colour): nothing flagged")
+    return IssueResult(flagged, 1.0 - np.clip(spread, 0, 1), rule,
+                       summary={"n_flagged": int(flagged.sum()), "colour_set": bool(colour_set)})
+
+
+@ISSUES.register("dark", needs=("embeddings",), doc="99th percentile of brightness below flag.dark (cleanvision)")
+def dark(inputs, cfg: dict) -> IssueResult:
+    return dark_issue(inputs.features(), cfg.get("dark", 0.37))
+
+
+@ISSUES.register("light", needs=("embeddings",), doc="5th percentile of brightness above 1 − flag.light (cleanvision)")
+def light(inputs, cfg: dict) -> IssueResult:
+    return light_issue(inputs.features(), cfg.get("light", 0.05))
+
+
+@ISSUES.register("blurry", needs=("embeddings",),
+                 doc="Laplacian variance / contrast² far below the set's own (robust z < −flag.blurry_mad)")
+def blurry(inputs, cfg: dict) -> IssueResult:
+    return blurry_issue(inputs.features(), cfg.get("blurry_mad", 4.0))
+
+
+@ISSUES.register("low_information", needs=("embeddings",),
+                 doc="pixel entropy below flag.low_information bits (blank, near-constant images)")
+def low_information(inputs, cfg: dict) -> IssueResult:
+    return low_information_issue(inputs.features(), cfg.get("low_information", 3.0))
+
+
+@ISSUES.register("odd_size", needs=("embeddings",),
+                 doc="√(h·w) outside the 3·IQR fence and ×/÷ flag.odd_size from the median (cleanvision)")
+def odd_size(inputs, cfg: dict) -> IssueResult:
+    return odd_size_issue(inputs.features(), cfg.get("odd_size", 1.5))
+
+
+@ISSUES.register("odd_aspect_ratio", needs=("embeddings",),
+                 doc="aspect ratio off the set's median shape by more than a factor 1/flag.odd_aspect_ratio")
+def odd_aspect_ratio(inputs, cfg: dict) -> IssueResult:
+    return odd_aspect_ratio_issue(inputs.features(), cfg.get("odd_aspect_ratio", 0.5))
+
+
+@ISSUES.register("grayscale", needs=("embeddings",), doc="a grayscale image in a colour set (never in a 1-channel set)")
+def grayscale(inputs, cfg: dict) -> IssueResult:
+    return grayscale_issue(inputs.features())

@@ -1,0 +1,30 @@
+"""The `label` issue type: label errors found by the flag rule `flag.method` (default
+confident-dynamics), with a suggested label per sample (docs/methods.md §2)."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.errors import CleanError
+from pipeline.registry import ISSUES
+from pipeline.rules.base import IssueResult
+
+
+@ISSUES.register("label", doc="label errors: the flag.method rule; suggested_label = argmax of p̄ "
+                              "(the epoch- and seed-averaged softmax) or the model's prediction")
+def label_issue(inputs, cfg: dict) -> IssueResult:
+    """is_label = the flag.method rule's flags; label_score = its value (confident rules: 1 − label
+    quality, in 0..1); suggested_label / suggested_p = argmax and max of p̄ when the model's
+    training record has it, else the final model's prediction (pred) with NaN confidence."""
+    res = inputs.rule_result(cfg)
+    try:
+        probs = inputs.probs() if inputs.model_dir is not None else None
+    except CleanError:
+        probs = None
+    if probs is not None:
+        suggested, p = probs.argmax(1).astype(np.int64), probs.max(1)
+    else:
+        suggested, p = inputs.scores["pred"].to_numpy(np.int64), np.full(len(inputs.ids), np.nan)
+    same = int((res.flagged & (suggested == inputs.labels)).sum())
+    return IssueResult(res.flagged, np.asarray(res.value, np.float64), res.rule,
+                       columns={"suggested_label": suggested, "suggested_p": np.round(p, 6)},
+                       summary={"n_suggestion_equals_label": same})

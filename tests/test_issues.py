@@ -1,0 +1,239 @@
+"""Duplicate, outlier and image-property issue types on synthetic features with planted truth."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.rules import images, knn
+from pipeline.rules.duplicates import find_duplicates
+from pipeline.rules.outliers import knn_outliers
+
+
+def _feats(emb, split=None, label=None, hashes=None, **stats):
+    """An embeddings.npz-like dict with train_pos = the training rows in order."""
+    m = len(emb)
+    split = np.array(["train"] * m if split is None else split, dtype="U5")
+    f = {"ids": np.arange(m, dtype=np.int64) * 10 + 7, "split": split,
+         "label": np.zeros(m, np.int64) if label is None else np.asarray(label, np.int64),
+         "emb": np.asarray(emb, np.float16),
+         "hash": np.arange(1, m + 1, dtype=np.uint64) * 7919 if hashes is None else np.asarray(hashes, np.uint64)}
+    f.update({k: np.asarray(v, np.float32) for k, v in stats.items()})
+    f["train_pos"] = np.flatnonzero(split == "train").astype(np.int64)
+    return f
+
+
+def _brute(emb_all, pos, k):
+    """Reference: for every row, the k smallest cosine distances to the training rows (itself excluded)."""
+    x = emb_all.astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    d = 1.0 - x @ x[pos].T
+    for j, p in enumerate(pos):
+        d[p, j] = np.inf
+    return np.sort(d, axis=1)[:, :k]
+
+
+def test_knn_exact_matches_brute_force():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(300, 16)).astype(np.float16)
+    split = np.where(rng.random(300) < 0.2, "test", "train")
+    f = _feats(emb, split)
+    got = knn.train_knn(f, 5)
+    ref = _brute(emb, f["train_pos"], 5)
+    assert got["kind"].startswith("flat")
+    np.testing.assert_allclose(got["dist"], ref, atol=2e-5)
+    # neighbours are training rows and never the row itself
+    assert np.isin(got["rows"], f["train_pos"]).all()
+    assert not (got["rows"] == np.arange(300)[:, None]).any()
+    # the outlier score is the mean of those k distances, on the training rows
+    out = knn_outliers(f, k=5)
+    np.testing.assert_allclose(out.score, ref[f["train_pos"]].mean(axis=1), atol=2e-5)
+
+
+def test_knn_approximate_index_finds_close_neighbours():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(400, 32))
+    emb = np.repeat(centres, 5, axis=0) + 0.01 * rng.normal(size=(2000, 32))
+    f = _feats(emb)
+    got = knn.train_knn(f, 4, exact_max=0)
+    assert got["kind"].startswith("ivf")
+    ref = _brute(emb, f["train_pos"], 4)
+    # the four members of each tight cluster are found (recall of the 1st neighbour ≥ 0.97)
+    assert np.mean(np.abs(got["dist"][:, 0] - ref[:, 0]) < 1e-4) >= 0.97
+
+
+def test_drop_self_when_copies_tie():
+    dist = np.zeros((2, 3), np.float32)
+    rows = np.array([[5, 6, 7], [1, 0, 2]])
+    d, r = knn.drop_self(dist, rows, np.array([9, 0]))
+    assert r.tolist() == [[5, 6], [1, 2]]
+
+
+def _planted_dup_set():
+    """Train blob of 200 + planted: exact copy, near copy, 3-member near set with a label conflict,
+    a test copy of a train image (leakage), an exact val/test pair of another train image."""
+    rng = np.random.default_rng(2)
+    n = 200
+    emb = rng.normal(size=(n, 24))
+    label = rng.integers(0, 3, n)
+    split = ["train"] * n
+    hashes = list(np.arange(1, n + 1) * 7919)
+    extra = []
+
+    def add(row_emb, lab, sp, h):
+        emb_l.append(row_emb)
+        label_l.append(lab)
+        split.append(sp)
+        hashes.append(h)
+        extra.append(len(split) - 1)
+
+    emb_l, label_l = list(emb), list(label)
+    add(emb[0], label[0], "train", hashes[0])                                 # 200: exact copy of 0
+    add(emb[1] + 1e-3 * rng.normal(size=24), label[1], "train", 10**9 + 1)    # 201: near copy of 1
+    add(emb[2] + 1e-3 * rng.normal(size=24), (label[2] + 1) % 3, "train", 10**9 + 2)  # 202: conflict with 2
+    add(emb[2] + 1e-3 * rng.normal(size=24), label[2], "train", 10**9 + 3)    # 203: same set as 2
+    add(emb[3] + 1e-3 * rng.normal(size=24), label[3], "test", 10**9 + 4)     # 204: test copy of 3 (leak)
+    add(emb[4], label[4], "val", hashes[4])                                   # 205: val exact copy of 4 (leak)
+    return _feats(np.array(emb_l), split, label_l, hashes)
+
+
+def test_duplicate_groups_conflicts_leakage():
+    f = _planted_dup_set()
+    pos = f["train_pos"]
+    ids, labels = f["ids"][pos], f["label"][pos]
+    res = find_duplicates(f, labels, ids, tau=0.13, k=5)
+    g = res.columns["duplicate_group"]
+    row = {int(r): i for i, r in enumerate(pos)}  # npz row → training index
+    groups = {}
+    for i, gi in enumerate(g):
+        if gi >= 0:
+            groups.setdefault(int(gi), set()).add(int(pos[i]))
+    assert sorted(map(sorted, groups.values())) == [[0, 200], [1, 201], [2, 202, 203], [3], [4]]
+    s = res.summary
+    assert s["n_groups"] == 5 and s["n_exact_groups"] == 2 and s["n_near_groups"] == 3  # {0,200}, {4,205}
+    # one copy kept per set without leakage; every train copy of a leaking set flagged
+    flagged_rows = sorted(int(pos[i]) for i in np.flatnonzero(res.flagged))
+    # {2, 202, 203}: row 2 kept (majority label, lowest id); {3}+test, {4}+val: leakage, flagged
+    assert flagged_rows == [3, 4, 200, 201, 202, 203]
+    conflict = {int(pos[i]) for i in np.flatnonzero(res.columns["duplicate_conflict"])}
+    leak = {int(pos[i]) for i in np.flatnonzero(res.columns["duplicate_leak"])}
+    assert conflict == {2, 202, 203} and leak == {3, 4}
+    assert s["conflicts"]["n_groups"] == 1 and s["conflicts"]["examples"][0]["train_ids"] == [27, 2027, 2037]
+    assert s["leakage"]["n_groups"] == 2 and s["leakage"]["n_eval_images"] == 2
+    assert s["leakage"]["by_split"] == {"test": 1, "val": 1}
+    assert sorted(e["eval_ids"][0] for e in s["leakage"]["examples"]) == [2047, 2057]
+    # score: 1 for exact copies, 1 − (small distance) for near ones, lower elsewhere
+    assert res.score[row[200]] == 1.0 and res.score[row[0]] == 1.0
+    assert 0.99 < res.score[row[201]] < 1.0
+    assert np.all(res.score[g < 0] < 0.9)
+    assert len(res.flagged) == len(res.score) == len(pos)
+
+
+def test_duplicate_radius_is_tau_times_median_nn():
+    f = _planted_dup_set()
+    pos = f["train_pos"]
+    res = find_duplicates(f, f["label"][pos], f["ids"][pos], tau=0.13, k=5)
+    ref = _brute(f["emb"], pos, 1)[pos, 0]
+    assert res.summary["median_nn_distance"] == pytest.approx(float(np.median(ref)), abs=1e-5)
+    assert res.summary["radius"] == pytest.approx(0.13 * float(np.median(ref)), abs=1e-5)
+    # no duplicates in a set of distinct random points
+    rng = np.random.default_rng(3)
+    f2 = _feats(rng.normal(size=(300, 24)))
+    r2 = find_duplicates(f2, f2["label"], f2["ids"], k=5)
+    assert r2.summary["n_groups"] == 0 and not r2.flagged.any() and (r2.columns["duplicate_group"] == -1).all()
+
+
+def test_outlier_flags_planted_far_points():
+    rng = np.random.default_rng(4)
+    d = 32
+    centres = rng.normal(size=(5, d)) * 4
+    inl = centres[rng.integers(0, 5, 600)] + rng.normal(size=(600, d))
+    far = rng.normal(size=(4, d)) * 4  # random directions: far from every cluster
+    f = _feats(np.r_[inl, far])
+    res = knn_outliers(f, k=10, c=6.0)
+    assert np.flatnonzero(res.flagged).tolist() == [600, 601, 602, 603]
+    assert res.summary["n_flagged"] == 4
+
+
+def _stats(n=50, **over):
+    rng = np.random.default_rng(5)
+    s = {"brightness_p05": np.zeros(n), "brightness_p99": rng.uniform(0.7, 1.0, n),
+         "blur": rng.uniform(0.05, 0.08, n), "entropy": rng.uniform(4.0, 6.0, n),
+         "colour_spread": np.zeros(n), "height": np.full(n, 28), "width": np.full(n, 28)}
+    for k, (i, v) in over.items():
+        s[k] = s[k].astype(float)
+        s[k][i] = v
+    return _feats(np.ones((n, 2)), **s)
+
+
+@pytest.mark.parametrize("fn, key, value", [
+    (images.dark_issue, "brightness_p99", 0.2),
+    (images.light_issue, "brightness_p05", 0.97),
+    (images.blurry_issue, "blur", 0.001),
+    (images.low_information_issue, "entropy", 0.5),
+    (images.odd_size_issue, "height", 80),
+    (images.odd_aspect_ratio_issue, "width", 84),
+])
+def test_image_property_flags_the_planted_image(fn, key, value):
+    clean = fn(_stats())
+    assert not clean.flagged.any()
+    res = fn(_stats(**{key: (7, value)}))
+    assert np.flatnonzero(res.flagged).tolist() == [7]
+    assert int(np.nanargmax(res.score)) == 7
+
+
+def test_odd_size_both_ends_and_varied_sizes():
+    f = _stats(height=([3, 9], [14, 60]), width=([3, 9], [14, 60]))
+    assert np.flatnonzero(images.odd_size_issue(f).flagged).tolist() == [3, 9]
+    # a set of varied sizes: nothing odd
+    rng = np.random.default_rng(6)
+    h = rng.integers(200, 400, 50)
+    assert not images.odd_size_issue(_stats(height=(slice(None), h), width=(slice(None), h))).flagged.any()
+
+
+def test_blurry_is_not_fooled_by_low_contrast():
+    # a dark image: low Laplacian variance, but because its contrast is low too
+    f = _stats(brightness_p99=(4, 0.25), blur=(4, 0.065 * 0.25 ** 2))
+    assert not images.blurry_issue(f).flagged.any()
+    # a blank image: no contrast at all → low-information, never blurry
+    f = _stats(brightness_p99=(4, 0.0), blur=(4, 0.0), entropy=(4, 0.0))
+    assert not images.blurry_issue(f).flagged.any()
+    assert images.low_information_issue(f).flagged.tolist() == [i == 4 for i in range(50)]
+
+
+def test_grayscale_only_in_a_colour_set():
+    rng = np.random.default_rng(7)
+    spread = rng.uniform(0.1, 0.4, 50)
+    spread[[5, 6]] = 0.0
+    assert np.flatnonzero(images.grayscale_issue(_stats(colour_spread=(slice(None), spread))).flagged).tolist() == [5, 6]
+    # a 1-channel set (spread 0 everywhere) never flags
+    assert not images.grayscale_issue(_stats()).flagged.any()
+
+
+def test_issue_registry_entries_run_through_rule_inputs(tmp_path):
+    """Every detector as the flag stage calls it: ISSUES[name].fn(RuleInputs, cfg) on embeddings.npz."""
+    from pipeline.params import DEFAULTS
+    from pipeline.registry import ISSUES
+    from pipeline.rules.base import RuleInputs
+
+    f = _planted_dup_set()
+    m = len(f["ids"])
+    rng = np.random.default_rng(8)
+    stats = {"brightness_p05": np.zeros(m), "brightness_p99": rng.uniform(0.7, 1, m), "blur": rng.uniform(0.05, 0.08, m),
+             "entropy": rng.uniform(4, 6, m), "colour_spread": np.zeros(m), "height": np.full(m, 28),
+             "width": np.full(m, 28)}
+    np.savez(tmp_path / "embeddings.npz", **{k: v for k, v in f.items() if k != "train_pos"}, **stats)
+    pos = f["train_pos"][::-1]  # scores.csv in another order than embeddings.npz
+    scores = pd.DataFrame({"id": f["ids"][pos], "label": f["label"][pos]})
+    inputs = RuleInputs(scores, tmp_path / "scores.csv")
+    names = ["duplicate", "outlier", "dark", "light", "blurry", "low_information", "odd_size", "odd_aspect_ratio",
+             "grayscale"]
+    for name in names:
+        assert name in ISSUES
+        res = ISSUES[name].fn(inputs, dict(DEFAULTS["flag"]))
+        assert res.flagged.shape == res.score.shape == (len(pos),) and res.flagged.dtype == bool
+        assert res.rule
+    dup = ISSUES["duplicate"].fn(inputs, dict(DEFAULTS["flag"]))
+    flagged_ids = set(scores["id"][dup.flagged])
+    assert flagged_ids == {int(f["ids"][r]) for r in (3, 4, 200, 201, 202, 203)}
+    assert set(dup.columns) == {"duplicate_group", "duplicate_conflict", "duplicate_leak"}
