@@ -281,7 +281,7 @@ def flag(
 def _issue_table(issues_json: Path, n: int) -> None:
     import json
 
-    found = json.loads(issues_json.read_text())
+    found = {t: d for t, d in json.loads(issues_json.read_text()).items() if "skipped" not in d}
     skip = {"rule", "n", "examples", "seconds"}
     console.print(table("issues found", ["issue", "images", "%", "e.g. id", "details"],
                         [(t, d["n"], f"{d['n'] / max(n, 1):.1%}", ", ".join(map(str, d["examples"][:3])),

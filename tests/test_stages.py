@@ -73,8 +73,9 @@ def test_flag_mad_scores_itself_against_injected_noise(data):
     fake_scores(data, loss)
     s = flag(data / "scores/scores.csv", data / "scores", method="mad", score="loss", threshold=3.5)
     fl = pd.read_csv(data / "scores/flags.csv")
-    assert list(fl.columns) == ["id", "flagged", "rule", "value"]
-    assert set(fl[fl["flagged"] == 1]["id"]) == set(tr["id"][noisy])
+    # flags.csv contract: the driving rule first, then is_<type>/<type>_score per issue type found
+    assert list(fl.columns[:6]) == ["id", "flagged", "rule", "value", "is_label", "label_score"]
+    assert set(fl[fl["flagged"] == 1]["id"]) == set(tr["id"][noisy]) == set(fl[fl["is_label"] == 1]["id"])
     assert s["precision"] == 1.0 and s["recall"] == 1.0 and s["auroc"] == 1.0
     assert fl["rule"].iloc[0].startswith("mad z(loss) > 3.5")
 

@@ -56,7 +56,12 @@ def flag(scores_csv: str | Path, out_dir: str | Path, method: str = _F["method"]
            "contamination": contamination, "projection_dim": projection_dim, "folds": folds, "seed": seed}
     inputs = RuleInputs(df, scores_csv, model_dir, manifest, recipe, device, progress)
     res = inputs.rule_result(cfg)
-    found, seconds = {}, {}
+    found, seconds, skipped = {}, {}, {}
+    if issues is None:  # "every type": those whose inputs are missing are skipped, and said so
+        emb = Path(scores_csv).parent / "embeddings.npz"
+        skipped = {t: f"no {emb} (run `clean score` with score.embeddings: true)" for t in types
+                   if "embeddings" in ISSUES[t].needs and not emb.exists()}
+        types = [t for t in types if t not in skipped]
     for t in types:
         t1 = time.perf_counter()
         found[t] = ISSUES[t].fn(inputs, cfg)
@@ -64,7 +69,8 @@ def flag(scores_csv: str | Path, out_dir: str | Path, method: str = _F["method"]
     out_dir = Path(out_dir)
     write_frame(out_dir / "flags.csv", _frame(inputs.ids, res, found))
     summary = _summary(df, res, method, found, time.perf_counter() - t0)
-    write_json(out_dir / "issues.json", _details(inputs.ids, found, seconds))
+    write_json(out_dir / "issues.json", {**_details(inputs.ids, found, seconds),
+                                         **{t: {"skipped": why} for t, why in skipped.items()}})
     if metrics_path is not None:
         write_json(metrics_path, summary)
     if grid and manifest is not None:
