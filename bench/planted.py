@@ -384,6 +384,31 @@ def synthetic(n: int, dim: int, seed: int, n_eval: int) -> dict:
             "train_pos": np.arange(n, dtype=np.int64), "_truth": (src, dst, far)}
 
 
+def index_sweep(npz: Path, sizes=(10_000, 20_000, 40_000, 60_000), k: int = 10) -> None:
+    """Seconds of an exact flat search vs the IVF index (build + search, k+1 neighbours of every
+    indexed vector) and the IVF's recall of the exact 10 nearest neighbours."""
+    from pipeline.rules import knn
+
+    with np.load(npz) as z:
+        emb = knn.normalize(z["emb"])
+    rng = np.random.default_rng(0)
+    print(f"{'N':>8s} {'flat s':>8s} {'ivf s':>8s} {'ivf recall@10':>14s} {'nn1 recall':>10s}")
+    for n in sizes:
+        if n > len(emb):
+            continue
+        x = emb[np.sort(rng.choice(len(emb), n, replace=False))]
+        t0 = time.perf_counter()
+        idx, _ = knn.build_index(x, exact_max=n)
+        d0, r0 = knn.search(idx, x, k + 1)
+        t1 = time.perf_counter()
+        idx, kind = knn.build_index(x, exact_max=0)
+        d1, r1 = knn.search(idx, x, k + 1)
+        t2 = time.perf_counter()
+        rec = np.mean([len(np.intersect1d(a, b)) / (k + 1) for a, b in zip(r0, r1)])
+        nn1 = np.mean(np.abs(d0[:, 1] - d1[:, 1]) < 1e-6)
+        print(f"{n:8d} {t1 - t0:8.2f} {t2 - t1:8.2f} {rec:14.3f} {nn1:10.3f}   {kind}", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=6000, help="Fashion-MNIST images in the generated folder")
@@ -396,6 +421,8 @@ def main(argv=None) -> None:
     ap.add_argument("--scores", type=Path, default=None, help="scores.csv beside --npz (its training ids)")
     ap.add_argument("--synthetic", type=int, default=0, help="duplicates + outliers on N synthetic embeddings")
     ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--index-sweep", action="store_true",
+                    help="with --npz: flat vs IVF seconds and IVF recall@10 on subsets (sets knn.EXACT_MAX)")
     ap.add_argument("--json", type=Path, default=None, help="write the table and timings here")
     a = ap.parse_args(argv)
 
@@ -423,6 +450,9 @@ def main(argv=None) -> None:
         print(f"planted near-copy pairs found: {found:.3f}; groups {dup.summary['n_groups']}; "
               f"outliers: recall {out.flagged[far].mean():.3f}, flagged {out.flagged.sum()} for {len(far)} planted")
         print_secs(secs)
+        return
+    if a.npz is not None and a.index_sweep:
+        index_sweep(a.npz)
         return
     if a.npz is not None:
         import shutil

@@ -38,6 +38,20 @@ def _params(path: Path, **overrides):
     return override(load_params(path), **overrides)
 
 
+def _io(command: str, inputs, outputs, manifest=None) -> None:
+    """The shared input/output check (pipeline/paths.py): no output is, or lies inside, an input
+    or a folder of the images `manifest` lists. inputs/outputs: (label, path) pairs."""
+    from pipeline.paths import check_io, image_dirs
+
+    check_io(command, [*inputs, *image_dirs(manifest)], outputs)
+
+
+def _classes(manifest: Path) -> tuple[str, Path]:
+    from pipeline.formats.manifest import classes_path_for
+
+    return ("the classes.json of --manifest", classes_path_for(manifest))
+
+
 def _check_out_dir(out: Path) -> None:
     """A model folder option must not name an existing file."""
     from pipeline.errors import CleanError
@@ -65,6 +79,8 @@ def prepare(
     p = _params(params, data__source=source, data__root=root, data__val_frac=val_frac,
                 data__test_frac=test_frac, data__seed=seed, noise__rate=noise_rate, noise__kind=noise_kind)
     d, nz = p["data"], p["noise"]
+    _io("prepare", [("data.root", d["root"])], [("--out", out)] + [("--out", out / f) for f in
+                                                                   ("manifest.csv", "classes.json", "problems.csv")])
     with RichProgress() as prog:
         s = run(d["source"], d["root"], out, val_frac=d["val_frac"], test_frac=d["test_frac"], seed=d["seed"],
                 classes=d["classes"], noise_rate=nz["rate"], noise_kind=nz["kind"], noise_pairs=nz["pairs"],
@@ -114,6 +130,7 @@ def train(
                 train__device=device, train__amp=amp, train__workers=workers, data__cache_max_gb=cache_max_gb)
     recipe = Recipe.from_params(p)
     _check_out_dir(out)
+    _io("train", [("--manifest", manifest), _classes(manifest)], [("--out", out)], manifest)
     try:
         with _progress() as prog:
             m = run(manifest, out, recipe, seeds=p["train"]["seeds"], progress=prog, resume=resume)
@@ -138,6 +155,15 @@ def _progress():
     return RichProgress() if is_main() else contextlib.nullcontext()
 
 
+def _versioned_outputs(command: str, name: str, inputs, manifest: Path) -> None:
+    """--name is a plain name; metrics/<name>.json and plots/confusion_<name>.csv are no input."""
+    from pipeline.paths import check_name
+
+    check_name("--name", name, "metrics/<name>.json and plots/confusion_<name>.csv")
+    _io(command, inputs, [("--name", opt.METRICS / f"{name}.json"), ("--name", opt.PLOTS / f"confusion_{name}.csv")],
+        manifest)
+
+
 def _pm(m: dict) -> str:
     """accuracy as 'mean ± std (n seeds)'."""
     if m.get("n_seeds", 1) > 1:
@@ -159,6 +185,7 @@ def evaluate(
     from pipeline.stages.evaluate import evaluate as run
 
     p = _params(params, train__device=device)
+    _versioned_outputs("evaluate", name, [("--model", model), ("--manifest", manifest)], manifest)
     with RichProgress() as prog:
         m = run(model, manifest, name, opt.METRICS, opt.PLOTS, split=split, device=p["train"]["device"],
                 progress=prog)
@@ -196,6 +223,7 @@ def score(
     p = _params(params, score__norm=norm, score__params=subset, score__batch_size=batch_size,
                 score__split=split, score__self_influence=self_influence, score__embeddings=embeddings, train__epochs=epochs,
                 train__device=device, train__workers=workers, data__cache_max_gb=cache_max_gb)
+    _score_io(path, Path(model), out)
     with _progress() as prog:
         df, model_dir = score_input(path, model, out, p, progress=prog,
                                     on_input=_report_input if is_main() else None)
@@ -203,6 +231,16 @@ def score(
         return
     _score_tables(df, model_dir, p["score"], top)
     console.print(f"wrote {out}/scores.csv ({len(df)} rows) and {out}/meta.json")
+
+
+def _score_io(path: Path, model: Path, out: Path) -> None:
+    from pipeline.data.standalone import is_manifest
+
+    inputs = [("PATH", path)] + ([("--model", model)] if model.is_dir() else [])
+    manifest = path if is_manifest(path) else None
+    outputs = [("--out", out)] + [("--out", out / f) for f in ("scores.csv", "meta.json", "embeddings.npz")]
+    _io("score", inputs + ([_classes(path)] if manifest else []), outputs + ([] if manifest else [("--out", out / "input")]),
+        manifest)
 
 
 def _report_input(summary: dict, where: Path) -> None:
@@ -262,6 +300,9 @@ def flag(
     p = _params(params, flag__method=method, flag__score=score, flag__quantile=quantile,
                 flag__threshold=threshold, flag__contamination=contamination, flag__folds=folds)
     f = p["flag"]
+    _io("flag", [("--scores", scores), ("--manifest", manifest), _classes(manifest), ("--model", model),
+                 ("the embeddings of --scores", scores.parent / "embeddings.npz")],
+        [("--out", out / n) for n in ("flags.csv", "issues.json", "top_flagged.png")] + [("--metrics", metrics)], manifest)
     with RichProgress() as prog:
         s = run(scores, out, **{k: v for k, v in f.items() if k != "grid"}, model_dir=model, manifest=manifest,
                 recipe=Recipe.from_params(p), device=resolve_device(p["train"]["device"]), progress=prog,
@@ -327,6 +368,8 @@ def prune(
     p = _params(params, prune__strategy=strategy, prune__by=by, prune__keep=keep, prune__skip=skip,
                 prune__balanced=balanced, prune__seed=seed, prune__drop=list(drop) if drop else None)
     q = p["prune"]
+    _io("prune", [("--manifest", manifest), ("--scores", scores), ("--flags", flags), _classes(manifest)],
+        [("--out", out), ("--summary", summary)] + _classes_beside(out, manifest))
     s = run(manifest, scores, out, summary, strategy=q["strategy"], by=q["by"], keep=q["keep"], skip=q["skip"],
             balanced=q["balanced"], seed=q["seed"], flags_csv=flags, drop=q["drop"])
     ent = s["label_entropy"]
@@ -336,6 +379,16 @@ def prune(
         *[(k.replace("_", " "), s[k]) for k in ("noisy_removed", "noisy_kept", "clean_removed") if k in s]]))
     console.print(table("kept per class", ["class", "kept", "fraction"],
                         [(c, s["kept_per_class"][c], s["fraction_kept_per_class"][c]) for c in s["kept_per_class"]]))
+
+
+def _classes_beside(out: Path, manifest: Path) -> list:
+    """The classes.json a derived manifest gets beside it (unless it is the source's own)."""
+    import os
+
+    from pipeline.formats.manifest import classes_path_for
+
+    mine, theirs = out.parent / "classes.json", classes_path_for(manifest)
+    return [] if os.path.realpath(mine) == os.path.realpath(theirs) else [("--out (its classes.json)", mine)]
 
 
 @app.command()
@@ -358,6 +411,9 @@ def retrain(
 
     p = _params(params, train__epochs=epochs, train__seeds=list(seed) if seed else None, train__device=device)
     _check_out_dir(out)
+    inputs = [("--manifest", manifest), _classes(manifest), ("--test-manifest", test_manifest)]
+    _io("retrain", inputs, [("--out", out)], manifest)
+    _versioned_outputs("retrain", name, inputs, test_manifest)
     with RichProgress() as prog:
         m = run(manifest, test_manifest, out, name, Recipe.from_params(p), p["train"]["seeds"], p["train"]["device"],
                 opt.METRICS, opt.PLOTS, progress=prog)
@@ -386,6 +442,9 @@ def sweep_point(
 
     p = _params(params, prune__strategy=strategy, prune__keep=keep)
     q = p["prune"]
+    _io("sweep point", [("--manifest", manifest), _classes(manifest), ("--scores", scores), ("--flags", flags)],
+        [("--out", out)] + [("--out", out / f) for f in ("pruned.csv", "prune.json", "metrics.json")]
+        + _classes_beside(out / "pruned.csv", manifest), manifest)
     with RichProgress() as prog:
         m = run(manifest, scores, out, strategy, keep, Recipe.from_params(p), p["train"]["seeds"], by=q["by"],
                 skip=q["skip"], balanced=q["balanced"], prune_seed=q["seed"], flags_csv=flags, progress=prog)
@@ -404,6 +463,7 @@ def sweep_collect(
     from pipeline.stages.sweep import collect
 
     p = _params(params)
+    _io("sweep collect", [("a sweep result", f) for f in sorted(sweep_dir.glob("*/metrics.json"))], [("--out", out)])
     df = collect(sweep_dir, out, p["sweep"]["strategies"], p["sweep"]["keeps"])
     keeps = sorted(df["keep"].unique())
     rows = []

@@ -3,9 +3,9 @@
 A model folder is replaced as a whole, so `clean` must never replace one it did not make:
 
 - **marker**: every model folder holds `.clean-model` (written with the model). `claim`
-  accepts a folder that does not exist, is empty, holds the marker, or holds only the files
-  an older `clean train` wrote (no marker yet); anything else is refused, so a command never
-  removes or overwrites a file it did not create.
+  accepts a folder that does not exist or is empty, or one that is `clean`'s (the marker, or
+  an older `clean train`'s config.json) and holds only files `clean train` writes; anything
+  else is refused, so a swap never removes or overwrites a file `clean` did not create.
 - **lock**: `locked` takes an exclusive lock on `.<name>.lock` beside the folder (flock; the
   file is removed on release), so two runs on one folder cannot interleave: the second one
   is refused at once with a message naming the folder.
@@ -22,6 +22,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -31,22 +32,25 @@ from pipeline.errors import CleanError
 MARKER = ".clean-model"
 #: what the marker holds (constant: a model folder's bytes depend only on the model)
 MARKER_TEXT = json.dumps({"written_by": "clean train", "format": 1}) + "\n"
-#: what an older `clean train` (before the marker) put in a model folder
-_LEGACY_FILES = {"model.safetensors", "config.json", "metrics.json", "dynamics.npz"}
-_LEGACY_DIRS = {"checkpoints", "seeds", ".partial"}
+#: the files `clean train` writes into a model folder (and into each seeds/seed_<s>/)
+_MODEL_FILES = {"model.safetensors", "config.json", "metrics.json", "dynamics.npz", "probs.npz", MARKER}
+_TMP = re.compile(r"\.(.+)\.[A-Za-z0-9_]+\.tmp")  # pipeline/io.atomic_path's temp files, left by a kill -9
 
 
 def staging_path(folder: Path) -> Path:
-    """Where the new version of `folder` is assembled, beside it (same filesystem)."""
+    """Where the new version of `folder` waits to be swapped in, beside it (same filesystem)."""
+    folder = Path(folder)
     return folder.parent / f".{folder.name}.clean-new"
 
 
 def aside_path(folder: Path) -> Path:
     """Where the old version waits during a two-rename swap (no RENAME_EXCHANGE)."""
+    folder = Path(folder)
     return folder.parent / f".{folder.name}.clean-old"
 
 
 def lock_path(folder: Path) -> Path:
+    folder = Path(folder)
     return folder.parent / f".{folder.name}.lock"
 
 
@@ -61,43 +65,63 @@ def mark(folder: Path) -> None:
     write_text(Path(folder) / MARKER, MARKER_TEXT)
 
 
-def _legacy_model_folder(folder: Path) -> bool:
-    """True when every entry of `folder` is one an older `clean train` wrote (config.json by clean)."""
+def _ours(name: str, allowed: set[str]) -> bool:
+    m = _TMP.fullmatch(name)
+    return name in allowed or (m is not None and m.group(1) in allowed)
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """The entries of a model folder that `clean train` would not have written (relative paths)."""
+    folder = Path(folder)
+    bad = []
+    for p in sorted(folder.iterdir(), key=lambda q: q.name):
+        if p.is_file() and _ours(p.name, _MODEL_FILES):
+            continue
+        if p.name == ".partial" and p.is_dir():
+            continue  # the work folder of a run in this folder
+        if p.name == "checkpoints" and p.is_dir():
+            bad += [f"checkpoints/{c.name}" for c in sorted(p.iterdir())
+                    if not (c.is_file() and re.fullmatch(r"\.?epoch_\d+\.safetensors(\.[A-Za-z0-9_]+\.tmp)?", c.name))]
+            continue
+        if p.name == "seeds" and p.is_dir():
+            for run in sorted(p.iterdir()):
+                if not (run.is_dir() and re.fullmatch(r"seed_\d+", run.name)):
+                    bad.append(f"seeds/{run.name}")
+                    continue
+                bad += [f"seeds/{run.name}/{f.name}" for f in sorted(run.iterdir())
+                        if not ((f.is_file() and _ours(f.name, _MODEL_FILES)) or (f.name == "resume" and f.is_dir()))]
+            continue
+        bad.append(p.name + ("/" if p.is_dir() else ""))
+    return bad
+
+
+def _made_by_clean(folder: Path) -> bool:
+    """Marked, or a model folder of an older `clean train` (its config.json has a recipe)."""
+    if is_marked(folder):
+        return True
     try:
         cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if not (isinstance(cfg, dict) and "recipe" in cfg and "classes" in cfg):
-        return False
-    for p in folder.iterdir():
-        if p.name in _LEGACY_FILES and p.is_file():
-            continue
-        if p.name == "checkpoints" and p.is_dir() and all(
-                c.is_file() and c.name.startswith("epoch_") and c.suffix == ".safetensors" for c in p.iterdir()):
-            continue
-        if p.name == "seeds" and p.is_dir() and all(
-                s.is_dir() and s.name.startswith("seed_") and all(f.name in _LEGACY_FILES | {"resume"} for f in s.iterdir())
-                for s in p.iterdir()):
-            continue
-        if p.name == ".partial" and p.is_dir():
-            continue
-        return False
-    return True
+    return isinstance(cfg, dict) and "recipe" in cfg and "classes" in cfg
 
 
 def claim(folder: Path, option: str = "--out", command: str = "clean train") -> None:
-    """Make `folder` a model folder `command` may replace: create it (with the marker) when
-    missing or empty; accept it when marked or written by an older `clean train`; else CleanError."""
+    """Make `folder` a model folder `command` may replace as a whole: create it (with the
+    marker) when missing, take it when empty; when it holds files, every one must be a file
+    `clean train` writes and the folder must be `clean`'s (marked, or made by an older
+    version); else CleanError naming what is in the way."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise CleanError(f"{option} {folder} is a file; give a folder for the model (e.g. models/base)")
-    if folder.is_dir() and not is_marked(folder):
-        entries = sorted(p.name for p in folder.iterdir())
-        if entries and not _legacy_model_folder(folder):
-            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-            raise CleanError(f"{option} {folder} is not empty and was not written by `clean train` (no {MARKER}; it "
-                             f"holds {shown}); `{command}` replaces its folder as a whole, so give a new or empty "
-                             "folder (e.g. models/base)")
+    if folder.is_dir() and any(folder.iterdir()):
+        bad = foreign_entries(folder)
+        if bad or not _made_by_clean(folder):
+            shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "") if bad else \
+                ", ".join(sorted(p.name for p in folder.iterdir())[:3])
+            raise CleanError(f"{option} {folder} holds files that `clean train` did not write ({shown}); "
+                             f"`{command}` replaces its model folder as a whole, so give a new or empty folder "
+                             "(e.g. models/base), or move those files away")
     folder.mkdir(parents=True, exist_ok=True)
     if not is_marked(folder):
         mark(folder)

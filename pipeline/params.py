@@ -51,7 +51,8 @@ DEFAULTS: dict[str, Any] = {
         "seeds": [0, 1, 2],   # one run per seed (mean ± std); the first is the model that gets scored
         "device": "auto",     # auto | cpu | cuda
         "checkpoint_every": 1,  # epochs between checkpoints (self-influence uses them)
-        "track": 256,         # random training samples whose gradient norm is recorded each epoch
+        "track": 256,
+        "probs_window": 0.4,  # the first fraction of epochs whose pre-update softmax is averaged (label issues)         # random training samples whose gradient norm is recorded each epoch
         "amp": "auto",        # auto | off | bf16 | fp16: mixed precision (auto: bf16/fp16 on CUDA, off on CPU)
         "workers": 4,         # DataLoader processes decoding streamed images (0 = in the main process)
     },
@@ -66,7 +67,8 @@ DEFAULTS: dict[str, Any] = {
     "flag": {
         "method": "confident-dynamics",  # the label rule that drives `flagged` (registry: pipeline/rules/)
         "issues": None,       # issue types to check (registry ISSUES); null = every registered type
-        "filter_by": "prune_by_noise_rate",  # confident / confident-dynamics: cleanlab's find_label_issues filter
+        "filter_by": "prune_by_class",  # confident-dynamics: cleanlab find_label_issues filter_by
+        "aum_max": -0.5,      # confident-dynamics: a label issue also has AUM below this (null = no AUM condition)
         "score": "aum",       # score column for the threshold rules (registry: pipeline/scores/)
         "quantile": 0.05,     # quantile: flag the top q
         "threshold": 3.5,     # mad: robust z above this
@@ -136,6 +138,7 @@ RANGES = {
     "train.gamma": (0.0, 1.0, False, True),
     "train.checkpoint_every": (1, None, True, False),
     "train.track": (0, None, True, False),
+    "train.probs_window": (0.0, 1.0, False, True),
     "train.workers": (0, None, True, False),
     "data.cache_max_gb": (0.0, None, True, False),
     "score.batch_size": (1, None, True, False),
@@ -164,7 +167,7 @@ RANGES = {
 }
 
 # keys whose value may be of several shapes (checked by their own validator)
-FREE = {"flag.issues", "prune.drop", "data.root", "data.classes", "data.image_size", "noise.pairs", "model.weights", "train.seeds",
+FREE = {"flag.aum_max", "flag.issues", "prune.drop", "data.root", "data.classes", "data.image_size", "noise.pairs", "model.weights", "train.seeds",
         "sweep.strategies", "sweep.keeps"}
 
 
@@ -290,6 +293,9 @@ def _check_free(p: dict, where: str) -> None:
     if not (isinstance(keeps, list) and keeps and all(
             isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k <= 1 for k in keeps)):
         raise CleanError(f"{where}: sweep.keeps must be a non-empty list of fractions in (0, 1], got {keeps!r}")
+    aum_max = p["flag"]["aum_max"]
+    if aum_max is not None and (isinstance(aum_max, bool) or not isinstance(aum_max, (int, float))):
+        raise CleanError(f"{where}: flag.aum_max must be null or a number, got {aum_max!r}")
     for key, value in (("flag.issues", p["flag"]["issues"]), ("prune.drop", p["prune"]["drop"])):
         if value is None and key == "flag.issues":
             continue

@@ -48,12 +48,21 @@ def check_io(command: str, inputs: Labelled = (), outputs: Labelled = ()) -> Non
         out = Path(out)
         ro = _real(out)
         for in_label, inp, ri in ins:
+            what = in_label.format(_shown(inp)) if "{}" in in_label else f"{in_label} {inp}"
             if _same(out, inp, ro, ri):
-                raise CleanError(f"{out_label} {out} is {in_label} {inp}, an input of `clean {command}`: an output "
+                raise CleanError(f"{out_label} {out} is {what}, an input of `clean {command}`: an output "
                                  f"never replaces an input; give {out_label} another path")
             if ri in ro.parents:
-                raise CleanError(f"{out_label} {out} lies inside {in_label} {inp}, an input of `clean {command}`: "
+                raise CleanError(f"{out_label} {out} lies inside {what}, an input of `clean {command}`: "
                                  f"outputs never go into an input folder; give {out_label} a path outside it")
+
+
+def _shown(p: Path) -> str:
+    """`p` relative to the working directory when it lies below it."""
+    try:
+        return os.path.relpath(p) if _real(os.getcwd()) in _real(p).parents else str(p)
+    except ValueError:
+        return str(p)
 
 
 def check_name(option: str, value: str, becomes: str) -> str:
@@ -89,5 +98,5 @@ def image_dirs(manifest: str | os.PathLike | None, limit: int = 100_000) -> list
                 found[os.path.normpath(full if idx is not None else os.path.dirname(full))] = None
     except (OSError, UnicodeDecodeError, csv.Error):
         return []
-    label = f"the image folder of {manifest}"
+    label = "{} (a folder of images listed in " + str(manifest).replace("{", "{{").replace("}", "}}") + ")"
     return [(label, Path(d)) for d in found]

@@ -114,6 +114,27 @@ def read_flags(path: str | Path, ids=None):
     return df
 
 
+def check_scores_fit(scores, scores_path: str | Path, manifest: str | Path) -> None:
+    """CleanError unless every scored sample is a sample of `manifest` with the same label
+    (scores of another dataset, or of this one before its labels changed, are refused)."""
+    from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
+
+    m = read_manifest(manifest, read_classes(classes_path_for(manifest))["classes"]).set_index("id")
+    ids = scores["id"].to_numpy(np.int64)
+    missing = np.setdiff1d(ids, m.index.to_numpy())
+    if len(missing):
+        raise CleanError(f"scores hold id {int(missing[0])} which is not in {manifest}; the scores come from "
+                         "another manifest: rerun `clean score`")
+    theirs = m.loc[ids, "label"].to_numpy(np.int64)
+    mine = scores["label"].to_numpy(np.int64)
+    differ = np.flatnonzero(theirs != mine)
+    if len(differ):
+        i = int(differ[0])
+        raise CleanError(f"{scores_path} does not match {manifest}: id {int(ids[i])} has label {int(mine[i])} in the "
+                         f"scores but {int(theirs[i])} in the manifest ({len(differ)} differ); the scores come from "
+                         "another dataset or an older manifest: rerun `clean score`")
+
+
 def join_flags(scores, flags, flags_path: str | Path = "flags.csv"):
     """scores DataFrame + flags DataFrame (by id) → scores with flagged/rule/flag_value columns."""
     extra = set(flags["id"]) - set(scores["id"])

@@ -93,11 +93,20 @@ def confident_rule(inputs, cfg: dict) -> FlagResult:
     return flag_confident(probs, inputs.labels)
 
 
-@RULES.register("confident-dynamics", needs=("probs",),
-                doc="confident learning (cleanlab) on the epoch- and seed-averaged pre-update softmax: "
-                    "no k-fold, adapts to the noise rate")
+@RULES.register("confident-dynamics", needs=("probs", "dynamics"),
+                doc="confident learning (cleanlab) on the early-epoch, seed-averaged pre-update softmax, "
+                    "with AUM below flag.aum_max: no k-fold, adapts to the noise rate")
 def confident_dynamics_rule(inputs, cfg: dict) -> FlagResult:
-    """Label issues without extra training: p̄ = mean over epochs (and seeds) of each sample's
-    train-mode softmax taken before its update — early epochs act like held-out predictions."""
-    res = flag_confident(inputs.probs(), inputs.labels, filter_by=cfg.get("filter_by", "prune_by_noise_rate"))
-    return FlagResult(res.flagged, res.value, f"confident-dynamics {cfg.get('filter_by', 'prune_by_noise_rate')}")
+    """Label issues without extra training (docs/methods.md §2.1): p̄ = mean over the first
+    train.probs_window of the epochs (and over seeds) of each sample's train-mode softmax taken
+    before its update — predictions made before the model memorised the sample; flagged =
+    cleanlab's find_label_issues(labels, p̄, flag.filter_by) ∧ AUM < flag.aum_max (a sample the
+    model never came to fit under its given label). value = 1 − label quality of p̄, in 0..1."""
+    res = flag_confident(inputs.probs(), inputs.labels, filter_by=cfg["filter_by"])
+    rule = f"confident-dynamics {cfg['filter_by']}"
+    flagged = res.flagged
+    if cfg["aum_max"] is not None:
+        aum, _ = inputs.score("aum")
+        flagged = flagged & (-aum < cfg["aum_max"])  # inputs.score orients aum: high = suspicious
+        rule += f" ∧ aum < {cfg['aum_max']:g}"
+    return FlagResult(flagged, res.value, rule)

@@ -38,11 +38,11 @@ def build_index(base: np.ndarray, exact_max: int = EXACT_MAX, seed: int = 0):
         index = faiss.IndexFlatIP(d)
         index.add(base)
         return index, "flat (exact)"
-    nlist = int(min(65536, max(64, 4 * math.sqrt(n))))
+    nlist = int(min(65536, max(64, 2 * math.sqrt(n))))
     quant = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quant, d, nlist, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
-    train = base[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
+    train = base[np.sort(rng.choice(n, size=min(n, 40 * nlist), replace=False))]
     index.cp.seed = seed
     index.train(train)
     index.add(base)

@@ -38,7 +38,7 @@ def flag(scores_csv: str | Path, out_dir: str | Path, method: str = _F["method"]
     top flagged images. Against injected noise (`noisy` in scores) the summary has
     precision, recall and AUROC of the label issues. Defaults are params.yaml's.
     """
-    from pipeline.formats.tables import read_scores
+    from pipeline.formats.tables import check_scores_fit, read_scores
     from pipeline.io import write_frame, write_json
     from pipeline.registry import ISSUES, RULES
     from pipeline.rules.base import RuleInputs
@@ -51,6 +51,8 @@ def flag(scores_csv: str | Path, out_dir: str | Path, method: str = _F["method"]
     if unknown:
         raise CleanError(f"flag.issues: unknown issue type {unknown[0]!r}; use some of: {', '.join(ISSUES)}")
     df = read_scores(scores_csv)
+    if manifest is not None and Path(manifest).exists():
+        check_scores_fit(df, scores_csv, manifest)  # scores of another dataset never get flagged
     cfg = {**{k: v for k, v in _F.items() if k not in ("issues", "grid")}, **settings,
            "method": method, "score": score, "quantile": quantile, "threshold": threshold,
            "contamination": contamination, "projection_dim": projection_dim, "folds": folds, "seed": seed}

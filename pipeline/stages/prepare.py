@@ -39,6 +39,19 @@ def manifest_path(path: str, out_dir: str) -> str:
     return a if idx is None else f"{a}#{idx}"
 
 
+def _check_outputs_beside_images(records: list[Record], out_dir: Path) -> None:
+    """CleanError when a file prepare writes would land in a folder of source images (or be
+    an IDX file it reads): the source is never written to (pipeline/paths.py)."""
+    from pipeline.paths import check_io
+
+    held = {}
+    for r in records:
+        file, idx = split_ref(r.path)
+        held[file if idx is not None else os.path.dirname(file)] = None
+    check_io("prepare", [("{} (a folder of source images)", d) for d in held],
+             [("--out", out_dir / f) for f in ("manifest.csv", "classes.json", "problems.csv")])
+
+
 def _common_size(recs: list[Record]) -> tuple[list[int] | None, str | None]:
     """The dataset's image size [H, W] (the most common one; the first in manifest order on a
     tie) and, when the images have several sizes, a line saying what happens to the others.
@@ -103,6 +116,7 @@ def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float,
     (out_dir / "images").mkdir(parents=True, exist_ok=True)  # exported images (a DVC output, always present)
     out_abs = os.path.abspath(out_dir)
     src = load_source(source, root, out_dir, classes, progress)
+    _check_outputs_beside_images(src.records, out_dir)
     recs = sorted(src.records, key=_sort_key)
     names = src.classes
     index = {n: i for i, n in enumerate(names)}

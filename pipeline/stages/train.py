@@ -274,7 +274,7 @@ def _train_one(tr, val, classes, recipe: Recipe, manifest: Path, run_dir: Path, 
 
 
 def mean_probs(probs_sum: np.ndarray, epochs: int) -> np.ndarray:
-    """Mean over epochs of each sample's pre-update softmax [N, C] (float16 past 2**24 values)."""
+    """Mean over the first `epochs` epochs of each sample's pre-update softmax [N, C] (float16 past 2**24 values)."""
     mean = probs_sum / max(epochs, 1)
     return mean.astype(np.float16 if mean.size > 2**24 else np.float32)
 
@@ -294,7 +294,7 @@ def _write_run(res, tr, classes, recipe: Recipe, manifest: Path, run_dir: Path, 
            "checkpoints": res.checkpoints, "history": res.history,
            "versions": {"torch": torch.__version__.split("+")[0], "timm": timm.__version__}}
     dyn = dict(res.dynamics)
-    probs = mean_probs(dyn.pop("probs_sum"), len(res.history))
+    probs = mean_probs(dyn.pop("probs_sum"), min(len(res.history), recipe.probs_epochs))
     if full:
         with atomic_path(run_dir / "dynamics.npz") as tmp:
             with open(tmp, "wb") as f:

@@ -295,7 +295,7 @@ def _setup(images, labels: np.ndarray, num_classes: int, recipe: Recipe) -> _Run
         dyn["correct"] = np.zeros((E, n), bool)
         dyn["track_pos"] = track_pos
         dyn["track_grad_norm"] = np.zeros((E, k), np.float32)
-        dyn["probs_sum"] = np.zeros((n, num_classes), np.float32)  # Σ over epochs of the pre-update softmax
+        dyn["probs_sum"] = np.zeros((n, num_classes), np.float32)  # Σ over the first epochs of the pre-update softmax
     return _Run(recipe, device, world, rank, amp, core, model, nhwc, mean, std, feed, y_all, opt, scaler, gen,
                 track_pos, dyn)
 
@@ -421,7 +421,8 @@ def _gather_dynamics(run: _Run, epoch: int, lr: float, recs: list) -> dict | Non
     for p in parts:
         for key in ("loss", "margin", "p_label", "correct"):
             run.dyn[key][epoch, p["idx"]] = p[key]
-        run.dyn["probs_sum"][p["idx"]] += p["probs"]  # each sample sits once in an epoch's permutation
+        if epoch < run.recipe.probs_epochs:  # each sample sits once in an epoch's permutation
+            run.dyn["probs_sum"][p["idx"]] += p["probs"]
     return {"epoch": epoch + 1, "lr": lr, "train_loss": float(run.dyn["loss"][epoch].mean(dtype=np.float64)),
             "train_accuracy": float(run.dyn["correct"][epoch].mean())}
 

@@ -20,7 +20,7 @@ AMP = CHOICES["train.amp"]
 _MODEL, _TRAIN, _DATA = DEFAULTS["model"], DEFAULTS["train"], DEFAULTS["data"]
 #: Recipe fields read from params.yaml `train` under the same name
 _TRAIN_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "step_size",
-               "gamma", "device", "checkpoint_every", "track", "amp", "workers")
+               "gamma", "device", "checkpoint_every", "track", "amp", "workers", "probs_window")
 
 
 @dataclass
@@ -47,6 +47,12 @@ class Recipe:
     amp: str = _TRAIN["amp"]                    # auto: bf16, else fp16, on CUDA; off on CPU
     workers: int = _TRAIN["workers"]            # DataLoader worker processes decoding streamed images
     cache_max_gb: float = _DATA["cache_max_gb"]  # a decoded training set larger than this is streamed
+    probs_window: float = _TRAIN["probs_window"]  # the first fraction of epochs whose pre-update softmax is averaged
+
+    @property
+    def probs_epochs(self) -> int:
+        """How many first epochs the mean pre-update softmax (dynamics `probs`) averages: ≥ 1."""
+        return max(1, math.ceil(self.probs_window * self.epochs - 1e-9))
 
     @classmethod
     def from_params(cls, p: dict) -> "Recipe":
