@@ -34,7 +34,7 @@ from pipeline.scores.dynamics import dynamics_scores  # noqa: E402
 from pipeline.data.images import read_idx  # noqa: E402
 from pipeline.training.infer import predict_logits  # noqa: E402
 from pipeline.data.noise import inject_noise  # noqa: E402
-from pipeline.stages.score import forward_scores, self_influence  # noqa: E402
+from pipeline.scores.compute import forward_scores, self_influence  # noqa: E402
 from pipeline.training.fit import fit  # noqa: E402
 from pipeline.training.recipe import Recipe  # noqa: E402
 

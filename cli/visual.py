@@ -40,6 +40,7 @@ def show(
     scores: Path = typer.Option(Path("scores/scores.csv"), help="scores file from `clean score`"),
     flags: Path = typer.Option(Path("scores/flags.csv"), help="flags file from `clean flag` (used when it exists)"),
     only_flagged: bool = typer.Option(False, "--only-flagged", help="show flagged samples only"),
+    issue: Optional[str] = typer.Option(None, help="show one issue type of flags.csv (label, duplicate, outlier, dark, ...), most severe first"),
     out: Optional[Path] = typer.Option(None, help="PNG to write (default: reports/top_<by>.png)"),
     manifest: Path = typer.Option(Path("data/manifest.csv"), help=MANIFEST_HELP),
     cols: Optional[int] = typer.Option(None, help="tiles per row (default: square grid)"),
@@ -47,9 +48,11 @@ def show(
     """Image grid of the top-k samples by a score: each tile shows id, label→prediction, score."""
     from pipeline.views.grid import show_top
 
-    out = out or Path("reports") / f"top_{by}.png"
-    r = show_top(scores, by, k, out, flags, only_flagged, *_manifests(ctx, manifest), cols)
+    out = out or Path("reports") / f"top_{issue or by}.png"
+    r = show_top(scores, by, k, out, flags, only_flagged, *_manifests(ctx, manifest), cols, issue)
     shown, names = r["shown"], r["names"]
+    if issue:
+        by, only_flagged = f"{issue}_score", True
     rows = [(s.id, names(s.label), names(s.pred), float(getattr(s, by)), "yes" if s.flagged else "", s.path)
             for s in shown.head(12).itertuples(index=False)]
     console.print(table(f"top {len(shown)} by {by}" + (" (flagged only)" if only_flagged else ""),

@@ -166,18 +166,18 @@ def _stats(n=50, **over):
     return _feats(np.ones((n, 2)), **s)
 
 
-@pytest.mark.parametrize("fn, key, value", [
-    (images.dark_issue, "brightness_p99", 0.2),
-    (images.light_issue, "brightness_p05", 0.97),
-    (images.blurry_issue, "blur", 0.001),
-    (images.low_information_issue, "entropy", 0.5),
-    (images.odd_size_issue, "height", 80),
-    (images.odd_aspect_ratio_issue, "width", 84),
+@pytest.mark.parametrize("fn, planted", [
+    (images.dark_issue, {"brightness_p99": 0.2}),
+    (images.light_issue, {"brightness_p05": 0.97}),
+    (images.blurry_issue, {"blur": 0.001}),
+    (images.low_information_issue, {"entropy": 0.5, "brightness_p99": 0.01}),
+    (images.odd_size_issue, {"height": 80, "width": 80}),
+    (images.odd_aspect_ratio_issue, {"width": 84}),
 ])
-def test_image_property_flags_the_planted_image(fn, key, value):
+def test_image_property_flags_the_planted_image(fn, planted):
     clean = fn(_stats())
     assert not clean.flagged.any()
-    res = fn(_stats(**{key: (7, value)}))
+    res = fn(_stats(**{k: (7, v) for k, v in planted.items()}))
     assert np.flatnonzero(res.flagged).tolist() == [7]
     assert int(np.nanargmax(res.score)) == 7
 
@@ -199,6 +199,9 @@ def test_blurry_is_not_fooled_by_low_contrast():
     f = _stats(brightness_p99=(4, 0.0), blur=(4, 0.0), entropy=(4, 0.0))
     assert not images.blurry_issue(f).flagged.any()
     assert images.low_information_issue(f).flagged.tolist() == [i == 4 for i in range(50)]
+    # low entropy alone (a thin object on a black background) is not low information
+    f = _stats(entropy=(4, 0.7))
+    assert not images.low_information_issue(f).flagged.any()
 
 
 def test_grayscale_only_in_a_colour_set():

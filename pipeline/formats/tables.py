@@ -102,7 +102,15 @@ def read_flags(path: str | Path, ids=None):
             raise CleanError(f"{path}: column '{col}' must be 0 or 1; row {row + 2} has {df[col].iloc[row]!r}; {fix}")
         df[col] = v.isin(["1", "true", "1.0"]).to_numpy()
     df["rule"] = df["rule"].fillna("").astype(str) if "rule" in df.columns else ""
-    df["value"] = pd.to_numeric(df["value"], errors="coerce") if "value" in df.columns else np.nan
+    if "value" not in df.columns:
+        df["value"] = np.nan
+    for col in [c for c in df.columns if c == "value" or c.endswith("_score") or c.startswith(("suggested_", "duplicate_"))]:
+        vals = pd.to_numeric(df[col], errors="coerce")  # every such column is numeric (empty = NaN)
+        bad = vals.isna() & df[col].notna()
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise CleanError(f"{path}: column '{col}' must hold numbers; row {row + 2} has {df[col].iloc[row]!r}; {fix}")
+        df[col] = vals
     _unique_ids(df, path, fix)
     if ids is not None:
         have, want = set(df["id"].tolist()), set(np.asarray(ids).tolist())

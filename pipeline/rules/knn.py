@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 #: indexed vectors up to which the search is exact (IndexFlatIP); above it IVF (approximate)
-EXACT_MAX = 50_000
+EXACT_MAX = 20_000
 #: IVF: inverted lists visited per query (recall of the true nearest neighbour ≈ 0.97+ on embeddings)
 NPROBE = 12
 

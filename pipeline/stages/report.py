@@ -110,27 +110,47 @@ def _read_scored(scores_csv: Path, flags_csv: Path, by: str):
 # --------------------------------------------------------------------------- sections
 
 
+def _issues(ins: dict, flags_csv: Path | None, img: Path | None):
+    """The issue-type section: flags.csv's is_<type> columns, scores/issues.json beside it, the manifest rows."""
+    from pipeline.formats.jsonfile import read_json
+    from pipeline.formats.tables import read_flags
+    from pipeline.views.report import issues_section
+
+    if ins["mdf"] is None:
+        from pipeline.views.report import section
+
+        sec = section("issues")
+        sec.missing("no manifest to show the images of each issue type (pass --manifest)")
+        return sec
+    flags = read_flags(flags_csv) if flags_csv is not None else None
+    found = {}
+    if flags_csv is not None and (flags_csv.parent / "issues.json").exists():
+        found = read_json(flags_csv.parent / "issues.json", "not found", "re-run `clean flag`")
+    return issues_section(flags, found, ins["mdf"], ins["names"], img.parent if img is not None else None)
+
+
 def _score_sections(ins: dict, scores_csv: Path, flags_csv: Path, by: str, k: int, figs: Path,
                     max_per_class: int, max_table_rows: int, log):
     """Flagged cards, top-k grid, score distributions, figure 2 → ([flagged, top, scores], entropy, df, info)."""
     from pipeline.registry import SCORES
 
     if not scores_csv.exists():
-        secs = [section(key, k=k, by=by) for key in ("flagged", "top", "scores", "entropy")]
+        secs = [section(key, k=k, by=by) for key in ("flagged", "issues", "top", "scores", "entropy")]
         for s in secs:
             s.missing(f"no scores file ({scores_csv}); run `clean score` (dvc repro score)")
-        return secs[:3], secs[3], None, _NO_FLAGS
+        return secs[:4], secs[4], None, _NO_FLAGS
     df, has_flags = _read_scored(scores_csv, flags_csv, by)
     img = ins["img_manifest"]
     flagged, info = flagged_section(df, has_flags, flags_csv, ins["names"], img.parent if img is not None else None,
                                     by, max_per_class, max_table_rows, log)
+    issues = _issues(ins, flags_csv if has_flags else None, img)
     top = top_section(scores_csv, by, k, figs, flags_csv if has_flags else None, ins["classes"], img)
     log("report: flagged samples and top-k grid")
     cols = [c for c in SCORES.names() if c in df.columns and df[c].notna().any()]
     dist = scores_section(df, cols, has_flags, figs)
     ent = entropy_section(scores_csv, cols, ins["classes"], figs)
     log("report: score distributions, entropy")
-    return [flagged, top, dist], ent, df, info
+    return [flagged, issues, top, dist], ent, df, info
 
 
 def report(out_dir: str | Path, *, manifest: str | Path, scores_csv: str | Path, flags_csv: str | Path,

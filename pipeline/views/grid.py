@@ -226,12 +226,16 @@ def fmt_value(v) -> str:
     return "nan" if v != v else f"{v:.3g}"
 
 
-def _ranked(scores_csv: str | Path, by: str, k: int, flags_csv: str | Path | None, only_flagged: bool):
-    """scores (+ flags) → the k most suspicious rows by `by` ("value" = the flag rule's value)."""
+def _ranked(scores_csv: str | Path, by: str, k: int, flags_csv: str | Path | None, only_flagged: bool,
+            issue: str | None = None):
+    """scores (+ flags) → the k most suspicious rows by `by` ("value" = the flag rule's value);
+    with `issue`, the samples with that issue type (flags.csv is_<issue>) by <issue>_score."""
     import pandas as pd
 
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise CleanError(f"k must be a positive integer, got {k!r}")
+    if issue is not None:
+        return _ranked_issue(scores_csv, issue, k, flags_csv)
     flag_value = by == "value"
     if flag_value and flags_csv is None:
         raise CleanError("--by value ranks by the flag rule's value and needs a flags file; run `clean flag` first")
@@ -248,6 +252,20 @@ def _ranked(scores_csv: str | Path, by: str, k: int, flags_csv: str | Path | Non
     if df[by].isna().all():
         raise CleanError(f"{scores_csv}: column '{by}' is empty (all NaN); pick another score (--by)")
     return pick_top(df, by, int(k), only_flagged)
+
+
+def _ranked_issue(scores_csv, issue: str, k: int, flags_csv):
+    """The k most severe samples of issue type `issue` (flagged = has it), by <issue>_score."""
+    if flags_csv is None or not Path(flags_csv).exists():
+        raise CleanError(f"--issue {issue} needs the flags file; run `clean flag` first (writes scores/flags.csv)")
+    fl = read_flags(flags_csv)
+    if f"is_{issue}" not in fl.columns:
+        have = [c[3:] for c in fl.columns if c.startswith("is_")]
+        raise CleanError(f"{flags_csv} has no issue type {issue!r}; it has: {', '.join(have) or 'none (re-run `clean flag`)'}")
+    df = read_scores(scores_csv, ["path", "pred"]).merge(
+        fl[["id", f"is_{issue}", f"{issue}_score", "rule"]], on="id", how="inner")
+    df["flagged"] = df[f"is_{issue}"].astype(bool)
+    return pick_top(df, f"{issue}_score", int(k), True)
 
 
 def _draw_top(top, by: str, path: str | Path, names, base: Path, only_flagged: bool, framed: bool,
@@ -268,14 +286,17 @@ def _draw_top(top, by: str, path: str | Path, names, base: Path, only_flagged: b
     image_grid(imgs, titles, path, cols=cols, colors=colors, frames=frames, title=heading)
 
 
-def _top_grid(scores_csv, by, k, path, flags_csv, only_flagged, classes, manifest, fallback_manifest, cols):
+def _top_grid(scores_csv, by, k, path, flags_csv, only_flagged, classes, manifest, fallback_manifest, cols,
+              issue=None):
     """top_grid's work → (rows shown, label namer)."""
-    top = _ranked(scores_csv, by, k, flags_csv, only_flagged)
+    if issue is not None:
+        by, only_flagged = f"{issue}_score", True
+    top = _ranked(scores_csv, by, k, flags_csv, only_flagged, issue)
     man = resolve_manifest(scores_csv, manifest, fallback_manifest)
     names = namer(class_names(man, classes))
     base = man.parent if man is not None else Path(scores_csv).parent
     _draw_top(top, by, path, names, base, only_flagged, bool(flags_csv), cols)
-    keep = ["id", "label", "pred", by, "flagged", "rule", "path"]
+    keep = ["id", "label", "pred", f"{issue}_score" if issue else by, "flagged", "rule", "path"]
     return top[keep].reset_index(drop=True), names
 
 
@@ -298,14 +319,14 @@ def top_grid(scores_csv: str | Path, by: str = "loss", k: int = 36, *, path: str
 
 def show_top(scores_csv: str | Path, by: str, k: int, path: str | Path, flags_csv: str | Path,
              only_flagged: bool, manifest: str | Path | None, fallback_manifest: str | Path | None,
-             cols: int | None) -> dict:
+             cols: int | None, issue: str | None = None) -> dict:
     """`clean show`: :func:`top_grid` with `flags_csv` used when it exists (required with only_flagged).
 
     Returns {"shown": the rows shown (top_grid's columns), "names": label int → class name,
     "n_wrong": how many of them have label ≠ prediction, "path": the PNG}.
     """
-    use_flags = flags_csv if (Path(flags_csv).exists() or only_flagged) else None
+    use_flags = flags_csv if (Path(flags_csv).exists() or only_flagged or issue) else None
     shown, names = _top_grid(scores_csv, by, k, path, use_flags, only_flagged, None, manifest, fallback_manifest,
-                             cols)
+                             cols, issue)
     return {"shown": shown, "names": names, "n_wrong": int((shown["label"] != shown["pred"]).sum()),
             "path": Path(path)}

@@ -53,6 +53,8 @@ th{background:#f1f3f6}td.l,th.l{text-align:left}.note{color:#8a5a00;background:#
 .card.wrong .lp{color:#c81e1e;font-weight:bold}.card .rule{color:#666;word-break:break-word}.card .id{font-weight:bold}
 .fig{max-width:100%;border:1px solid #eee;margin:6px 0}.figs{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
 .figs .fig{max-width:560px}details>summary{cursor:pointer;font-weight:600;margin:6px 0}pre{font-size:12px;background:#f5f5f5;padding:8px;overflow:auto}
+.group{display:flex;gap:4px;align-items:flex-start;border:1px dashed #bbb;border-radius:5px;padding:4px;margin:4px 6px 4px 0}
+.groups{display:flex;flex-wrap:wrap}.card.leak{border-color:#c81e1e}.card .sug{color:#0a6b2e;font-weight:bold}
 .kv td:first-child{text-align:left;color:#555}.kv td{text-align:left}.small{font-size:12px;color:#555}
 """
 
@@ -134,6 +136,7 @@ class Section:
 TITLES = {
     "summary": "Summary",
     "flagged": "Flagged samples per class",
+    "issues": "Issues by type (label, duplicates and leakage, outliers, image defects)",
     "top": "Top {k} by {by}",
     "scores": "Score distributions",
     "heatmap": "Per-sample gradient magnitude over training (figure 1)",
@@ -515,6 +518,75 @@ def confusion_section(plots_dir: Path, classes, figs: Path) -> Section:
 
 
 # --------------------------------------------------------------------------- page
+
+
+def _issue_card(r, names, uri: str | None, kind: str) -> str:
+    """One card of the issue sections: image, id, label (→ suggested label for label issues), score."""
+    img = f"<img alt='id {_e(r['id'])}' src='{uri}'>" if uri else "<div class='noimg'>no image</div>"
+    lab = _e(names(r["label"]))
+    if kind == "label" and "suggested_label" in r and r["suggested_label"] == r["suggested_label"]:
+        lab += f" → <span class='sug'>{_e(names(int(r['suggested_label'])))}</span>"
+    split = f" · {_e(r['split'])}" if r.get("split", "train") != "train" else ""
+    score = r.get(f"{kind}_score")
+    return (f"<figure class='card{' leak' if split else ''}' data-id='{_e(r['id'])}'>{img}<figcaption>"
+            f"<span class='id'>#{_e(r['id'])}</span>{split} <span class='lp'>{lab}</span>"
+            f"<div>{_e(kind)} {_num(score, 3) if score is not None else ''}</div></figcaption></figure>")
+
+
+def issues_section(flags, issues: dict, rows, names, base: Path | None, per_type: int = 24) -> Section:
+    """One part per issue type of flags.csv: count, the detector's facts (issues.json), and cards
+    of the most severe samples; duplicates as groups side by side (members of every split)."""
+    sec = section("issues")
+    if flags is None:
+        sec.missing("no flags file; run `clean flag`")
+        return sec
+    types = [c[3:] for c in flags.columns if c.startswith("is_")]
+    if not types:
+        sec.missing("the flags file has no issue columns (written by an older `clean flag`): re-run `clean flag`")
+        return sec
+    sec.add(_table(["issue", "images", "rule / facts"],
+                   [(t, int(flags[f"is_{t}"].sum()), "; ".join([str(issues.get(t, {}).get("rule", ""))] + [
+                       f"{k} {v}" for k, v in issues.get(t, {}).items()
+                       if k not in ("rule", "n", "examples", "seconds") and not isinstance(v, (list, dict))]))
+                    for t in types]))
+    skipped = {t: d["skipped"] for t, d in issues.items() if "skipped" in d}
+    if skipped:
+        sec.add(_note("not checked: " + "; ".join(f"{t} ({why})" for t, why in skipped.items())))
+    for t in types:
+        hit = flags[flags[f"is_{t}"].astype(bool)]
+        if not len(hit):
+            continue
+        sec.add(f"<h3 id='issue-{_e(t)}'>{_e(t)} — {len(hit)} image(s)</h3>")
+        if t == "duplicate" and "duplicate_group" in flags.columns:
+            sec.add(_groups(sec, flags, rows, names, base, per_type))
+            continue
+        top = hit.sort_values([f"{t}_score", "id"], ascending=[False, True]).head(per_type)
+        shown = rows.loc[rows["id"].isin(top["id"])].merge(top, on=["id"], how="right", suffixes=("", "_f"))
+        uris = _thumbnails(sec, shown, base)
+        sec.add("<div class='cards'>" + "".join(_issue_card(r, names, uris.get(r["id"]), t)
+                                                 for r in shown.to_dict("records")) + "</div>")
+        if len(hit) > per_type:
+            sec.add(_note(f"{len(hit) - per_type} more in flags.csv (is_{t} = 1)"))
+    return sec
+
+
+def _groups(sec: Section, flags, rows, names, base: Path | None, max_groups: int) -> str:
+    """Duplicate groups side by side: every member the manifest has (train and val/test)."""
+    g = flags[flags["duplicate_group"] >= 0]
+    order = (g.groupby("duplicate_group")["duplicate_score"].max().sort_values(ascending=False).index[:max_groups])
+    members = rows[rows["duplicate_group"].isin(order)] if "duplicate_group" in rows.columns else \
+        rows.merge(g[["id", "duplicate_group"]], on="id")
+    members = members.merge(flags[["id", "duplicate_score"]], on="id", how="left")
+    uris = _thumbnails(sec, members, base)
+    out = []
+    for gid in order:
+        m = members[members["duplicate_group"] == gid]
+        labels = {int(x) for x in m["label"]}
+        tag = " · label conflict" if len(labels) > 1 else ""
+        tag += " · leakage" if (m.get("split", "train") != "train").any() else ""
+        out.append(f"<div class='group' title='group {gid}{tag}'>" + "".join(
+            _issue_card(r, names, uris.get(r["id"]), "duplicate") for r in m.to_dict("records")) + "</div>")
+    return "<div class='groups'>" + "".join(out) + "</div>"
 
 
 def render_page(p, sections: list[Section], n_scored: int, n_flagged: int, metrics: dict) -> str:
