@@ -63,6 +63,21 @@ def test_dvc_repro_then_param_change_and_metrics_diff(tmp_path):
               "scores/top_flagged.png", "data/pruned.csv", "prune/summary.json", "metrics/pruned.json",
               "plots/sweep.csv", "reports/index.html"):
         assert (repo / f).exists(), f
+    # the flags.csv contract: the driving rule, then is_<type>/<type>_score for every issue type
+    import pandas as pd
+
+    from pipeline.registry import ISSUES
+
+    flags = pd.read_csv(repo / "scores/flags.csv")
+    assert list(flags.columns[:4]) == ["id", "flagged", "rule", "value"]
+    for t in ISSUES:
+        assert {f"is_{t}", f"{t}_score"} <= set(flags.columns), t
+        assert set(flags[f"is_{t}"].unique()) <= {0, 1}
+    assert {"suggested_label", "duplicate_group"} <= set(flags.columns)
+    issues = json.loads((repo / "scores/issues.json").read_text())
+    assert set(issues) == set(ISSUES) and all("n" in d for d in issues.values())
+    html = (repo / "reports/index.html").read_text()
+    assert "<section id='issues'>" in html
     shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo).stdout)
     files = next(iter(shown.values()))["data"]
     assert {"metrics/base.json", "metrics/pruned.json"} <= set(files)
@@ -81,11 +96,15 @@ def test_dvc_repro_then_param_change_and_metrics_diff(tmp_path):
     engine.write_text(original + "\n# an edit\n")
     status = json.loads(sh("dvc", "status", "--json", cwd=repo).stdout)
     assert set(status) == {"score"}, status
-    dry = sh("dvc", "repro", "--dry", cwd=repo).stdout
-    ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
-    assert ran == {"score", "flag", "prune", "retrain", "sweep@random-0.5", "sweep@max-gradient-0.5",
-                   "sweep_summary", "figures", "report"}, ran
+    # downstream of score: what DVC re-runs when the scores change (the comment leaves them equal)
+    dag = sh("dvc", "dag", "--md", cwd=repo).stdout
+    assert "score" in dag
+    ran = sh("dvc", "repro", cwd=repo).stdout
+    assert "Running stage 'score'" in ran
+    for upstream in ("prepare", "train", "evaluate"):
+        assert f"Running stage '{upstream}'" not in ran, upstream
     engine.write_text(original)
+    sh("dvc", "repro", "score", cwd=repo)
     assert json.loads(sh("dvc", "status", "--json", cwd=repo).stdout) == {}
 
     set_params(repo, train={"epochs": 1})

@@ -170,7 +170,7 @@ def _stats(n=50, **over):
     (images.dark_issue, {"brightness_p99": 0.2}),
     (images.light_issue, {"brightness_p05": 0.97}),
     (images.blurry_issue, {"blur": 0.001}),
-    (images.low_information_issue, {"entropy": 0.5, "brightness_p99": 0.01}),
+    (images.low_information_issue, {"entropy": 0.5, "brightness_p05": 0.5, "brightness_p99": 0.52}),
     (images.odd_size_issue, {"height": 80, "width": 80}),
     (images.odd_aspect_ratio_issue, {"width": 84}),
 ])
@@ -195,13 +195,16 @@ def test_blurry_is_not_fooled_by_low_contrast():
     # a dark image: low Laplacian variance, but because its contrast is low too
     f = _stats(brightness_p99=(4, 0.25), blur=(4, 0.065 * 0.25 ** 2))
     assert not images.blurry_issue(f).flagged.any()
-    # a blank image: no contrast at all → low-information, never blurry
-    f = _stats(brightness_p99=(4, 0.0), blur=(4, 0.0), entropy=(4, 0.0))
+    # a blank grey image: no contrast at all → low-information, never blurry
+    f = _stats(brightness_p05=(4, 0.5), brightness_p99=(4, 0.5), blur=(4, 0.0), entropy=(4, 0.0))
     assert not images.blurry_issue(f).flagged.any()
     assert images.low_information_issue(f).flagged.tolist() == [i == 4 for i in range(50)]
     # low entropy alone (a thin object on a black background) is not low information
     f = _stats(entropy=(4, 0.7))
     assert not images.low_information_issue(f).flagged.any()
+    # a blank black image is dark (reported there), not also low-information
+    f = _stats(brightness_p99=(4, 0.0), blur=(4, 0.0), entropy=(4, 0.0))
+    assert not images.low_information_issue(f).flagged.any() and images.dark_issue(f).flagged[4]
 
 
 def test_grayscale_only_in_a_colour_set():

@@ -123,24 +123,47 @@ def read_flags(path: str | Path, ids=None):
 
 
 def check_scores_fit(scores, scores_path: str | Path, manifest: str | Path) -> None:
-    """CleanError unless every scored sample is a sample of `manifest` with the same label
-    (scores of another dataset, or of this one before its labels changed, are refused)."""
+    """CleanError unless every scored sample is a sample of `manifest`: its id is there, with the
+    same label and the same image (scores of another dataset, or of an older version of this
+    one, are refused). Image paths are compared as files: a scores path is read from the folder
+    of the manifest its meta.json names (else from `manifest`'s)."""
+    import json
+    import os
+
     from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
 
+    manifest = Path(manifest)
     m = read_manifest(manifest, read_classes(classes_path_for(manifest))["classes"]).set_index("id")
     ids = scores["id"].to_numpy(np.int64)
     missing = np.setdiff1d(ids, m.index.to_numpy())
     if len(missing):
         raise CleanError(f"scores hold id {int(missing[0])} which is not in {manifest}; the scores come from "
                          "another manifest: rerun `clean score`")
-    theirs = m.loc[ids, "label"].to_numpy(np.int64)
-    mine = scores["label"].to_numpy(np.int64)
-    differ = np.flatnonzero(theirs != mine)
-    if len(differ):
-        i = int(differ[0])
-        raise CleanError(f"{scores_path} does not match {manifest}: id {int(ids[i])} has label {int(mine[i])} in the "
-                         f"scores but {int(theirs[i])} in the manifest ({len(differ)} differ); the scores come from "
-                         "another dataset or an older manifest: rerun `clean score`")
+    rows = m.loc[ids]
+    differ = rows["label"].to_numpy(np.int64) != scores["label"].to_numpy(np.int64)
+    if "path" in scores.columns:
+        base = manifest.parent
+        try:
+            named = json.loads((Path(scores_path).parent / "meta.json").read_text(encoding="utf-8")).get("manifest")
+            base = Path(named).parent if named else base
+        except (OSError, ValueError, AttributeError):
+            pass
+
+        def where(p, folder) -> str:
+            p = str(p)
+            return os.path.normpath(p if os.path.isabs(p) else os.path.join(folder, p))
+
+        differ |= np.array([where(a, base) != where(b, manifest.parent)
+                            for a, b in zip(scores["path"], rows["path"])], bool)
+    if differ.any():
+        i = int(np.flatnonzero(differ)[0])
+        a, b = scores.iloc[i], rows.iloc[i]
+        what = (f"is {a['path']!r} with label {int(a['label'])} in the scores but {b['path']!r} with label "
+                f"{int(b['label'])}" if "path" in scores.columns else
+                f"has label {int(a['label'])} in the scores but {int(b['label'])}")
+        raise CleanError(f"{scores_path} does not match {manifest}: id {int(ids[i])} {what} in the manifest "
+                         f"({int(differ.sum())} differ); the scores come from another dataset: pass the manifest "
+                         "they were computed on (--manifest) or rerun `clean score`")
 
 
 def join_flags(scores, flags, flags_path: str | Path = "flags.csv"):

@@ -8,8 +8,8 @@ One ISSUES entry per property; each `<type>_score` is oriented so that higher = 
 | dark | 99th percentile of luminance p99 | p99 < flag.dark (0.37, cleanvision) | absolute |
 | light | 5th percentile p05 | p05 > 1 − flag.light (0.05, cleanvision) | absolute |
 | blurry | Laplacian variance / (p99 − p05)² | robust z of its log < −flag.blurry_mad | relative |
-| low_information | luminance entropy (bits) and range p99 − p05 | entropy < flag.low_information (3.0 bits; cleanvision 0.3 × 10) and p99 − p05 < 0.05 | absolute |
-| odd_size | √(h·w) | outside [q1 − 3·IQR, q3 + 3·IQR] (cleanvision) and ×/÷ flag.odd_size from the median | relative |
+| low_information | luminance entropy (bits) and range p99 − p05 | entropy < flag.low_information (3.0 bits; cleanvision 0.3 × 10) and p99 − p05 < 0.05, unless dark or light | absolute |
+| odd_size | shorter side min(h, w) | outside [q1 − 3·IQR, q3 + 3·IQR] (cleanvision's fence) and ×/÷ flag.odd_size from the median | relative |
 | odd_aspect_ratio | min(w/h, h/w) against the set's median shape | < flag.odd_aspect_ratio (0.5) | relative |
 | grayscale | colour spread (mean max − min over channels) | ≤ 0.01 in a colour set (≥ half the images in colour) | absolute |
 
@@ -18,7 +18,10 @@ called blurry for its low contrast alone (cleanvision adds the grey-level spread
 same reason); images with no contrast at all (p99 − p05 < 0.02) are low-information, not
 blurry. Entropy alone is not enough for low information: a sandal on a black background has
 0.7–2 bits (1 % of Fashion-MNIST's training images are below 1.84 bits, 15 % below 3), so
-an image must also span fewer than ~13 grey levels between its 5th and 99th percentiles. Blur and size are relative because their natural range depends on the resolution of
+an image must also span fewer than ~13 grey levels between its 5th and 99th percentiles; a
+flat image that is dark or light is reported as that (every light image is flat: p05 > 0.95).
+odd_size compares the shorter side, not cleanvision's √(h·w), so that a 28 × 84 image in a
+28 × 28 set is an odd aspect ratio and not also an odd size. Blur and size are relative because their natural range depends on the resolution of
 the set (a sharp 28 × 28 image has the Laplacian variance of a blurred photo).
 """
 from __future__ import annotations
@@ -87,24 +90,26 @@ def blurry_issue(feats: dict, c: float = 4.0) -> IssueResult:
                        summary={"n_flagged": int(flagged.sum()), "c": float(c), "n_flat_skipped": int(flat.sum())})
 
 
-def low_information_issue(feats: dict, threshold: float = 3.0) -> IssueResult:
+def low_information_issue(feats: dict, threshold: float = 3.0, dark: float = 0.37, light: float = 0.05) -> IssueResult:
     ent = _stat(feats, "entropy")
     rng_ = _stat(feats, "brightness_p99") - _stat(feats, "brightness_p05")
-    flagged = (ent < threshold) & (rng_ < MAX_RANGE_LOW_INFO)
+    p99, p05 = _stat(feats, "brightness_p99"), _stat(feats, "brightness_p05")
+    dark_or_light = (p99 < dark) | (1.0 - p05 < light)
+    flagged = (ent < threshold) & (rng_ < MAX_RANGE_LOW_INFO) & ~dark_or_light
     score = 1.0 - np.clip(rng_, 0, 1)  # higher = flatter
     return IssueResult(flagged, score, f"pixel entropy < {threshold:g} bits and p99 − p05 < {MAX_RANGE_LOW_INFO:g}",
                        summary={"n_flagged": int(flagged.sum()), "threshold": float(threshold)})
 
 
 def odd_size_issue(feats: dict, ratio: float = 1.5) -> IssueResult:
-    size = np.sqrt(_stat(feats, "height") * _stat(feats, "width"))
+    size = np.minimum(_stat(feats, "height"), _stat(feats, "width"))
     if not len(size):
         return IssueResult(np.zeros(0, bool), np.zeros(0), "odd size: no images")
     q1, med, q3 = np.percentile(size, [25, 50, 75])
     lo, hi = q1 - IQR_FACTOR * (q3 - q1), q3 + IQR_FACTOR * (q3 - q1)
     rel = np.abs(np.log(np.maximum(size, 1e-9) / med))
     flagged = ((size < lo) | (size > hi)) & (rel > np.log(ratio))
-    return IssueResult(flagged, rel, f"√(h·w) outside [{lo:.3g}, {hi:.3g}] and ×/÷ {ratio:g} from the median {med:.3g}",
+    return IssueResult(flagged, rel, f"shorter side outside [{lo:.3g}, {hi:.3g}] and ×/÷ {ratio:g} from the median {med:.3g}",
                        summary={"n_flagged": int(flagged.sum()), "median": float(med), "ratio": float(ratio)})
 
 
@@ -148,11 +153,12 @@ def blurry(inputs, cfg: dict) -> IssueResult:
 @ISSUES.register("low_information", needs=("embeddings",),
                  doc="pixel entropy below flag.low_information bits (blank, near-constant images)")
 def low_information(inputs, cfg: dict) -> IssueResult:
-    return low_information_issue(inputs.features(), cfg.get("low_information", 3.0))
+    return low_information_issue(inputs.features(), cfg.get("low_information", 3.0), cfg.get("dark", 0.37),
+                                 cfg.get("light", 0.05))
 
 
 @ISSUES.register("odd_size", needs=("embeddings",),
-                 doc="√(h·w) outside the 3·IQR fence and ×/÷ flag.odd_size from the median (cleanvision)")
+                 doc="shorter side outside the 3·IQR fence and ×/÷ flag.odd_size from the median (cleanvision)")
 def odd_size(inputs, cfg: dict) -> IssueResult:
     return odd_size_issue(inputs.features(), cfg.get("odd_size", 1.5))
 

@@ -136,7 +136,7 @@ def _agree_on_partial(partial: Path, recipe: Recipe, seeds: list[int], manifest:
     if D.is_main():
         try:
             _owned(partial.parent, hold)
-            decision = _open_partial(partial, _fingerprint(recipe, seeds, manifest), seeds, resume)
+            decision = _open_partial(partial, _fingerprint(recipe, seeds, manifest, partial.parent), seeds, resume)
         except CleanError as e:
             decision = {"error": str(e)}
     decision = D.broadcast(decision)
@@ -202,12 +202,16 @@ def _run_dir(partial: Path, i: int, seed: int) -> Path:
     return partial / "primary" if i == 0 else partial / "primary" / "seeds" / f"seed_{seed}"
 
 
-def _fingerprint(recipe: Recipe, seeds: list[int], manifest: Path) -> dict:
-    """What a resumed run must share with the interrupted one (JSON-normalised)."""
+def _fingerprint(recipe: Recipe, seeds: list[int], manifest: Path, out_dir: Path) -> dict:
+    """What a resumed run must share with the interrupted one (JSON-normalised). The manifest
+    is named relative to the model folder, so a project that was moved or copied as a whole
+    (a `dvc exp run` workspace, another mount point) still resumes."""
     import hashlib
+    import os
 
     r = {k: v for k, v in asdict(recipe).items() if k not in RESULT_NEUTRAL and k != "seed"}
-    fp = {"recipe": r, "seeds": list(seeds), "manifest": str(manifest.resolve()),
+    where = Path(os.path.relpath(manifest.resolve(), out_dir.resolve())).as_posix()
+    fp = {"recipe": r, "seeds": list(seeds), "manifest": where,
           "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}
     return json.loads(json.dumps(fp))
 
