@@ -178,6 +178,7 @@ def evaluate(
     manifest: Path = opt.manifest("manifest holding the test split"),
     name: str = typer.Option("base", help="version name: writes metrics/<name>.json, plots/confusion_<name>.csv"),
     split: str = typer.Option("test", help="split to evaluate on"),
+    baseline: Optional[str] = typer.Option(None, help="another version (e.g. base): the verdict against it over the seeds"),
     device: Optional[str] = typer.Option(None, help=_one_of("train.device")),
     params: Path = PARAMS,
 ):
@@ -188,10 +189,19 @@ def evaluate(
     _versioned_outputs("evaluate", name, [("--model", model), ("--manifest", manifest)], manifest)
     with RichProgress() as prog:
         m = run(model, manifest, name, opt.METRICS, opt.PLOTS, split=split, device=p["train"]["device"],
-                progress=prog)
+                progress=prog, baseline=baseline)
     rows = [("accuracy", _pm(m)), ("loss", m["loss"]), ("n", m["n"]), ("seeds", m["n_seeds"])]
     rows += [(f"accuracy[{k}]", v) for k, v in m["per_class_accuracy"].items()]
     console.print(table(f"{name}: {model} on {split}", ["metric", "value"], rows))
+    _verdict(name, m)
+
+
+def _verdict(name: str, m: dict) -> None:
+    if "verdict" in m:
+        from pipeline.verdict import sentence
+
+        style = {"better": "green", "worse": "red"}.get(m["verdict"], "yellow")
+        console.print(f"[{style}]{sentence(name, m['baseline'], m)}[/]", highlight=False)
 
 
 @app.command()
@@ -360,23 +370,26 @@ def prune(
     balanced: Optional[bool] = typer.Option(None, "--balanced/--unbalanced", help="select per class (params: prune.balanced)"),
     seed: Optional[int] = typer.Option(None, help="seed for random / gradient-cdf (params: prune.seed)"),
     drop: Optional[List[str]] = typer.Option(None, help="drop-flagged: an issue type to drop; repeat for several (params: prune.drop)"),
+    decisions: Path = typer.Option(Path("data/decisions.csv"), help="a person's decisions from `clean review`, applied on top of the strategy (used when the file exists)"),
     params: Path = PARAMS,
 ):
-    """Select a subset of the training set → data/pruned.csv (ids only; images never copied or deleted)."""
+    """Select a subset of the training set → data/pruned.csv (ids + label overrides; images never copied or deleted)."""
     from pipeline.stages.prune import prune as run
 
     p = _params(params, prune__strategy=strategy, prune__by=by, prune__keep=keep, prune__skip=skip,
                 prune__balanced=balanced, prune__seed=seed, prune__drop=list(drop) if drop else None)
     q = p["prune"]
-    _io("prune", [("--manifest", manifest), ("--scores", scores), ("--flags", flags), _classes(manifest)],
-        [("--out", out), ("--summary", summary)] + _classes_beside(out, manifest))
+    _io("prune", [("--manifest", manifest), ("--scores", scores), ("--flags", flags), ("--decisions", decisions),
+                  _classes(manifest)], [("--out", out), ("--summary", summary)] + _classes_beside(out, manifest))
     s = run(manifest, scores, out, summary, strategy=q["strategy"], by=q["by"], keep=q["keep"], skip=q["skip"],
-            balanced=q["balanced"], seed=q["seed"], flags_csv=flags, drop=q["drop"])
+            balanced=q["balanced"], seed=q["seed"], flags_csv=flags, drop=q["drop"], decisions=decisions)
     ent = s["label_entropy"]
     console.print(table(f"prune: {q['strategy']} → {out}", ["", "value"], [
         ("kept", f"{s['n_kept']} of {s['n_total']} ({s['n_kept'] / s['n_total']:.1%})"),
         ("label entropy kept / all / uniform", f"{ent['kept']:.4f} / {ent['all']:.4f} / {ent['uniform']:.4f} nats"),
-        *[(k.replace("_", " "), s[k]) for k in ("noisy_removed", "noisy_kept", "clean_removed") if k in s]]))
+        *[(k.replace("_", " "), s[k]) for k in ("noisy_removed", "noisy_kept", "clean_removed") if k in s],
+        *([(f"review ({decisions})", f"{s['n_review_dropped']} dropped, {s['n_review_kept']} kept, "
+            f"{s['n_relabeled']} relabeled; {s['n_review_overrode']} overrode the strategy")] if s.get("decisions") else [])]))
     console.print(table("kept per class", ["class", "kept", "fraction"],
                         [(c, s["kept_per_class"][c], s["fraction_kept_per_class"][c]) for c in s["kept_per_class"]]))
 
@@ -398,6 +411,7 @@ def retrain(
     test_manifest: Path = opt.manifest("manifest whose untouched test split evaluates it"),
     out: Path = typer.Option(Path("models/pruned"), help="model folder to write"),
     name: str = typer.Option("pruned", help="version name: metrics/<name>.json"),
+    baseline: str = typer.Option("base", help="the version to compare with over the seeds (its plots/evaluate_<name>.json)"),
     epochs: Optional[int] = typer.Option(None, help="epochs (params: train.epochs)"),
     seed: Optional[List[int]] = typer.Option(None, help="seed(s) (params: train.seeds)"),
     device: Optional[str] = typer.Option(None, help=_one_of("train.device")),
@@ -416,9 +430,10 @@ def retrain(
     _versioned_outputs("retrain", name, inputs, test_manifest)
     with RichProgress() as prog:
         m = run(manifest, test_manifest, out, name, Recipe.from_params(p), p["train"]["seeds"], p["train"]["device"],
-                opt.METRICS, opt.PLOTS, progress=prog)
+                opt.METRICS, opt.PLOTS, progress=prog, baseline=baseline)
     console.print(table(f"{name}: retrained on {manifest}, tested on {test_manifest}", ["metric", "value"],
                         [("n_train", m["n_train"]), ("accuracy", _pm(m)), ("loss", m["loss"])]))
+    _verdict(name, m)
 
 
 sweep_app = typer.Typer(help="The paper's experiment: strategy × keep fraction, retrain, evaluate.", no_args_is_help=True)
@@ -474,8 +489,9 @@ def sweep_collect(
 
 
 from .visual import compare, figures, report, show  # noqa: E402  (typer/rich/pathlib only)
+from .review import review  # noqa: E402  (typer/pathlib only)
 
-for _fn in (show, report, compare, figures):
+for _fn in (show, report, compare, figures, review):
     app.command()(_fn)
 
 

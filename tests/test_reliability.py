@@ -217,6 +217,8 @@ def test_bad_manifest_fails_every_command(proj, command, case):
 def test_missing_image_file_is_named(proj, command):
     tid = a_train_id(proj)
     edit_csv(proj / "data/manifest.csv", lambda df: df.assign(path=df["path"].where(df["id"] != tid, "imgs/a/nope.png")))
+    if command == "flag":  # flag refuses scores whose images are not the manifest's: score the same list
+        edit_csv(proj / "scores/scores.csv", lambda df: df.assign(path=df["path"].where(df["id"] != tid, "imgs/a/nope.png")))
     shown = "../../data/imgs/a/nope.png" if command == "sweep point" else "imgs/a/nope.png"  # sweep/p/pruned.csv
     fails(clean(proj, *MANIFEST_COMMANDS[command]),
           f"cannot read image {shown}: file not found; run `clean prepare`, which lists unreadable files in "
@@ -452,9 +454,8 @@ def test_score_an_unchecked_folder_with_corrupt_images(proj):
 
 def test_outputs_never_overwrite_inputs(proj):
     before = (proj / "data/manifest.csv").read_bytes()
-    fails(clean(proj, "prune", "--out", "data/manifest.csv"), "--out data/manifest.csv would overwrite an input of "
-          "prune; write the new dataset version elsewhere (e.g. --out data/pruned.csv): a dataset version never "
-          "replaces its source")
+    fails(clean(proj, "prune", "--out", "data/manifest.csv"), "--out data/manifest.csv is --manifest "
+          "data/manifest.csv, an input of `clean prune`: an output never replaces an input; give --out another path")
     assert (proj / "data/manifest.csv").read_bytes() == before
     fails(clean(proj, "prune", "--out", "data"), "--out data is a folder; give a file path (e.g. data/pruned.csv, "
           "prune/summary.json)")

@@ -68,14 +68,26 @@ def summarize_runs(results: list[dict], split: str) -> dict:
     }
 
 
+#: the keys of metrics/<name>.json: small and flat, so `dvc metrics show/diff` fit a terminal
+FLAT_KEYS = ("accuracy", "accuracy_std", "loss", "n", "n_train", "n_seeds")
+
+
+def details_path(plots_dir: str | Path, name: str) -> Path:
+    """plots_dir/evaluate_<name>.json: per-class accuracy and every seed's run (not a DVC metric)."""
+    return Path(plots_dir) / f"evaluate_{name}.json"
+
+
 def evaluate(model_dir: str | Path, manifest: str | Path, name: str, metrics_dir: str | Path,
              plots_dir: str | Path, split: str = "test", device: str = "auto", batch_size: int = 512,
-             progress=None) -> dict:
+             progress=None, baseline: str | None = None) -> dict:
     """Evaluate `model_dir` (and its other-seed runs) on `split` of `manifest`.
 
-    Writes `metrics_dir/<name>.json` (accuracy = mean over seeds, accuracy_std, loss [nats],
-    per-class accuracy, each run) and `plots_dir/confusion_<name>.csv` (actual,predicted class
-    names of the first seed's model, one row per image). Returns the metrics dict.
+    Writes `metrics_dir/<name>.json` — small and flat for `dvc metrics diff`: accuracy (mean
+    over seeds), accuracy_std, loss [nats], n, n_train, n_seeds, and with `baseline` (another
+    version's name, e.g. "base") the verdict against it over the seeds: diff, diff_ci_low,
+    diff_ci_high, p_value, verdict (pipeline/verdict.py) — plus `plots_dir/evaluate_<name>.json`
+    (per-class accuracy, every run) and `plots_dir/confusion_<name>.csv` (actual,predicted of the
+    first seed's model). Returns the full metrics dict (flat keys + per_class_accuracy + runs).
     """
     import pandas as pd
 
@@ -102,5 +114,26 @@ def evaluate(model_dir: str | Path, manifest: str | Path, name: str, metrics_dir
     names = np.asarray(results[0]["classes"], dtype=object)
     write_frame(Path(plots_dir) / f"confusion_{name}.csv",
                 pd.DataFrame({"actual": names[results[0]["labels"]], "predicted": names[results[0]["pred"]]}))
-    write_json(Path(metrics_dir) / f"{name}.json", metrics)
+    if baseline is not None:
+        metrics.update(_versus(plots_dir, baseline, metrics))
+    write_json(details_path(plots_dir, name), metrics)
+    write_json(Path(metrics_dir) / f"{name}.json",
+               {k: metrics[k] for k in (*FLAT_KEYS, "diff", "diff_ci_low", "diff_ci_high", "p_value", "verdict")
+                if k in metrics})
     return metrics
+
+
+def _versus(plots_dir, baseline: str, metrics: dict) -> dict:
+    """The verdict of this version against `baseline` over the seeds (its runs in plots_dir)."""
+    from pipeline.errors import CleanError
+    from pipeline.formats.jsonfile import read_json
+    from pipeline.verdict import compare_runs
+
+    base = read_json(details_path(plots_dir, baseline), f"not found; evaluate the {baseline} version first "
+                     f"(clean evaluate --name {baseline})", f"re-run `clean evaluate --name {baseline}`")
+    try:
+        base_acc = [float(r["accuracy"]) for r in base["runs"]]
+    except (KeyError, TypeError, ValueError):
+        raise CleanError(f"{details_path(plots_dir, baseline)}: no per-seed runs; re-run `clean evaluate --name "
+                         f"{baseline}`") from None
+    return {"baseline": baseline, **compare_runs([r["accuracy"] for r in metrics["runs"]], base_acc)}

@@ -18,9 +18,12 @@ _P = DEFAULTS["prune"]
 def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path, summary_path: str | Path,
           strategy: str = _P["strategy"], by: str = _P["by"], keep: float = _P["keep"], skip: float = _P["skip"],
           balanced: bool = _P["balanced"], seed: int = _P["seed"], flags_csv: str | Path | None = None,
-          drop: list | None = _P["drop"]) -> dict:
+          drop: list | None = _P["drop"], decisions: str | Path | None = None) -> dict:
     """Select training samples → out_manifest (same columns, kept train rows + all val/test rows)
     and summary_path (JSON: strategy, kept per class, label entropy of kept vs all vs uniform).
+    `decisions`: a review's decisions.csv (pipeline/decisions.py; used when the file exists),
+    applied on top of the strategy — a person's decision always wins; relabels become label
+    overrides (`label` = the label trained on, `orig_label` = the source's label).
     Returns the summary dict."""
     from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest, write_manifest
     from pipeline.formats.tables import read_flags, read_scores
@@ -32,7 +35,7 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
     for out, what in ((out_manifest, "--out"), (summary_path, "--summary")):
         if Path(out).is_dir():
             raise CleanError(f"{what} {out} is a folder; give a file path (e.g. data/pruned.csv, prune/summary.json)")
-        if Path(out).resolve() in {Path(f).resolve() for f in (manifest, scores_csv, flags_csv) if f is not None}:
+        if Path(out).resolve() in {Path(f).resolve() for f in (manifest, scores_csv, flags_csv, decisions) if f is not None}:
             raise CleanError(f"{what} {out} would overwrite an input of prune; write the new dataset version "
                              "elsewhere (e.g. --out data/pruned.csv): a dataset version never replaces its source")
     classes = read_classes(classes_path_for(manifest))["classes"]
@@ -78,10 +81,10 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
             raise CleanError(f"{scores_csv}: column '{by}' has {int(bad.sum())} missing/NaN/inf value(s) (first: id "
                              f"{int(train['id'].iloc[int(np.flatnonzero(bad)[0])])}); choose another prune.by or rescore")
     kept_pos = select(values, labels, strategy, keep, seed, balanced=balanced, skip=skip, flagged=flagged)
-    kept_ids = set(train["id"].to_numpy()[kept_pos].tolist())
-    out = df[(df["split"] != "train") | df["id"].isin(kept_ids)]
+    out, labels, kept_pos, facts = _with_decisions(df, train, labels, kept_pos, decisions, classes)
     write_manifest(out, out_manifest, manifest)
     summ = summary(labels, kept_pos, len(classes), classes)
+    summ.update(facts)
     summ.update({"strategy": strategy, "drop": list(drop) if uses_flags and drop is not None else None,
                  "by": None if uses_flags else by,
                  "keep": None if uses_flags else keep, "balanced": balanced, "seed": seed,
@@ -95,6 +98,40 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
         summ["clean_removed"] = int((~noisy & ~kept).sum())
     write_json(summary_path, summ)
     return summ
+
+
+def _with_decisions(df, train, labels, kept_pos, decisions, classes):
+    """Apply a review's decisions (when the file exists) → (manifest rows to write, training
+    labels after relabels, kept positions, summary facts). A relabel sets `label`; the rows get
+    `orig_label` (the source's label: kept as is when noise injection wrote it, else the label
+    before the relabel, equal to `label` on unchanged rows)."""
+    from pipeline.decisions import apply_decisions, read_decisions
+
+    ids = train["id"].to_numpy(np.int64)
+    decided = read_decisions(decisions, classes) if decisions is not None else {}
+    facts = {"decisions": str(decisions) if decided else None}
+    kept = np.zeros(len(train), bool)
+    kept[kept_pos] = True
+    if decided:
+        kept, new, more = apply_decisions(ids, labels, kept, decided, decisions)
+        facts.update(more)
+        if not kept.any():
+            raise CleanError(f"{decisions}: with these decisions no training sample is left; keep some")
+        if "orig_label" in train.columns:  # relabels that gave back the label noise injection had replaced
+            fixed = (new != labels) & (new == train["orig_label"].to_numpy(np.int64))
+            facts["n_relabeled_to_truth"] = int(fixed.sum())
+        changed = new != labels
+        labels, kept_pos = new, np.flatnonzero(kept)
+    else:
+        changed = np.zeros(len(train), bool)
+    out = df[(df["split"] != "train") | df["id"].isin(set(ids[kept].tolist()))]
+    if changed.any():
+        out = out.copy()
+        if "orig_label" not in out.columns:
+            out["orig_label"] = out["label"]
+        override = dict(zip(ids[changed].tolist(), labels[changed].tolist()))
+        out["label"] = [override.get(i, lab) for i, lab in zip(out["id"].tolist(), out["label"].tolist())]
+    return out, labels, kept_pos, facts
 
 
 def dropped(flags, drop: list | None, flags_csv) -> np.ndarray:

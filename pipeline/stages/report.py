@@ -48,15 +48,20 @@ def _load_params(path: Path) -> tuple[dict | None, str | None]:
         return raw if isinstance(raw, dict) else None, str(e)
 
 
-def _metrics(metrics_dir: Path) -> dict[str, dict]:
-    """metrics_dir/<version>.json with an accuracy → {version: metrics}, base first."""
+def _metrics(metrics_dir: Path, plots_dir: Path | None = None) -> dict[str, dict]:
+    """metrics_dir/<version>.json with an accuracy → {version: metrics}, base first; each merged
+    with its details (per-class accuracy, runs) from plots_dir/evaluate_<version>.json."""
+    from pipeline.stages.evaluate import details_path
+
     out = {}
     if not metrics_dir.is_dir():
         return out
     for p in sorted(metrics_dir.glob("*.json")):
         m = _read_json(p)
         if isinstance(m, dict) and "accuracy" in m:
-            out[p.stem] = m
+            dp = details_path(plots_dir, p.stem) if plots_dir is not None else None
+            d = _read_json(dp) if dp is not None and dp.exists() else None
+            out[p.stem] = {**(d if isinstance(d, dict) else {}), **m}
     order = sorted(out, key=lambda n: (n != "base", n))
     return {n: out[n] for n in order}
 
@@ -76,13 +81,14 @@ def _dataset(scores_csv: Path, manifest: Path) -> dict:
     return {"img_manifest": img_manifest, "manifest": head, "mdf": mdf, "classes": classes, "names": namer(classes)}
 
 
-def _read_inputs(params: Path, manifest: Path, scores_csv: Path, metrics_dir: Path, prune_summary: Path) -> dict:
+def _read_inputs(params: Path, manifest: Path, scores_csv: Path, metrics_dir: Path, prune_summary: Path,
+                 plots_dir: Path | None = None) -> dict:
     """Everything the header needs (read before the scores, so their errors come first)."""
     p, p_err = _load_params(params)
     meta_path = scores_csv.parent / "meta.json"
     meta = _read_json(meta_path) if meta_path.exists() else {}
     ds = _dataset(scores_csv, manifest)
-    metrics = _metrics(metrics_dir)
+    metrics = _metrics(metrics_dir, plots_dir)
     prune = _read_json(prune_summary) if prune_summary.exists() else None
     return {"p": p, "p_err": p_err, "params_path": params, "meta": meta, **ds, "metrics": metrics,
             "prune": prune, "prune_path": prune_summary}
@@ -180,7 +186,7 @@ def report(out_dir: str | Path, *, manifest: str | Path, scores_csv: str | Path,
         if progress:
             progress("log", message=msg)
 
-    ins = _read_inputs(Path(params), Path(manifest), scores_csv, Path(metrics_dir), Path(prune_summary))
+    ins = _read_inputs(Path(params), Path(manifest), scores_csv, Path(metrics_dir), Path(prune_summary), plots_dir)
     head = summary_section(ins["p"], ins["p_err"], ins["params_path"], ins["manifest"], ins["mdf"], ins["classes"],
                            ins["meta"], ins["metrics"], ins["prune"], ins["prune_path"])
     log("report: header")

@@ -55,6 +55,7 @@ th{background:#f1f3f6}td.l,th.l{text-align:left}.note{color:#8a5a00;background:#
 .figs .fig{max-width:560px}details>summary{cursor:pointer;font-weight:600;margin:6px 0}pre{font-size:12px;background:#f5f5f5;padding:8px;overflow:auto}
 .group{display:flex;gap:4px;align-items:flex-start;border:1px dashed #bbb;border-radius:5px;padding:4px;margin:4px 6px 4px 0}
 .groups{display:flex;flex-wrap:wrap}.card.leak{border-color:#c81e1e}.card .sug{color:#0a6b2e;font-weight:bold}
+.verdict{font-weight:600;margin:6px 0}.verdict.good{color:#0a6b2e}.verdict.bad{color:#c81e1e}.verdict.same{color:#555}
 .kv td:first-child{text-align:left;color:#555}.kv td{text-align:left}.small{font-size:12px;color:#555}
 """
 
@@ -223,6 +224,12 @@ def _accuracy(metrics: dict, classes) -> str:
                       len(m.get("runs") or []) or 1, m.get("loss"), m.get("n"), m.get("n_train")))
     out = _table(["version", "model", "accuracy", "± std", "seeds", "loss (nats)", "n test", "n train"],
                  trows, left=2)
+    from pipeline.verdict import sentence
+
+    for n, m in metrics.items():
+        if "verdict" in m and "baseline" in m:
+            cls = "good" if m["verdict"] == "better" else ("bad" if m["verdict"] == "worse" else "same")
+            out += f"<p class='verdict {cls}'>{_e(sentence(n, m['baseline'], m))}</p>"
     per = {n: m.get("per_class_accuracy") or {} for n, m in metrics.items()}
     names = list(classes) if classes else sorted({c for d in per.values() for c in d})
     if any(per.values()) and names:
@@ -541,9 +548,11 @@ def issues_section(flags, issues: dict, rows, names, base: Path | None, per_type
         sec.missing("no flags file; run `clean flag`")
         return sec
     types = [c[3:] for c in flags.columns if c.startswith("is_")]
-    if not types:
-        sec.missing("the flags file has no issue columns (written by an older `clean flag`): re-run `clean flag`")
-        return sec
+    if not types:  # a flags.csv of the rule alone (older `clean flag`): its flags as the one type
+        sec.add(_note("this flags file has only the rule's flags (no is_<type> columns); re-run `clean flag` "
+                      "for every issue type"))
+        flags = flags.assign(is_flagged=flags["flagged"], flagged_score=flags["value"])
+        types = ["flagged"]
     sec.add(_table(["issue", "images", "rule / facts"],
                    [(t, int(flags[f"is_{t}"].sum()), "; ".join([str(issues.get(t, {}).get("rule", ""))] + [
                        f"{k} {v}" for k, v in issues.get(t, {}).items()
