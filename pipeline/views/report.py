@@ -535,8 +535,8 @@ def _issue_card(r, names, uri: str | None, kind: str) -> str:
         lab += f" → <span class='sug'>{_e(names(int(r['suggested_label'])))}</span>"
     split = f" · {_e(r['split'])}" if r.get("split", "train") != "train" else ""
     score = r.get(f"{kind}_score")
-    return (f"<figure class='card{' leak' if split else ''}' data-id='{_e(r['id'])}'>{img}<figcaption>"
-            f"<span class='id'>#{_e(r['id'])}</span>{split} <span class='lp'>{lab}</span>"
+    return (f"<figure class='card{' leak' if split else ''}' data-sample='{_e(r['id'])}' data-issue='{_e(kind)}'>"
+            f"{img}<figcaption><span class='id'>#{_e(r['id'])}</span>{split} <span class='lp'>{lab}</span>"
             f"<div>{_e(kind)} {_num(score, 3) if score is not None else ''}</div></figcaption></figure>")
 
 
