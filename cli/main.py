@@ -160,8 +160,8 @@ def _versioned_outputs(command: str, name: str, inputs, manifest: Path) -> None:
     from pipeline.paths import check_name
 
     check_name("--name", name, "metrics/<name>.json and plots/confusion_<name>.csv")
-    _io(command, inputs, [("--name", opt.METRICS / f"{name}.json"), ("--name", opt.PLOTS / f"confusion_{name}.csv")],
-        manifest)
+    _io(command, inputs, [("--name", opt.METRICS / f"{name}.json"), ("--name", opt.PLOTS / f"confusion_{name}.csv"),
+                          ("--name", opt.PLOTS / f"evaluate_{name}.json")], manifest)
 
 
 def _pm(m: dict) -> str:

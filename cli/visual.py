@@ -26,6 +26,26 @@ SWEEP_HELP = "sweep summary (accuracy vs keep); the first of these that exists (
 SWEEP_SUMMARIES = [Path("sweep/summary.csv"), Path("plots/sweep.csv")]
 
 
+def _io(command: str, inputs, outputs, manifest: Optional[Path] = None) -> None:
+    """The shared input/output check (pipeline/paths.py): no output is, or lies inside, an
+    input or a folder of the images `manifest` lists."""
+    from pipeline.paths import check_io, image_dirs
+
+    check_io(command, [*inputs, *image_dirs(manifest)], outputs)
+
+
+def _model_of(dynamics: Path) -> list:
+    """A dynamics.npz is read from a model folder: that folder is an input too."""
+    return [("the model folder of --dynamics", dynamics.parent)] if dynamics.is_file() else []
+
+
+def _read(scores: Path, manifest: Path) -> list:
+    """What every view reads: the scores, the flags beside them, the manifest and its classes.json."""
+    from pipeline.formats.manifest import classes_path_for
+
+    return [("--scores", scores), ("--manifest", manifest), ("the classes.json of --manifest", classes_path_for(manifest))]
+
+
 def _manifests(ctx: typer.Context, manifest: Path) -> tuple[Optional[Path], Path]:
     """(--manifest when given on the command line, else None; the fallback when meta.json names none)."""
     source = ctx.get_parameter_source("manifest")
@@ -46,9 +66,14 @@ def show(
     cols: Optional[int] = typer.Option(None, help="tiles per row (default: square grid)"),
 ):
     """Image grid of the top-k samples by a score: each tile shows id, label→prediction, score."""
-    from pipeline.views.grid import show_top
+    from pipeline.paths import check_name
+    from pipeline.views.grid import resolve_manifest, show_top
 
-    out = out or Path("reports") / f"top_{issue or by}.png"
+    if out is None:
+        check_name("--issue" if issue else "--by", issue or by, "reports/top_<by>.png")
+        out = Path("reports") / f"top_{issue or by}.png"
+    used = resolve_manifest(scores, *_manifests(ctx, manifest)) or manifest
+    _io("show", [*_read(scores, used), ("--flags", flags)], [("--out", out)], used)
     r = show_top(scores, by, k, out, flags, only_flagged, *_manifests(ctx, manifest), cols, issue)
     shown, names = r["shown"], r["names"]
     if issue:
@@ -80,9 +105,16 @@ def report(
     """Write reports/index.html: flagged images per class, score distributions, figures, accuracy per version.
 
     Self-contained (images embedded); open it from disk."""
+    from pipeline.paths import check_name
     from pipeline.stages.report import report as run
 
     from .ui import RichProgress
+
+    check_name("--by", by, "<out>/figures/top_<by>.png")
+    ins = [*_read(scores, manifest), ("--flags", flags), ("--metrics", metrics), ("--plots", plots),
+           *[("--sweep", f) for f in sweep], ("--dynamics", dynamics),
+           *_model_of(dynamics), ("--prune-summary", prune_summary), ("--compare", compare), ("--params", params)]
+    _io("report", ins, [("--out", out / "index.html"), ("--out", out / "figures")], manifest)
 
     with RichProgress() as prog:
         r = run(out, manifest=manifest, scores_csv=scores, flags_csv=flags, metrics_dir=metrics, plots_dir=plots,
@@ -93,6 +125,11 @@ def report(
     console.print(table(f"report → {r['path']}", ["section", "status"], rows))
     console.print(f"{r['n_flagged']} flagged, {r['n_shown']} sample cards; {r['bytes'] / 1e6:.2f} MB in "
                   f"{r['seconds']:.1f} s. Open {Path(r['path']).resolve().as_uri()}", highlight=False)
+
+
+def _files(folder: Path, pattern: str, label: str) -> list:
+    """The files a view reads from a folder (the folder itself may also hold outputs)."""
+    return [(label, f) for f in sorted(folder.glob(pattern)) if f.is_file()] if folder.is_dir() else []
 
 
 @handle_errors
@@ -107,6 +144,7 @@ def compare(
     from pipeline.views.plots import compare_topk
 
     png = png or out.with_suffix(".png")
+    _io("compare", [("SCORES_A", scores_a), ("SCORES_B", scores_b)], [("--out", out), ("--png", png)])
     r = compare_topk(scores_a, scores_b, by, out, png)
     n = r["n"]
     rows = [(k, f"{k / n:.1%}", o, float(k / n), f"{o / (k / n):.1f}×") for k, o in zip(r["k"], r["overlap"])]
@@ -138,6 +176,11 @@ def figures(
     from pipeline.stages.figures import figures as run
 
     given, fallback = _manifests(ctx, manifest)
+    names = ["grad_heatmap.csv", "grad_heatmap.png", "entropy_topk.csv", "entropy_topk.png", "sweep.png"]
+    names += [f"{f.stem}.png" for f in sorted(confusion.glob("confusion_*.csv"))] if confusion.is_dir() else []
+    _io("figures", [("--scores", scores), ("--dynamics", dynamics), *_model_of(dynamics), *[("--sweep", f) for f in sweep],
+                    *_files(confusion, "confusion_*.csv", "--confusion"), ("--manifest", manifest)],
+        [("--out", out / n) for n in names])
     rows = run(which, out, scores_csv=scores, by=by, dynamics=dynamics, max_samples=max_samples,
                sweep_summary=sweep, confusion_dir=confusion, manifest=given, fallback_manifest=fallback)
     console.print(table(f"figures → {out}", ["figure", "status", "files"], rows))

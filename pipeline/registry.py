@@ -140,3 +140,40 @@ ISSUES = Registry("issue type", loader="pipeline.rules")
 STRATEGIES = Registry("prune strategy", loader="pipeline.strategies")
 #: Data sources for `clean prepare` — registered in pipeline/data/sources.py.
 SOURCES = Registry("data source", loader="pipeline.data.sources")
+
+
+# --------------------------------------------------------------------------- README tables
+
+#: the registries whose tables README.md carries, between <!-- registry:NAME --> and <!-- /registry -->
+TABLES = {"SCORES": (SCORES, "score column"), "RULES": (RULES, "`flag.method`"), "ISSUES": (ISSUES, "issue type"),
+          "STRATEGIES": (STRATEGIES, "`prune.strategy`"), "SOURCES": (SOURCES, "`data.source`")}
+
+
+def markdown_table(name: str) -> str:
+    """The README table of registry `name`: one row per entry (name, needs, suspicious end, doc)."""
+    reg, head = TABLES[name]
+    rows = [f"| {head} | needs | what it is |", "|---|---|---|"]
+    for e in reg.entries():
+        low = " (low = suspicious)" if e.suspicious == "low" else ""
+        rows.append(f"| `{e.name}` | {', '.join(e.needs) or '—'} | {e.doc}{low} |")
+    return "\n".join(rows)
+
+
+def rewrite_readme(text: str) -> str:
+    """README text with every registry table regenerated from the registries."""
+    import re
+
+    def one(m):
+        return f"<!-- registry:{m.group(1)} -->\n{markdown_table(m.group(1))}\n<!-- /registry -->"
+
+    return re.sub(r"<!-- registry:(\w+) -->.*?<!-- /registry -->", one, text, flags=re.S)
+
+
+if __name__ == "__main__":  # python -m pipeline.registry README.md: regenerate its registry tables
+    import sys
+    from pathlib import Path
+
+    from pipeline import registry  # the registries the modules register into (this file runs as __main__)
+
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    path.write_text(registry.rewrite_readme(path.read_text()))

@@ -35,6 +35,15 @@ def test_cli_help_lists_every_registered_name(command, registry):
     assert " | ".join(registry.names()) in text
 
 
+def test_readme_registry_tables_are_generated_from_the_registries():
+    from pipeline.registry import TABLES, rewrite_readme
+
+    readme = (ROOT / "README.md").read_text()
+    for name in TABLES:
+        assert f"<!-- registry:{name} -->" in readme or name == "SOURCES", name
+    assert rewrite_readme(readme) == readme, "README tables are stale: run `python -m pipeline.registry README.md`"
+
+
 def test_readme_documents_every_registered_name():
     readme = (ROOT / "README.md").read_text()
     for registry in (SCORES, RULES, STRATEGIES, SOURCES):

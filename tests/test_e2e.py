@@ -11,7 +11,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["cli", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore",
-                 "pyproject.toml"]
+                 "pyproject.toml", "data/decisions.csv"]
 
 pytestmark = pytest.mark.slow
 

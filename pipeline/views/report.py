@@ -536,7 +536,8 @@ def _issue_card(r, names, uri: str | None, kind: str) -> str:
     split = f" · {_e(r['split'])}" if r.get("split", "train") != "train" else ""
     score = r.get(f"{kind}_score")
     return (f"<figure class='card{' leak' if split else ''}' data-sample='{_e(r['id'])}' data-issue='{_e(kind)}'>"
-            f"{img}<figcaption><span class='id'>#{_e(r['id'])}</span>{split} <span class='lp'>{lab}</span>"
+            f"{img}<figcaption><span class='id' title='decide on it: clean review --at {_e(r['id'])}'>#{_e(r['id'])}</span>"
+            f"{split} <span class='lp'>{lab}</span>"
             f"<div>{_e(kind)} {_num(score, 3) if score is not None else ''}</div></figcaption></figure>")
 
 
@@ -558,6 +559,10 @@ def issues_section(flags, issues: dict, rows, names, base: Path | None, per_type
                        f"{k} {v}" for k, v in issues.get(t, {}).items()
                        if k not in ("rule", "n", "examples", "seconds") and not isinstance(v, (list, dict))]))
                     for t in types]))
+    sec.add("<p class='small'>Decide on these (keep / drop / relabel) in the browser: <code>clean review</code>; "
+            "a card's sample opens there with <code>clean review --at &lt;id&gt;</code> (the id on the card; the page "
+            "address is then <code>…/#id=&lt;id&gt;</code>). <code>clean prune</code> / <code>dvc repro</code> "
+            "applies the decisions (data/decisions.csv).</p>")
     skipped = {t: d["skipped"] for t, d in issues.items() if "skipped" in d}
     if skipped:
         sec.add(_note("not checked: " + "; ".join(f"{t} ({why})" for t, why in skipped.items())))
