@@ -215,6 +215,7 @@ def score(
     batch_size: Optional[int] = typer.Option(None, help="scoring batch size (params: score.batch_size)"),
     split: Optional[str] = typer.Option(None, help=_one_of("score.split")),
     self_influence: Optional[bool] = typer.Option(None, "--self-influence/--no-self-influence", help="TracIn over checkpoints (params: score.self_influence)"),
+    val_influence: Optional[bool] = typer.Option(None, "--val-influence/--no-val-influence", help="TracIn train→validation over checkpoints (params: score.val_influence)"),
     embeddings: Optional[bool] = typer.Option(None, "--embeddings/--no-embeddings", help="embeddings.npz for duplicates / outliers / image checks (params: score.embeddings)"),
     epochs: Optional[int] = typer.Option(None, help="epochs when --model is a name to train (params: train.epochs)"),
     device: Optional[str] = typer.Option(None, help=_one_of("train.device")),
@@ -231,7 +232,8 @@ def score(
     from pipeline.stages.score import score_input
 
     p = _params(params, score__norm=norm, score__params=subset, score__batch_size=batch_size,
-                score__split=split, score__self_influence=self_influence, score__embeddings=embeddings, train__epochs=epochs,
+                score__split=split, score__self_influence=self_influence, score__val_influence=val_influence,
+                score__embeddings=embeddings, train__epochs=epochs,
                 train__device=device, train__workers=workers, data__cache_max_gb=cache_max_gb)
     _score_io(path, Path(model), out)
     with _progress() as prog:

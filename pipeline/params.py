@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 256,
         "split": "train",     # train | val | test | all
         "self_influence": True,  # TracIn over the epoch checkpoints (one pass per checkpoint)
+        "val_influence": True,   # TracIn train→validation over the checkpoints (needs a val split: data.val_frac > 0)
         "embeddings": True,   # scores/embeddings.npz: every split's penultimate features + image stats (flag's checks)
     },
     "flag": {

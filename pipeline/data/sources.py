@@ -1,8 +1,9 @@
 """Read a dataset source into labelled records plus a list of problems.
 
 Sources: ``digits`` (scikit-learn's bundled 8x8 digits, exported once as PNGs),
-``fashion-mnist`` (IDX files), ``imagefolder`` (``root/<class>/<image>``) and ``csv``
-(columns ``path,label``). Every unreadable image, missing file or bad label becomes a
+``fashion-mnist`` (IDX files), ``imagefolder`` (``root/<class>/<image>``, or with the user's
+own splits ``root/{train,val,test}/<class>/<image>``) and ``csv`` (columns ``path,label`` and
+an optional ``split``). Every unreadable image, missing file or bad label becomes a
 :class:`Problem`; nothing is dropped silently. Source images are never modified.
 """
 from __future__ import annotations
@@ -63,6 +64,11 @@ class Source:
     records: list[Record]
     problems: list[Problem]
     classes: list[str]
+    notes: list[str] = field(default_factory=list)  # one-line remarks for the prepare summary
+
+
+#: folder names (case-insensitive) / CSV `split` values naming the user's own splits
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
 def read_source(kind: str, root: str | os.PathLike | None, out_dir: Path,
@@ -187,8 +193,8 @@ def _fashion(root, out_dir: Path, classes, progress) -> Source:
     return Source("fashion-mnist", records, [], names)
 
 
-def _check_files(candidates: list[tuple[str, str]], progress) -> tuple[list[Record], list[Problem]]:
-    """Fully decode each (path, label); readable ones -> Records, the rest -> Problems."""
+def _check_files(candidates: list[tuple[str, str, str | None]], progress) -> tuple[list[Record], list[Problem]]:
+    """Fully decode each (path, label, split); readable ones -> Records, the rest -> Problems."""
     def check(item):
         path = item[0]
         try:
@@ -202,9 +208,9 @@ def _check_files(candidates: list[tuple[str, str]], progress) -> tuple[list[Reco
     tick = Ticker(progress, "check images", total)
     workers = min(8, 2 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as ex:
-        for k, ((path, label), (mode, hw, reason)) in enumerate(zip(candidates, ex.map(check, candidates))):
+        for k, ((path, label, split), (mode, hw, reason)) in enumerate(zip(candidates, ex.map(check, candidates))):
             if reason is None:
-                records.append(Record(path, label, None, mode, hw))
+                records.append(Record(path, label, split, mode, hw))
             else:
                 problems.append(Problem(path, reason))
             tick.to(k + 1)
@@ -237,23 +243,79 @@ def _shown(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-@SOURCES.register("imagefolder", needs=("root",), doc="a folder root/<class>/<image>")
+def _subdirs(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(sorted entries, non-hidden subfolders) of `folder`."""
+    entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    return entries, [d for d in entries if d.is_dir() and not d.name.startswith(".")]
+
+
+def _split_folders(root: Path, subdirs: list[Path]) -> dict[str, Path] | None:
+    """{split: folder} when `root` holds the user's own splits (a `train/` folder, the others
+    among val/valid/validation/test), None for a flat root/<class>/ folder."""
+    named = {d: SPLIT_NAMES.get(d.name.lower()) for d in subdirs}
+    if not any(s == "train" for s in named.values()):
+        return None
+    others = [d.name for d, s in named.items() if s is None]
+    if others:
+        raise CleanError(f"{root} holds split folders ({', '.join(d.name for d, s in named.items() if s)}) and "
+                         f"other folders ({', '.join(others[:5])}): move every class folder into "
+                         f"train/ (and val/, test/), or rename the split folders for a flat root/<class>/ layout")
+    out: dict[str, Path] = {}
+    for d, s in named.items():
+        if s in out:
+            raise CleanError(f"{root}: both {out[s].name}/ and {d.name}/ name the {s} split; keep one of them")
+        out[s] = d
+    return out
+
+
+@SOURCES.register("imagefolder", needs=("root",),
+                  doc="a folder root/<class>/<image>, or root/{train,val,test}/<class>/<image> with the user's own splits")
 def _imagefolder(root, out_dir: Path, classes, progress) -> Source:
     root = _root(root, "imagefolder", "a folder with one subfolder per class")
     if not root.is_dir():
         raise CleanError(f"image folder not found: {root}; set data.root to a folder with one "
                          f"subfolder per class (root/<class>/<image>)")
-    entries = sorted(root.iterdir(), key=lambda p: p.name)
-    subdirs = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
+    entries, subdirs = _subdirs(root)
     if not subdirs:
         raise CleanError(f"no class subfolders in {root}; expected root/<class>/<image>")
-    names = classes if classes is not None else sort_names(d.name for d in subdirs if _is_utf8(d.name))
+    splits = _split_folders(root, subdirs)
+    if splits is None:
+        groups = [(None, entries, subdirs)]
+    else:
+        groups = [(s, *_subdirs(splits[s])) for s in ("train", "val", "test") if s in splits]
+    all_dirs = [d for _, _, dirs in groups for d in dirs]
+    if not all_dirs:
+        raise CleanError(f"no class subfolders in {root}/train; expected root/train/<class>/<image>")
+    names = classes if classes is not None else sort_names(d.name for d in all_dirs if _is_utf8(d.name))
     known = set(names)
     problems: list[Problem] = []
-    candidates: list[tuple[str, str]] = []
+    candidates: list[tuple[str, str, str | None]] = []
     for f in entries:
         if not f.is_dir() and _is_image_name(f.name):
-            problems.append(Problem(_shown(os.path.abspath(f)), "image not inside a class subfolder"))
+            where = "a class subfolder" if splits is None else "a split's class subfolder (root/train/<class>/)"
+            problems.append(Problem(_shown(os.path.abspath(f)), f"image not inside {where}"))
+    for split, ents, dirs in groups:
+        if split is not None:
+            for f in ents:
+                if not f.is_dir() and _is_image_name(f.name):
+                    problems.append(Problem(_shown(os.path.abspath(f)), "image not inside a class subfolder"))
+        candidates += _folder_candidates(dirs, known, split, problems)
+    records, bad = _check_files(candidates, progress)
+    notes = []
+    if splits is not None:
+        have = {r.split for r in records}
+        if records and "train" not in have:
+            raise CleanError(f"{splits['train']} holds no readable image: the training split needs images in "
+                             f"{splits['train']}/<class>/ (unreadable files are listed in problems.csv)")
+        notes = [f"{splits[s].name}/ holds no readable image: the {s} split is carved from train/ instead"
+                 for s in ("val", "test") if s in splits and s not in have]
+    return Source("imagefolder", records, problems + bad, names, notes)
+
+
+def _folder_candidates(subdirs: list[Path], known: set, split: str | None,
+                       problems: list[Problem]) -> list[tuple[str, str, str | None]]:
+    """(path, class, split) of every image under the class folders `subdirs`; bad names -> problems."""
+    candidates = []
     for d in subdirs:
         for dirpath, dirnames, filenames in os.walk(d):
             dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
@@ -267,12 +329,12 @@ def _imagefolder(root, out_dir: Path, classes, progress) -> Source:
                 elif d.name not in known:
                     problems.append(Problem(p, f"unknown label '{d.name}' (not in data.classes)"))
                 else:
-                    candidates.append((p, d.name))
-    records, bad = _check_files(candidates, progress)
-    return Source("imagefolder", records, problems + bad, names)
+                    candidates.append((p, d.name, split))
+    return candidates
 
 
-@SOURCES.register("csv", needs=("root",), doc="a CSV with columns path,label (paths relative to the CSV)")
+@SOURCES.register("csv", needs=("root",),
+                  doc="a CSV with columns path,label and an optional split (train|val|test); paths relative to the CSV")
 def _csv(root, out_dir: Path, classes, progress) -> Source:
     csv_path = _root(root, "csv", "a CSV file with columns path,label")
     if not csv_path.is_file():
@@ -293,20 +355,27 @@ def _csv(root, out_dir: Path, classes, progress) -> Source:
         raise CleanError(f"CSV {csv_path} lacks column(s) {', '.join(missing)}: found columns "
                          f"{cols}; required columns: path,label")
     pi, li = cols.index("path"), cols.index("label")
+    si = cols.index("split") if "split" in cols else None  # optional: the user's own splits
     known = set(classes) if classes is not None else None
     seen: dict[str, int] = {}
     labels_seen: set[str] = set()
     problems: list[Problem] = []
-    candidates: list[tuple[str, str]] = []
+    candidates: list[tuple[str, str, str | None]] = []
     for line, row in rows[1:]:
         if not any(c.strip() for c in row):
             continue
         raw = row[pi].strip() if pi < len(row) else ""
         label = row[li].strip() if li < len(row) else ""
+        given = row[si].strip() if si is not None and si < len(row) else ""
         if not raw:
             problems.append(Problem(f"{os.path.abspath(csv_path)}:{line}", "empty path"))
             continue
         p = os.path.abspath(raw if os.path.isabs(raw) else os.path.join(base, raw))
+        split = SPLIT_NAMES.get(given.lower()) if given else None  # empty: carved like a CSV without the column
+        if given and split is None:
+            problems.append(Problem(p, f"unknown split '{given}' (line {line}; the split column takes train, val or "
+                                       f"test, or empty to let prepare carve it)"))
+            continue
         if not label:
             problems.append(Problem(p, "unknown label (empty)"))
             continue
@@ -321,7 +390,7 @@ def _csv(root, out_dir: Path, classes, progress) -> Source:
         if not os.path.exists(p):
             problems.append(Problem(p, "file not found"))
             continue
-        candidates.append((p, label))
+        candidates.append((p, label, split))
     records, bad = _check_files(candidates, progress)
     names = classes if classes is not None else sort_names(labels_seen)
     return Source("csv", records, problems + bad, names)

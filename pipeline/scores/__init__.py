@@ -1,12 +1,13 @@
 """Per-sample scores: the SCORES registry (one entry per column of scores/scores.csv).
 
 Families, one module each: forward pass and checkpoints (compute.py: loss, grad_norm, el2n,
-margin, self_influence; gradient norms from engine.py / layers.py / head.py) and training
-dynamics (dynamics.py). Formulas: docs/methods.md §1. Registration order is column order.
+margin, self_influence; gradient norms from engine.py / layers.py / head.py), train → validation
+influence (influence.py: val_influence) and training dynamics (dynamics.py). Formulas: docs/methods.md §1. Registration order is column order.
 """
 from pipeline.registry import SCORES
 from pipeline.scores import compute as _fw
 from pipeline.scores import dynamics as _dyn
+from pipeline.scores import influence as _inf
 
 SCORES.register("loss", needs=("forward",), doc="cross-entropy of the given label (nats)")(_fw.forward_scores)
 SCORES.register("grad_norm", needs=("forward", "backward"),
@@ -25,3 +26,6 @@ SCORES.register("variability", needs=("dynamics",), uses="p_label",
                 doc="std over epochs of p(label) (data maps)")(_dyn.variability)
 SCORES.register("self_influence", needs=("checkpoints", "backward"),
                 doc="TracIn: Σ over epoch checkpoints of lr·‖∇L_i‖₂²")(_fw.self_influence)
+SCORES.register("val_influence", needs=("checkpoints", "val", "backward"), suspicious="low",
+                doc="TracIn train→validation: Σ over checkpoints of lr·⟨∇L_i, ∇L̄_val⟩ (< 0: harmful)"
+                )(_inf.val_influence)

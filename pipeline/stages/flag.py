@@ -63,6 +63,10 @@ def flag(scores_csv: str | Path, out_dir: str | Path, method: str = _F["method"]
         emb = Path(scores_csv).parent / "embeddings.npz"
         skipped = {t: f"no {emb} (run `clean score` with score.embeddings: true)" for t in types
                    if "embeddings" in ISSUES[t].needs and not emb.exists()}
+        for t in types:  # a type that needs a score column (extra `score`) the score stage left empty
+            col = ISSUES[t].extra.get("score") if "score" in ISSUES[t].needs else None
+            if col and (col not in df.columns or df[col].isna().all()):
+                skipped[t] = f"no {col} values in {scores_csv} (run `clean score` with score.{col}: true)"
         types = [t for t in types if t not in skipped]
     for t in types:
         t1 = time.perf_counter()

@@ -130,7 +130,7 @@ def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float,
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SplitWarning)
         splits = assign_splits(labels, [r.split for r in recs], val_frac, test_frac, seed)
-    notes = [str(w.message) for w in caught if issubclass(w.category, SplitWarning)]
+    notes = list(src.notes) + [str(w.message) for w in caught if issubclass(w.category, SplitWarning)]
     if empty_classes:
         notes.append(f"{len(empty_classes)} class(es) have no readable image: {', '.join(empty_classes[:10])}"
                      f"{' ...' if len(empty_classes) > 10 else ''} (see problems.csv)")

@@ -2,8 +2,9 @@
 
 Columns (docs/methods.md §1): loss, grad_norm (‖∇_θ' L_i‖ for the chosen norm and parameter
 subset), el2n ‖p − e_y‖₂, margin z_y − max_{k≠y} z_k, the training-dynamics scores aum,
-forgetting, confidence, variability, and self_influence Σ_c lr_c ‖∇_θ' L_i(θ_c)‖₂² (TracIn)
-over the saved epoch checkpoints. Model in eval mode; batched tensor math throughout.
+forgetting, confidence, variability, self_influence Σ_c lr_c ‖∇_θ' L_i(θ_c)‖₂² (TracIn) and
+val_influence Σ_c lr_c ⟨∇_θ' L_i(θ_c), ∇_θ' L̄_val(θ_c)⟩ (L̄_val: mean loss over the validation
+split) over the saved epoch checkpoints. Model in eval mode; batched tensor math throughout.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pipeline.params import CHOICES, DEFAULTS
 from pipeline.registry import SCORES
 from pipeline.scores.compute import forward_scores, self_influence
 from pipeline.scores.dynamics import DYNAMICS_INPUTS, dynamics_scores
+from pipeline.scores.influence import val_influence
 
 def score_columns() -> list[str]:
     """The score columns of scores.csv, in order (the SCORES registry)."""
@@ -39,7 +41,7 @@ def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, norm
           params: str = _S["params"], batch_size: int = _S["batch_size"], device: str = _T["device"],
           split: str = _S["split"], with_self_influence: bool = _S["self_influence"], progress=None,
           cache_max_gb: float = _D["cache_max_gb"], workers: int = _T["workers"],
-          embeddings: bool = _S["embeddings"]):
+          embeddings: bool = _S["embeddings"], with_val_influence: bool = _S["val_influence"]):
     """Stage: score every sample of `split` → out_dir/scores.csv + out_dir/meta.json
     (+ out_dir/embeddings.npz with `embeddings`: every split's penultimate features, pixel
     hashes and image statistics for flag's duplicate / outlier / image checks).
@@ -69,12 +71,16 @@ def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, norm
     if with_self_influence and not ckpts:
         raise CleanError(f"{model_dir}/checkpoints has no epoch checkpoints for self-influence; retrain "
                          "with `clean train` (train.checkpoint_every) or set score.self_influence: false")
+    vckpts, val = _val_inputs(manifest, df, cfg, model_dir, cache_max_gb, workers) if with_val_influence else ([], None)
     if progress:
         where = f", rank 0 of {D.world_size()}" if D.enabled() else ""
-        progress("start", desc=f"score ({norm}, {params}{where})", total=(1 + len(ckpts)) * (hi - lo))
+        progress("start", desc=f"score ({norm}, {params}{where})", total=(1 + len(ckpts) + len(vckpts)) * (hi - lo))
     s = forward_scores(model, images, labels, cfg["mean"], cfg["std"], norm, params, batch_size, device, progress)
     s["self_influence"] = (self_influence(model, ckpts, images, labels, cfg["mean"], cfg["std"], params,
                                           batch_size, device, progress) if ckpts else np.full(hi - lo, np.nan))
+    s["val_influence"] = (val_influence(model, vckpts, images, labels, val.images, val.labels, cfg["mean"], cfg["std"],
+                                        params, batch_size, device, progress) if val is not None
+                          else np.full(hi - lo, np.nan))
     if progress:
         progress("end")
     parts = D.gather(s)
@@ -98,6 +104,8 @@ def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, norm
             "dynamics_source": "each sample's minibatch forward pass during training, before the update",
             "self_influence": {"computed": bool(with_self_influence), "norm": "l2 squared", "params": params,
                                "checkpoints": [{"file": p.name, "lr": lr} for p, lr in ckpts]},
+            "val_influence": {"computed": val is not None, "params": params, "n_val": 0 if val is None else len(val.labels),
+                              "checkpoints": [{"file": p.name, "lr": lr} for p, lr in vckpts]},
             "seconds": round(time.perf_counter() - t0, 3), "columns": list(out.columns),
             "processes": D.world_size(), "streamed": bool(is_streamed(images)),
         })
@@ -169,6 +177,20 @@ def _open_block(manifest: Path, df, rows, cfg: dict, split: str, lo: int, hi: in
     data = open_split(manifest, split, cfg["image_size"], cfg["in_chans"], df=df, cache_max_gb=cache_max_gb,
                       workers=workers, rows=mine)
     return data.images, data.labels
+
+
+def _val_inputs(manifest: Path, df, cfg: dict, model_dir: Path, cache_max_gb: float, workers: int):
+    """(checkpoints, validation Split) for val_influence; CleanError without either."""
+    if not (df["split"] == "val").any():
+        raise CleanError(f"{manifest} has no 'val' rows, and val_influence measures each training image's effect on "
+                         "the validation loss: re-run `clean prepare` with data.val_frac > 0, or set "
+                         "score.val_influence: false")
+    ckpts = _checkpoints(model_dir, cfg)
+    if not ckpts:
+        raise CleanError(f"{model_dir}/checkpoints has no epoch checkpoints for val_influence; retrain with "
+                         "`clean train` (train.checkpoint_every) or set score.val_influence: false")
+    return ckpts, open_split(manifest, "val", cfg["image_size"], cfg["in_chans"], df=df, cache_max_gb=cache_max_gb,
+                             workers=workers)
 
 
 def _checkpoints(model_dir: Path, cfg: dict) -> list[tuple[Path, float]]:
@@ -248,5 +270,6 @@ def score_input(path: str | Path, model: str, out_dir: str | Path, p: dict, prog
     df = score(model_dir, manifest, out_dir, norm=sc["norm"], params=sc["params"], batch_size=sc["batch_size"],
                device=p["train"]["device"], split=sc["split"] if manifest == path else "train",
                with_self_influence=sc["self_influence"], progress=progress,
+               with_val_influence=sc["val_influence"] and manifest == path,  # a folder/CSV has no val split
                cache_max_gb=p["data"]["cache_max_gb"], workers=p["train"]["workers"], embeddings=sc["embeddings"])
     return df, model_dir

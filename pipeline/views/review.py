@@ -551,10 +551,19 @@ document.addEventListener("keydown", e => {
     "/": () => $("note").focus()}[k];
   if (act) { e.preventDefault(); act(); }
 });
+function jump() {  // #id=<id> (clean review --at, or a link): open that sample, clearing filters that hide it
+  const m = /id=(\d+)/.exec(location.hash); if (!m) return false;
+  let k = view.findIndex(it => it.id === Number(m[1]));
+  if (k < 0 && byId.has(Number(m[1]))) { for (const f of ["ftype", "fclass", "fshow"]) $(f).value = ""; filter();
+    k = view.findIndex(it => it.id === Number(m[1])); }
+  if (k >= 0) { cur = k; show(); }
+  return k >= 0;
+}
+window.addEventListener("hashchange", jump);
 (function start() {
+  const at = location.hash;
   filter();
-  const m = /id=(\d+)/.exec(location.hash);
-  if (m) { const k = view.findIndex(it => it.id === Number(m[1])); if (k >= 0) { cur = k; show(); } }
+  if (at) { history.replaceState(null, "", at); jump(); }
   if (!S.items.length) $("main").innerHTML = '<div class="empty panel">No flagged samples: nothing to review (run <code>clean flag</code>).</div>';
   progress();
   window.__ready = performance.now();
