@@ -147,6 +147,10 @@ def _score_sections(ins: dict, scores_csv: Path, flags_csv: Path, by: str, k: in
         return secs[:4], secs[4], None, _NO_FLAGS
     df, has_flags = _read_scored(scores_csv, flags_csv, by)
     img = ins["img_manifest"]
+    if img is not None:  # the images shown are the manifest's, never a path written in scores.csv
+        from pipeline.views.grid import manifest_paths
+
+        df = manifest_paths(df, img, strict=False)
     flagged, info = flagged_section(df, has_flags, flags_csv, ins["names"], img.parent if img is not None else None,
                                     by, max_per_class, max_table_rows, log)
     issues = _issues(ins, flags_csv if has_flags else None, img)

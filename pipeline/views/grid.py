@@ -286,6 +286,23 @@ def _draw_top(top, by: str, path: str | Path, names, base: Path, only_flagged: b
     image_grid(imgs, titles, path, cols=cols, colors=colors, frames=frames, title=heading)
 
 
+def manifest_paths(df, manifest: str | Path, strict: bool = True):
+    """`df` with each row's `path` replaced by the image the manifest lists for its id: a scores
+    file names paths too, but only the manifest's (the prepared source) are ever opened. An id
+    the manifest lacks: CleanError (`strict`), else path None (no image)."""
+    from pipeline.formats.manifest import read_manifest
+
+    m = read_manifest(manifest).set_index("id")["path"]
+    known = df["id"].isin(m.index).to_numpy()
+    if strict and not known.all():
+        bad = int(df["id"].to_numpy()[~known][0])
+        raise CleanError(f"scores hold id {bad} which is not in {manifest}; the scores come from another manifest: "
+                         "pass the one they were computed on (--manifest) or rerun `clean score`")
+    paths = np.full(len(df), None, dtype=object)
+    paths[known] = m.reindex(df["id"].to_numpy()[known]).to_numpy()
+    return df.assign(path=paths)
+
+
 def _top_grid(scores_csv, by, k, path, flags_csv, only_flagged, classes, manifest, fallback_manifest, cols,
               issue=None):
     """top_grid's work → (rows shown, label namer)."""
@@ -293,6 +310,8 @@ def _top_grid(scores_csv, by, k, path, flags_csv, only_flagged, classes, manifes
         by, only_flagged = f"{issue}_score", True
     top = _ranked(scores_csv, by, k, flags_csv, only_flagged, issue)
     man = resolve_manifest(scores_csv, manifest, fallback_manifest)
+    if man is not None:
+        top = manifest_paths(top, man)
     names = namer(class_names(man, classes))
     base = man.parent if man is not None else Path(scores_csv).parent
     _draw_top(top, by, path, names, base, only_flagged, bool(flags_csv), cols)

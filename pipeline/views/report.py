@@ -350,6 +350,7 @@ def _thumbnails(sec: Section, shown, base: Path | None) -> dict:
         img_note = "no manifest found to resolve image paths (pass --manifest); cards show no image"
     else:
         try:
+            shown = shown[[isinstance(p, str) and p != "" for p in shown["path"]]]  # no image for unknown ids
             imgs = load_images(shown["path"].tolist(), base)
             used = 0
             for i, rid in enumerate(shown["id"].tolist()):
