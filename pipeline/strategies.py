@@ -21,6 +21,12 @@ Strategies (``prune.strategy``):
                     ones kept and the rest drawn uniformly (without replacement) from the zeros.
 - ``drop-flagged``  keep every sample whose ``flagged`` is False; ``keep`` (and ``balanced``,
                     ``seed``, ``scores``) have no effect. Keeping nothing is an error.
+- ``drop-harmful``  drop the samples flags.csv marks ``is_harmful`` (val_influence < 0: a step on
+                    them raises the validation loss); like drop-flagged otherwise.
+- ``drop-flagged-harmful``  drop the samples that are both a label issue and harmful
+                    (``is_label`` ∧ ``is_harmful``): hard but helpful flagged images stay.
+                    These two read their issue types from the entry (``issues``, all of them
+                    must hold), not from prune.drop: :func:`issue_mask`.
 
 ``balanced=True`` applies the strategy within each class with quota n_keep_c proportional to
 the class size (largest-remainder rounding, exact integer arithmetic, ties to the smaller class
@@ -146,6 +152,50 @@ def drop_flagged(flagged: np.ndarray) -> np.ndarray:
     if kept.size == 0:
         raise CleanError(f"drop-flagged would keep 0 of {n} samples: every sample is flagged")
     return kept
+
+
+@STRATEGIES.register("drop-harmful", needs=("flags",), issues=("harmful",),
+                     doc="drop the images with val_influence < 0 (flags.csv is_harmful)")
+def drop_harmful(flagged: np.ndarray) -> np.ndarray:
+    """Indices of the samples not harmful (bool [N], True = is_harmful = drop)."""
+    return _keep_unmarked(flagged, "drop-harmful", "harmful")
+
+
+@STRATEGIES.register("drop-flagged-harmful", needs=("flags",), issues=("label", "harmful"),
+                     doc="drop the images that are both a label issue and harmful")
+def drop_flagged_harmful(flagged: np.ndarray) -> np.ndarray:
+    """Indices of the samples kept (bool [N], True = is_label ∧ is_harmful = drop)."""
+    return _keep_unmarked(flagged, "drop-flagged-harmful", "both a label issue and harmful")
+
+
+def _keep_unmarked(flagged: np.ndarray, name: str, what: str) -> np.ndarray:
+    f = np.asarray(flagged)
+    if f.dtype.kind != "b":
+        if not np.isin(f, (0, 1)).all():
+            raise CleanError(f"flagged must be boolean (or 0/1), got dtype {f.dtype}")
+        f = f.astype(bool)
+    kept = np.flatnonzero(~f).astype(np.int64)
+    if kept.size == 0:
+        raise CleanError(f"{name} would keep 0 of {f.shape[0]} samples: every sample is {what}")
+    return kept
+
+
+def issue_mask(flags, strategy: str, flags_csv) -> np.ndarray | None:
+    """bool [N] to drop for a strategy whose entry names its issue types (``issues``: a sample is
+    dropped when it has all of them, flags.csv ``is_<type>``); None for the other strategies."""
+    types = STRATEGIES[strategy].extra.get("issues")
+    if not types:
+        return None
+    missing = [t for t in types if f"is_{t}" not in flags.columns]
+    if missing:
+        why = (" (the flag stage skips harmful when scores.csv has no val_influence: score with "
+               "score.val_influence: true and a val split)" if "harmful" in missing else "")
+        raise CleanError(f"prune.strategy = {strategy} needs is_{missing[0]} in {flags_csv}, which has none{why}; "
+                         "re-run `clean flag` with that issue type")
+    out = np.ones(len(flags), bool)
+    for t in types:
+        out &= flags[f"is_{t}"].to_numpy().astype(bool)
+    return out
 
 
 def _pick(scores: np.ndarray, n: int, strategy: str, rng: np.random.Generator, skip: float) -> np.ndarray:

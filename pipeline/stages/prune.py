@@ -29,7 +29,7 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
     from pipeline.formats.tables import read_flags, read_scores
     from pipeline.registry import STRATEGIES
     from pipeline.io import write_json
-    from pipeline.strategies import select, summary
+    from pipeline.strategies import issue_mask, select, summary
 
     manifest = Path(manifest)
     for out, what in ((out_manifest, "--out"), (summary_path, "--summary")):
@@ -67,7 +67,9 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
         if flags_csv is None or not Path(flags_csv).exists():
             raise CleanError(f"prune.strategy = {strategy} needs flags ({flags_csv}); run `clean flag` first")
         fl = read_flags(flags_csv, train["id"].to_numpy())
-        flagged = dropped(fl.set_index("id").loc[train["id"].to_numpy()], drop, flags_csv)
+        fl = fl.set_index("id").loc[train["id"].to_numpy()]
+        flagged = issue_mask(fl, strategy, flags_csv)  # drop-harmful, drop-flagged-harmful: their own types
+        flagged = dropped(fl, drop, flags_csv) if flagged is None else flagged
         values = np.zeros(len(train))
     else:
         if by not in sc.columns:
