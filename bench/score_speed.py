@@ -39,6 +39,17 @@ Methods (all on the same batches):
     (all/l2)        only if the plain extend fails on a probe batch (timm's in-place residual add) —
                     forward, summed CE, backward inside ``with backpack(BatchL2Grad())``, then
                     sqrt(Σ_params p.batch_l2). Eval mode (BatchNorm on running statistics).
+  val_influence     TracIn train→validation, the per-checkpoint work on the training samples:
+    last / all      pipeline.scores.influence.grad_dots(model, x, y, v, params) with v the mean
+                    validation gradient (computed once beforehand): ``last`` the head closed form
+                    r_iᵀ G_W h_i + r_i·g_b (one no-grad forward), ``all`` forward-mode jvp of the
+                    per-sample loss vector along v (no per-sample gradient)
+  val_influence     the same dot products by per-layer ghost dot products Σ_t g_tᵀ V a_t in hooks
+    all [ghost]     (one forward, one backward to the first layer's output; conv / linear /
+                    BatchNorm only: a measurement prototype, the alternative jvp was chosen over)
+  val grad last|all val_gradient(model, [(x, y)], params): the validation gradient itself, per
+                    1,000 validation samples (computed once per checkpoint on the val split; the
+                    "targets" section adds it at --val-ratio validation samples per training sample)
   Both need the optional ``bench`` extra; without it they are reported as skipped. Before the
   timing, each is checked on the first batch against per_sample_grad_norms(model, x, y, "l2",
   "all") (rtol 1e-3); a row that does not match is marked "(mismatch)".
@@ -212,13 +223,79 @@ def build_methods(model: nn.Module, args, probe=None, notes: list | None = None)
                 (lambda x, y, s=subset, n=norm: per_sample_grad_norms(model, x, y, norm=n, params=s)),
                 "batch",
             )
+    methods.update(_influence_methods(model, probe))
     methods["loop (all/l2)"] = ((lambda x, y: _loop_norms(model, x, y)), "loop")
     methods["torch.func (all/l2)"] = ((lambda x, y: _func_norms(model, x, y, args.func_chunk)), "func")
+    if getattr(args, "only_influence", False):
+        return {k: m for k, m in methods.items() if k in ("infer", "train") or "val" in k}
     if not args.no_external:
         methods.update(_opacus_methods(model, notes))
         if probe is not None:
             methods.update(_backpack_methods(model, probe[0], probe[1], notes))
     return methods
+
+
+# ----------------------------------------------------------------------------- val_influence
+def _ghost_dots(model: nn.Module, x, y, v: dict) -> torch.Tensor:
+    """Σ_layers ⟨∇_θl L_i, v_l⟩ by ghost dot products (conv: ⟨g, conv(a; V)⟩; linear: ⟨g, a Vᵀ⟩;
+    BatchNorm: Σ g·x̂ · v_w + Σ g · v_b) from hooks: one forward, one backward, no per-sample grads."""
+    out = torch.zeros(x.shape[0], dtype=x.dtype)
+    names = {id(m): n for n, m in model.named_modules()}
+    handles, params = [], [p for p in model.parameters()]
+    flags = [p.requires_grad for p in params]
+
+    def hook(m, args, o):
+        a, n = args[0], names[id(m)]
+
+        def on_grad(g):
+            nonlocal out
+            if isinstance(m, nn.Conv2d):
+                out += (F.conv2d(a, v[n + ".weight"], None, m.stride, m.padding, m.dilation, m.groups) * g).flatten(1).sum(1)
+                if m.bias is not None:
+                    out += g.sum((2, 3)) @ v[n + ".bias"]
+            elif isinstance(m, nn.Linear):
+                out += ((a @ v[n + ".weight"].T) * g).sum(1) + (g @ v[n + ".bias"] if m.bias is not None else 0)
+            else:
+                xh = (a - m.running_mean[None, :, None, None]) * torch.rsqrt(m.running_var + m.eps)[None, :, None, None]
+                out += (g * xh).sum((2, 3)) @ v[n + ".weight"] + g.sum((2, 3)) @ v[n + ".bias"]
+
+        o.register_hook(on_grad)
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+            handles.append(m.register_forward_hook(hook))
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        xr = x.detach().requires_grad_(True)
+        torch.autograd.grad(F.cross_entropy(model(xr), y, reduction="sum"), xr)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+    return out
+
+
+def _influence_methods(model: nn.Module, probe) -> dict:
+    """val_influence's per-checkpoint pieces with a fixed v (the gradient of a probe 'validation' batch)."""
+    from pipeline.scores.influence import grad_dots, val_gradient
+
+    if probe is None:
+        return {}
+    xv, yv = probe
+    v = {s: val_gradient(model, [(xv, yv)], s) for s in ("last", "all")}
+    out = {f"val_influence {s}": ((lambda x, y, s=s: grad_dots(model, x, y, v[s], s)), "batch") for s in ("last", "all")}
+    covered = all(isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) for m in model.modules()
+                  if any(True for _ in m.parameters(recurse=False)))
+    if covered:
+        ref = grad_dots(model, xv, yv, v["all"], "all")
+        got = _ghost_dots(model, xv, yv, v["all"])
+        assert torch.allclose(got, ref, rtol=1e-3, atol=1e-4 * ref.abs().max()), "ghost dots differ from jvp"
+        out["val_influence all [ghost]"] = ((lambda x, y: _ghost_dots(model, x, y, v["all"])), "batch")
+    for s in ("last", "all"):
+        out[f"val grad {s}"] = ((lambda x, y, s=s: val_gradient(model, [(x, y)], s)), "batch")
+    return out
 
 
 # ----------------------------------------------------------------------------- Opacus / BackPACK
@@ -409,7 +486,7 @@ def measure_memory(model_name: str, method: str, args) -> float:
         sys.executable, __file__, "--_mem-worker", model_name, method,
         "--batch-size", str(args.batch_size), "--loop-n", str(args.loop_n),
         "--func-chunk", str(args.func_chunk), "--threads", str(args.threads),
-    ]
+    ] + (["--only-influence"] if args.only_influence else [])
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if r.returncode != 0:
@@ -488,6 +565,11 @@ def main(argv=None):
     ap.add_argument("--loop-n", type=int, default=32, help="samples timed for the per-sample loop")
     ap.add_argument("--func-n", type=int, default=64, help="samples timed for torch.func")
     ap.add_argument("--func-chunk", type=int, default=16, help="vmap chunk for torch.func")
+    ap.add_argument("--val-ratio", type=float, default=1 / 9,
+                    help="validation samples per training sample for val_influence's targets (default 1/9: "
+                    "data.val_frac 0.1 of the training part)")
+    ap.add_argument("--only-influence", action="store_true",
+                    help="time only infer, train and the val_influence rows")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
     ap.add_argument("--no-external", action="store_true", help="leave out Opacus and BackPACK")
     ap.add_argument(
@@ -531,7 +613,19 @@ def main(argv=None):
 
     print("## targets\n")
     for model_name, best, mem, _, _ in summary:
-        inf, tr = best["infer"], best["train"]
+        inf, tr, q = best["infer"], best["train"], args.val_ratio
+        last = best["val_influence last"] + q * best["val grad last"]
+        all_ = best["val_influence all"] + q * best["val grad all"]
+        print(f"- {model_name}: val_influence per checkpoint, training-sample pass + validation gradient at "
+              f"{q:.3f} val samples per training sample:")
+        print(f"  - last: {best['val_influence last'] / inf:.2f}× inference + {q * best['val grad last'] / inf:.2f}× "
+              f"= {last / inf:.2f}× inference (target ≤ 1.1×: {'OK' if last / inf <= 1.1 else 'MISSED'})")
+        ghost = (f"; ghost-dot prototype {best['val_influence all [ghost]'] / tr:.2f}× + {q * best['val grad all'] / tr:.2f}×"
+                 if "val_influence all [ghost]" in best else "")
+        print(f"  - all (jvp): {best['val_influence all'] / tr:.2f}× train step + {q * best['val grad all'] / tr:.2f}× "
+              f"= {all_ / tr:.2f}× train step (target ≤ 2×: {'OK' if all_ / tr <= 2 else 'MISSED'}){ghost}")
+        if args.only_influence:
+            continue
         chk = [
             ("last ≥ 0.95× inference throughput", inf / best["last/l2"] >= 0.95, f"{inf / best['last/l2']:.2f}×"),
             ("all/l2 ≤ 1.3× train step", best["all/l2"] / tr <= 1.3, f"{best['all/l2'] / tr:.2f}×"),
@@ -550,7 +644,7 @@ def main(argv=None):
         for what, ok, val in chk:
             print(f"- {model_name}: {what}: {'OK' if ok else 'MISSED'} ({val})")
     print()
-    if args.no_external:
+    if args.no_external or args.only_influence:
         return
     print("## Opacus / BackPACK (per-sample l2 over all params)\n")
     for model_name, best, mem, checks, notes in summary:

@@ -103,6 +103,8 @@ def train(
     out: Path = typer.Option(Path("models/base"), help="model folder to write"),
     model: Optional[str] = typer.Option(None, help="timm model name or small_cnn / small_cnn_bn (params: model.name)"),
     pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="start from timm weights (params: model.pretrained)"),
+    weights: Optional[str] = typer.Option(None, help="local pretrained checkpoint, .safetensors or a .pth/.bin state dict (params: model.weights)"),
+    augment: Optional[str] = typer.Option(None, help="training-batch crop + flip: auto | none | flip-crop (params: train.augment)"),
     epochs: Optional[int] = typer.Option(None, help="epochs (params: train.epochs)"),
     batch_size: Optional[int] = typer.Option(None, help="batch size (params: train.batch_size)"),
     optimizer: Optional[str] = typer.Option(None, help=_one_of("train.optimizer")),
@@ -124,7 +126,8 @@ def train(
     from pipeline.stages.train import train as run
     from pipeline.training.recipe import Recipe
 
-    p = _params(params, model__name=model, model__pretrained=pretrained, train__epochs=epochs,
+    p = _params(params, model__name=model, model__pretrained=pretrained, model__weights=weights,
+                train__augment=augment, train__epochs=epochs,
                 train__batch_size=batch_size, train__optimizer=optimizer, train__lr=lr,
                 train__weight_decay=weight_decay, train__schedule=schedule, train__seeds=list(seed) if seed else None,
                 train__device=device, train__amp=amp, train__workers=workers, data__cache_max_gb=cache_max_gb)

@@ -29,19 +29,39 @@ def create_model(name: str, num_classes: int, in_chans: int, img_size: tuple[int
     kwargs = dict(num_classes=num_classes, in_chans=in_chans)
     from pipeline.nets import SMALL_NETS
 
+    if name not in SMALL_NETS and getattr(timm.models.get_pretrained_cfg(name), "fixed_input_size", False):
+        kwargs["img_size"] = tuple(img_size)  # ViT-like nets: position embeddings for the data's size (resized on load)
     if name in SMALL_NETS:
         kwargs["img_size"] = tuple(img_size)
         if pretrained:
             raise CleanError(f"model.pretrained: {name} has no pretrained weights; set model.pretrained: false")
+    if weights and not pretrained:
+        raise CleanError(f"model.weights is set ({weights}) but model.pretrained is false: set model.pretrained: "
+                         "true to start from that file, or model.weights: null")
     if pretrained and weights:
-        if not Path(weights).exists():
-            raise CleanError(f"model.weights: file not found: {weights}")
+        if not Path(weights).is_file():
+            raise CleanError(f"model.weights: file not found: {weights}; give a timm checkpoint of {name} "
+                             f"(.safetensors, or a torch state dict .pth/.bin)")
+    elif pretrained:
+        weights = _cached_or_offline(name)
+    if pretrained and weights:
+        # timm's own loader: safetensors or a torch state dict (weights_only); a head of another class count is
+        # re-initialised, the input conv adapted to in_chans, position embeddings resized (ViT filter fns)
         kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        if pretrained and weights:
+            _check_loaded(model, name, weights)
+        return model
     except CleanError:
         raise
     except Exception as e:  # noqa: BLE001 - network / hub failures vary by version
+        if pretrained and weights:
+            raise CleanError(
+                f"model.weights: cannot load {weights} into '{name}' ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}); give a checkpoint of this architecture in "
+                "timm's formats: .safetensors, or a torch state dict saved with torch.save(model.state_dict(), ...)"
+            ) from None
         if pretrained:
             raise CleanError(
                 f"model.pretrained: could not load pretrained weights for '{name}' "
@@ -51,6 +71,92 @@ def create_model(name: str, num_classes: int, in_chans: int, img_size: tuple[int
         raise CleanError(f"model.name: could not create '{name}' for {in_chans}-channel "
                          f"{img_size[0]}x{img_size[1]} images with {num_classes} classes "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def _check_loaded(model, name: str, weights) -> None:
+    """CleanError unless the checkpoint `weights` covered every tensor of `model` but its
+    classifier (timm loads non-strictly when the head is replaced, so a checkpoint of another
+    architecture would otherwise leave layers silently random)."""
+    from timm.models import load_state_dict
+
+    if str(weights).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            have = set(f.keys())
+    else:
+        have = set(load_state_dict(str(weights)))
+    heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    own = set(model.state_dict())
+    missing = sorted(k for k in own - have if not any(k.startswith(h + ".") for h in heads))
+    unexpected = sorted(k for k in have - own if not any(k.startswith(h + ".") for h in heads))
+    if missing or unexpected:
+        raise CleanError(f"model.weights: {weights} does not fit '{name}' ({len(missing)} of its tensors missing, e.g. "
+                         f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); give a checkpoint "
+                         "of this architecture in timm's own format (.safetensors or a torch state dict)")
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether `host` resolves within `timeout` s (a quick offline test, before a hub's slow retries)."""
+    import os
+    import socket
+    import threading
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    ok: list[bool] = []
+
+    def probe():
+        try:
+            socket.getaddrinfo(host, 443)
+            ok.append(True)
+        except OSError:
+            ok.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok and ok[0])
+
+
+def _cached_or_offline(name: str) -> str | None:
+    """`model.pretrained: true` without model.weights: the weights file already in the hub /
+    torch cache (no network needed), None to let timm download it, or a CleanError when they
+    are not cached and the hub cannot be reached (instead of a minute of retries)."""
+    import os
+    from urllib.parse import urlparse
+
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    cfg = cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else (cfg or {})
+    hub, url = cfg.get("hf_hub_id"), cfg.get("url")
+    if hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            for fname in ("model.safetensors", "pytorch_model.bin"):
+                got = try_to_load_from_cache(hub, fname)
+                if isinstance(got, str) and os.path.isfile(got):
+                    return got
+        except Exception:  # noqa: BLE001 - an unusual cache layout: let timm try
+            pass
+        host = "huggingface.co"
+    elif url:
+        import torch
+
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+        if os.path.isfile(cached):
+            return cached
+        host = urlparse(url).hostname or ""
+    else:
+        return None  # timm says why there are no weights
+    if not _reachable(host):
+        raise CleanError(f"model.pretrained: true but the weights of '{name}' are not downloaded and {host} cannot "
+                         "be reached (offline?): set model.weights to a local checkpoint file (a timm .safetensors, "
+                         "or a torch state dict .pth/.bin), or set model.pretrained: false")
+    return None
 
 
 def save_weights(model, path: str | Path, metadata: dict | None = None) -> None:

@@ -55,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
         "probs_window": 0.4,  # the first fraction of epochs whose pre-update softmax is averaged (label issues)         # random training samples whose gradient norm is recorded each epoch
         "amp": "auto",        # auto | off | bf16 | fp16: mixed precision (auto: bf16/fp16 on CUDA, off on CPU)
         "workers": 4,         # DataLoader processes decoding streamed images (0 = in the main process)
+        "augment": "auto",    # auto | none | flip-crop: timm's random resized crop + flip on training batches (auto: 3-channel images ≥ 64 px)
     },
     "score": {
         "norm": "l2",         # l1 | l2 | linf: the norm of each sample's gradient
@@ -111,6 +112,7 @@ CHOICES = {
     "train.schedule": ["constant", "cosine", "step"],
     "train.device": ["auto", "cpu", "cuda"],
     "train.amp": ["auto", "off", "bf16", "fp16"],
+    "train.augment": ["auto", "none", "flip-crop"],
     "score.norm": ["l1", "l2", "linf"],
     "score.params": ["last", "weights", "biases", "all"],
     "score.split": ["train", "val", "test", "all"],

@@ -93,7 +93,7 @@ def image_dirs(manifest: str | os.PathLike | None, limit: int = 100_000) -> list
                 raw = (row.get("path") or "").strip()
                 if not raw:
                     continue
-                file, idx = split_ref(raw)
+                file, idx = split_ref(raw, manifest.parent)
                 full = file if os.path.isabs(file) else os.path.join(manifest.parent, file)
                 found[os.path.normpath(full if idx is not None else os.path.dirname(full))] = None
     except (OSError, UnicodeDecodeError, csv.Error):

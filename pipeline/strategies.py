@@ -352,3 +352,4 @@ def summary(labels_all, kept_idx, num_classes: int, class_names=None) -> dict:
         "per_class": per_class,
         "label_entropy": {"kept": h_kept, "all": h_all, "uniform": h_uni},
     }
+import pipeline.relabel  # noqa: E402,F401  (registers relabel, relabel-or-drop)

@@ -366,23 +366,31 @@ def same_model(a: dict, b: dict) -> bool:
 def interrupted_train(base, tmp_path_factory):
     """models/base holds an OLD model and, in .partial, a finished NEW run (seed 1) that was
     interrupted just before its swap; NEW = what `--resume` then puts in place."""
+    import torch
+
     import pipeline.stages.train as T
 
     root = Path(shutil.copytree(base, tmp_path_factory.mktemp("swap") / "p"))
-    real = T._publish
+    real, threads = T._publish, torch.get_num_threads()
 
     def stop(*a, **k):
         raise KeyboardInterrupt
 
     T._publish = stop
+    torch.set_num_threads(1)  # as the killed processes and the reruns: the same floating-point sums
     try:
         assert clean(root, "train", "--seed", "1").exit_code == 130
     finally:
         T._publish = real
+        torch.set_num_threads(threads)
     assert (root / "models/base/.partial/primary/metrics.json").exists()
     old = model_files(root / "models/base")
     ref = Path(shutil.copytree(root, root.parent / "ref"))
-    ok(clean(ref, "train", "--seed", "1", "--resume"))
+    torch.set_num_threads(1)
+    try:
+        ok(clean(ref, "train", "--seed", "1", "--resume"))
+    finally:
+        torch.set_num_threads(threads)
     new = model_files(ref / "models/base")
     assert not same_model(old, new)
     return root, old, new
@@ -392,7 +400,7 @@ def leftovers(models: Path) -> list[str]:
     return sorted(p.name for p in models.iterdir() if p.name != "base")
 
 
-def test_train_killed_at_every_step_of_the_swap(interrupted_train, tmp_path):
+def test_train_killed_at_every_step_of_the_swap(interrupted_train, tmp_path, one_thread):
     """os._exit right after (or during) each file operation of the final swap: the model folder
     is the complete old or the complete new one, and the next plain and --resume runs work."""
     root, old, new = interrupted_train
@@ -494,7 +502,7 @@ COMMITS = {
 
 
 @pytest.mark.parametrize("stage", list(COMMITS))
-def test_stage_killed_at_every_step_of_its_commit(base, tmp_path, stage):
+def test_stage_killed_at_every_step_of_its_commit(base, tmp_path, stage, one_thread):
     """All outputs of a stage change together: killed after any file operation of the commit,
     the files are all old (no journal) or, once the journal exists, all new as soon as any
     command reads the folder; the next run works."""

@@ -218,7 +218,8 @@ def test_server_refuses_what_it_must_and_changes_nothing(served):
     assert st == 200 and h["Content-Type"] == "image/png"
     assert server.server_address[0] == "127.0.0.1"
     # without the token, or with another: 403
-    for path in ("/", f"/img/{first}.png", "/api/state", f"/{t[:-1]}x/", f"/{t}x/img/{first}.png"):
+    other = t[:-1] + ("A" if t[-1] != "A" else "B")
+    for path in ("/", f"/img/{first}.png", "/api/state", f"/{other}/", f"/{t}x/img/{first}.png", f"/{other}/api/state"):
         st, body, _ = request(server, "GET", path)
         assert st == 403 and "missing or wrong token" in body, path
     st, body, _ = request(server, "POST", "/api/decision", {"id": first, "action": "drop"})

@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import math
 import os
-import re
 import struct
 import threading
 import zlib
@@ -36,19 +35,17 @@ def channels_of(mode: str) -> int:
     return 1 if mode in GRAY_MODES else 3
 
 
-def is_idx_name(name: str) -> bool:
-    """True for the name of an IDX file as distributed (``...-idx3-ubyte``, optionally ``.gz``)."""
-    return re.search(r"-idx\d-ubyte(\.gz)?$", os.path.basename(name)) is not None
-
-
-def split_ref(path: str) -> tuple[str, int | None]:
+def split_ref(path: str, base: str | os.PathLike | None = None) -> tuple[str, int | None]:
     """Split ``'<idx file>#12'`` into ``('<idx file>', 12)``; any other path gives ``(path, None)``.
 
-    Only a file named like an IDX file (:func:`is_idx_name`) makes ``#<n>`` a reference, so an
-    image file whose name holds ``#`` (``scan#12``) is read as that file."""
+    A path that names an existing file is that file, so an image whose name holds ``#`` and
+    digits (``scan#12``) is never taken for image 12 of a file ``scan``. `base`: the folder a
+    relative path is read from (default: the working directory)."""
     head, sep, tail = str(path).rpartition("#")
-    if sep and head and tail.isdigit() and tail.isascii() and is_idx_name(head):
-        return head, int(tail)
+    if sep and head and tail.isdigit() and tail.isascii():
+        full = str(path) if base is None or os.path.isabs(str(path)) else os.path.join(base, str(path))
+        if not os.path.isfile(full):
+            return head, int(tail)
     return str(path), None
 
 
@@ -210,7 +207,7 @@ def load_images(paths: list[str], base_dir: Path, size: tuple[int, int] | None =
         raise CleanError(f"in_chans must be 1 or 3, got {in_chans!r}")
     refs = []
     for p in paths:
-        file, idx = split_ref(str(p))
+        file, idx = split_ref(str(p), base)
         full = file if os.path.isabs(file) else os.path.join(base, file)
         refs.append((full, idx, str(p)))
     if n == 0:

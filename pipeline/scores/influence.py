@@ -140,13 +140,16 @@ def val_influence(model: nn.Module, checkpoints: list[tuple[Path, float]], image
 
     pin = str(device).startswith("cuda")
 
+    work = copy.deepcopy(model)
+    dtype = next(work.parameters()).dtype  # float32 (a float64 model, as in the tests, computes in float64)
+
     def feed(imgs, labs):
         spans = list(batches(len(labs), batch_size))
         for (s, e), xb in zip(spans, iter_batches(imgs, [slice(s, e) for s, e in spans], pin=pin)):
-            yield (s, e), normalize(xb, mean, std, device), torch.as_tensor(np.array(labs[s:e], np.int64), device=device)
+            x = normalize(xb, mean, std, device).to(dtype)
+            yield (s, e), x, torch.as_tensor(np.array(labs[s:e], np.int64), device=device)
 
     total = np.zeros(len(labels), np.float64)
-    work = copy.deepcopy(model)
     with _exact_fp32():
         for path, lr in checkpoints:
             load_weights(work, path)

@@ -103,29 +103,31 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
 
 
 def _with_decisions(df, train, labels, kept_pos, decisions, classes):
-    """Apply a review's decisions (when the file exists) → (manifest rows to write, training
-    labels after relabels, kept positions, summary facts). A relabel sets `label`; the rows get
-    `orig_label` (the source's label: kept as is when noise injection wrote it, else the label
-    before the relabel, equal to `label` on unchanged rows)."""
+    """Apply a review's decisions (when the file exists) on top of the strategy's choice →
+    (manifest rows to write, training labels trained on, kept positions, summary facts).
+    `labels`: the training labels after the strategy (the manifest's, unless a strategy
+    relabelled). Every changed label is written as a label override: `label` = the new one, and
+    the rows get `orig_label` — the source's label: kept as is when noise injection wrote it,
+    else the manifest's label (equal to `label` on unchanged rows)."""
     from pipeline.decisions import apply_decisions, read_decisions
 
     ids = train["id"].to_numpy(np.int64)
+    before = train["label"].to_numpy(np.int64)
     decided = read_decisions(decisions, classes) if decisions is not None else {}
     facts = {"decisions": str(decisions) if decided else None}
     kept = np.zeros(len(train), bool)
     kept[kept_pos] = True
+    labels = np.asarray(labels, np.int64)
     if decided:
-        kept, new, more = apply_decisions(ids, labels, kept, decided, decisions)
+        kept, labels, more = apply_decisions(ids, labels, kept, decided, decisions)
         facts.update(more)
         if not kept.any():
             raise CleanError(f"{decisions}: with these decisions no training sample is left; keep some")
         if "orig_label" in train.columns:  # relabels that gave back the label noise injection had replaced
-            fixed = (new != labels) & (new == train["orig_label"].to_numpy(np.int64))
+            fixed = (labels != before) & (labels == train["orig_label"].to_numpy(np.int64))
             facts["n_relabeled_to_truth"] = int(fixed.sum())
-        changed = new != labels
-        labels, kept_pos = new, np.flatnonzero(kept)
-    else:
-        changed = np.zeros(len(train), bool)
+        kept_pos = np.flatnonzero(kept)
+    changed = labels != before
     out = df[(df["split"] != "train") | df["id"].isin(set(ids[kept].tolist()))]
     if changed.any():
         out = out.copy()

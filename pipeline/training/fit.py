@@ -197,6 +197,7 @@ class _Run:
     history: list = field(default_factory=list)
     ckpts: list = field(default_factory=list)
     start: int = 0         # first epoch to train (after a restored state)
+    augment: bool = False  # crop + flip training batches (train.augment; pipeline/training/augment.py)
 
     @property
     def main(self) -> bool:
@@ -296,8 +297,10 @@ def _setup(images, labels: np.ndarray, num_classes: int, recipe: Recipe) -> _Run
         dyn["track_pos"] = track_pos
         dyn["track_grad_norm"] = np.zeros((E, k), np.float32)
         dyn["probs_sum"] = np.zeros((n, num_classes), np.float32)  # Σ over the first epochs of the pre-update softmax
+    from pipeline.training.augment import resolve
+
     return _Run(recipe, device, world, rank, amp, core, model, nhwc, mean, std, feed, y_all, opt, scaler, gen,
-                track_pos, dyn)
+                track_pos, dyn, augment=resolve(recipe.augment, c, (h, w)))
 
 
 def _parallel(core, device: str, world: int) -> tuple:
@@ -342,6 +345,8 @@ def _train_epoch(run: _Run, epoch: int, lr: float, bounds: list, progress) -> li
     CUDA checked every 32 batches: a check costs a GPU sync)."""
     import torch
 
+    from pipeline.training.augment import batch_params
+
     for g in run.opt.param_groups:
         g["lr"] = lr
     run.model.train()
@@ -350,7 +355,8 @@ def _train_epoch(run: _Run, epoch: int, lr: float, bounds: list, progress) -> li
     recs, finite, win = [], None, 0
     for bi, ((s, e), (idx, weight), xb) in enumerate(zip(bounds, plan, run.feed.batches([p[0] for p in plan]))):
         yb = run.y_all[torch.as_tensor(idx, device=run.device)]
-        logits, loss_i, loss = _forward(run, xb, yb, weight, e - s)
+        aug = batch_params(run.gen, e - s, *xb.shape[2:], run.world, run.rank) if run.augment else None
+        logits, loss_i, loss = _forward(run, xb, yb, weight, e - s, aug)
         if not run.cuda:
             if not torch.isfinite(loss):
                 raise _diverged(loss.item(), epoch, s, e, run.recipe)
@@ -369,13 +375,17 @@ def _train_epoch(run: _Run, epoch: int, lr: float, bounds: list, progress) -> li
     return recs
 
 
-def _forward(run: _Run, xb, yb, weight: float, size: int) -> tuple:
-    """A batch's train-mode forward pass (under autocast with `train.amp`) → (logits,
-    per-sample loss, the loss to back-propagate)."""
+def _forward(run: _Run, xb, yb, weight: float, size: int, aug=None) -> tuple:
+    """A batch's train-mode forward pass (under autocast with `train.amp`; cropped and flipped
+    by `aug`, pipeline/training/augment.py) → (logits, per-sample loss, the loss to back-propagate)."""
     import torch
     import torch.nn.functional as F
 
+    from pipeline.training.augment import apply
+
     x = _to_input(xb, run.mean, run.std, run.device, run.nhwc)
+    if aug is not None:
+        x = apply(x, aug)
     with torch.autocast("cuda" if run.cuda else "cpu", dtype=run.amp or torch.bfloat16, enabled=run.amp is not None):
         logits = run.model(x)
     loss_i = F.cross_entropy(logits.float(), yb, reduction="none")

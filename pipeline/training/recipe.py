@@ -20,7 +20,7 @@ AMP = CHOICES["train.amp"]
 _MODEL, _TRAIN, _DATA = DEFAULTS["model"], DEFAULTS["train"], DEFAULTS["data"]
 #: Recipe fields read from params.yaml `train` under the same name
 _TRAIN_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "step_size",
-               "gamma", "device", "checkpoint_every", "track", "amp", "workers", "probs_window")
+               "gamma", "device", "checkpoint_every", "track", "amp", "workers", "probs_window", "augment")
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Recipe:
     workers: int = _TRAIN["workers"]            # DataLoader worker processes decoding streamed images
     cache_max_gb: float = _DATA["cache_max_gb"]  # a decoded training set larger than this is streamed
     probs_window: float = _TRAIN["probs_window"]  # the first fraction of epochs whose pre-update softmax is averaged
+    augment: str = _TRAIN["augment"]            # auto | none | flip-crop (pipeline/training/augment.py)
 
     @property
     def probs_epochs(self) -> int:

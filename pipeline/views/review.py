@@ -349,13 +349,21 @@ def url(server, at: int | None = None) -> str:
 
 
 def wait(server) -> None:
-    """Block until Ctrl-C (or the server stops), then shut it down."""
+    """Block until Ctrl-C or SIGTERM, then shut the server down (every decision is already saved)."""
+    import signal
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
     try:
         while True:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
         server.shutdown()
         server.server_close()
 
@@ -396,12 +404,13 @@ button.on{color:#fff}#keep.on{background:#2d8a47}#drop.on{background:#c81e1e}#re
 .member img{width:100%;aspect-ratio:1/1;object-fit:contain;image-rendering:pixelated;background:#111;display:block}
 .member.self{border:2px solid #23395d}.member.eval{border-color:#c81e1e}
 #keys{font-size:12px;color:#555;line-height:1.6}kbd{border:1px solid #ccc;border-bottom-width:2px;border-radius:3px;padding:0 4px;background:#fff;font-size:11px}
-#strip{grid-column:1/-1;display:flex;flex-wrap:wrap;gap:3px}
+#strip{grid-column:1/-1;display:flex;flex-wrap:wrap;gap:3px;align-content:flex-start;max-height:170px;overflow:auto;position:relative}
 #strip a{font-size:11px;padding:2px 5px;border-radius:3px;background:#e6e6e6;color:#333;text-decoration:none;cursor:pointer}
 #strip a.keep{background:#c9ebd2}#strip a.drop{background:#f6c9c9}#strip a.relabel{background:#f7e2b0}#strip a.cur{outline:2px solid #23395d}
 #msg{color:#c81e1e;font-size:13px;min-height:1.2em}
 .empty{padding:30px;font-size:16px}
 @media (max-width:760px){main{grid-template-columns:1fr;padding:8px}header{padding:6px 10px}#bar{width:90px}
+ #img{width:min(100%,44vh);margin:0 auto}
  button{padding:10px 12px}.member{width:100px}}
 </style></head><body>
 <header><h1>clean review</h1>
@@ -506,7 +515,8 @@ function show() {
   $("note").value = (dec.get(it.id) || {}).note || "";
   history.replaceState(null, "", "#id=" + it.id);
   mark();
-  const a = $("strip").children[cur]; if (a && a.scrollIntoViewIfNeeded) a.scrollIntoViewIfNeeded();
+  const a = $("strip").children[cur], st = $("strip");  // keep the current chip in sight (the page itself never scrolls)
+  if (a && (a.offsetTop < st.scrollTop || a.offsetTop > st.scrollTop + st.clientHeight - 24)) st.scrollTop = a.offsetTop - st.clientHeight / 2;
 }
 async function decide(action, label) {
   const it = view[cur]; if (!it) return;
