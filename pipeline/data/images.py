@@ -119,6 +119,8 @@ def probe_image(path: str | os.PathLike) -> tuple[str, tuple[int, int]]:
 def probe_size(file: str, shown: str) -> tuple[int, int]:
     """(H, W) of one stored image, reading only its header (an IDX reference: the file's H, W)."""
     _, idx = split_ref(shown)
+    if idx is not None and str(file).endswith(f"#{idx}"):
+        idx = None  # `file` is the image itself, a file whose name ends in #<digits>
     try:
         if idx is not None:
             return tuple(int(d) for d in _idx_images(file, shown).shape[1:3])

@@ -69,7 +69,7 @@ def native_sizes(paths: list[str], base_dir: Path) -> tuple[np.ndarray, np.ndarr
     from pipeline.data.images import probe_size, split_ref
 
     def one(p: str):
-        file, _ = split_ref(str(p))
+        file, _ = split_ref(str(p), base_dir)
         return probe_size(file if os.path.isabs(file) else os.path.join(base_dir, file), str(p))
 
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as ex:
