@@ -387,7 +387,8 @@ def prune(
     _io("prune", [("--manifest", manifest), ("--scores", scores), ("--flags", flags), ("--decisions", decisions),
                   _classes(manifest)], [("--out", out), ("--summary", summary)] + _classes_beside(out, manifest))
     s = run(manifest, scores, out, summary, strategy=q["strategy"], by=q["by"], keep=q["keep"], skip=q["skip"],
-            balanced=q["balanced"], seed=q["seed"], flags_csv=flags, drop=q["drop"], decisions=decisions)
+            balanced=q["balanced"], seed=q["seed"], flags_csv=flags, drop=q["drop"], decisions=decisions,
+            relabel_min_p=q["relabel_min_p"])
     ent = s["label_entropy"]
     console.print(table(f"prune: {q['strategy']} → {out}", ["", "value"], [
         ("kept", f"{s['n_kept']} of {s['n_total']} ({s['n_kept'] / s['n_total']:.1%})"),

@@ -92,6 +92,7 @@ DEFAULTS: dict[str, Any] = {
     "prune": {
         "strategy": "drop-flagged",  # a prune strategy (registry: pipeline/strategies.py)
         "drop": ["label"],    # drop-flagged: the issue types it drops (flags.csv is_<type>)
+        "relabel_min_p": 0.5,  # relabel-or-drop: relabel a label issue when p̄ of its suggestion is at least this
         "by": "grad_norm",    # score column that orders / weights the selection
         "keep": 0.8,          # fraction of the training set to keep (not drop-flagged)
         "skip": 0.05,         # non-extreme: top fraction skipped
@@ -161,6 +162,7 @@ RANGES = {
     "flag.odd_size": (1.0, None, False, False),
     "flag.odd_aspect_ratio": (0.0, 1.0, True, True),
     "prune.keep": (0.0, 1.0, False, True),
+    "prune.relabel_min_p": (0.0, 1.0, True, True),
     "prune.skip": (0.0, 1.0, True, False),
     # every seed feeds numpy / torch generators, which take 0 .. 2**32 - 1
     "data.seed": (0, SEED_MAX, True, True),

@@ -389,3 +389,4 @@ def test_review_in_a_headless_browser(tmp_path):
     assert items[0] in out.index and items[1] not in out.index           # kept (though flagged) / dropped
     assert out.loc[items[2], "label"] == 1 and out.loc[items[3], "label"] == 2
     assert out.loc[items[2], "orig_label"] == P["train"].set_index("id").loc[items[2], "label"]
+

@@ -18,7 +18,8 @@ _P = DEFAULTS["prune"]
 def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path, summary_path: str | Path,
           strategy: str = _P["strategy"], by: str = _P["by"], keep: float = _P["keep"], skip: float = _P["skip"],
           balanced: bool = _P["balanced"], seed: int = _P["seed"], flags_csv: str | Path | None = None,
-          drop: list | None = _P["drop"], decisions: str | Path | None = None) -> dict:
+          drop: list | None = _P["drop"], decisions: str | Path | None = None,
+          relabel_min_p: float = _P["relabel_min_p"]) -> dict:
     """Select training samples → out_manifest (same columns, kept train rows + all val/test rows)
     and summary_path (JSON: strategy, kept per class, label entropy of kept vs all vs uniform).
     `decisions`: a review's decisions.csv (pipeline/decisions.py; used when the file exists),
@@ -82,7 +83,15 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
         if bad.any():
             raise CleanError(f"{scores_csv}: column '{by}' has {int(bad.sum())} missing/NaN/inf value(s) (first: id "
                              f"{int(train['id'].iloc[int(np.flatnonzero(bad)[0])])}); choose another prune.by or rescore")
-    kept_pos = select(values, labels, strategy, keep, seed, balanced=balanced, skip=skip, flagged=flagged)
+    entry = STRATEGIES[strategy]
+    if entry.extra.get("relabels"):  # relabel, relabel-or-drop: a label override per label issue
+        other = dropped(fl, [t for t in (drop or []) if t != "label"], flags_csv) if drop else np.zeros(len(fl), bool)
+        kept, labels = entry.fn(fl, labels, other, relabel_min_p, flags_csv)
+        kept_pos = np.flatnonzero(kept)
+        if kept_pos.size == 0:
+            raise CleanError(f"prune.strategy = {strategy} would keep no training sample; check prune.drop")
+    else:
+        kept_pos = select(values, labels, strategy, keep, seed, balanced=balanced, skip=skip, flagged=flagged)
     out, labels, kept_pos, facts = _with_decisions(df, train, labels, kept_pos, decisions, classes)
     write_manifest(out, out_manifest, manifest)
     summ = summary(labels, kept_pos, len(classes), classes)
