@@ -473,6 +473,39 @@ def sweep_point(
                   f"({m['n_seeds']} seeds, {m['n_kept']} images)", highlight=False)
 
 
+@sweep_app.command("run")
+@handle_errors
+def sweep_run(
+    out: Path = typer.Option(Path("sweep"), help="folder of the sweep points"),
+    summary: Path = typer.Option(Path("plots/sweep.csv"), help="aggregated table (mean ± std accuracy per point)"),
+    manifest: Path = opt.manifest(),
+    scores: Path = opt.scores(),
+    flags: Path = opt.flags(),
+    params: Path = PARAMS,
+):
+    """The whole sweep (the `sweep` DVC stage): every sweep.strategies × sweep.keeps point, then the summary.
+
+    Opt-in: sweep.keeps is empty by default; `dvc exp run -S 'sweep.keeps=[0.1,0.5]'` runs it."""
+    from pipeline.stages.sweep import sweep as run
+    from pipeline.training.recipe import Recipe
+
+    p = _params(params)
+    q, w = p["prune"], p["sweep"]
+    _io("sweep run", [("--manifest", manifest), _classes(manifest), ("--scores", scores), ("--flags", flags)],
+        [("--out", out), ("--summary", summary)], manifest)
+    with RichProgress() as prog:
+        df = run(manifest, scores, flags, out, summary, w["strategies"], w["keeps"], Recipe.from_params(p),
+                 p["train"]["seeds"], q["by"], q["skip"], q["balanced"], q["seed"], progress=prog)
+    if not len(df):
+        console.print(f"sweep.keeps is empty: no sweep point (opt-in); wrote an empty {summary}. "
+                      "Run it with: dvc exp run -S 'sweep.keeps=[0.1,0.5]'", highlight=False)
+        return
+    keeps = sorted(df["keep"].unique())
+    rows = [(st, *[{r.keep: f"{r.accuracy_mean:.4f} ± {r.accuracy_std:.4f}" for r in g.itertuples()}.get(k, "")
+                   for k in keeps]) for st, g in df.groupby("strategy")]
+    console.print(table(f"test accuracy (mean ± std over seeds) → {summary}", ["strategy"] + [f"keep {k:g}" for k in keeps], rows))
+
+
 @sweep_app.command("collect")
 @handle_errors
 def sweep_collect(

@@ -92,9 +92,7 @@ def together(folder: str | os.PathLike) -> Iterator[None]:
     if not pairs:
         return
     write_text(folder / JOURNAL, json.dumps({"replace": pairs}, indent=1) + "\n")  # the commit point
-    for tmp, target in pairs:
-        os.replace(folder / tmp, folder / target)
-    os.unlink(folder / JOURNAL)
+    settle(folder)  # the renames (a reader that finishes them at the same time is no harm)
 
 
 def _group_for(path: Path):

@@ -50,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
         "gamma": 0.1,         # lr factor per drop (schedule=step)
         "seeds": [0, 1, 2],   # one run per seed (mean ± std); the first is the model that gets scored
         "device": "auto",     # auto | cpu | cuda
-        "checkpoint_every": 1,  # epochs between checkpoints (self-influence uses them)
+        "checkpoint_every": 3,  # epochs between checkpoints (self- and val-influence sum over them)
         "track": 256,
         "probs_window": 0.4,  # the first fraction of epochs whose pre-update softmax is averaged (label issues)         # random training samples whose gradient norm is recorded each epoch
         "amp": "auto",        # auto | off | bf16 | fp16: mixed precision (auto: bf16/fp16 on CUDA, off on CPU)
@@ -101,7 +101,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "sweep": {
         "strategies": ["random", "max-gradient", "non-extreme", "gradient-cdf"],
-        "keeps": [0.1, 0.5],
+        "keeps": [],          # empty = no sweep (opt-in): dvc exp run -S 'sweep.keeps=[0.1,0.5]'
     },
 }
 
@@ -295,9 +295,9 @@ def _check_free(p: dict, where: str) -> None:
         raise CleanError(f"{where}: sweep.strategies must be a non-empty list from: {', '.join(STRATEGIES.names())}; "
                          f"got {strategies!r}")
     keeps = p["sweep"]["keeps"]
-    if not (isinstance(keeps, list) and keeps and all(
+    if not (isinstance(keeps, list) and all(
             isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k <= 1 for k in keeps)):
-        raise CleanError(f"{where}: sweep.keeps must be a non-empty list of fractions in (0, 1], got {keeps!r}")
+        raise CleanError(f"{where}: sweep.keeps must be a list of fractions in (0, 1] (empty: no sweep), got {keeps!r}")
     aum_max = p["flag"]["aum_max"]
     if aum_max is not None and (isinstance(aum_max, bool) or not isinstance(aum_max, (int, float))):
         raise CleanError(f"{where}: flag.aum_max must be null or a number, got {aum_max!r}")

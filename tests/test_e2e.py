@@ -46,18 +46,19 @@ def set_params(repo: Path, **sections):
 def test_dvc_repro_then_param_change_and_metrics_diff(tmp_path):
     repo = copy_project(tmp_path / "proj")
     sh("git", "init", "-q", cwd=repo)
-    set_params(repo, train={"epochs": 4, "device": "cpu", "seeds": [0]}, score={"params": "last"},
-               sweep={"strategies": ["random", "max-gradient"], "keeps": [0.5]},
+    set_params(repo, train={"epochs": 4, "device": "cpu", "seeds": [0, 1]}, score={"params": "last"},
+               sweep={"strategies": ["random", "max-gradient"]},
                flag={"method": "quantile", "quantile": 0.1})
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "project", cwd=repo)
 
     out = sh("dvc", "repro", cwd=repo).stdout
-    for stage in ("prepare", "train", "evaluate", "score", "flag", "prune", "retrain", "sweep@random-0.5",
-                  "sweep@max-gradient-0.5", "sweep_summary", "figures", "report"):
+    for stage in ("prepare", "train", "evaluate", "score", "flag", "prune", "retrain", "sweep", "figures", "report"):
         assert f"Running stage '{stage}'" in out, stage
+    assert "no sweep point (opt-in)" in out  # the paper's sweep is out of the default path
     base = json.loads((repo / "metrics/base.json").read_text())
-    assert base["n"] == 359 and base["accuracy"] > 0.8  # digits test split, 4 epochs
+    base_details = json.loads((repo / "plots/evaluate_base.json").read_text())
+    assert base_details["n"] == 359 and base["accuracy"] > 0.8  # digits test split, 4 epochs
     for f in ("data/manifest.csv", "data/classes.json", "data/problems.csv", "models/base/model.safetensors",
               "plots/confusion_base.csv", "dvc.lock", "scores/scores.csv", "scores/flags.csv",
               "scores/top_flagged.png", "data/pruned.csv", "prune/summary.json", "metrics/pruned.json",
@@ -78,11 +79,15 @@ def test_dvc_repro_then_param_change_and_metrics_diff(tmp_path):
     assert set(issues) == set(ISSUES) and all("n" in d for d in issues.values())
     html = (repo / "reports/index.html").read_text()
     assert "<section id='issues'>" in html
+    # DVC's own tables fit a terminal: small, flat metrics files
+    text = sh("dvc", "metrics", "show", cwd=repo).stdout
+    assert max(len(line) for line in text.splitlines()) <= 120, text
     shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo).stdout)
     files = next(iter(shown.values()))["data"]
     assert {"metrics/base.json", "metrics/pruned.json"} <= set(files)
     pruned = files["metrics/pruned.json"]["data"]
-    assert pruned["n"] == base["n"] and pruned["n_train"] < base["n_train"]
+    assert json.loads((repo / "plots/evaluate_pruned.json").read_text())["n"] == base_details["n"]
+    assert pruned["n_train"] < base["n_train"]
     # nothing changed → nothing re-runs
     again = sh("dvc", "repro", cwd=repo).stdout
     assert "Data and pipelines are up to date" in again or "didn't change" in again
@@ -116,7 +121,7 @@ def test_dvc_repro_then_param_change_and_metrics_diff(tmp_path):
     assert acc["new"] == pytest.approx(json.loads((repo / "metrics/base.json").read_text())["accuracy"])
     assert acc["new"] < acc["old"]  # 1 epoch is worse than 4
     plots = sh("dvc", "plots", "show", "--json", cwd=repo).stdout
-    for name in ("confusion_base.csv", "sweep.csv", "grad_heatmap.csv", "entropy_topk"):
+    for name in ("confusion_base.csv", "grad_heatmap.csv", "entropy_topk"):
         assert name in plots, name
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "one epoch", cwd=repo)
@@ -124,8 +129,29 @@ def test_dvc_repro_then_param_change_and_metrics_diff(tmp_path):
     # a new dataset version as an experiment: only prune → retrain (and the report) re-run
     out = sh("dvc", "exp", "run", "-S", "prune.strategy=gradient-cdf", "-S", "prune.keep=0.5", cwd=repo).stdout
     assert "Running stage 'prune'" in out and "Running stage 'retrain'" in out
-    assert "Running stage 'train'" not in out and "Running stage 'sweep" not in out
+    assert "Running stage 'train'" not in out and "Running stage 'sweep'" not in out
     diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=repo).stdout)
     assert "n_train" in diff["metrics/pruned.json"]
     summary = json.loads((repo / "prune/summary.json").read_text())
     assert summary["strategy"] == "gradient-cdf" and summary["n_kept"] == round(0.5 * summary["n_total"])
+
+
+    # relabel as a dataset version: the diff shows the change and its verdict, in a terminal's width
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "gradient-cdf", cwd=repo)
+    out = sh("dvc", "exp", "run", "-S", "prune.strategy=relabel", "-S", "flag.method=confident-dynamics", cwd=repo).stdout
+    assert "Running stage 'prune'" in out and "Running stage 'retrain'" in out
+    pruned = json.loads((repo / "metrics/pruned.json").read_text())
+    assert {"diff", "ci_low", "ci_high", "p", "verdict"} <= set(pruned)
+    assert pruned["verdict"] in ("better", "worse", "n.s.")
+    text = sh("dvc", "metrics", "diff", cwd=repo).stdout
+    assert "verdict" in text and "diff" in text, text
+    assert max(len(line) for line in text.splitlines()) <= 120, text
+    text = sh("dvc", "metrics", "show", cwd=repo).stdout
+    assert max(len(line) for line in text.splitlines()) <= 120, text
+
+    # the paper's sweep, one command away
+    out = sh("dvc", "exp", "run", "-S", "sweep.keeps=[0.5]", cwd=repo).stdout
+    assert "Running stage 'sweep'" in out and "Running stage 'train'" not in out
+    rows = (repo / "plots/sweep.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("strategy,keep,accuracy_mean")

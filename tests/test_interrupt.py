@@ -82,8 +82,20 @@ def state(root: Path, stage: str) -> dict[str, bytes]:
     return {f: (root / f).read_bytes() for f in OUTPUTS[stage]}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_like_the_children():
+    """In-process runs use one torch thread, as the killed subprocesses (OMP_NUM_THREADS=1): the
+    floating-point sums of some scores depend on the thread count in their last digits."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(tmp_path_factory, _one_thread_like_the_children):
     """A prepared + trained project with OLD score/prune outputs, and the NEW outputs expected
     from the commands in NEW (computed in a copy)."""
     root = tmp_path_factory.mktemp("interrupt")

@@ -69,7 +69,7 @@ def summarize_runs(results: list[dict], split: str) -> dict:
 
 
 #: the keys of metrics/<name>.json: small and flat, so `dvc metrics show/diff` fit a terminal
-FLAT_KEYS = ("accuracy", "accuracy_std", "loss", "n", "n_train", "n_seeds")
+FLAT_KEYS = ("accuracy", "accuracy_std", "n_train")
 
 
 def details_path(plots_dir: str | Path, name: str) -> Path:
@@ -82,11 +82,11 @@ def evaluate(model_dir: str | Path, manifest: str | Path, name: str, metrics_dir
              progress=None, baseline: str | None = None) -> dict:
     """Evaluate `model_dir` (and its other-seed runs) on `split` of `manifest`.
 
-    Writes `metrics_dir/<name>.json` — small and flat for `dvc metrics diff`: accuracy (mean
-    over seeds), accuracy_std, loss [nats], n, n_train, n_seeds, and with `baseline` (another
-    version's name, e.g. "base") the verdict against it over the seeds: diff, diff_ci_low,
-    diff_ci_high, p_value, verdict (pipeline/verdict.py) — plus `plots_dir/evaluate_<name>.json`
-    (per-class accuracy, every run) and `plots_dir/confusion_<name>.csv` (actual,predicted of the
+    Writes `metrics_dir/<name>.json` — small and flat, so `dvc metrics show/diff` fit 120
+    columns: accuracy (mean over seeds), accuracy_std, n_train, and with `baseline` (another
+    version's name, e.g. "base") the verdict against it over the seeds: diff, ci_low, ci_high,
+    p, verdict (pipeline/verdict.py) — plus `plots_dir/evaluate_<name>.json` (everything:
+    loss [nats], n, n_seeds, per-class accuracy, every run) and `plots_dir/confusion_<name>.csv` (actual,predicted of the
     first seed's model). Returns the full metrics dict (flat keys + per_class_accuracy + runs).
     """
     import pandas as pd
@@ -118,8 +118,7 @@ def evaluate(model_dir: str | Path, manifest: str | Path, name: str, metrics_dir
         metrics.update(_versus(plots_dir, baseline, metrics))
     write_json(details_path(plots_dir, name), metrics)
     write_json(Path(metrics_dir) / f"{name}.json",
-               {k: metrics[k] for k in (*FLAT_KEYS, "diff", "diff_ci_low", "diff_ci_high", "p_value", "verdict")
-                if k in metrics})
+               {k: metrics[k] for k in (*FLAT_KEYS, "diff", "ci_low", "ci_high", "p", "verdict") if k in metrics})
     return metrics
 
 

@@ -89,3 +89,32 @@ def collect(sweep_dir: str | Path, out_csv: str | Path, strategies=None, keeps=N
     df = pd.DataFrame(rows).sort_values(["strategy", "keep"]).reset_index(drop=True)
     write_frame(out_csv, df)
     return df
+
+
+#: the columns of the sweep summary (plots/sweep.csv)
+SUMMARY_COLUMNS = ["strategy", "keep", "accuracy_mean", "accuracy_std", "n_seeds", "n_kept", "label_entropy_kept"]
+
+
+def sweep(manifest: str | Path, scores_csv: str | Path, flags_csv: str | Path | None, out_dir: str | Path,
+          summary_csv: str | Path, strategies: list[str], keeps: list[float], recipe, seeds: list[int],
+          by: str, skip: float, balanced: bool, prune_seed: int, progress=None):
+    """Stage: every point of strategies × keeps (:func:`sweep_point` into out_dir/<strategy>-<keep>)
+    then their summary → summary_csv. No keeps (the default: the sweep is opt-in) writes an
+    empty summary at once. Returns the summary DataFrame."""
+    import pandas as pd
+
+    from pipeline.io import write_frame
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for strategy in strategies:
+        for keep in keeps:
+            if progress:
+                progress("log", message=f"sweep point {strategy} keep={keep:g}")
+            sweep_point(manifest, scores_csv, out_dir / f"{strategy}-{keep:g}", strategy, keep, recipe, seeds, by=by,
+                        skip=skip, balanced=balanced, prune_seed=prune_seed, flags_csv=flags_csv, progress=progress)
+    if not keeps or not strategies:
+        df = pd.DataFrame(columns=SUMMARY_COLUMNS)
+        write_frame(summary_csv, df)
+        return df
+    return collect(out_dir, summary_csv, strategies, keeps)
