@@ -15,8 +15,9 @@ pretrained: false, --epochs, train.augment auto → on for these photos, one see
   clean prepare; clean train; clean score (score.params last); clean score (score.params all)
 each timed by wall clock (a fresh process: imports, model load and image decoding included),
 plus the stage's own figures (models/base/metrics.json `seconds`, scores/meta.json `seconds`).
-Self-influence and embeddings are off in both scorings so that the two differ only in
-score.params. The ratio divides `all` scoring's seconds per image by training's seconds per
+Self-influence and embeddings are off in both scorings; score.val_influence keeps its default
+(on: train→validation TracIn over the one checkpoint, with the same score.params), so the two
+scorings differ only in score.params. The ratio divides `all` scoring's seconds per image by training's seconds per
 image (one epoch = every image once, forward + backward + update, batch --batch-size).
 """
 from __future__ import annotations
