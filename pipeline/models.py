@@ -60,7 +60,7 @@ def create_model(name: str, num_classes: int, in_chans: int, img_size: tuple[int
             raise CleanError(
                 f"model.weights: cannot load {weights} into '{name}' ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:200] if str(e) else ''}); give a checkpoint of this architecture in "
-                "timm's formats: .safetensors, or a torch state dict saved with torch.save(model.state_dict(), ...)"
+                "timm's formats: .safetensors, or a torch state dict (.pth / .bin, written by torch.save of model.state_dict())"
             ) from None
         if pretrained:
             raise CleanError(

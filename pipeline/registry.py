@@ -176,4 +176,6 @@ if __name__ == "__main__":  # python -m pipeline.registry README.md: regenerate 
     from pipeline import registry  # the registries the modules register into (this file runs as __main__)
 
     path = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
-    path.write_text(registry.rewrite_readme(path.read_text()))
+    from pipeline.io import write_text
+
+    write_text(path, registry.rewrite_readme(path.read_text()))

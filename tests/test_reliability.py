@@ -153,8 +153,11 @@ def test_params_path_is_a_folder(proj):
 
 
 def test_bad_option_value_names_the_allowed_values(proj):
+    from pipeline.registry import STRATEGIES
+
     fails(clean(proj, "prune", "--strategy", "best"), "command-line options: prune.strategy = 'best' is not allowed; "
-          "use one of: random, max-gradient, non-extreme, gradient-cdf, drop-flagged")
+          f"use one of: {', '.join(STRATEGIES)}")
+    assert STRATEGIES.names()[:5] == ["random", "max-gradient", "non-extreme", "gradient-cdf", "drop-flagged"]
     fails(clean(proj, "prepare", "--val-frac", "1.5"), "command-line options: data.val_frac must be ≥ 0.0 and < 1.0, got 1.5")
     fails(clean(proj, "evaluate", "--split", "bogus"), "--split 'bogus' is not a split; use one of train, val, test")
 

@@ -18,7 +18,7 @@ from .helpers import make_imagefolder
 
 
 def recipe(**kw):
-    base = dict(model="small_cnn_bn", epochs=3, batch_size=8, lr=1e-2, seed=0, device="cpu")
+    base = dict(model="small_cnn_bn", epochs=3, batch_size=8, lr=1e-2, seed=0, device="cpu", checkpoint_every=1)
     base.update(kw)
     return Recipe(**base)
 

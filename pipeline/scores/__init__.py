@@ -5,9 +5,16 @@ margin, self_influence; gradient norms from engine.py / layers.py / head.py), tr
 influence (influence.py: val_influence) and training dynamics (dynamics.py). Formulas: docs/methods.md §1. Registration order is column order.
 """
 from pipeline.registry import SCORES
+
+
+def _val_influence(*args, **kw):
+    """pipeline.scores.influence.val_influence, imported on first call (it imports torch)."""
+    from pipeline.scores.influence import val_influence
+
+    return val_influence(*args, **kw)
+
 from pipeline.scores import compute as _fw
 from pipeline.scores import dynamics as _dyn
-from pipeline.scores import influence as _inf
 
 SCORES.register("loss", needs=("forward",), doc="cross-entropy of the given label (nats)")(_fw.forward_scores)
 SCORES.register("grad_norm", needs=("forward", "backward"),
@@ -28,4 +35,4 @@ SCORES.register("self_influence", needs=("checkpoints", "backward"),
                 doc="TracIn: Σ over epoch checkpoints of lr·‖∇L_i‖₂²")(_fw.self_influence)
 SCORES.register("val_influence", needs=("checkpoints", "val", "backward"), suspicious="low",
                 doc="TracIn train→validation: Σ over checkpoints of lr·⟨∇L_i, ∇L̄_val⟩ (< 0: harmful)"
-                )(_inf.val_influence)
+                )(_val_influence)
