@@ -62,5 +62,5 @@ def test_prepare_train_evaluate_on_a_folder(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "models/base/metrics.json").read_text())["epochs"] == 3  # option beat params.yaml
     res = runner.invoke(app, ["evaluate", "--name", "base"])
     assert res.exit_code == 0, res.output
-    m = json.loads((tmp_path / "metrics/base.json").read_text())
+    m = json.loads((tmp_path / "plots/evaluate_base.json").read_text())  # the details beside the flat metrics
     assert "accuracy" in res.output and m["n"] == 7  # 36 images: test = round(0.2*36)

@@ -54,7 +54,7 @@ def data(tmp_path_factory):
 
 
 def _recipe(**kw):
-    base = dict(model="small_cnn_bn", epochs=2, batch_size=8, lr=1e-2, seed=0, device="cpu")
+    base = dict(model="small_cnn_bn", epochs=2, batch_size=8, lr=1e-2, seed=0, device="cpu", checkpoint_every=1)
     base.update(kw)
     return Recipe(**base)
 
@@ -69,20 +69,22 @@ def test_torchrun_two_processes_equal_one(data, tmp_path):
     # batch 7 over 22 images: global batches 7, 7, 8 → uneven per-rank slices (4+3, 4+4)
     # SGD: Adam's normalised step would turn float noise in ~0 gradients into lr-sized differences
     opts = ["--model", "test_efficientnet_gn", "--epochs", "2", "--batch-size", "7", "--optimizer", "sgd", "--lr", "0.01",
-            "--device", "cpu", "--params", str(tmp_path / "absent.yaml")]
+            "--device", "cpu", "--params", str(tmp_path / "every_epoch.yaml")]
+    (tmp_path / "every_epoch.yaml").write_text("train:\n  checkpoint_every: 1\n")  # a checkpoint per epoch
     (tmp_path / "driver.py").write_text(DRIVER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(tmp_path / "driver.py"),
            "train", "--manifest", str(m), "--out", str(tmp_path / "dist"), *opts, "+",
            "score", str(m), "--model", str(tmp_path / "dist"), "--out", str(tmp_path / "scores_dist"),
-           "--batch-size", "5", "--device", "cpu", "--params", str(tmp_path / "absent.yaml")]
+           "--batch-size", "5", "--device", "cpu", "--params", str(tmp_path / "every_epoch.yaml")]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.count("trained test_efficientnet_gn") == 1  # only rank 0 prints
 
     one = tmp_path / "one"
-    train(m, one, Recipe(model="test_efficientnet_gn", epochs=2, batch_size=7, optimizer="sgd", lr=0.01, device="cpu"))
+    train(m, one, Recipe(model="test_efficientnet_gn", epochs=2, batch_size=7, optimizer="sgd", lr=0.01, device="cpu",
+                         checkpoint_every=1))
     a, b = load_file(str(one / "model.safetensors")), load_file(str(tmp_path / "dist" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:

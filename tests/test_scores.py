@@ -43,7 +43,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("scores")
     make_imagefolder(root / "imgs", n_per_class=8)
     prepare("imagefolder", str(root / "imgs"), root / "data", 0.2, 0.25, 0)
-    recipe = Recipe(model="small_cnn_bn", epochs=3, batch_size=8, lr=1e-2, device="cpu", seed=0)
+    recipe = Recipe(model="small_cnn_bn", epochs=3, batch_size=8, lr=1e-2, device="cpu", seed=0, checkpoint_every=1)
     train(root / "data" / "manifest.csv", root / "models" / "base", recipe)
     return root
 
