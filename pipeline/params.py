@@ -128,48 +128,66 @@ CHOICES = {
 #: the largest seed numpy's legacy generator accepts (2**32 - 1); every seed param is ≤ it
 SEED_MAX = 2**32 - 1
 
-# (low, high, low_inclusive, high_inclusive)
-RANGES = {
-    "data.val_frac": (0.0, 1.0, True, False),
-    "data.test_frac": (0.0, 1.0, True, False),
-    "noise.rate": (0.0, 1.0, True, False),
-    "train.epochs": (1, None, True, False),
-    "train.batch_size": (1, None, True, False),
-    "train.lr": (0.0, None, False, False),
-    "train.momentum": (0.0, 1.0, True, False),
-    "train.weight_decay": (0.0, None, True, False),
-    "train.step_size": (1, None, True, False),
-    "train.gamma": (0.0, 1.0, False, True),
-    "train.checkpoint_every": (1, None, True, False),
-    "train.track": (0, None, True, False),
-    "train.probs_window": (0.0, 1.0, False, True),
-    "train.workers": (0, None, True, False),
-    "data.cache_max_gb": (0.0, None, True, False),
-    "score.batch_size": (1, None, True, False),
-    "flag.quantile": (0.0, 1.0, False, False),
-    "flag.threshold": (0.0, None, False, False),
-    "flag.contamination": (0.0, 0.5, False, True),
-    "flag.projection_dim": (1, None, True, False),
-    "flag.folds": (2, None, True, False),
-    "flag.grid": (0, None, True, False),
-    "flag.duplicate_tau": (0.0, None, False, False),
-    "flag.outlier_k": (1, None, True, False),
-    "flag.outlier_mad": (0.0, None, False, False),
-    "flag.dark": (0.0, 1.0, True, True),
-    "flag.light": (0.0, 1.0, True, True),
-    "flag.blurry_mad": (0.0, None, False, False),
-    "flag.low_information": (0.0, 8.0, True, True),
-    "flag.odd_size": (1.0, None, False, False),
-    "flag.odd_aspect_ratio": (0.0, 1.0, True, True),
-    "prune.keep": (0.0, 1.0, False, True),
-    "prune.relabel_min_p": (0.0, 1.0, True, True),
-    "prune.skip": (0.0, 1.0, True, False),
-    # every seed feeds numpy / torch generators, which take 0 .. 2**32 - 1
-    "data.seed": (0, SEED_MAX, True, True),
-    "noise.seed": (0, SEED_MAX, True, True),
-    "flag.seed": (0, SEED_MAX, True, True),
-    "prune.seed": (0, SEED_MAX, True, True),
-}
+
+def _intervals(table: str) -> dict:
+    """'key [lo, hi)' lines → {key: (lo, hi, lo_inclusive, hi_inclusive)}; ±inf → None; '2**32-1' → SEED_MAX."""
+    def num(t: str):
+        t = t.strip()
+        if t in ("inf", "-inf"):
+            return None
+        if t == "2**32-1":
+            return SEED_MAX
+        return float(t) if "." in t else int(t)
+
+    out = {}
+    for line in table.strip().splitlines():
+        key, rng = line.split(None, 1)
+        lo, hi = rng.strip()[1:-1].split(",")
+        out[key] = (num(lo), num(hi), rng.strip()[0] == "[", rng.strip()[-1] == "]")
+    return out
+
+#: Numeric ranges, in interval notation ("[" / "]" inclusive, "(" / ")" exclusive); every seed feeds
+#: numpy / torch generators, which take 0 .. 2**32 − 1. Parsed into (low, high, low_inclusive, high_inclusive).
+RANGES = _intervals("""
+data.val_frac            [0.0, 1.0)
+data.test_frac           [0.0, 1.0)
+noise.rate               [0.0, 1.0)
+train.epochs             [1, inf)
+train.batch_size         [1, inf)
+train.lr                 (0.0, inf)
+train.momentum           [0.0, 1.0)
+train.weight_decay       [0.0, inf)
+train.step_size          [1, inf)
+train.gamma              (0.0, 1.0]
+train.checkpoint_every   [1, inf)
+train.track              [0, inf)
+train.probs_window       (0.0, 1.0]
+train.workers            [0, inf)
+data.cache_max_gb        [0.0, inf)
+score.batch_size         [1, inf)
+flag.quantile            (0.0, 1.0)
+flag.threshold           (0.0, inf)
+flag.contamination       (0.0, 0.5]
+flag.projection_dim      [1, inf)
+flag.folds               [2, inf)
+flag.grid                [0, inf)
+flag.duplicate_tau       (0.0, inf)
+flag.outlier_k           [1, inf)
+flag.outlier_mad         (0.0, inf)
+flag.dark                [0.0, 1.0]
+flag.light               [0.0, 1.0]
+flag.blurry_mad          (0.0, inf)
+flag.low_information     [0.0, 8.0]
+flag.odd_size            (1.0, inf)
+flag.odd_aspect_ratio    [0.0, 1.0]
+prune.keep               (0.0, 1.0]
+prune.relabel_min_p      [0.0, 1.0]
+prune.skip               [0.0, 1.0)
+data.seed                [0, 2**32-1]
+noise.seed               [0, 2**32-1]
+flag.seed                [0, 2**32-1]
+prune.seed               [0, 2**32-1]
+""")
 
 # keys whose value may be of several shapes (checked by their own validator)
 FREE = {"flag.aum_max", "flag.issues", "prune.drop", "data.root", "data.classes", "data.image_size", "noise.pairs", "model.weights", "train.seeds",

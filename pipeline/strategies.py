@@ -142,16 +142,7 @@ def gradient_cdf(scores: np.ndarray, n: int, rng: np.random.Generator, skip: flo
 @STRATEGIES.register("drop-flagged", needs=("flags",), doc="keep everything `clean flag` did not flag")
 def drop_flagged(flagged: np.ndarray) -> np.ndarray:
     """Indices of the samples not flagged (bool [N], True = drop)."""
-    n = flagged.shape[0]
-    f = np.asarray(flagged)
-    if f.dtype.kind != "b":
-        if not np.isin(f, (0, 1)).all():
-            raise CleanError(f"flagged must be boolean (or 0/1), got dtype {f.dtype}")
-        f = f.astype(bool)
-    kept = np.flatnonzero(~f).astype(np.int64)
-    if kept.size == 0:
-        raise CleanError(f"drop-flagged would keep 0 of {n} samples: every sample is flagged")
-    return kept
+    return _keep_unmarked(flagged, "drop-flagged", "flagged")
 
 
 @STRATEGIES.register("drop-harmful", needs=("flags",), issues=("harmful",),

@@ -218,11 +218,15 @@ def _check_files(candidates: list[tuple[str, str, str | None]], progress) -> tup
     return records, problems
 
 
-def _root(root, kind: str, what: str) -> Path:
-    """data.root as a Path; CleanError when a source that needs it has none."""
+def _root(root, kind: str, what: str, missing: str | None = None, folder: bool = True) -> Path:
+    """data.root as a Path; CleanError when a source that needs it has none, or (with `missing`,
+    the message) when it is not an existing folder (`folder`) / file."""
     if root is None:
         raise CleanError(f"data.root is required for data.source = {kind}: set it to {what}")
-    return Path(root)
+    path = Path(root)
+    if missing is not None and not (path.is_dir() if folder else path.is_file()):
+        raise CleanError(missing.format(path=path, what=("is a folder, not a CSV file" if path.is_dir() else "not found")))
+    return path
 
 
 def _is_image_name(name: str) -> bool:
@@ -271,10 +275,9 @@ def _split_folders(root: Path, subdirs: list[Path]) -> dict[str, Path] | None:
 @SOURCES.register("imagefolder", needs=("root",),
                   doc="a folder root/<class>/<image>, or root/{train,val,test}/<class>/<image> with the user's own splits")
 def _imagefolder(root, out_dir: Path, classes, progress) -> Source:
-    root = _root(root, "imagefolder", "a folder with one subfolder per class")
-    if not root.is_dir():
-        raise CleanError(f"image folder not found: {root}; set data.root to a folder with one "
-                         f"subfolder per class (root/<class>/<image>)")
+    root = _root(root, "imagefolder", "a folder with one subfolder per class",
+                 "image folder not found: {path}; set data.root to a folder with one subfolder per class "
+                 "(root/<class>/<image>)")
     entries, subdirs = _subdirs(root)
     if not subdirs:
         raise CleanError(f"no class subfolders in {root}; expected root/<class>/<image>")
@@ -336,10 +339,8 @@ def _folder_candidates(subdirs: list[Path], known: set, split: str | None,
 @SOURCES.register("csv", needs=("root",),
                   doc="a CSV with columns path,label and an optional split (train|val|test); paths relative to the CSV")
 def _csv(root, out_dir: Path, classes, progress) -> Source:
-    csv_path = _root(root, "csv", "a CSV file with columns path,label")
-    if not csv_path.is_file():
-        what = "is a folder, not a CSV file" if csv_path.is_dir() else "not found"
-        raise CleanError(f"CSV file {csv_path} {what}; set data.root to a CSV with columns path,label")
+    csv_path = _root(root, "csv", "a CSV file with columns path,label",
+                     "CSV file {path} {what}; set data.root to a CSV with columns path,label", folder=False)
     base = os.path.dirname(os.path.abspath(csv_path))
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:

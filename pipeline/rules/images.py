@@ -134,41 +134,27 @@ def grayscale_issue(feats: dict) -> IssueResult:
                        summary={"n_flagged": int(flagged.sum()), "colour_set": bool(colour_set)})
 
 
-@ISSUES.register("dark", needs=("embeddings",), doc="99th percentile of brightness below flag.dark (cleanvision)")
-def dark(inputs, cfg: dict) -> IssueResult:
-    return dark_issue(inputs.features(), cfg.get("dark", 0.37))
+def _register(name: str, doc: str, fn, *keys: str) -> None:
+    """One ISSUES entry: `fn(features, *cfg[keys])` — the thresholds are flag.* params (DEFAULTS)."""
+    def issue(inputs, cfg: dict) -> IssueResult:
+        return fn(inputs.features(), *[cfg[k] for k in keys])
+
+    issue.__name__ = issue.__qualname__ = name
+    issue.__doc__ = f"{doc} ({fn.__name__})"
+    ISSUES.register(name, needs=("embeddings",), doc=doc)(issue)
 
 
-@ISSUES.register("light", needs=("embeddings",), doc="5th percentile of brightness above 1 − flag.light (cleanvision)")
-def light(inputs, cfg: dict) -> IssueResult:
-    return light_issue(inputs.features(), cfg.get("light", 0.05))
-
-
-@ISSUES.register("blurry", needs=("embeddings",),
-                 doc="Laplacian variance / contrast² far below the set's own (robust z < −flag.blurry_mad)")
-def blurry(inputs, cfg: dict) -> IssueResult:
-    return blurry_issue(inputs.features(), cfg.get("blurry_mad", 4.0))
-
-
-@ISSUES.register("low_information", needs=("embeddings",),
-                 doc="pixel entropy below flag.low_information bits (blank, near-constant images)")
-def low_information(inputs, cfg: dict) -> IssueResult:
-    return low_information_issue(inputs.features(), cfg.get("low_information", 3.0), cfg.get("dark", 0.37),
-                                 cfg.get("light", 0.05))
-
-
-@ISSUES.register("odd_size", needs=("embeddings",),
-                 doc="shorter side outside the 3·IQR fence and ×/÷ flag.odd_size from the median (cleanvision)")
-def odd_size(inputs, cfg: dict) -> IssueResult:
-    return odd_size_issue(inputs.features(), cfg.get("odd_size", 1.5))
-
-
-@ISSUES.register("odd_aspect_ratio", needs=("embeddings",),
-                 doc="aspect ratio off the set's median shape by more than a factor 1/flag.odd_aspect_ratio")
-def odd_aspect_ratio(inputs, cfg: dict) -> IssueResult:
-    return odd_aspect_ratio_issue(inputs.features(), cfg.get("odd_aspect_ratio", 0.5))
-
-
-@ISSUES.register("grayscale", needs=("embeddings",), doc="a grayscale image in a colour set (never in a 1-channel set)")
-def grayscale(inputs, cfg: dict) -> IssueResult:
-    return grayscale_issue(inputs.features())
+for _name, _doc, _fn, _keys in (
+    ("dark", "99th percentile of brightness below flag.dark (cleanvision)", dark_issue, ("dark",)),
+    ("light", "5th percentile of brightness above 1 − flag.light (cleanvision)", light_issue, ("light",)),
+    ("blurry", "Laplacian variance / contrast² far below the set's own (robust z < −flag.blurry_mad)",
+     blurry_issue, ("blurry_mad",)),
+    ("low_information", "pixel entropy below flag.low_information bits (blank, near-constant images)",
+     low_information_issue, ("low_information", "dark", "light")),
+    ("odd_size", "shorter side outside the 3·IQR fence and ×/÷ flag.odd_size from the median (cleanvision)",
+     odd_size_issue, ("odd_size",)),
+    ("odd_aspect_ratio", "aspect ratio off the set's median shape by more than a factor 1/flag.odd_aspect_ratio",
+     odd_aspect_ratio_issue, ("odd_aspect_ratio",)),
+    ("grayscale", "a grayscale image in a colour set (never in a 1-channel set)", grayscale_issue, ()),
+):
+    _register(_name, _doc, _fn, *_keys)
