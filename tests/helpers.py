@@ -70,3 +70,33 @@ flag:
   quantile: 0.2
   grid: 0
 """
+
+
+def invoke(where: Path, *args):
+    """`clean <args>` in folder `where` through Typer's test runner → its Result."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    with cwd(where):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(res):
+    """The command succeeded (else fail with its output)."""
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def scored_project(root: Path, params_text: str) -> Path:
+    """root/data/imgs (3 classes x 10 tiny images) + params.yaml → prepare, train, score, flag, with
+    CLEAN_DEBUG=1 so a bug fails with its traceback."""
+    make_imagefolder(root / "data/imgs", n_per_class=10)
+    (root / "params.yaml").write_text(params_text)
+    os.environ["CLEAN_DEBUG"] = "1"
+    try:
+        for cmd in (["prepare"], ["train"], ["score"], ["flag"]):
+            ok(invoke(root, *cmd))
+    finally:
+        os.environ.pop("CLEAN_DEBUG", None)
+    return root

@@ -28,7 +28,7 @@ from cli.main import app
 from pipeline import ownership
 from pipeline.io import FILE_MODE, JOURNAL
 
-from .helpers import TINY_PARAMS, cwd, make_imagefolder
+from .helpers import TINY_PARAMS, cwd, invoke, make_imagefolder, ok, scored_project
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -37,13 +37,7 @@ runner = CliRunner()
 # --------------------------------------------------------------------------- helpers
 
 def clean(where: Path, *args):
-    with cwd(where):
-        return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(res):
-    assert res.exit_code == 0, res.output
-    return res
+    return invoke(where, *args)
 
 
 def one_line_error(res, message: str | None = None, starts: str | None = None) -> str:
@@ -108,16 +102,7 @@ def _debug(monkeypatch):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """prepare → train (1 epoch) → score → flag on 3 classes x 10 tiny images in data/imgs."""
-    root = tmp_path_factory.mktemp("hostile")
-    make_imagefolder(root / "data/imgs", n_per_class=10)
-    (root / "params.yaml").write_text(TINY_PARAMS)
-    os.environ["CLEAN_DEBUG"] = "1"
-    try:
-        for cmd in (["prepare"], ["train"], ["score"], ["flag"]):
-            ok(clean(root, *cmd))
-    finally:
-        os.environ.pop("CLEAN_DEBUG", None)
-    return root
+    return scored_project(tmp_path_factory.mktemp("hostile"), TINY_PARAMS)
 
 
 @pytest.fixture

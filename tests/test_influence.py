@@ -14,20 +14,10 @@ from pipeline.scores.influence import grad_dots, val_gradient, val_influence
 from pipeline.scores.layers import param_subset
 from pipeline.training.infer import normalize
 
+from .test_gradnorm import randomize_norm_layers
 from .helpers import make_imagefolder
 
 MEAN, STD = (0.45,), (0.27,)
-
-
-def _randomize_bn(model: nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
 
 
 def _checkpoints(model: nn.Module, tmp_path, lrs=(0.1, 0.03)):
@@ -40,7 +30,7 @@ def _checkpoints(model: nn.Module, tmp_path, lrs=(0.1, 0.03)):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        _randomize_bn(model, k)
+        randomize_norm_layers(model, k)
         path = tmp_path / f"epoch_{k + 1:03d}.safetensors"
         save_file({n: t.detach().float().contiguous() for n, t in model.state_dict().items()}, str(path))
         out.append((path, lr))
@@ -104,7 +94,7 @@ def test_last_closed_form_equals_jvp_on_the_head():
 
     torch.manual_seed(1)
     model = SmallCNN(num_classes=3, in_chans=1, img_size=8, batch_norm=True).double().eval()
-    _randomize_bn(model, 3)
+    randomize_norm_layers(model, 3)
     x, xv = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.randn(5, 1, 8, 8, dtype=torch.float64)
     y, yv = torch.arange(6) % 3, torch.arange(5) % 3
     v_closed = val_gradient(model, [(xv[:2], yv[:2]), (xv[2:], yv[2:])], "last")

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 
-from .helpers import TINY_PARAMS, cwd, make_imagefolder
+from .helpers import TINY_PARAMS, cwd, invoke, make_imagefolder, ok, scored_project
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -52,13 +52,7 @@ MODEL_COMMANDS = {k: MANIFEST_COMMANDS[k] for k in ("evaluate", "score", "flag")
 
 
 def clean(where: Path, *args):
-    with cwd(where):
-        return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(res):
-    assert res.exit_code == 0, res.output
-    return res
+    return invoke(where, *args)
 
 
 def fails(res, message: str, code: int = 2) -> None:
@@ -80,16 +74,7 @@ def _debug(monkeypatch):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """prepare → train (1 epoch) → score → flag on 3 classes x 10 tiny images inside data/."""
-    root = tmp_path_factory.mktemp("reliability")
-    make_imagefolder(root / "data/imgs", n_per_class=10)
-    (root / "params.yaml").write_text(PARAMS)
-    os.environ["CLEAN_DEBUG"] = "1"
-    try:
-        for cmd in (["prepare"], ["train"], ["score"], ["flag"]):
-            ok(clean(root, *cmd))
-    finally:
-        os.environ.pop("CLEAN_DEBUG", None)
-    return root
+    return scored_project(tmp_path_factory.mktemp("reliability"), PARAMS)
 
 
 @pytest.fixture
