@@ -153,3 +153,27 @@ def test_corrupt_training_record_is_named(trained, tmp_path):
     with pytest.raises(CleanError, match=r"dynamics.npz: not a readable training record .*re-run `clean train"):
         score(tmp_path / "m", trained / "data/manifest.csv", tmp_path / "s", params="last",
               with_self_influence=False, device="cpu")
+
+
+@pytest.mark.parametrize("split", ["train", "all"])
+def test_embeddings_from_the_scoring_pass_equal_a_separate_features_pass(trained, tmp_path, split):
+    """score reuses the scored rows' features from its own forward pass; every row of
+    embeddings.npz must equal an independent image_features pass over the whole manifest."""
+    from pipeline.data.images import load_images
+    from pipeline.scores.features import FEATURE_KEYS, image_features
+
+    score(trained / "models/base", trained / "data/manifest.csv", tmp_path, params="last", batch_size=5,
+          device="cpu", split=split, embeddings=True)
+    got = np.load(tmp_path / "embeddings.npz")
+    model, cfg = load_trained(trained / "models/base", "cpu")
+    manifest = pd.read_csv(trained / "data/manifest.csv")
+    x = load_images(manifest["path"].tolist(), trained / "data", cfg["image_size"], cfg["in_chans"])
+    ref = image_features(model, x, cfg["mean"], cfg["std"], 64, "cpu")
+    assert got["ids"].tolist() == manifest["id"].tolist()
+    assert set(manifest["split"]) >= {"train", "val", "test"}
+    for k in FEATURE_KEYS:
+        assert got[k].shape == ref[k].shape, k
+        if k == "emb":
+            np.testing.assert_allclose(got[k].astype(np.float32), ref[k].astype(np.float32), rtol=2e-3, atol=2e-3)
+        else:
+            np.testing.assert_array_equal(got[k], ref[k], err_msg=k)

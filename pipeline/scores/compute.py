@@ -13,13 +13,16 @@ import numpy as np
 
 def forward_scores(model, images_u8, labels: np.ndarray, mean, std, norm: str = "l2",
                    params: str = "last", batch_size: int = 256, device: str = "cpu",
-                   progress=None) -> dict[str, np.ndarray]:
+                   progress=None, features: bool = False) -> dict[str, np.ndarray]:
     """Eval-mode per-sample scores of uint8 images [N,C,H,W] with int labels [N].
 
     `images_u8` is an array or streamed images (pipeline/stream.py: decoded batch by batch
     by worker processes; never the whole set). Returns {pred [N] int, loss [N] nats,
     grad_norm [N], el2n [N], margin [N]} as numpy. Independent of batch_size (BatchNorm uses
     running stats). Always float32 (no autocast): the per-sample norm math needs it.
+    With `features`, also the same pass's image features (pipeline/scores/features.py:
+    emb float16 [N, D], hash, image statistics), so `clean score` decodes and forwards the
+    scored images once.
     """
     from pipeline.training.infer import batches
     from pipeline.data.stream import iter_batches
@@ -30,7 +33,7 @@ def forward_scores(model, images_u8, labels: np.ndarray, mean, std, norm: str = 
     spans = list(batches(len(labels), batch_size))
     feed = iter_batches(images_u8, [slice(s, e) for s, e in spans], pin=str(device).startswith("cuda"))
     with _exact_fp32():
-        _score_batches(model, spans, feed, labels, mean, std, norm, params, device, out, progress)
+        _score_batches(model, spans, feed, labels, mean, std, norm, params, device, out, progress, features)
     return out
 
 
@@ -47,8 +50,11 @@ def _exact_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _score_batches(model, spans, feed, labels, mean, std, norm, params, device, out, progress) -> None:
+def _score_batches(model, spans, feed, labels, mean, std, norm, params, device, out, progress,
+                   features: bool = False) -> None:
     import torch
+
+    from pipeline.scores.features import batch_features, empty_features
 
     from pipeline.scores.engine import per_sample_grad_norms
     from pipeline.training.infer import normalize
@@ -67,6 +73,12 @@ def _score_batches(model, spans, feed, labels, mean, std, norm, params, device, 
         out["el2n"][s:e] = torch.linalg.vector_norm(p - onehot, dim=1).double().cpu().numpy()
         out["margin"][s:e] = (z_y - other).double().cpu().numpy()
         out["pred"][s:e] = logits.argmax(1).cpu().numpy()
+        if features:
+            f = batch_features(xb, r["h"])
+            if "emb" not in out:
+                out.update(empty_features(len(labels), f["emb"].shape[1]))
+            for k, v in f.items():
+                out[k][s:e] = v
         if progress:
             progress("advance", n=e - s)
 

@@ -78,6 +78,19 @@ def native_sizes(paths: list[str], base_dir: Path) -> tuple[np.ndarray, np.ndarr
     return arr[:, 0], arr[:, 1]
 
 
+def batch_features(xb_u8: np.ndarray, h) -> dict[str, np.ndarray]:
+    """Features of one decoded batch: uint8 [B,C,H,W] and its head inputs h (tensor [B, D, ...])
+    → {emb float16 [B, D], hash uint64 [B], <STAT_KEYS minus height/width> float32 [B]}."""
+    xb = np.asarray(xb_u8)
+    out = {"emb": h.detach().float().reshape(len(xb), -1).cpu().numpy().astype(np.float16), "hash": pixel_hash(xb)}
+    out.update(image_stats(xb))
+    return out
+
+
+#: the keys :func:`batch_features` returns
+FEATURE_KEYS = ("emb", "hash") + tuple(k for k in STAT_KEYS if k not in ("height", "width"))
+
+
 def image_features(model, images_u8, mean, std, batch_size: int, device: str, progress=None) -> dict:
     """Embeddings, pixel hashes and image statistics of uint8 images [M,C,H,W] (array or streamed).
 
@@ -92,19 +105,22 @@ def image_features(model, images_u8, mean, std, batch_size: int, device: str, pr
 
     model.eval()
     spans = list(batches(len(images_u8), batch_size))
-    out: dict[str, list] = {"emb": [], "hash": []}
+    out: dict[str, list] = {k: [] for k in FEATURE_KEYS}
     with torch.inference_mode():
         for (s, e), xb in zip(spans, iter_batches(images_u8, [slice(s, e) for s, e in spans],
                                                   pin=str(device).startswith("cuda"))):
             xb = np.asarray(xb)
             _, h = forward_logits_features(model, normalize(xb, mean, std, device))
-            out["emb"].append(h.float().reshape(len(xb), -1).cpu().numpy().astype(np.float16))
-            out["hash"].append(pixel_hash(xb))
-            for k, v in image_stats(xb).items():
-                out.setdefault(k, []).append(v)
+            for k, v in batch_features(xb, h).items():
+                out[k].append(v)
             if progress:
                 progress("advance", n=e - s)
     if not spans:
-        return {"emb": np.zeros((0, 0), np.float16), "hash": np.zeros(0, np.uint64),
-                **{k: np.zeros(0, np.float32) for k in STAT_KEYS if k not in ("height", "width")}}
+        return empty_features()
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def empty_features(n: int = 0, dim: int = 0) -> dict[str, np.ndarray]:
+    """Uninitialised feature arrays for n images with embedding size dim (keys :data:`FEATURE_KEYS`)."""
+    return {"emb": np.empty((n, dim), np.float16), "hash": np.empty(n, np.uint64),
+            **{k: np.empty(n, np.float32) for k in FEATURE_KEYS[2:]}}

@@ -22,6 +22,7 @@ from pipeline.params import CHOICES, DEFAULTS
 from pipeline.registry import SCORES
 from pipeline.scores.compute import forward_scores, self_influence
 from pipeline.scores.dynamics import DYNAMICS_INPUTS, dynamics_scores
+from pipeline.scores.features import FEATURE_KEYS
 from pipeline.scores.influence import val_influence
 
 def score_columns() -> list[str]:
@@ -75,7 +76,8 @@ def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, norm
     if progress:
         where = f", rank 0 of {D.world_size()}" if D.enabled() else ""
         progress("start", desc=f"score ({norm}, {params}{where})", total=(1 + len(ckpts) + len(vckpts)) * (hi - lo))
-    s = forward_scores(model, images, labels, cfg["mean"], cfg["std"], norm, params, batch_size, device, progress)
+    s = forward_scores(model, images, labels, cfg["mean"], cfg["std"], norm, params, batch_size, device, progress,
+                       features=embeddings)
     s["self_influence"] = (self_influence(model, ckpts, images, labels, cfg["mean"], cfg["std"], params,
                                           batch_size, device, progress) if ckpts else np.full(hi - lo, np.nan))
     s["val_influence"] = (val_influence(model, vckpts, images, labels, val.images, val.labels, cfg["mean"], cfg["std"],
@@ -87,12 +89,13 @@ def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, norm
     if not D.is_main():
         D.barrier()  # until rank 0 has written the files
         return None
-    s = {k: np.concatenate([p[k] for p in parts]) for k in s}
+    s = {k: np.concatenate([p[k] for p in parts if k in p]) for k in s}
     _check_finite(s, model_dir, split)
+    scored = {k: s.pop(k) for k in FEATURE_KEYS if k in s}  # the scored rows' features, from the same pass
     with together(out_dir):  # scores.csv, meta.json (and embeddings.npz) change as one
         if embeddings:
-            _write_features(out_dir / "embeddings.npz", model, manifest, df, cfg, batch_size, device, cache_max_gb,
-                            workers, progress)
+            _write_features(out_dir / "embeddings.npz", model, manifest, df, df["id"].isin(rows["id"]).to_numpy(),
+                            scored, cfg, batch_size, device, cache_max_gb, workers, progress)
         ids = rows["id"].to_numpy(np.int64)
         dyn_cols, n_dyn = _dynamics_columns(model_dir, ids)
         out = _frame(rows, s, dyn_cols)
@@ -113,19 +116,34 @@ def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, norm
     return out
 
 
-def _write_features(path: Path, model, manifest: Path, df, cfg: dict, batch_size: int, device: str,
-                    cache_max_gb: float, workers: int, progress) -> None:
-    """embeddings.npz for every row of the manifest: ids, split, emb [M, D] float16, hash, image stats."""
-    from pipeline.io import atomic_path
-    from pipeline.scores.features import image_features, native_sizes
+def _write_features(path: Path, model, manifest: Path, df, scored_mask: np.ndarray, scored: dict, cfg: dict,
+                    batch_size: int, device: str, cache_max_gb: float, workers: int, progress) -> None:
+    """embeddings.npz for every row of the manifest: ids, split, emb [M, D] float16, hash, image stats.
 
-    data = open_split(manifest, "all", cfg["image_size"], cfg["in_chans"], df=df, cache_max_gb=cache_max_gb,
-                      workers=workers, rows=df)
-    if progress:
-        progress("start", desc="embed every split", total=len(df))
-    feats = image_features(model, data.images, cfg["mean"], cfg["std"], batch_size, device, progress)
-    if progress:
-        progress("end")
+    `scored` holds the features of the rows where `scored_mask` [M] is true (from the scoring
+    pass, in manifest order); only the other rows are decoded and forwarded here."""
+    from pipeline.io import atomic_path
+    from pipeline.scores.features import empty_features, image_features, native_sizes
+
+    if not scored:
+        scored_mask = np.zeros(len(df), bool)
+    rest = df[~scored_mask]
+    extra = {}
+    if len(rest):
+        data = open_split(manifest, "all", cfg["image_size"], cfg["in_chans"], df=df, cache_max_gb=cache_max_gb,
+                          workers=workers, rows=rest)
+        if progress:
+            progress("start", desc="embed the other splits", total=len(rest))
+        extra = image_features(model, data.images, cfg["mean"], cfg["std"], batch_size, device, progress)
+        if progress:
+            progress("end")
+    dim = (scored.get("emb") if scored_mask.any() else extra["emb"]).shape[1]
+    feats = empty_features(len(df), dim)
+    for k, v in feats.items():
+        if scored_mask.any():
+            v[scored_mask] = scored[k]
+        if len(rest):
+            v[~scored_mask] = extra[k]
     height, width = native_sizes(df["path"].tolist(), manifest.parent)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
