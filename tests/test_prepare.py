@@ -133,3 +133,36 @@ def test_prepare_real_fashion_mnist(tmp_path):
     rows = _rows(tmp_path / "manifest.csv")
     x = load_images([rows[1][1], rows[-1][1]], tmp_path)
     assert x.shape == (2, 1, 28, 28) and x.dtype == np.uint8
+
+
+@pytest.mark.parametrize("source", ["imagefolder", "csv"])
+def test_prepare_opens_and_decodes_each_file_exactly_once(tmp_path, save_image, monkeypatch, source):
+    """Checking a folder costs one open + one decode per file (the 1M-file target): no header
+    pass before the decode, no second decode for sizes or modes."""
+    from collections import Counter
+
+    from PIL import Image, ImageFile
+
+    root = tmp_path / "images"
+    _folder(root, save_image)
+    if source == "csv":
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        (tmp_path / "list.csv").write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in files))
+    opened, decoded = Counter(), Counter()
+    real_open, real_load = Image.open, ImageFile.ImageFile.load
+
+    def counting_open(fp, *a, **k):
+        opened[str(fp)] += 1
+        return real_open(fp, *a, **k)
+
+    def counting_load(self):
+        decoded[self.filename] += 1
+        return real_load(self)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    prepare(source, root if source == "imagefolder" else tmp_path / "list.csv", tmp_path / "data", 0.2, 0.2, 0)
+    images = {str(p) for p in root.rglob("*.png")} | {str(p) for p in root.rglob("*.jpg")}
+    assert set(opened) == images and set(opened.values()) == {1}, opened
+    good = {f for f in images if "broken" not in f and "junk" not in f}
+    assert set(decoded) == good and set(decoded.values()) == {1}, decoded
