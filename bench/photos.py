@@ -3,6 +3,7 @@ the ratio of `all`-parameter scoring to a training step.
 
 Usage:  OMP_NUM_THREADS=2 python bench/photos.py [--n 2000] [--epochs 1] [--work /tmp/clean_photos]
                                                 [--device cpu] [--batch-size 32] [--model resnet18]
+        python bench/photos.py --repro [--seeds 0 1] [--epochs 1]     # the whole pipeline: `dvc repro`
 
 Data: the first --n Fashion-MNIST training images (/usr/share/datasets/fashion-mnist, read with
 pipeline.data.images.read_idx), upscaled 28 → 224 (bicubic) and coloured (each class its hue,
@@ -19,6 +20,12 @@ Self-influence and embeddings are off in both scorings; score.val_influence keep
 (on: train→validation TracIn over the one checkpoint, with the same score.params), so the two
 scorings differ only in score.params. The ratio divides `all` scoring's seconds per image by training's seconds per
 image (one epoch = every image once, forward + backward + update, batch --batch-size).
+
+With --repro: `git clone` of this checkout's HEAD into WORK/repo, its params.yaml changed only in
+data (imagefolder at WORK/photos, image_size 224), model.name, train.epochs / batch_size / seeds
+and score.batch_size, then `time dvc repro` — the default pipeline (train every seed, evaluate,
+score `all` with self- and val-influence and embeddings, flag every issue type, prune, retrain,
+evaluate, report) — and the per-stage figures from the files the stages write.
 """
 from __future__ import annotations
 
@@ -78,6 +85,48 @@ def clean(work: Path, *args: str) -> float:
     return time.perf_counter() - t0
 
 
+def repro(work: Path, a) -> None:
+    """The default pipeline on the photo folder: `dvc repro` in a fresh clone (see the module doc)."""
+    import yaml
+
+    repo = work / "repo"
+    if repo.exists():
+        subprocess.run(["rm", "-rf", str(repo)], check=True)
+    subprocess.run(["git", "clone", "-q", str(Path(__file__).resolve().parents[1]), str(repo)], check=True)
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["data"].update(source="imagefolder", root=str(work / "photos"), image_size=224)
+    p["model"]["name"] = a.model
+    p["train"].update(epochs=a.epochs, batch_size=a.batch_size, seeds=a.seeds, device=a.device)
+    p["score"]["batch_size"] = 2 * a.batch_size
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    t0 = time.perf_counter()
+    res = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    (work / "repro.log").write_text(res.stdout + res.stderr)
+    if res.returncode:
+        sys.exit(f"dvc repro failed ({res.returncode}); log: {work / 'repro.log'}\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
+    read = lambda f: json.loads((repo / f).read_text())  # noqa: E731
+    counts, base, pruned = read("data/classes.json")["counts"], read("models/base/metrics.json"), read("models/pruned/metrics.json")
+    meta = read("scores/meta.json")
+    n_train = counts["train"]
+    per_epoch = [r["seconds"] / a.epochs for r in base["runs"]]
+    per_image_train = float(np.mean(per_epoch)) / n_train
+    n_ck = len(meta["self_influence"]["checkpoints"])
+    print(f"dvc repro: {wall:.0f} s wall; splits {counts}; model {a.model}, {a.epochs} epoch(s), seeds {a.seeds}, "
+          f"batch {a.batch_size}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(f"train: {np.mean(per_epoch):.1f} s/epoch (seeds: {', '.join(f'{s:.1f}' for s in per_epoch)}), "
+          f"{1 / per_image_train:.1f} images/s")
+    print(f"score (`{meta['params']}`, self- + val-influence over {n_ck} checkpoint(s), embeddings): "
+          f"{meta['seconds']:.1f} s = {meta['seconds'] / n_train / per_image_train:.2f} training steps per image "
+          f"(forward family + {n_ck} self-influence + {n_ck} val-influence passes + the other splits' embeddings)")
+    retrain = [r["seconds"] for r in pruned["runs"]]
+    print(f"retrain on {pruned['n_train']} images: {np.mean(retrain) / a.epochs:.1f} s/epoch")
+    for name in ("base", "pruned"):
+        m = read(f"metrics/{name}.json")
+        print(f"metrics/{name}.json: " + ", ".join(f"{k}={v}" for k, v in m.items()))
+    print(subprocess.run(["dvc", "metrics", "show"], cwd=repo, capture_output=True, text=True).stdout)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=2000)
@@ -86,12 +135,16 @@ def main() -> None:
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", type=Path, default=Path("/tmp/clean_photos"))
+    ap.add_argument("--repro", action="store_true", help="run the whole default pipeline with `dvc repro`")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="--repro: train.seeds")
     a = ap.parse_args()
     work = a.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     make_photos(work / "photos", a.n)
     print(f"photos: {a.n} RGB 224x224 JPEGs in {work / 'photos'} ({time.perf_counter() - t0:.1f} s to make or check)")
+    if a.repro:
+        return repro(work, a)
     (work / "params.yaml").write_text(
         "data: {source: imagefolder, root: photos, image_size: 224, val_frac: 0.1}\n"
         f"model: {{name: {a.model}, pretrained: false}}\n"

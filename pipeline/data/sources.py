@@ -37,7 +37,7 @@ _FASHION_FIX = ("install it with `apt-get install -y dataset-fashion-mnist`, or 
 
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """One usable image: absolute path (or ``idxfile#i``), class name, official split or None.
 
@@ -50,7 +50,7 @@ class Record:
     size: tuple[int, int] | None = field(default=None, compare=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Problem:
     """One input that could not be used, with a short human reason."""
     path: str
@@ -207,13 +207,18 @@ def _check_files(candidates: list[tuple[str, str, str | None]], progress) -> tup
     total = len(candidates)
     tick = Ticker(progress, "check images", total)
     workers = min(8, 2 * (os.cpu_count() or 1))
+    chunk = 64 * workers  # submitted a chunk at a time: a million pending futures would cost GBs
+    sizes: dict = {}  # one shared (H, W) tuple per distinct size, one string per distinct mode
     with ThreadPoolExecutor(max_workers=workers) as ex:
-        for k, ((path, label, split), (mode, hw, reason)) in enumerate(zip(candidates, ex.map(check, candidates))):
-            if reason is None:
-                records.append(Record(path, label, split, mode, hw))
-            else:
-                problems.append(Problem(path, reason))
-            tick.to(k + 1)
+        for lo in range(0, total, chunk):
+            part = candidates[lo:lo + chunk]
+            for (path, label, split), (mode, hw, reason) in zip(part, ex.map(check, part)):
+                if reason is None:
+                    hw = sizes.setdefault(hw, hw)
+                    records.append(Record(path, label, split, sizes.setdefault(mode, mode), hw))
+                else:
+                    problems.append(Problem(path, reason))
+            tick.to(lo + len(part))
     tick.done()
     return records, problems
 
@@ -320,6 +325,7 @@ def _folder_candidates(subdirs: list[Path], known: set, split: str | None,
     """(path, class, split) of every image under the class folders `subdirs`; bad names -> problems."""
     candidates = []
     for d in subdirs:
+        name = d.name  # one string per class, shared by its rows
         for dirpath, dirnames, filenames in os.walk(d):
             dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
             for fn in sorted(filenames):
@@ -329,10 +335,10 @@ def _folder_candidates(subdirs: list[Path], known: set, split: str | None,
                 if not _is_utf8(p):  # a manifest is UTF-8 text: such a name cannot be listed in it
                     what = "class folder" if not _is_utf8(d.name) else "file or folder"
                     problems.append(Problem(_shown(p), f"{what} name is not valid UTF-8 (rename it)"))
-                elif d.name not in known:
-                    problems.append(Problem(p, f"unknown label '{d.name}' (not in data.classes)"))
+                elif name not in known:
+                    problems.append(Problem(p, f"unknown label '{name}' (not in data.classes)"))
                 else:
-                    candidates.append((p, d.name, split))
+                    candidates.append((p, name, split))
     return candidates
 
 
@@ -360,6 +366,7 @@ def _csv(root, out_dir: Path, classes, progress) -> Source:
     known = set(classes) if classes is not None else None
     seen: dict[str, int] = {}
     labels_seen: set[str] = set()
+    shared: dict[str, str] = {}
     problems: list[Problem] = []
     candidates: list[tuple[str, str, str | None]] = []
     for line, row in rows[1:]:
@@ -384,6 +391,7 @@ def _csv(root, out_dir: Path, classes, progress) -> Source:
             problems.append(Problem(p, f"unknown label '{label}' (not in data.classes)"))
             continue
         labels_seen.add(label)
+        label = shared.setdefault(label, label)  # one string per class, shared by its rows
         if p in seen:
             problems.append(Problem(p, f"duplicate path (already listed on line {seen[p]} of {csv_path.name})"))
             continue
