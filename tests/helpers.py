@@ -100,3 +100,36 @@ def scored_project(root: Path, params_text: str) -> Path:
     finally:
         os.environ.pop("CLEAN_DEBUG", None)
     return root
+
+
+def project_fixtures(prefix: str, params_text: str, symlinks: bool = False):
+    """Module fixtures (_debug, base, proj) for tests that break a scored project: `base` runs
+    :func:`scored_project` once per module, `proj` is a fresh copy of it per test, `_debug`
+    (autouse) sets CLEAN_DEBUG=1 so a bug raises with its traceback instead of printing
+    `internal error`. Use: ``_debug, base, proj = project_fixtures("name", PARAMS)``."""
+    import shutil
+
+    import pytest
+
+    @pytest.fixture(autouse=True)
+    def _debug(monkeypatch):
+        monkeypatch.setenv("CLEAN_DEBUG", "1")
+
+    @pytest.fixture(scope="module")
+    def base(tmp_path_factory):
+        return scored_project(tmp_path_factory.mktemp(prefix), params_text)
+
+    @pytest.fixture
+    def proj(base, tmp_path) -> Path:
+        return Path(shutil.copytree(base, tmp_path / "p", symlinks=symlinks))
+
+    return _debug, base, proj
+
+
+def prepared_folder(root: Path, n_per_class: int) -> Path:
+    """root/imgs (make_imagefolder) prepared into root/data with val 0.2, test 0.2, seed 0 → root."""
+    from pipeline.stages.prepare import prepare
+
+    make_imagefolder(root / "imgs", n_per_class=n_per_class)
+    prepare("imagefolder", str(root / "imgs"), root / "data", 0.2, 0.2, 0)
+    return root

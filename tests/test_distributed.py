@@ -15,14 +15,13 @@ from safetensors.torch import load_file
 
 from pipeline import distributed as D
 from pipeline.errors import CleanError
-from pipeline.stages.prepare import prepare
 from pipeline.stages.score import score
 from pipeline.data.stream import StreamImages, iter_batches, open_split
 from pipeline.stages.train import train
 from pipeline.training.fit import _local_slice, channel_stats, fit
 from pipeline.training.recipe import Recipe, amp_dtype
 
-from .helpers import make_imagefolder
+from .helpers import prepared_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,10 +46,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    make_imagefolder(root / "imgs", n_per_class=12)
-    prepare("imagefolder", str(root / "imgs"), root / "data", 0.2, 0.2, 0)
-    return root
+    return prepared_folder(tmp_path_factory.mktemp("dist"), 12)
 
 
 def _recipe(**kw):

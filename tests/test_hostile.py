@@ -24,11 +24,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.main import app
 from pipeline import ownership
 from pipeline.io import FILE_MODE, JOURNAL
 
-from .helpers import TINY_PARAMS, cwd, invoke, make_imagefolder, ok, scored_project
+from .helpers import TINY_PARAMS, invoke, make_imagefolder, ok, project_fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -93,21 +92,8 @@ def works(proj: Path, args, outputs) -> None:
     assert not outside, outside
 
 
-@pytest.fixture(autouse=True)
-def _debug(monkeypatch):
-    """A bug raises (the test fails with its traceback) instead of printing `internal error`."""
-    monkeypatch.setenv("CLEAN_DEBUG", "1")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """prepare → train (1 epoch) → score → flag on 3 classes x 10 tiny images in data/imgs."""
-    return scored_project(tmp_path_factory.mktemp("hostile"), TINY_PARAMS)
-
-
-@pytest.fixture
-def proj(base, tmp_path) -> Path:
-    return Path(shutil.copytree(base, tmp_path / "p", symlinks=True))
+# prepare → train (1 epoch) → score → flag on 3 classes x 10 tiny images in data/imgs; a copy per test
+_debug, base, proj = project_fixtures("hostile", TINY_PARAMS, symlinks=True)
 
 
 def edit_csv(path: Path, fn) -> None:

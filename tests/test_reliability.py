@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -17,9 +16,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.main import app
 
-from .helpers import TINY_PARAMS, cwd, invoke, make_imagefolder, ok, scored_project
+from .helpers import TINY_PARAMS, invoke, make_imagefolder, ok, project_fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -65,22 +63,8 @@ def fails(res, message: str, code: int = 2) -> None:
     assert out[out.rindex("error:"):] == f"error: {message}", res.output
 
 
-@pytest.fixture(autouse=True)
-def _debug(monkeypatch):
-    """A bug raises (and fails the test with its traceback) instead of printing `internal error`."""
-    monkeypatch.setenv("CLEAN_DEBUG", "1")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """prepare → train (1 epoch) → score → flag on 3 classes x 10 tiny images inside data/."""
-    return scored_project(tmp_path_factory.mktemp("reliability"), PARAMS)
-
-
-@pytest.fixture
-def proj(base, tmp_path) -> Path:
-    """A fresh copy of the prepared project for one test to break."""
-    return Path(shutil.copytree(base, tmp_path / "p"))
+# prepare → train (1 epoch) → score → flag on 3 classes x 10 tiny images inside data/; a copy per test
+_debug, base, proj = project_fixtures("reliability", PARAMS)
 
 
 def edit_csv(path: Path, fn) -> None:

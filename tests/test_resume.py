@@ -10,11 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline.errors import CleanError
-from pipeline.stages.prepare import prepare
 from pipeline.stages.train import PARTIAL, train
 from pipeline.training.recipe import Recipe
 
-from .helpers import make_imagefolder
+from .helpers import prepared_folder
 
 
 def recipe(**kw):
@@ -28,10 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    make_imagefolder(root / "imgs", n_per_class=10)
-    prepare("imagefolder", str(root / "imgs"), root / "data", 0.2, 0.2, 0)
-    return root / "data" / "manifest.csv"
+    return prepared_folder(tmp_path_factory.mktemp("resume"), 10) / "data" / "manifest.csv"
 
 
 def interrupt_at(event: str, text: str = "", after: int = 1):
