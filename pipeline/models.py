@@ -15,10 +15,23 @@ def create_model(name: str, num_classes: int, in_chans: int, img_size: tuple[int
     num_classes / in_chans come from the data; img_size = (H, W) is used by nets that
     need it. `pretrained` downloads timm weights unless `weights` names a local file.
     """
+    from pipeline import nets
+
+    if name in nets.SMALL_NETS:  # built directly: no timm import (~2 s per process) for the small nets
+        if pretrained:
+            raise CleanError(f"model.pretrained: {name} has no pretrained weights; set model.pretrained: false")
+        if weights:
+            raise CleanError(f"model.weights is set ({weights}) but {name} has no pretrained weights: set "
+                             "model.weights: null, or use a timm model name for that checkpoint")
+        try:
+            return nets.BUILDERS[name](num_classes=num_classes, in_chans=in_chans, img_size=tuple(img_size))
+        except Exception as e:  # noqa: BLE001 - e.g. images too small for two poolings
+            raise CleanError(f"model.name: could not create '{name}' for {in_chans}-channel "
+                             f"{img_size[0]}x{img_size[1]} images with {num_classes} classes "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     import timm
 
-    from pipeline import nets# noqa: F401  (registers small_cnn, small_cnn_bn into timm)
-
+    nets.register_with_timm()
     if not timm.is_model(name):
         import difflib
 
@@ -27,14 +40,8 @@ def create_model(name: str, num_classes: int, in_chans: int, img_size: tuple[int
         raise CleanError(f"model.name: unknown model '{name}'. Use a timm model name "
                          f"(e.g. resnet18, efficientnet_b0) or small_cnn / small_cnn_bn.{hint}")
     kwargs = dict(num_classes=num_classes, in_chans=in_chans)
-    from pipeline.nets import SMALL_NETS
-
-    if name not in SMALL_NETS and getattr(timm.models.get_pretrained_cfg(name), "fixed_input_size", False):
+    if getattr(timm.models.get_pretrained_cfg(name), "fixed_input_size", False):
         kwargs["img_size"] = tuple(img_size)  # ViT-like nets: position embeddings for the data's size (resized on load)
-    if name in SMALL_NETS:
-        kwargs["img_size"] = tuple(img_size)
-        if pretrained:
-            raise CleanError(f"model.pretrained: {name} has no pretrained weights; set model.pretrained: false")
     if weights and not pretrained:
         raise CleanError(f"model.weights is set ({weights}) but model.pretrained is false: set model.pretrained: "
                          "true to start from that file, or model.weights: null")

@@ -1,6 +1,8 @@
 """Small CNNs for small images, registered into timm's model registry.
 
-Importing this module imports timm (slow): only `pipeline.models` imports it, lazily.
+This module does not import timm (whose import costs ~2 s): `pipeline.models.create_model`
+builds these nets directly, and calls :func:`register_with_timm` before it needs timm for any
+other name (so `timm.create_model("small_cnn")` and `timm.list_models()` know them too).
 Every net follows timm's API: `forward_features`, `forward_head(x, pre_logits=False)`,
 `get_classifier()`, `reset_classifier()`, `num_classes`, `num_features`.
 """
@@ -8,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from timm.models import register_model
 
 
 class SmallCNN(nn.Module):
@@ -62,7 +63,6 @@ def _no_pretrained(name: str, pretrained: bool) -> None:
         raise ValueError(f"{name} has no pretrained weights; set model.pretrained: false")
 
 
-@register_model
 def small_cnn(pretrained: bool = False, **kwargs) -> SmallCNN:
     """2-conv + 2-fc CNN for small images (digits, MNIST-like 28×28)."""
     _no_pretrained("small_cnn", pretrained)
@@ -70,7 +70,6 @@ def small_cnn(pretrained: bool = False, **kwargs) -> SmallCNN:
     return SmallCNN(batch_norm=False, **kwargs)
 
 
-@register_model
 def small_cnn_bn(pretrained: bool = False, **kwargs) -> SmallCNN:
     """small_cnn with BatchNorm after each conv."""
     _no_pretrained("small_cnn_bn", pretrained)
@@ -78,4 +77,16 @@ def small_cnn_bn(pretrained: bool = False, **kwargs) -> SmallCNN:
     return SmallCNN(batch_norm=True, **kwargs)
 
 
-SMALL_NETS = {"small_cnn", "small_cnn_bn"}
+#: name → builder(pretrained=False, num_classes=, in_chans=, img_size=)
+BUILDERS = {"small_cnn": small_cnn, "small_cnn_bn": small_cnn_bn}
+SMALL_NETS = set(BUILDERS)
+
+
+def register_with_timm() -> None:
+    """Register the small nets into timm's model registry (imports timm; idempotent)."""
+    import timm
+    from timm.models import register_model
+
+    for name, fn in BUILDERS.items():
+        if not timm.is_model(name):
+            register_model(fn)

@@ -122,3 +122,28 @@ def test_unknown_model_and_offline_pretrained_are_clear():
         create_model("resnet_18", 3, 1, (8, 8))
     with pytest.raises(CleanError, match="small_cnn has no pretrained weights"):
         create_model("small_cnn", 3, 1, (8, 8), pretrained=True)
+    with pytest.raises(CleanError, match="model.weights is set .*small_cnn_bn has no pretrained weights"):
+        create_model("small_cnn_bn", 3, 1, (8, 8), weights="w.safetensors")
+    with pytest.raises(CleanError, match="could not create 'small_cnn' for 1-channel 2x2 images"):
+        create_model("small_cnn", 3, 1, (2, 2))
+
+
+def test_small_nets_are_built_without_importing_timm_and_match_timms_registry():
+    """Each stage process that loads a small net skips timm's ~2 s import; timm's registry
+    (after register_with_timm) builds the same architecture."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.models import create_model; m = create_model('small_cnn_bn', 4, 1, (8, 8)); "
+            "print(type(m).__name__, 'timm' in sys.modules, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["SmallCNN", "False", "False"], out
+    import timm
+
+    from pipeline.nets import register_with_timm
+
+    register_with_timm()
+    register_with_timm()  # idempotent
+    a = create_model("small_cnn", 5, 3, (12, 12)).state_dict()
+    b = timm.create_model("small_cnn", num_classes=5, in_chans=3, img_size=(12, 12)).state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}

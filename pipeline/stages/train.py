@@ -285,8 +285,9 @@ def mean_probs(probs_sum: np.ndarray, epochs: int) -> np.ndarray:
 
 def _write_run(res, tr, classes, recipe: Recipe, manifest: Path, run_dir: Path, full: bool, metrics: dict) -> None:
     """Rank 0: a finished run's files (weights, config, metrics; dynamics when `full`) into run_dir."""
+    from importlib.metadata import version
+
     import torch
-    import timm
 
     from pipeline.io import atomic_path, write_json
     from pipeline.models import save_weights
@@ -296,7 +297,7 @@ def _write_run(res, tr, classes, recipe: Recipe, manifest: Path, run_dir: Path, 
            "in_chans": int(c), "image_size": [int(h), int(w)], "mean": res.mean, "std": res.std,
            "recipe": asdict(recipe), "manifest": str(manifest), "n_train": len(tr),
            "checkpoints": res.checkpoints, "history": res.history,
-           "versions": {"torch": torch.__version__.split("+")[0], "timm": timm.__version__}}
+           "versions": {"torch": torch.__version__.split("+")[0], "timm": version("timm")}}
     dyn = dict(res.dynamics)
     probs = mean_probs(dyn.pop("probs_sum"), min(len(res.history), recipe.probs_epochs))
     if full:
