@@ -152,6 +152,10 @@ def test_streamed_images_equal_the_in_memory_cache(data, tmp_path):
               cache_max_gb=0, workers=2)
     pd.testing.assert_frame_equal(x, y)
     assert json.loads((tmp_path / "s_stream/meta.json").read_text())["streamed"] is True
+    with np.load(tmp_path / "s_mem/embeddings.npz") as a, np.load(tmp_path / "s_stream/embeddings.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for k in a.files:  # features from the streamed scoring pass too
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_channel_stats_match_the_direct_formula():
