@@ -54,9 +54,8 @@ def _score_batches(model, spans, feed, labels, mean, std, norm, params, device, 
                    features: bool = False) -> None:
     import torch
 
-    from pipeline.scores.features import batch_features, empty_features
-
     from pipeline.scores.engine import per_sample_grad_norms
+    from pipeline.scores.features import batch_features, empty_features
     from pipeline.training.infer import normalize
 
     for (s, e), xb in zip(spans, feed):
