@@ -48,7 +48,7 @@ def test_prepare_imagefolder_writes_contract_files(tmp_path, save_image):
 
     meta = json.loads((out / "classes.json").read_text())
     assert meta == {"classes": ["ant", "bee", "cow"], "source": "imagefolder", "in_chans": 3,
-                    "image_size": [5, 7], "num_samples": 18,
+                    "image_size": [5, 7], "uniform_size": True, "num_samples": 18,
                     "counts": {"train": 12, "val": 3, "test": 3}}
     probs = _rows(out / "problems.csv")
     assert probs[0] == ["path", "reason"]

@@ -177,3 +177,33 @@ def test_embeddings_from_the_scoring_pass_equal_a_separate_features_pass(trained
             np.testing.assert_allclose(got[k].astype(np.float32), ref[k].astype(np.float32), rtol=2e-3, atol=2e-3)
         else:
             np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+def test_native_sizes_come_from_prepare_when_uniform_else_from_each_file(tmp_path, monkeypatch):
+    """embeddings.npz height/width are every file's stored size: read from classes.json when prepare
+    saw a single size (no second pass over a million files), from each file's header otherwise."""
+    from PIL import Image
+
+    import pipeline.scores.features as F
+
+    root = make_imagefolder(tmp_path / "imgs", n_per_class=6)
+    odd = root / "b" / "003.png"
+    Image.open(odd).resize((12, 5)).save(odd)  # one image 5 x 12 among 8 x 8
+    for name, mixed in (("mixed", True), ("uniform", False)):
+        if not mixed:
+            Image.open(odd).resize((8, 8)).save(odd)
+        prepare("imagefolder", str(root), tmp_path / name, 0.2, 0.2, 0)
+        info = json.loads((tmp_path / name / "classes.json").read_text())
+        assert info["uniform_size"] is (not mixed) and info["image_size"] == [8, 8]
+        recipe = Recipe(model="small_cnn", epochs=1, batch_size=8, device="cpu", seed=0, checkpoint_every=1)
+        train(tmp_path / name / "manifest.csv", tmp_path / name / "model", recipe)
+        calls = []
+        real = F.native_sizes
+        monkeypatch.setattr(F, "native_sizes", lambda *a: calls.append(1) or real(*a))
+        score(tmp_path / name / "model", tmp_path / name / "manifest.csv", tmp_path / name / "scores",
+              params="last", device="cpu", with_self_influence=False, with_val_influence=False)
+        z = np.load(tmp_path / name / "scores" / "embeddings.npz")
+        paths = pd.read_csv(tmp_path / name / "manifest.csv")["path"].map(str).tolist()
+        want = [Image.open(p).size[::-1] for p in paths]
+        assert list(zip(z["height"].tolist(), z["width"].tolist())) == want
+        assert calls == ([1] if mixed else [])

@@ -171,6 +171,8 @@ def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float,
         write_csv(out_dir / "problems.csv", ["path", "reason"], problems)
         write_json(out_dir / "classes.json", {
             "classes": names, "source": source, "in_chans": in_chans, "image_size": image_size,
+            # every image has exactly image_size as stored: later stages need no per-file size read
+            "uniform_size": image_size is not None and size_note is None and all(r.size for r in recs),
             "num_samples": len(recs), "counts": counts,
         })
         write_csv(out_dir / "manifest.csv", header, rows)

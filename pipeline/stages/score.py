@@ -144,7 +144,11 @@ def _write_features(path: Path, model, manifest: Path, df, scored_mask: np.ndarr
             v[scored_mask] = scored[k]
         if len(rest):
             v[~scored_mask] = extra[k]
-    height, width = native_sizes(df["path"].tolist(), manifest.parent)
+    info = read_classes(classes_path_for(manifest))
+    if info.get("uniform_size") is True and info.get("image_size"):  # prepare saw one stored size for all
+        height, width = (np.full(len(df), int(v), np.int64) for v in info["image_size"])
+    else:  # one header read per file
+        height, width = native_sizes(df["path"].tolist(), manifest.parent)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, ids=df["id"].to_numpy(np.int64), split=df["split"].to_numpy().astype("U5"),
