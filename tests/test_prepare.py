@@ -166,3 +166,19 @@ def test_prepare_opens_and_decodes_each_file_exactly_once(tmp_path, save_image, 
     assert set(opened) == images and set(opened.values()) == {1}, opened
     good = {f for f in images if "broken" not in f and "junk" not in f}
     assert set(decoded) == good and set(decoded.values()) == {1}, decoded
+
+
+def test_prepare_with_worker_processes_writes_the_same_files(tmp_path, save_image, monkeypatch):
+    """Large folders are checked by worker processes (pipeline/data/sources.py PARALLEL_MIN): the three files
+    are byte-identical to one process checking them, broken files included."""
+    import pipeline.data.sources as S
+
+    root = tmp_path / "images"
+    _folder(root, save_image, per_class=40)
+    prepare("imagefolder", root, tmp_path / "serial", 0.2, 0.2, 0)
+    monkeypatch.setattr(S, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(S.os, "sched_getaffinity", lambda pid: {0, 1})  # two workers even on one CPU
+    prepare("imagefolder", root, tmp_path / "workers", 0.2, 0.2, 0)
+    for f in ("manifest.csv", "classes.json", "problems.csv"):
+        assert (tmp_path / "serial" / f).read_bytes() == (tmp_path / "workers" / f).read_bytes(), f
+    assert len(_rows(tmp_path / "workers" / "problems.csv")) == 3  # header + the two broken files
