@@ -169,16 +169,39 @@ def test_prepare_opens_and_decodes_each_file_exactly_once(tmp_path, save_image, 
 
 
 def test_prepare_with_worker_processes_writes_the_same_files(tmp_path, save_image, monkeypatch):
-    """Large folders are checked by worker processes (pipeline/data/sources.py PARALLEL_MIN): the three files
+    """Large folders are checked by worker processes (pipeline/data/pool.py PARALLEL_MIN): the three files
     are byte-identical to one process checking them, broken files included."""
-    import pipeline.data.sources as S
+    import pipeline.data.pool as P
 
     root = tmp_path / "images"
     _folder(root, save_image, per_class=40)
     prepare("imagefolder", root, tmp_path / "serial", 0.2, 0.2, 0)
-    monkeypatch.setattr(S, "PARALLEL_MIN", 1)
-    monkeypatch.setattr(S.os, "sched_getaffinity", lambda pid: {0, 1})  # two workers even on one CPU
+    monkeypatch.setattr(P, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(P, "CHUNK", 7)  # several chunks, several in flight
+    monkeypatch.setattr(P, "workers", lambda: 2)  # two workers even on one CPU
     prepare("imagefolder", root, tmp_path / "workers", 0.2, 0.2, 0)
     for f in ("manifest.csv", "classes.json", "problems.csv"):
         assert (tmp_path / "serial" / f).read_bytes() == (tmp_path / "workers" / f).read_bytes(), f
     assert len(_rows(tmp_path / "workers" / "problems.csv")) == 3  # header + the two broken files
+
+
+def test_decoding_and_header_reads_in_worker_processes_equal_one_process(tmp_path, save_image, monkeypatch):
+    """load_images (train, score) and native_sizes (score) use the same worker pool as prepare's
+    check: the same arrays and sizes as one process, and a broken file still names itself."""
+    import pipeline.data.pool as P
+    from pipeline.scores.features import native_sizes
+
+    root = tmp_path / "images"
+    _folder(root, save_image, per_class=12)
+    good = sorted(str(p) for p in root.rglob("*.png") if p.stat().st_size)
+    serial = load_images(good, tmp_path, size=(6, 6), in_chans=3)
+    sizes = native_sizes(good, tmp_path)
+    monkeypatch.setattr(P, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(P, "CHUNK", 5)
+    monkeypatch.setattr(P, "workers", lambda: 2)
+    np.testing.assert_array_equal(load_images(good, tmp_path, size=(6, 6), in_chans=3), serial)
+    for a, b in zip(native_sizes(good, tmp_path), sizes):
+        np.testing.assert_array_equal(a, b)
+    assert sizes[0].tolist() == [5] * len(good) and sizes[1].tolist() == [7] * len(good)
+    with pytest.raises(CleanError, match=r"cannot read image .*broken\.png: empty file"):
+        load_images(good[:9] + [str(root / "bee" / "broken.png")] + good[9:], tmp_path, size=(6, 6), in_chans=3)

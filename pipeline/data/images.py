@@ -12,7 +12,6 @@ import struct
 import threading
 import zlib
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,8 @@ _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x
 _IDX_CACHE: OrderedDict = OrderedDict()
 _IDX_CACHE_MAX = 4
 _IDX_LOCK = threading.Lock()
+#: decoded images up to this many bytes (64 × 64 RGB) are decoded by worker processes (pipeline/data/pool.py)
+PARALLEL_MAX_BYTES = 64 * 64 * 3
 _FIX = "run `clean prepare`, which lists unreadable files in data/problems.csv, and fix or remove them"
 
 
@@ -253,14 +254,19 @@ def load_images(paths: list[str], base_dir: Path, size: tuple[int, int] | None =
         out[np.asarray(pos)] = sub[:, None, :, :]  # broadcasts over C (gray -> RGB repeats)
 
     if files:
-        def work(i: int) -> np.ndarray:
-            return _decode(refs[i][0], refs[i][2], chans, hw)
-        if len(files) < 64:
-            decoded = map(work, files)
-            for i, a in zip(files, decoded):
-                out[i] = a
-        else:
-            with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as ex:
-                for i, a in zip(files, ex.map(work, files)):
-                    out[i] = a
+        from functools import partial
+
+        from pipeline.data.pool import map_chunks
+
+        # worker processes for many small images; one process for large ones, whose pixels cost more to send
+        # back than to decode (2,000 JPEGs at 224 px: 0.81 s here, 1.75 s through 2 workers, 1.57 s in threads)
+        work = partial(_decode_chunk, chans=chans, hw=tuple(hw))
+        small = chans * hw[0] * hw[1] <= PARALLEL_MAX_BYTES
+        for i, a in zip(files, map_chunks(work, [(refs[i][0], refs[i][2]) for i in files], "images", small)):
+            out[i] = a
     return out
+
+
+def _decode_chunk(items: list[tuple[str, str]], chans: int, hw: tuple[int, int]) -> list[np.ndarray]:
+    """_decode of each (file, shown name) → uint8 [C, H, W] arrays (one worker task)."""
+    return [_decode(f, shown, chans, hw) for f, shown in items]

@@ -192,10 +192,6 @@ def _fashion(root, out_dir: Path, classes, progress) -> Source:
     return Source("fashion-mnist", records, [], names)
 
 
-#: below this many files one process checks them all (starting workers would cost more than they save)
-PARALLEL_MIN = 2048
-
-
 def _probe(path: str) -> tuple[str | None, tuple[int, int] | None, str | None]:
     """One open and one full decode of `path` → (PIL mode, (H, W), None), or (None, None, reason)."""
     try:
@@ -209,41 +205,15 @@ def _probe_chunk(paths: list[str]) -> list[tuple[str | None, tuple[int, int] | N
     return [_probe(p) for p in paths]
 
 
-def _probe_all(paths: list[str]):
-    """:func:`_probe` of every path, in order (a generator).
-
-    Worker processes (not threads: PIL's per-file Python work holds the GIL, so threads checked
-    tiny PNGs 3.6× slower than one process) take chunks of 512 paths, at most 4 chunks per worker
-    in flight so memory stays flat for a million files; fewer than PARALLEL_MIN files, or one
-    CPU: this process alone."""
-    from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    workers = min(8, len(os.sched_getaffinity(0)))
-    if len(paths) < PARALLEL_MIN or workers < 2:
-        yield from map(_probe, paths)
-        return
-    chunk, pending = 512, deque()
-    try:
-        with ProcessPoolExecutor(max_workers=workers) as ex:
-            for lo in range(0, len(paths), chunk):
-                pending.append(ex.submit(_probe_chunk, paths[lo:lo + chunk]))
-                if len(pending) >= 4 * workers:
-                    yield from pending.popleft().result()
-            while pending:
-                yield from pending.popleft().result()
-    except BrokenProcessPool:
-        raise CleanError("a process checking the images died (out of memory, or a decoder crashed on a file); "
-                         "run `clean prepare` again, or move the folder's newest files aside to find the one") from None
-
-
 def _check_files(candidates: list[tuple[str, str, str | None]], progress) -> tuple[list[Record], list[Problem]]:
     """Fully decode each (path, label, split) once; readable ones -> Records, the rest -> Problems."""
     records, problems = [], []
     tick = Ticker(progress, "check images", len(candidates))
     sizes: dict = {}  # one shared (H, W) tuple per distinct size, one string per distinct mode
-    for k, ((path, label, split), (mode, hw, reason)) in enumerate(zip(candidates, _probe_all([c[0] for c in candidates]))):
+    from pipeline.data.pool import map_chunks
+
+    probes = map_chunks(_probe_chunk, [c[0] for c in candidates], "images")  # worker processes for large folders
+    for k, ((path, label, split), (mode, hw, reason)) in enumerate(zip(candidates, probes)):
         if reason is None:
             hw = sizes.setdefault(hw, hw)
             records.append(Record(path, label, split, sizes.setdefault(mode, mode), hw))

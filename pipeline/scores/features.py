@@ -63,19 +63,26 @@ def image_stats(batch_u8: np.ndarray) -> dict[str, np.ndarray]:
 
 def native_sizes(paths: list[str], base_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """(height [M], width [M]) of each file as stored (header read only; IDX images: the file's H, W)."""
+    from functools import partial
+
+    from pipeline.data.pool import map_chunks
+
+    hw = list(map_chunks(partial(_sizes_chunk, base_dir=str(base_dir)), [str(p) for p in paths], "image headers"))
+    arr = np.asarray(hw, np.int64).reshape(-1, 2)
+    return arr[:, 0], arr[:, 1]
+
+
+def _sizes_chunk(paths: list[str], base_dir: str) -> list[tuple[int, int]]:
+    """(H, W) as stored of each manifest path (one worker task of :func:`native_sizes`)."""
     import os
-    from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.data.images import probe_size, split_ref
 
-    def one(p: str):
-        file, _ = split_ref(str(p), base_dir)
-        return probe_size(file if os.path.isabs(file) else os.path.join(base_dir, file), str(p))
-
-    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as ex:
-        hw = list(ex.map(one, paths))
-    arr = np.asarray(hw, np.int64).reshape(-1, 2)
-    return arr[:, 0], arr[:, 1]
+    out = []
+    for p in paths:
+        file, _ = split_ref(p, base_dir)
+        out.append(probe_size(file if os.path.isabs(file) else os.path.join(base_dir, file), p))
+    return out
 
 
 def batch_features(xb_u8: np.ndarray, h) -> dict[str, np.ndarray]:
