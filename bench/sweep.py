@@ -85,7 +85,7 @@ def main():
             log(f"{strat:13s} keep {keep:<5g} n={len(kept):6d}  acc {row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f}"
                 f"  H(kept) {ent:.3f}")
     uniform = float(np.log(C))
-    print(f"\n| keep | n | " + " | ".join(a.strategies) + " |")
+    print("\n| keep | n | " + " | ".join(a.strategies) + " |")
     print("|---|---|" + "---|" * len(a.strategies))
     for keep in a.keeps:
         cells = {r["strategy"]: r for r in rows if r["keep"] == keep}

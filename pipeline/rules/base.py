@@ -7,14 +7,13 @@ where ``inputs`` is a :class:`RuleInputs` (lazy: a rule pays only for what it as
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline.checks import as_float as _as_float
-from pipeline.checks import check_seed as _check_seed
+from pipeline.checks import check_seed as _check_seed  # noqa: F401  (re-exported to the rules)
 from pipeline.checks import fmt as _fmt
 from pipeline.errors import CleanError
 
