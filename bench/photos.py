@@ -89,10 +89,13 @@ def repro(work: Path, a) -> None:
     """The default pipeline on the photo folder: `dvc repro` in a fresh clone (see the module doc)."""
     import yaml
 
-    repo = work / "repo"
+    repo, marker = work / "repo", ".bench-photos-repro"
     if repo.exists():
+        if not (repo / marker).is_file():  # only a clone this script made is ever removed
+            sys.exit(f"{repo} exists and was not made by bench/photos.py --repro; move it or give another --work")
         subprocess.run(["rm", "-rf", str(repo)], check=True)
     subprocess.run(["git", "clone", "-q", str(Path(__file__).resolve().parents[1]), str(repo)], check=True)
+    (repo / marker).write_text("made by bench/photos.py --repro; removed by its next run\n")
     p = yaml.safe_load((repo / "params.yaml").read_text())
     p["data"].update(source="imagefolder", root=str(work / "photos"), image_size=224)
     p["model"]["name"] = a.model
