@@ -207,11 +207,11 @@ def _probe_chunk(paths: list[str]) -> list[tuple[str | None, tuple[int, int] | N
 
 def _check_files(candidates: list[tuple[str, str, str | None]], progress) -> tuple[list[Record], list[Problem]]:
     """Fully decode each (path, label, split) once; readable ones -> Records, the rest -> Problems."""
+    from pipeline.data.pool import map_chunks
+
     records, problems = [], []
     tick = Ticker(progress, "check images", len(candidates))
     sizes: dict = {}  # one shared (H, W) tuple per distinct size, one string per distinct mode
-    from pipeline.data.pool import map_chunks
-
     probes = map_chunks(_probe_chunk, [c[0] for c in candidates], "images")  # worker processes for large folders
     for k, ((path, label, split), (mode, hw, reason)) in enumerate(zip(candidates, probes)):
         if reason is None:
