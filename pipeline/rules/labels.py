@@ -7,7 +7,6 @@ import numpy as np
 from pipeline.errors import CleanError
 from pipeline.registry import ISSUES
 from pipeline.rules.base import IssueResult
-from pipeline.rules.confident import flag_confident
 
 
 @ISSUES.register("label", doc="label errors: the flag.method rule; suggested_label = argmax of p̄ "
@@ -40,6 +39,8 @@ def heldout_label_issues(labels, probs, filter_by: str = "prune_by_noise_rate"):
     suggested int [N] = argmax of probs, quality float [N] in 0..1 = cleanlab's self-confidence
     label quality; low = likely wrong). CleanError on bad shapes / non-probabilities.
     """
+    from pipeline.rules.confident import flag_confident  # here: the RULES registry order stays as on import
+
     res = flag_confident(probs, labels, filter_by=filter_by)
     suggested = np.asarray(probs, dtype=float).argmax(1).astype(np.int64)
     return res.flagged, suggested, 1.0 - res.value
