@@ -96,6 +96,22 @@ def test_prepare_noise_only_touches_train(tmp_path, save_image):
                 noise_kind="pairs", noise_pairs={"pig": 0})
 
 
+def test_prepare_noise_in_every_split_keeps_the_truth_and_the_train_only_default(tmp_path, save_image):
+    root = tmp_path / "images"
+    _folder(root, save_image, per_class=20)
+    prepare("imagefolder", root, tmp_path / "a", 0.2, 0.2, seed=0, noise_rate=0.3)
+    default = _rows(tmp_path / "a/manifest.csv")
+    prepare("imagefolder", root, tmp_path / "b", 0.2, 0.2, seed=0, noise_rate=0.3, noise_splits=["train"])
+    assert _rows(tmp_path / "b/manifest.csv") == default  # naming the default changes nothing
+    s = prepare("imagefolder", root, tmp_path / "c", 0.2, 0.2, seed=0, noise_rate=0.3,
+                noise_splits=["train", "val", "test"])
+    rows = _rows(tmp_path / "c/manifest.csv")
+    body = [dict(zip(rows[0], r)) for r in rows[1:]]
+    assert s["n_noisy"] == sum(r["noisy"] == "1" for r in body) == round(0.3 * len(body))
+    assert {r["split"] for r in body if r["noisy"] == "1"} == {"train", "val", "test"}
+    assert all((r["label"] != r["orig_label"]) == (r["noisy"] == "1") for r in body)
+
+
 def test_prepare_digits_paths_relative_to_manifest(tmp_path):
     out = tmp_path / "data"
     summary = prepare("digits", None, out, val_frac=0.1, test_frac=0.2, seed=0)

@@ -101,13 +101,14 @@ def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float,
             classes: list[str] | None = None, noise_rate: float = 0.0,
             noise_kind: str = "symmetric", noise_pairs: dict | None = None,
             progress: Progress = None,
-            noise_seed: int | None = None) -> dict:
+            noise_seed: int | None = None, noise_splits=("train",)) -> dict:
     """Read a source, split it, optionally corrupt train labels, write the three data files.
 
     Writes (atomically) `out_dir`/manifest.csv (id,path,label,split[,orig_label,noisy]),
     classes.json and problems.csv (path,reason). `progress` (pipeline/progress.py) reports
-    image checking/export. Noise touches only the train split; `noise_seed` defaults to
-    `seed`. Returns a summary: source, num_samples, num_classes, in_chans, image_size,
+    image checking/export. Noise touches only the splits in `noise_splits` (default train;
+    round(rate x their images) labels change, drawn over them together); `noise_seed` defaults to
+    `seed`; orig_label/noisy are kept for every split. Returns a summary: source, num_samples, num_classes, in_chans, image_size,
     counts {split: n}, per_class {name: n}, per_class_split {name: {split: n}},
     n_problems, n_noisy, warnings (list of str, e.g. unstratified-split fallbacks).
     Same arguments -> byte-identical files. Source images are never modified. The three
@@ -150,7 +151,7 @@ def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float,
         pairs = _resolve_pairs(noise_pairs, names) if noise_kind == "pairs" else None
         noisy_labels = inject_noise(labels, len(names), noise_rate, noise_kind,
                                     seed if noise_seed is None else noise_seed,
-                                    pairs=pairs, mask=splits == "train")
+                                    pairs=pairs, mask=np.isin(splits, list(noise_splits)))
 
     header = list(REQUIRED)
     paths = [manifest_path(r.path, out_abs, repo) for r in recs]
