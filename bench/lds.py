@@ -158,7 +158,7 @@ def clean_trak(states, xt, yt, xv, yv, kind, k):
     ms = [model_with(s, x=xt) for s in states]
     tr = [features(m, xt, yt, kind, k, seed=j) for j, m in enumerate(ms)]
     tg = [features(m, xv, yv, kind, k, seed=j) for j, m in enumerate(ms)]
-    return trak_scores(tr, tg), trak_mean_effect(tr, tg)[0]
+    return trak_scores(tr, tg), trak_mean_effect(tr, tg)[1]  # τ [V, N], per-model effects [M, N]
 
 
 def traker_anchor(states, xt, yt, xv, yv, k, tmp):
@@ -249,6 +249,32 @@ def drop_sets(e: np.ndarray, n_drop: int, seed: int = 0) -> list[tuple[str, np.n
     return sets
 
 
+def harmful_rules(attr, effect, default, noisy) -> dict:
+    """Share flagged (and precision / recall against the planted noise) of candidate rules on the
+    default attribution's per-model effects e [M, N] (< 0: removing the image lowers the val loss)."""
+    from scipy import stats
+
+    per = attr.get(default + "_eper")
+    e = effect[default]
+    rules = {"mean < 0": e < 0}
+    if per is not None and len(per) > 1:
+        m = len(per)
+        t = per.mean(0) / (per.std(0, ddof=1) / np.sqrt(m) + 1e-300)
+        rules["every model < 0"] = (per < 0).all(0)
+        rules[f"t < -t95({m - 1})"] = t < -stats.t.ppf(0.95, m - 1)
+    mad = 1.4826 * np.median(np.abs(e - np.median(e)))
+    for c in (3.5, 5.0):
+        rules[f"robust z < -{c:g}"] = (e - np.median(e)) / mad < -c
+        if per is not None and len(per) > 1:
+            rules[f"every model < 0 and robust z < -{c:g}"] = (per < 0).all(0) & ((e - np.median(e)) / mad < -c)
+    out = {}
+    for name, f in rules.items():
+        tp = int((f & noisy).sum())
+        out[name] = {"n": int(f.sum()), "share": float(f.mean()), "P": tp / max(int(f.sum()), 1) if noisy.any() else float("nan"),
+                     "R": tp / max(int(noisy.sum()), 1) if noisy.any() else float("nan")}
+    return out
+
+
 def main() -> None:
     import torch
 
@@ -304,7 +330,7 @@ def main() -> None:
             return
         secs[name] = time.perf_counter() - t
         if isinstance(out, tuple):
-            attr[name], attr[name + "_e"] = out
+            attr[name], attr[name + "_eper"] = out
         else:
             attr[name] = out
         np.savez(af, _secs=json.dumps(secs), **attr)
@@ -333,7 +359,7 @@ def main() -> None:
     effect = {}
     for m in methods:  # per-image effect of removal on the mean val loss (nats, uncalibrated)
         tau = attr[m]
-        effect[m] = attr[m + "_e"] if m + "_e" in attr else (
+        effect[m] = attr[m + "_eper"].mean(0) if m + "_eper" in attr else (
             tau.mean(0) if m.startswith("tracin") else ((1 - p_val)[:, None] * tau).mean(0))
 
     # --- LDS subsets ---
@@ -386,7 +412,8 @@ def main() -> None:
             e = effect[m]
             row["flag_sign_P"] = float(noisy[e < 0].mean()) if (e < 0).any() else float("nan")
             row["flag_sign_share"] = float((e < 0).mean())
-    out = {"world": world, "N": N, "V": V, "epochs": recipe.epochs, "subsets": a.subsets, "proj_dim": a.proj_dim,
+    harm = harmful_rules(attr, effect, a.default, noisy)
+    out = {"world": world, "harmful": harm, "N": N, "V": V, "epochs": recipe.epochs, "subsets": a.subsets, "proj_dim": a.proj_dim,
            "seconds_per_training": float(np.mean([b["seconds"] for b in base])), "methods": rows,
            "drop_sets": {n: float(m) for (n, _), m in zip(sets, meas)}, "secs": secs}
     (cache / f"result_k{a.proj_dim}.json").write_text(json.dumps(out, indent=1, default=str))
@@ -401,6 +428,9 @@ def main() -> None:
         f = lambda key, fmt: (fmt.format(r[key]) if key in r and r[key] is not None else "—")  # noqa: E731
         print(f"| {m} | {s} | {f('lds', '{:.3f}')} ± {f('lds_sem', '{:.3f}')} | {f('group_spearman', '{:.2f}')} "
               f"| {f('k_fit', '{:.3g}')} | {f('ratio_raw', '{:.3g}')} | {f('ratio_cal', '{:.2f}')} |")
+    print("\n| harmful rule (" + a.default + ") | flagged | share | precision vs planted | recall |\n|---|---|---|---|---|")
+    for name, r in harm.items():
+        print(f"| {name} | {r['n']} | {r['share']:.4f} | {r['P']:.3f} | {r['R']:.3f} |")
     for m, s in secs.items():
         if isinstance(s, str):
             print(f"- {m}: {s}")

@@ -221,6 +221,7 @@ def score(
     self_influence: Optional[bool] = typer.Option(None, "--self-influence/--no-self-influence", help="TracIn over checkpoints (params: score.self_influence)"),
     val_influence: Optional[bool] = typer.Option(None, "--val-influence/--no-val-influence", help="TracIn train→validation over checkpoints (params: score.val_influence)"),
     embeddings: Optional[bool] = typer.Option(None, "--embeddings/--no-embeddings", help="embeddings.npz for duplicates / outliers / image checks (params: score.embeddings)"),
+    importance: Optional[bool] = typer.Option(None, "--importance/--no-importance", help="predicted effect of removing each image on the mean val loss, TRAK over the seeds (params: score.importance)"),
     epochs: Optional[int] = typer.Option(None, help="epochs when --model is a name to train (params: train.epochs)"),
     device: Optional[str] = typer.Option(None, help=_one_of("train.device")),
     workers: Optional[int] = typer.Option(None, help="processes decoding streamed images (params: train.workers)"),
@@ -237,7 +238,7 @@ def score(
 
     p = _params(params, score__norm=norm, score__params=subset, score__batch_size=batch_size,
                 score__split=split, score__self_influence=self_influence, score__val_influence=val_influence,
-                score__embeddings=embeddings, train__epochs=epochs,
+                score__embeddings=embeddings, score__importance=importance, train__epochs=epochs,
                 train__device=device, train__workers=workers, data__cache_max_gb=cache_max_gb)
     _score_io(path, Path(model), out)
     with _progress() as prog:
@@ -254,7 +255,8 @@ def _score_io(path: Path, model: Path, out: Path) -> None:
 
     inputs = [("PATH", path)] + ([("--model", model)] if model.is_dir() else [])
     manifest = path if is_manifest(path) else None
-    outputs = [("--out", out)] + [("--out", out / f) for f in ("scores.csv", "meta.json", "embeddings.npz")]
+    outputs = [("--out", out)] + [("--out", out / f) for f in ("scores.csv", "meta.json", "embeddings.npz",
+                                                                 "attribution.npz")]
     _io("score", inputs + ([_classes(path)] if manifest else []), outputs + ([] if manifest else [("--out", out / "input")]),
         manifest)
 
@@ -396,7 +398,9 @@ def prune(
         ("label entropy kept / all / uniform", f"{ent['kept']:.4f} / {ent['all']:.4f} / {ent['uniform']:.4f} nats"),
         *[(k.replace("_", " "), s[k]) for k in ("noisy_removed", "noisy_kept", "clean_removed") if k in s],
         *([(f"review ({decisions})", f"{s['n_review_dropped']} dropped, {s['n_review_kept']} kept, "
-            f"{s['n_relabeled']} relabeled; {s['n_review_overrode']} overrode the strategy")] if s.get("decisions") else [])]))
+            f"{s['n_relabeled']} relabeled; {s['n_review_overrode']} overrode the strategy")] if s.get("decisions") else []),
+        *([("predicted change of the mean val loss", f"{s['effect']['predicted_dval_loss']:+.4f} ± "
+            f"{s['effect']['predicted_dval_loss_sd']:.4f} nats")] if s.get("effect") else [])]))
     console.print(table("kept per class", ["class", "kept", "fraction"],
                         [(c, s["kept_per_class"][c], s["fraction_kept_per_class"][c]) for c in s["kept_per_class"]]))
 
@@ -419,6 +423,7 @@ def retrain(
     out: Path = typer.Option(Path("models/pruned"), help="model folder to write"),
     name: str = typer.Option("pruned", help="version name: metrics/<name>.json"),
     baseline: str = typer.Option("base", help="the version to compare with over the seeds (its plots/evaluate_<name>.json)"),
+    summary: Optional[Path] = typer.Option(None, help="prune's summary.json: its predicted change of the validation loss is put beside the measured one"),
     epochs: Optional[int] = typer.Option(None, help="epochs (params: train.epochs)"),
     seed: Optional[List[int]] = typer.Option(None, help="seed(s) (params: train.seeds)"),
     device: Optional[str] = typer.Option(None, help=_one_of("train.device")),
@@ -433,14 +438,19 @@ def retrain(
     p = _params(params, train__epochs=epochs, train__seeds=list(seed) if seed else None, train__device=device)
     _check_out_dir(out)
     inputs = [("--manifest", manifest), _classes(manifest), ("--test-manifest", test_manifest)]
+    inputs += [("--summary", summary)] if summary is not None else []
     _io("retrain", inputs, [("--out", out)], manifest)
     _versioned_outputs("retrain", name, inputs, test_manifest)
     with RichProgress() as prog:
         m = run(manifest, test_manifest, out, name, Recipe.from_params(p), p["train"]["seeds"], p["train"]["device"],
-                opt.METRICS, opt.PLOTS, progress=prog, baseline=baseline)
+                opt.METRICS, opt.PLOTS, progress=prog, baseline=baseline, summary=summary)
     console.print(table(f"{name}: retrained on {manifest}, tested on {test_manifest}", ["metric", "value"],
                         [("n_train", m["n_train"]), ("accuracy", _pm(m)), ("loss", m["loss"])]))
     _verdict(name, m)
+    if "dval_loss" in m:
+        from pipeline.effect import line
+
+        console.print(line(name, m), highlight=False)
 
 
 sweep_app = typer.Typer(help="The paper's experiment: strategy × keep fraction, retrain, evaluate.", no_args_is_help=True)

@@ -13,6 +13,13 @@ def _val_influence(*args, **kw):
 
     return val_influence(*args, **kw)
 
+def _importance(*args, **kw):
+    """pipeline.scores.attribution.removal_effects, imported on first call (it imports torch)."""
+    from pipeline.scores.attribution import removal_effects
+
+    return removal_effects(*args, **kw)
+
+
 from pipeline.scores import compute as _fw
 from pipeline.scores import dynamics as _dyn
 
@@ -36,3 +43,6 @@ SCORES.register("self_influence", needs=("checkpoints", "backward"),
 SCORES.register("val_influence", needs=("checkpoints", "val", "backward"), suspicious="low",
                 doc="TracIn train→validation: Σ over checkpoints of lr·⟨∇L_i, ∇L̄_val⟩ (< 0: harmful)"
                 )(_val_influence)
+SCORES.register("importance", needs=("model", "val", "backward"),
+                doc="predicted change of the mean validation loss (nats) if the image is removed: TRAK over the "
+                    "seeds' models (> 0: important, < 0: harmful)")(_importance)

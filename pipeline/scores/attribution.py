@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ["Sketch", "margins", "margin_grads", "sketched_grads", "head_grads", "Features", "features",
-           "trak_scores", "trak_mean_effect"]
+           "trak_scores", "trak_mean_effect",
+           "reference_rows", "removal_effects", "val_probs"]
 
 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -145,3 +146,83 @@ def trak_mean_effect(train: list[Features], target: list[Features], ridge: float
         per.append(((tr.phi.double() @ u) * (1 - tr.p)).numpy())
     per = np.stack(per)
     return per.mean(0), per
+
+
+#: measured nats of mean validation loss per nat of uncalibrated TRAK effect (bench/lds.py): set below
+CALIBRATION = 1.0
+
+
+def _feed(images_u8, labels, mean, std, device, batch_size):
+    """(normalised x, y) batches of uint8 images (an array or streamed), in order."""
+    from pipeline.data.stream import iter_batches
+    from pipeline.training.infer import batches, normalize
+
+    spans = list(batches(len(labels), batch_size))
+    for (s, e), xb in zip(spans, iter_batches(images_u8, [slice(s, e) for s, e in spans])):
+        yield normalize(xb, mean, std, device), torch.as_tensor(np.asarray(labels[s:e], np.int64), device=device)
+
+
+def _model_features(model: nn.Module, images_u8, labels, mean, std, k: int, seed: int, batch_size: int,
+                    device: str, progress=None) -> Features:
+    """Count-sketched per-sample margin gradients (all trainable parameters) of a uint8 set under
+    `model`, in chunks small enough that a chunk's gradients stay under ~128 MiB."""
+    model.eval()
+    p = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    sk = Sketch.make(p, k, seed)
+    chunk = max(1, min(batch_size, (1 << 25) // max(p, 1)))
+    phis, ps = [], []
+    for x, y in _feed(images_u8, labels, mean, std, device, chunk):
+        g, f = margin_grads(model, x, y)
+        phis.append(sk(g).cpu())
+        ps.append(torch.sigmoid(f.double()).cpu())
+        if progress:
+            progress("advance", n=len(y))
+    return Features(torch.cat(phis), torch.cat(ps))
+
+
+def reference_rows(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """bool [V]: the validation rows trusted as the target of attribution — those that are not
+    label issues per pipeline.rules.labels.heldout_label_issues (out-of-sample probabilities)."""
+    from pipeline.rules.labels import heldout_label_issues
+
+    is_issue, _, _ = heldout_label_issues(np.asarray(labels, np.int64), np.asarray(probs, np.float64))
+    keep = ~np.asarray(is_issue, bool)
+    return keep if keep.any() else np.ones(len(keep), bool)
+
+
+def removal_effects(models: list, images_u8, labels, val_images_u8, val_labels, mean, std, k: int = 1024,
+                    batch_size: int = 256, device: str = "cpu", progress=None, reference=None) -> dict:
+    """Per model m and training image i, the predicted change of the mean validation loss (nats,
+    calibrated by CALIBRATION) when i is removed: TRAK with count-sketched gradients (module doc).
+
+    `models`: the trained seeds' models (eval mode). The target is the mean loss over the
+    reference validation rows (`reference` bool [V], default :func:`reference_rows` on the
+    seed-averaged softmax). Returns
+    {effects [M, N] float64, val_loss [M, V] float64 (per model, every val row), reference [V] bool}.
+    """
+    from pipeline.scores.compute import _exact_fp32
+
+    val_labels = np.asarray(val_labels, np.int64)
+    with _exact_fp32():
+        vals = [_model_features(m, val_images_u8, val_labels, mean, std, k, j, batch_size, device)
+                for j, m in enumerate(models)]
+        if reference is None:
+            probs = [val_probs(m, val_images_u8, val_labels, mean, std, batch_size, device) for m in models]
+            reference = reference_rows(val_labels, np.mean(probs, 0))
+        ref = np.asarray(reference, bool)
+        val_loss = -np.log(np.clip(np.stack([v.p.numpy() for v in vals]), 1e-300, None))  # p = p(label)
+        effects = []
+        for j, m in enumerate(models):
+            tr = _model_features(m, images_u8, labels, mean, std, k, j, batch_size, device, progress)
+            tg = Features(vals[j].phi[torch.as_tensor(ref)], vals[j].p[torch.as_tensor(ref)])
+            effects.append(trak_mean_effect([tr], [tg])[0])
+    return {"effects": CALIBRATION * np.stack(effects), "val_loss": val_loss, "reference": ref}
+
+
+def val_probs(model, images_u8, labels, mean, std, batch_size, device) -> np.ndarray:
+    """softmax [V, C] of `model` (eval mode) on uint8 images."""
+    out = []
+    with torch.no_grad():
+        for x, _ in _feed(images_u8, labels, mean, std, device, batch_size):
+            out.append(torch.softmax(model(x).double(), 1).cpu().numpy())
+    return np.concatenate(out)

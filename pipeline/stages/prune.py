@@ -19,12 +19,14 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
           strategy: str = _P["strategy"], by: str = _P["by"], keep: float = _P["keep"], skip: float = _P["skip"],
           balanced: bool = _P["balanced"], seed: int = _P["seed"], flags_csv: str | Path | None = None,
           drop: list | None = _P["drop"], decisions: str | Path | None = None,
-          relabel_min_p: float = _P["relabel_min_p"]) -> dict:
+          relabel_min_p: float = _P["relabel_min_p"], attribution: str | Path | None = None) -> dict:
     """Select training samples → out_manifest (same columns, kept train rows + all val/test rows)
     and summary_path (JSON: strategy, kept per class, label entropy of kept vs all vs uniform).
     `decisions`: a review's decisions.csv (pipeline/decisions.py; used when the file exists),
     applied on top of the strategy — a person's decision always wins; relabels become label
     overrides (`label` = the label trained on, `orig_label` = the source's label).
+    `attribution`: scores/attribution.npz (default: beside `scores_csv`, when it exists) → the
+    summary's `effect`, the predicted change of the mean validation loss (pipeline/effect.py).
     Returns the summary dict."""
     from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest, write_manifest
     from pipeline.formats.tables import read_flags, read_scores
@@ -107,8 +109,23 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
         summ["noisy_removed"] = int((noisy & ~kept).sum())
         summ["noisy_kept"] = int((noisy & kept).sum())
         summ["clean_removed"] = int((~noisy & ~kept).sum())
+    summ["effect"] = _effect(attribution, scores_csv, train, labels, kept_pos)
     write_json(summary_path, summ)
     return summ
+
+
+def _effect(attribution, scores_csv, train, labels, kept_pos) -> dict | None:
+    """The predicted change of the mean validation loss of this version (pipeline/effect.py), or
+    None without an attribution file."""
+    from pipeline.effect import predicted_change, read_attribution
+
+    path = Path(attribution) if attribution is not None else Path(scores_csv).parent / "attribution.npz"
+    if not path.exists() or read_attribution(path)["effects"].shape[0] == 0:
+        return None
+    kept = np.zeros(len(train), bool)
+    kept[kept_pos] = True
+    relabeled = kept & (np.asarray(labels, np.int64) != train["label"].to_numpy(np.int64))
+    return predicted_change(path, train["id"].to_numpy(np.int64), ~kept, relabeled)
 
 
 def _with_decisions(df, train, labels, kept_pos, decisions, classes):

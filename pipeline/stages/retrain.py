@@ -14,13 +14,15 @@ from pipeline.training.recipe import Recipe
 
 def retrain(manifest: str | Path, test_manifest: str | Path, out_dir: str | Path, name: str, recipe: Recipe,
             seeds: list[int], device: str, metrics_dir: str | Path, plots_dir: str | Path, progress=None,
-            baseline: str | None = None) -> dict:
+            baseline: str | None = None, summary: str | Path | None = None) -> dict:
     """Stage: train `recipe` from scratch on `manifest`'s train split (one run per seed) into
     `out_dir`, then evaluate every run on `test_manifest`'s test split → the metrics dict
     (also in metrics_dir/<name>.json; the confusion data in plots_dir/confusion_<name>.csv).
     With `baseline` (e.g. "base", evaluated before into plots_dir) the metrics carry the
     verdict against it over the seeds (pipeline/verdict.py); a baseline never evaluated is
-    skipped with a log line."""
+    skipped with a log line. With `summary` (prune/summary.json holding a prediction, `effect`)
+    the metrics also carry the measured change of the mean validation loss beside the predicted
+    one: dval_loss, dval_loss_pred, dval_loss_pred_sd (pipeline/effect.py)."""
     from pipeline.stages.evaluate import details_path, evaluate
     from pipeline.stages.train import train
 
@@ -30,5 +32,29 @@ def retrain(manifest: str | Path, test_manifest: str | Path, out_dir: str | Path
             progress("log", message=f"no {details_path(plots_dir, baseline)}: no verdict against '{baseline}' "
                                     f"(run `clean evaluate --name {baseline}` first)")
         baseline = None
-    return evaluate(out_dir, test_manifest, name, metrics_dir, plots_dir, device=device, progress=progress,
-                    baseline=baseline)
+    metrics = evaluate(out_dir, test_manifest, name, metrics_dir, plots_dir, device=device, progress=progress,
+                       baseline=baseline)
+    return _with_effect(metrics, summary, out_dir, manifest, name, metrics_dir, plots_dir, device)
+
+
+def _with_effect(metrics: dict, summary, out_dir, manifest, name: str, metrics_dir, plots_dir, device: str) -> dict:
+    """Add predicted vs measured change of the mean validation loss to the metrics files."""
+    import json
+
+    from pipeline.device import resolve_device
+    from pipeline.effect import measured_change
+    from pipeline.io import write_json
+    from pipeline.stages.evaluate import details_path
+
+    if summary is None or not Path(summary).exists():
+        return metrics
+    pred = json.loads(Path(summary).read_text()).get("effect")
+    if not pred:
+        return metrics
+    got = measured_change(out_dir, manifest, pred, resolve_device(device))
+    metrics.update(got, dval_loss_pred=pred["predicted_dval_loss"], dval_loss_pred_sd=pred["predicted_dval_loss_sd"])
+    flat = json.loads((Path(metrics_dir) / f"{name}.json").read_text())
+    flat.update({k: round(metrics[k], 6) for k in ("dval_loss", "dval_loss_pred", "dval_loss_pred_sd")})
+    write_json(Path(metrics_dir) / f"{name}.json", flat)
+    write_json(details_path(plots_dir, name), metrics)
+    return metrics

@@ -42,7 +42,8 @@ def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, norm
           params: str = _S["params"], batch_size: int = _S["batch_size"], device: str = _T["device"],
           split: str = _S["split"], with_self_influence: bool = _S["self_influence"], progress=None,
           cache_max_gb: float = _D["cache_max_gb"], workers: int = _T["workers"],
-          embeddings: bool = _S["embeddings"], with_val_influence: bool = _S["val_influence"]):
+          embeddings: bool = _S["embeddings"], with_val_influence: bool = _S["val_influence"],
+          with_importance: bool = _S["importance"], importance_dim: int = _S["importance_dim"]):
     """Stage: score every sample of `split` → out_dir/scores.csv + out_dir/meta.json
     (+ out_dir/embeddings.npz with `embeddings`: every split's penultimate features, pixel
     hashes and image statistics for flag's duplicate / outlier / image checks).
@@ -73,6 +74,7 @@ def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, norm
         raise CleanError(f"{model_dir}/checkpoints has no epoch checkpoints for self-influence; retrain "
                          "with `clean train` (train.checkpoint_every) or set score.self_influence: false")
     vckpts, val = _val_inputs(manifest, df, cfg, model_dir, cache_max_gb, workers) if with_val_influence else ([], None)
+    ref = _reference(model, val, cfg, batch_size, device) if val is not None else None
     if progress:
         where = f", rank 0 of {D.world_size()}" if D.enabled() else ""
         progress("start", desc=f"score ({norm}, {params}{where})", total=(1 + len(ckpts) + len(vckpts)) * (hi - lo))
@@ -80,9 +82,16 @@ def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, norm
                        features=embeddings)
     s["self_influence"] = (self_influence(model, ckpts, images, labels, cfg["mean"], cfg["std"], params,
                                           batch_size, device, progress) if ckpts else np.full(hi - lo, np.nan))
-    s["val_influence"] = (val_influence(model, vckpts, images, labels, val.images, val.labels, cfg["mean"], cfg["std"],
+    s["val_influence"] = (val_influence(model, vckpts, images, labels, ref.images, ref.labels, cfg["mean"], cfg["std"],
                                         params, batch_size, device, progress) if val is not None
                           else np.full(hi - lo, np.nan))
+    attribution = None
+    if with_importance and split == "train" and not D.enabled() and (df["split"] == "val").any():
+        s["importance"], attribution = _importance(model_dir, model, cfg, manifest, df, images, labels, importance_dim,
+                                                   batch_size, device, cache_max_gb, workers, progress,
+                                                   None if ref is None else ref.mask)
+    else:
+        s["importance"] = np.full(hi - lo, np.nan)
     if progress:
         progress("end")
     parts = D.gather(s)
@@ -100,6 +109,7 @@ def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, norm
         dyn_cols, n_dyn = _dynamics_columns(model_dir, ids)
         out = _frame(rows, s, dyn_cols)
         write_frame(out_dir / "scores.csv", out)
+        _write_attribution(out_dir / "attribution.npz", ids, attribution)
         write_json(out_dir / "meta.json", {
             "norm": norm, "params": params, "model_dir": str(model_dir), "model": cfg["model"],
             "manifest": str(manifest), "split": split, "n": int(len(out)), "n_with_dynamics": n_dyn,
@@ -108,7 +118,12 @@ def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, norm
             "self_influence": {"computed": bool(with_self_influence), "norm": "l2 squared", "params": params,
                                "checkpoints": [{"file": p.name, "lr": lr} for p, lr in ckpts]},
             "val_influence": {"computed": val is not None, "params": params, "n_val": 0 if val is None else len(val.labels),
+                              "n_reference": 0 if ref is None else len(ref.labels),
                               "checkpoints": [{"file": p.name, "lr": lr} for p, lr in vckpts]},
+            "importance": None if attribution is None else {
+                "method": "TRAK, count-sketched all-parameter gradients, one model per seed", "dim": importance_dim,
+                "models": attribution["models"], "n_reference_val": int(attribution["reference"].sum()),
+                "calibration": attribution["calibration"], "file": "attribution.npz"},
             "seconds": round(time.perf_counter() - t0, 3), "columns": list(out.columns),
             "processes": D.world_size(), "streamed": bool(is_streamed(images)),
         })
@@ -153,6 +168,54 @@ def _write_features(path: Path, model, manifest: Path, df, scored_mask: np.ndarr
         with open(tmp, "wb") as f:
             np.savez(f, ids=df["id"].to_numpy(np.int64), split=df["split"].to_numpy().astype("U5"),
                      label=df["label"].to_numpy(np.int64), height=height, width=width, **feats)
+
+
+def _seed_models(model_dir: Path, model, cfg: dict, device: str) -> tuple[list, list[str]]:
+    """The base model and every other seed's model in model_dir/seeds/ (eval mode) → (models, folders)."""
+    import copy
+
+    from pipeline.models import load_weights
+
+    models, names = [model], [str(model_dir)]
+    for d in sorted((model_dir / "seeds").glob("seed_*")):
+        if (d / "model.safetensors").exists():
+            m = copy.deepcopy(model)
+            load_weights(m, d / "model.safetensors")
+            models.append(m.to(device).eval())
+            names.append(str(d))
+    return models, names
+
+
+def _importance(model_dir: Path, model, cfg: dict, manifest: Path, df, images, labels, k: int, batch_size: int,
+                device: str, cache_max_gb: float, workers: int, progress, reference=None):
+    """(importance [N] = mean over the seeds' models of the predicted change of the mean validation
+    loss when the image is removed, nats; the attribution dict for attribution.npz)."""
+    from pipeline.scores.attribution import CALIBRATION, removal_effects
+
+    models, names = _seed_models(model_dir, model, cfg, device)
+    val = open_split(manifest, "val", cfg["image_size"], cfg["in_chans"], df=df, cache_max_gb=cache_max_gb,
+                     workers=workers)
+    if progress:
+        progress("log", message=f"importance: TRAK over {len(models)} model(s), k = {k}")
+    att = removal_effects(models, images, labels, val.images, val.labels, cfg["mean"], cfg["std"], k, batch_size,
+                          device, reference=reference)
+    att.update(val_ids=np.asarray(val.ids, np.int64), models=names, calibration=CALIBRATION)
+    return att["effects"].mean(0), att
+
+
+def _write_attribution(path: Path, ids: np.ndarray, att: dict) -> None:
+    """attribution.npz: ids [N], effects [M, N] (nats, calibrated), val_ids [V], reference [V] bool,
+    val_loss [M, V] (each seed model's loss of each validation row), calibration. Without an
+    attribution (score.importance: false) M = V = 0, so the file a DVC stage declares exists."""
+    from pipeline.io import atomic_path
+
+    if att is None:
+        att = {"effects": np.zeros((0, len(ids))), "val_ids": np.zeros(0, np.int64), "reference": np.zeros(0, bool),
+               "val_loss": np.zeros((0, 0)), "calibration": np.nan}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, ids=ids, effects=att["effects"], val_ids=att["val_ids"], reference=att["reference"],
+                     val_loss=att["val_loss"], calibration=np.float64(att["calibration"]))
 
 
 def _check_finite(s: dict, model_dir: Path, split: str) -> None:
@@ -213,6 +276,27 @@ def _val_inputs(manifest: Path, df, cfg: dict, model_dir: Path, cache_max_gb: fl
                          "`clean train` (train.checkpoint_every) or set score.val_influence: false")
     return ckpts, open_split(manifest, "val", cfg["image_size"], cfg["in_chans"], df=df, cache_max_gb=cache_max_gb,
                              workers=workers)
+
+
+def _reference(model, val, cfg: dict, batch_size: int, device: str):
+    """The validation rows trusted as the target of val_influence: those that are not label issues
+    per pipeline.rules.labels.heldout_label_issues on the model's (out-of-sample) softmax → a
+    Split-like object with `images`, `labels`, `ids` and `mask` [V] bool."""
+    from types import SimpleNamespace
+
+    from pipeline.scores.attribution import reference_rows, val_probs
+
+    mask = reference_rows(val.labels, val_probs(model, val.images, val.labels, cfg["mean"], cfg["std"], batch_size,
+                                                device))
+    pos = np.flatnonzero(mask)
+    if is_streamed(val.images):
+        from pipeline.data.stream import StreamImages
+
+        v = val.images
+        images = StreamImages(v.paths[pos], v.base_dir, v.chw, v.workers)
+    else:
+        images = val.images[pos]
+    return SimpleNamespace(images=images, labels=np.asarray(val.labels)[pos], ids=np.asarray(val.ids)[pos], mask=mask)
 
 
 def _checkpoints(model_dir: Path, cfg: dict) -> list[tuple[Path, float]]:
@@ -293,5 +377,6 @@ def score_input(path: str | Path, model: str, out_dir: str | Path, p: dict, prog
                device=p["train"]["device"], split=sc["split"] if manifest == path else "train",
                with_self_influence=sc["self_influence"], progress=progress,
                with_val_influence=sc["val_influence"] and manifest == path,  # a folder/CSV has no val split
-               cache_max_gb=p["data"]["cache_max_gb"], workers=p["train"]["workers"], embeddings=sc["embeddings"])
+               cache_max_gb=p["data"]["cache_max_gb"], workers=p["train"]["workers"], embeddings=sc["embeddings"],
+               with_importance=sc["importance"] and manifest == path, importance_dim=sc["importance_dim"])
     return df, model_dir
