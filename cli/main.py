@@ -38,12 +38,7 @@ def _params(path: Path, **overrides):
     return override(load_params(path), **overrides)
 
 
-def _io(command: str, inputs, outputs, manifest=None) -> None:
-    """The shared input/output check (pipeline/paths.py): no output is, or lies inside, an input
-    or a folder of the images `manifest` lists. inputs/outputs: (label, path) pairs."""
-    from pipeline.paths import check_io, image_dirs
-
-    check_io(command, [*inputs, *image_dirs(manifest)], outputs)
+_io = opt.guard  # the one output check (cli/options.py)
 
 
 def _classes(manifest: Path) -> tuple[str, Path]:
@@ -80,7 +75,7 @@ def prepare(
                 data__test_frac=test_frac, data__seed=seed, noise__rate=noise_rate, noise__kind=noise_kind)
     d, nz = p["data"], p["noise"]
     _io("prepare", [("data.root", d["root"])], [("--out", out)] + [("--out", out / f) for f in
-                                                                   ("manifest.csv", "classes.json", "problems.csv")])
+                                                                   ("manifest.csv", "classes.json", "problems.csv")], params=params)
     with RichProgress() as prog:
         s = run(d["source"], d["root"], out, val_frac=d["val_frac"], test_frac=d["test_frac"], seed=d["seed"],
                 classes=d["classes"], noise_rate=nz["rate"], noise_kind=nz["kind"], noise_pairs=nz["pairs"],
@@ -133,7 +128,7 @@ def train(
                 train__device=device, train__amp=amp, train__workers=workers, data__cache_max_gb=cache_max_gb)
     recipe = Recipe.from_params(p)
     _check_out_dir(out)
-    _io("train", [("--manifest", manifest), _classes(manifest)], [("--out", out)], manifest)
+    _io("train", [("--manifest", manifest), _classes(manifest)], [("--out", out)], manifest, params)
     try:
         with _progress() as prog:
             m = run(manifest, out, recipe, seeds=p["train"]["seeds"], progress=prog, resume=resume)
@@ -158,13 +153,13 @@ def _progress():
     return RichProgress() if is_main() else contextlib.nullcontext()
 
 
-def _versioned_outputs(command: str, name: str, inputs, manifest: Path) -> None:
+def _versioned_outputs(command: str, name: str, inputs, manifest: Path, params: Path) -> None:
     """--name is a plain name; metrics/<name>.json and plots/confusion_<name>.csv are no input."""
     from pipeline.paths import check_name
 
     check_name("--name", name, "metrics/<name>.json and plots/confusion_<name>.csv")
     _io(command, inputs, [("--name", opt.METRICS / f"{name}.json"), ("--name", opt.PLOTS / f"confusion_{name}.csv"),
-                          ("--name", opt.PLOTS / f"evaluate_{name}.json")], manifest)
+                          ("--name", opt.PLOTS / f"evaluate_{name}.json")], manifest, params)
 
 
 def _pm(m: dict) -> str:
@@ -189,7 +184,7 @@ def evaluate(
     from pipeline.stages.evaluate import evaluate as run
 
     p = _params(params, train__device=device)
-    _versioned_outputs("evaluate", name, [("--model", model), ("--manifest", manifest)], manifest)
+    _versioned_outputs("evaluate", name, [("--model", model), ("--manifest", manifest)], manifest, params)
     with RichProgress() as prog:
         m = run(model, manifest, name, opt.METRICS, opt.PLOTS, split=split, device=p["train"]["device"],
                 progress=prog, baseline=baseline)
@@ -238,7 +233,7 @@ def score(
                 score__split=split, score__self_influence=self_influence, score__val_influence=val_influence,
                 score__embeddings=embeddings, train__epochs=epochs,
                 train__device=device, train__workers=workers, data__cache_max_gb=cache_max_gb)
-    _score_io(path, Path(model), out)
+    _score_io(path, Path(model), out, params)
     with _progress() as prog:
         df, model_dir = score_input(path, model, out, p, progress=prog,
                                     on_input=_report_input if is_main() else None)
@@ -248,14 +243,14 @@ def score(
     console.print(f"wrote {out}/scores.csv ({len(df)} rows) and {out}/meta.json")
 
 
-def _score_io(path: Path, model: Path, out: Path) -> None:
+def _score_io(path: Path, model: Path, out: Path, params: Path) -> None:
     from pipeline.data.standalone import is_manifest
 
     inputs = [("PATH", path)] + ([("--model", model)] if model.is_dir() else [])
     manifest = path if is_manifest(path) else None
     outputs = [("--out", out)] + [("--out", out / f) for f in ("scores.csv", "meta.json", "embeddings.npz")]
     _io("score", inputs + ([_classes(path)] if manifest else []), outputs + ([] if manifest else [("--out", out / "input")]),
-        manifest)
+        manifest, params)
 
 
 def _report_input(summary: dict, where: Path) -> None:
@@ -317,7 +312,7 @@ def flag(
     f = p["flag"]
     _io("flag", [("--scores", scores), ("--manifest", manifest), _classes(manifest), ("--model", model),
                  ("the embeddings of --scores", scores.parent / "embeddings.npz")],
-        [("--out", out / n) for n in ("flags.csv", "issues.json", "top_flagged.png")] + [("--metrics", metrics)], manifest)
+        [("--out", out / n) for n in ("flags.csv", "issues.json", "top_flagged.png")] + [("--metrics", metrics)], manifest, params)
     with RichProgress() as prog:
         s = run(scores, out, **{k: v for k, v in f.items() if k != "grid"}, model_dir=model, manifest=manifest,
                 recipe=Recipe.from_params(p), device=resolve_device(p["train"]["device"]), progress=prog,
@@ -385,7 +380,7 @@ def prune(
                 prune__balanced=balanced, prune__seed=seed, prune__drop=list(drop) if drop else None)
     q = p["prune"]
     _io("prune", [("--manifest", manifest), ("--scores", scores), ("--flags", flags), ("--decisions", decisions),
-                  _classes(manifest)], [("--out", out), ("--summary", summary)] + _classes_beside(out, manifest))
+                  _classes(manifest)], [("--out", out), ("--summary", summary)] + _classes_beside(out, manifest), manifest, params)
     s = run(manifest, scores, out, summary, strategy=q["strategy"], by=q["by"], keep=q["keep"], skip=q["skip"],
             balanced=q["balanced"], seed=q["seed"], flags_csv=flags, drop=q["drop"], decisions=decisions,
             relabel_min_p=q["relabel_min_p"])
@@ -432,8 +427,8 @@ def retrain(
     p = _params(params, train__epochs=epochs, train__seeds=list(seed) if seed else None, train__device=device)
     _check_out_dir(out)
     inputs = [("--manifest", manifest), _classes(manifest), ("--test-manifest", test_manifest)]
-    _io("retrain", inputs, [("--out", out)], manifest)
-    _versioned_outputs("retrain", name, inputs, test_manifest)
+    _io("retrain", inputs, [("--out", out)], manifest, params)
+    _versioned_outputs("retrain", name, inputs, test_manifest, params)
     with RichProgress() as prog:
         m = run(manifest, test_manifest, out, name, Recipe.from_params(p), p["train"]["seeds"], p["train"]["device"],
                 opt.METRICS, opt.PLOTS, progress=prog, baseline=baseline)
@@ -465,7 +460,7 @@ def sweep_point(
     q = p["prune"]
     _io("sweep point", [("--manifest", manifest), _classes(manifest), ("--scores", scores), ("--flags", flags)],
         [("--out", out)] + [("--out", out / f) for f in ("pruned.csv", "prune.json", "metrics.json")]
-        + _classes_beside(out / "pruned.csv", manifest), manifest)
+        + _classes_beside(out / "pruned.csv", manifest), manifest, params)
     with RichProgress() as prog:
         m = run(manifest, scores, out, strategy, keep, Recipe.from_params(p), p["train"]["seeds"], by=q["by"],
                 skip=q["skip"], balanced=q["balanced"], prune_seed=q["seed"], flags_csv=flags, progress=prog)
@@ -492,7 +487,7 @@ def sweep_run(
     p = _params(params)
     q, w = p["prune"], p["sweep"]
     _io("sweep run", [("--manifest", manifest), _classes(manifest), ("--scores", scores), ("--flags", flags)],
-        [("--out", out), ("--summary", summary)], manifest)
+        [("--out", out), ("--summary", summary)], manifest, params)
     with RichProgress() as prog:
         df = run(manifest, scores, flags, out, summary, w["strategies"], w["keeps"], Recipe.from_params(p),
                  p["train"]["seeds"], q["by"], q["skip"], q["balanced"], q["seed"], progress=prog)
@@ -517,7 +512,7 @@ def sweep_collect(
     from pipeline.stages.sweep import collect
 
     p = _params(params)
-    _io("sweep collect", [("a sweep result", f) for f in sorted(sweep_dir.glob("*/metrics.json"))], [("--out", out)])
+    _io("sweep collect", [("a sweep result", f) for f in sorted(sweep_dir.glob("*/metrics.json"))], [("--out", out)], params=params)
     df = collect(sweep_dir, out, p["sweep"]["strategies"], p["sweep"]["keeps"])
     keeps = sorted(df["keep"].unique())
     rows = []
