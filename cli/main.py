@@ -79,11 +79,12 @@ def prepare(
     with RichProgress() as prog:
         s = run(d["source"], d["root"], out, val_frac=d["val_frac"], test_frac=d["test_frac"], seed=d["seed"],
                 classes=d["classes"], noise_rate=nz["rate"], noise_kind=nz["kind"], noise_pairs=nz["pairs"],
-                noise_seed=nz["seed"], progress=prog)
+                noise_seed=nz["seed"], noise_splits=nz["splits"], progress=prog)
     rows = [(k, v) for k, v in s.get("counts", {}).items()]
     console.print(table(f"prepared {s.get('source')} → {out}/manifest.csv", ["split", "images"], rows))
     if s.get("n_noisy"):
-        console.print(f"injected label noise: {s['n_noisy']} training labels changed ({nz['kind']}, rate {nz['rate']})")
+        console.print(f"injected label noise: {s['n_noisy']} labels changed in {', '.join(nz['splits'])} "
+                      f"({nz['kind']}, rate {nz['rate']})")
     for w in s.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
     n_prob = s.get("n_problems", 0)

@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
         "kind": "symmetric",  # symmetric | pairs
         "pairs": None,        # {class_index: class_index} for kind=pairs; null = c -> c+1
         "seed": 0,
+        "splits": ["train"],  # splits whose labels get noise (a user's val and test are noisy too)
     },
     "model": {
         "name": "small_cnn",  # any timm model, or small_cnn / small_cnn_bn
@@ -190,7 +191,7 @@ prune.seed               [0, 2**32-1]
 """)
 
 # keys whose value may be of several shapes (checked by their own validator)
-FREE = {"flag.aum_max", "flag.issues", "prune.drop", "data.root", "data.classes", "data.image_size", "noise.pairs", "model.weights", "train.seeds",
+FREE = {"flag.aum_max", "flag.issues", "prune.drop", "data.root", "data.classes", "data.image_size", "noise.pairs", "noise.splits", "model.weights", "train.seeds",
         "sweep.strategies", "sweep.keeps"}
 
 
@@ -301,6 +302,9 @@ def _check_free(p: dict, where: str) -> None:
     if pairs is not None and (not isinstance(pairs, dict) or not all(
             isinstance(a, int) and isinstance(b, int) for a, b in pairs.items())):
         raise CleanError(f"{where}: noise.pairs must be null or a mapping {{class_index: class_index}}, got {pairs!r}")
+    splits = p["noise"]["splits"]
+    if not (isinstance(splits, list) and splits and all(s in ("train", "val", "test") for s in splits)):
+        raise CleanError(f"{where}: noise.splits must be a non-empty list from: train, val, test; got {splits!r}")
     seeds = p["train"]["seeds"]
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                                       for s in seeds) and len(set(seeds)) == len(seeds)):

@@ -28,3 +28,19 @@ def label_issue(inputs, cfg: dict) -> IssueResult:
     return IssueResult(res.flagged, np.asarray(res.value, np.float64), res.rule,
                        columns={"suggested_label": suggested, "suggested_p": np.round(p, 6)},
                        summary={"n_suggestion_equals_label": same})
+
+
+def heldout_label_issues(labels, probs, filter_by: str = "prune_by_noise_rate"):
+    """Label issues of held-out images (val/test: the trained model never saw them, so its
+    predictions there are out-of-sample and confident learning applies without k-fold).
+
+    labels: int [N] in [0, C); probs: float [N, C] softmax rows (eval mode, out-of-sample).
+    Returns (is_issue bool [N] = cleanlab.filter.find_label_issues(labels, probs, filter_by),
+    suggested int [N] = argmax of probs, quality float [N] in 0..1 = cleanlab's self-confidence
+    label quality; low = likely wrong). CleanError on bad shapes / non-probabilities.
+    """
+    from pipeline.rules.confident import flag_confident  # here: the RULES registry order stays as on import
+
+    res = flag_confident(probs, labels, filter_by=filter_by)
+    suggested = np.asarray(probs, dtype=float).argmax(1).astype(np.int64)
+    return res.flagged, suggested, 1.0 - res.value

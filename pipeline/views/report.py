@@ -180,7 +180,9 @@ def _dataset_rows(mdf, classes) -> list:
         counts = mdf["split"].value_counts()
         rows.append(("samples", ", ".join(f"{s}: {int(counts.get(s, 0)):,}" for s in ("train", "val", "test"))))
         if "noisy" in mdf.columns and int(mdf["noisy"].sum()):
-            rows.append(("injected label noise", f"{int(mdf['noisy'].sum()):,} training labels changed"))
+            per = mdf.groupby("split")["noisy"].sum()
+            rows.append(("injected label noise", ", ".join(f"{s}: {int(per.get(s, 0)):,}" for s in ("train", "val", "test")
+                                                           if int(per.get(s, 0))) + " labels changed"))
     if classes:
         shown = ", ".join(classes[:20]) + (f", … ({len(classes)} in all)" if len(classes) > 20 else "")
         rows.append(("classes", f"{len(classes)}: {shown}"))
