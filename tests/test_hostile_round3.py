@@ -117,3 +117,76 @@ def test_no_path_option_of_any_command_writes_into_the_source_images(proj, monke
 def test_the_reported_writes_into_the_images_are_refused(proj, args, starts):
     got = refused(proj, args, starts=starts)
     assert "data/imgs" in got and "give" in got
+
+
+# --------------------------------------------------------------------------- 2. decisions follow their image
+
+def _decide(proj: Path, *decisions) -> None:
+    """Decisions made as `clean review` makes them (Review.decide writes data/decisions.csv)."""
+    from pipeline.views.review import Review
+
+    r = Review(proj / "data/manifest.csv", proj / "scores/flags.csv", proj / "data/decisions.csv")
+    for d in decisions:
+        r.decide(d)
+
+
+def _manifest(proj: Path):
+    import pandas as pd
+
+    return pd.read_csv(proj / "data/manifest.csv", keep_default_na=False)
+
+
+def test_decisions_follow_their_image_when_an_added_image_shifts_the_ids(tmp_path, monkeypatch):
+    """Add one image, re-prepare: every later id shifts; the decisions still apply to the images
+    the person chose (on main they landed on the neighbours)."""
+    from .helpers import TINY_PARAMS, make_imagefolder, ok
+
+    monkeypatch.setenv("CLEAN_DEBUG", "1")
+    for split in ("train", "val", "test"):
+        make_imagefolder(tmp_path / "data/imgs" / split, n_per_class=4 if split == "train" else 2, seed=len(split))
+    (tmp_path / "params.yaml").write_text(TINY_PARAMS)
+    for cmd in (["prepare"], ["train"], ["score"], ["flag"]):
+        ok(invoke(tmp_path, *cmd))
+    m = _manifest(tmp_path)
+    flagged = set(__import__("pandas").read_csv(tmp_path / "scores/flags.csv").query("flagged == 1")["id"])
+    tr = m[(m["split"] == "train") & m["id"].isin(flagged)]
+    drop, relabel = tr.iloc[-1], tr.iloc[-2]  # late ids: the added image shifts them
+    _decide(tmp_path, {"id": int(drop["id"]), "action": "drop"},
+            {"id": int(relabel["id"]), "action": "relabel", "label": "c" if relabel["label"] != 2 else "a"})
+    new_label = 2 if relabel["label"] != 2 else 0
+    from PIL import Image
+
+    Image.open(tmp_path / "data/imgs/train/a/000.png").save(tmp_path / "data/imgs/train/a/0000.png")  # sorts first
+    for cmd in (["prepare"], ["train"], ["score"], ["flag"], ["prune", "--strategy", "random", "--keep", "1.0"]):
+        ok(invoke(tmp_path, *cmd))
+    m2 = _manifest(tmp_path)
+    assert int(m2.set_index("path").loc[drop["path"], "id"]) != int(drop["id"])  # the ids did shift
+    pruned = __import__("pandas").read_csv(tmp_path / "data/pruned.csv", keep_default_na=False).set_index("path")
+    assert drop["path"] not in pruned.index  # the chosen image is dropped ...
+    assert int(pruned.loc[relabel["path"], "label"]) == new_label  # ... and the other one relabelled
+    assert len(pruned) == len(m2) - 1 and (pruned["label"] != pruned["orig_label"]).sum() == 1  # nobody else
+
+
+def test_a_decision_whose_image_left_the_manifest_is_refused(proj):
+    m = _manifest(proj)
+    row = m[m["split"] == "train"].iloc[0]
+    (proj / "data/decisions.csv").write_text(f"id,path,action,label,note\n{row['id']},imgs/gone/1.png,drop,,\n")
+    refused(proj, ["prune"], f"data/decisions.csv: row 2: image 'imgs/gone/1.png' (id {row['id']} when decided) is "
+                             "no longer in data/manifest.csv; remove the row (the image left the dataset) or put "
+                             "the image back")
+
+
+def test_old_decisions_without_paths_work_until_the_manifest_changes(proj):
+    import os
+
+    m = _manifest(proj)
+    rid = int(m[m["split"] == "train"]["id"].iloc[0])
+    (proj / "data/decisions.csv").write_text(f"id,action,label,note\n{rid},drop,,\n")
+    ok = invoke(proj, "prune")
+    assert ok.exit_code == 0, ok.output
+    assert rid not in set(__import__("pandas").read_csv(proj / "data/pruned.csv")["id"])
+    later = os.stat(proj / "data/decisions.csv").st_mtime + 10
+    os.utime(proj / "data/manifest.csv", (later, later))  # prepare ran after the decisions were made
+    got = refused(proj, ["prune"], starts=f"data/decisions.csv: row 2 (id {rid}) names no image (no path column) "
+                                          "and data/manifest.csv was written after it")
+    assert "touch data/decisions.csv" in got and "clean review" in got
