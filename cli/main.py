@@ -40,12 +40,7 @@ def _config(path: Path, **overrides):
     return load_config(path, **overrides)
 
 
-def _io(command: str, inputs, outputs, manifest=None) -> None:
-    """The shared input/output check (pipeline/paths.py): no output is, or lies inside, an input
-    or a folder of the images `manifest` lists. inputs/outputs: (label, path) pairs."""
-    from pipeline.paths import check_io, image_dirs
-
-    check_io(command, [*inputs, *image_dirs(manifest)], outputs)
+_io = opt.guard  # the one output check (cli/options.py)
 
 
 def _classes(manifest: Path) -> tuple[str, Path]:
@@ -82,7 +77,7 @@ def prepare(
                 data__test_frac=test_frac, data__seed=seed, noise__rate=noise_rate, noise__kind=noise_kind)
     d, nz = c.params["data"], c.params["noise"]
     _io("prepare", [("data.root", d["root"])], [("--out", out)] + [("--out", out / f) for f in
-                                                                   ("manifest.csv", "classes.json", "problems.csv")])
+                                                                   ("manifest.csv", "classes.json", "problems.csv")], params=params)
     with RichProgress() as prog:
         s = run(d["source"], d["root"], out, val_frac=d["val_frac"], test_frac=d["test_frac"], seed=d["seed"],
                 classes=d["classes"], noise_rate=nz["rate"], noise_kind=nz["kind"], noise_pairs=nz["pairs"],
@@ -135,7 +130,7 @@ def train(
                 train__device=device, train__amp=amp, train__workers=workers, data__cache_max_gb=cache_max_gb)
     recipe = c.train
     _check_out_dir(out)
-    _io("train", [("--manifest", manifest), _classes(manifest)], [("--out", out)], manifest)
+    _io("train", [("--manifest", manifest), _classes(manifest)], [("--out", out)], manifest, params)
     try:
         with _progress() as prog:
             m = run(manifest, out, recipe, seeds=c.seeds, progress=prog, resume=resume)
@@ -160,13 +155,13 @@ def _progress():
     return RichProgress() if is_main() else contextlib.nullcontext()
 
 
-def _versioned_outputs(command: str, name: str, inputs, manifest: Path) -> None:
+def _versioned_outputs(command: str, name: str, inputs, manifest: Path, params: Path) -> None:
     """--name is a plain name; metrics/<name>.json and plots/confusion_<name>.csv are no input."""
     from pipeline.paths import check_name
 
     check_name("--name", name, "metrics/<name>.json and plots/confusion_<name>.csv")
     _io(command, inputs, [("--name", opt.METRICS / f"{name}.json"), ("--name", opt.PLOTS / f"confusion_{name}.csv"),
-                          ("--name", opt.PLOTS / f"evaluate_{name}.json")], manifest)
+                          ("--name", opt.PLOTS / f"evaluate_{name}.json")], manifest, params)
 
 
 def _pm(m: dict) -> str:
@@ -191,7 +186,7 @@ def evaluate(
     from pipeline.stages.evaluate import evaluate as run
 
     c = _config(params, train__device=device)
-    _versioned_outputs("evaluate", name, [("--model", model), ("--manifest", manifest)], manifest)
+    _versioned_outputs("evaluate", name, [("--model", model), ("--manifest", manifest)], manifest, params)
     with RichProgress() as prog:
         m = run(model, manifest, name, opt.METRICS, opt.PLOTS, split=split, device=c.train.device,
                 progress=prog, baseline=baseline)
@@ -240,7 +235,7 @@ def score(
                 score__split=split, score__self_influence=self_influence, score__val_influence=val_influence,
                 score__embeddings=embeddings, train__epochs=epochs,
                 train__device=device, train__workers=workers, data__cache_max_gb=cache_max_gb)
-    _score_io(path, Path(model), out)
+    _score_io(path, Path(model), out, params)
     with _progress() as prog:
         df, model_dir = score_input(path, model, out, c, progress=prog,
                                     on_input=_report_input if is_main() else None)
@@ -250,14 +245,14 @@ def score(
     console.print(f"wrote {out}/scores.csv ({len(df)} rows) and {out}/meta.json")
 
 
-def _score_io(path: Path, model: Path, out: Path) -> None:
+def _score_io(path: Path, model: Path, out: Path, params: Path) -> None:
     from pipeline.data.standalone import is_manifest
 
     inputs = [("PATH", path)] + ([("--model", model)] if model.is_dir() else [])
     manifest = path if is_manifest(path) else None
     outputs = [("--out", out)] + [("--out", out / f) for f in ("scores.csv", "meta.json", "embeddings.npz")]
     _io("score", inputs + ([_classes(path)] if manifest else []), outputs + ([] if manifest else [("--out", out / "input")]),
-        manifest)
+        manifest, params)
 
 
 def _report_input(summary: dict, where: Path) -> None:
@@ -317,7 +312,7 @@ def flag(
     f = c.flag
     _io("flag", [("--scores", scores), ("--manifest", manifest), _classes(manifest), ("--model", model),
                  ("the embeddings of --scores", scores.parent / "embeddings.npz")],
-        [("--out", out / n) for n in ("flags.csv", "issues.json", "top_flagged.png")] + [("--metrics", metrics)], manifest)
+        [("--out", out / n) for n in ("flags.csv", "issues.json", "top_flagged.png")] + [("--metrics", metrics)], manifest, params)
     with RichProgress() as prog:
         s = run(scores, out, f, model_dir=model, manifest=manifest, recipe=c.train, progress=prog, metrics_path=metrics)
     if f.grid:
@@ -383,7 +378,7 @@ def prune(
                 prune__balanced=balanced, prune__seed=seed, prune__drop=list(drop) if drop else None)
     q = c.prune
     _io("prune", [("--manifest", manifest), ("--scores", scores), ("--flags", flags), ("--decisions", decisions),
-                  _classes(manifest)], [("--out", out), ("--summary", summary)] + _classes_beside(out, manifest))
+                  _classes(manifest)], [("--out", out), ("--summary", summary)] + _classes_beside(out, manifest), manifest, params)
     s = run(manifest, scores, out, summary, q, flags_csv=flags, decisions=decisions)
     ent = s["label_entropy"]
     console.print(table(f"prune: {q.strategy} → {out}", ["", "value"], [
@@ -427,8 +422,8 @@ def retrain(
     c = _config(params, train__epochs=epochs, train__seeds=list(seed) if seed else None, train__device=device)
     _check_out_dir(out)
     inputs = [("--manifest", manifest), _classes(manifest), ("--test-manifest", test_manifest)]
-    _io("retrain", inputs, [("--out", out)], manifest)
-    _versioned_outputs("retrain", name, inputs, test_manifest)
+    _io("retrain", inputs, [("--out", out)], manifest, params)
+    _versioned_outputs("retrain", name, inputs, test_manifest, params)
     with RichProgress() as prog:
         m = run(manifest, test_manifest, out, name, c.train, c.seeds, c.train.device,
                 opt.METRICS, opt.PLOTS, progress=prog, baseline=baseline)
@@ -458,7 +453,7 @@ def sweep_point(
     c = _config(params, prune__strategy=strategy, prune__keep=keep)
     _io("sweep point", [("--manifest", manifest), _classes(manifest), ("--scores", scores), ("--flags", flags)],
         [("--out", out)] + [("--out", out / f) for f in ("pruned.csv", "prune.json", "metrics.json")]
-        + _classes_beside(out / "pruned.csv", manifest), manifest)
+        + _classes_beside(out / "pruned.csv", manifest), manifest, params)
     with RichProgress() as prog:
         m = run(manifest, scores, out, c.prune, c.train, c.seeds, flags_csv=flags, progress=prog)
     console.print(f"{strategy} keep={keep}: accuracy {m['accuracy_mean']:.4f} ± {m['accuracy_std']:.4f} "
@@ -482,7 +477,7 @@ def sweep_run(
 
     c = _config(params)
     _io("sweep run", [("--manifest", manifest), _classes(manifest), ("--scores", scores), ("--flags", flags)],
-        [("--out", out), ("--summary", summary)], manifest)
+        [("--out", out), ("--summary", summary)], manifest, params)
     with RichProgress() as prog:
         df = run(manifest, scores, flags, out, summary, c.sweep, c.prune, c.train, c.seeds, progress=prog)
     if not len(df):
@@ -506,7 +501,8 @@ def sweep_collect(
     from pipeline.stages.sweep import collect
 
     c = _config(params)
-    _io("sweep collect", [("a sweep result", f) for f in sorted(sweep_dir.glob("*/metrics.json"))], [("--out", out)])
+    _io("sweep collect", [("a sweep result", f) for f in sorted(sweep_dir.glob("*/metrics.json"))], [("--out", out)],
+        params=params)
     df = collect(sweep_dir, out, c.sweep.strategies, c.sweep.keeps)
     keeps = sorted(df["keep"].unique())
     rows = []

@@ -39,7 +39,8 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
     ids, labels = train["id"].to_numpy(), train["label"].to_numpy(np.int64)
     inputs = PruneInputs(labels, config, scores=sc, scores_csv=scores_csv, flags_csv=flags_csv, ids=ids)
     result = STRATEGIES[config.strategy].fn(inputs)
-    out, labels, kept_pos, facts = _with_decisions(df, train, result.labels, result.positions, decisions, classes)
+    out, labels, kept_pos, facts = _with_decisions(df, train, result.labels, result.positions, decisions, classes,
+                                                   manifest)
     write_manifest(out, out_manifest, manifest)
     summ = summary(labels, kept_pos, len(classes), classes)
     summ.update(facts)
@@ -89,16 +90,18 @@ def _scores_of(train, sc, scores_csv, manifest: Path):
     return sc
 
 
-def _with_decisions(df, train, labels, kept_pos, decisions, classes):
+def _with_decisions(df, train, labels, kept_pos, decisions, classes, manifest):
     """Apply a review's decisions (when the file exists) on top of the strategy's choice →
     (manifest rows to write, training labels trained on, kept positions, summary facts).
     `labels`: the training labels after the strategy (the manifest's, unless a strategy
     relabelled). Every changed label is written as a label override: `label` = the new one, and
     the rows get `orig_label` — the source's label: kept as is when noise injection wrote it,
-    else the manifest's label (equal to `label` on unchanged rows)."""
+    else the manifest's label (equal to `label` on unchanged rows). A decision applies to the
+    image its path names (pipeline/decisions.py), whatever id that image has now."""
     ids = train["id"].to_numpy(np.int64)
     before = train["label"].to_numpy(np.int64)
-    decided = read_decisions(decisions, classes) if decisions is not None else {}
+    paths = dict(zip(df["id"].tolist(), df["path"].tolist()))  # decisions follow their image's path
+    decided = read_decisions(decisions, classes, paths, manifest) if decisions is not None else {}
     facts = {"decisions": str(decisions) if decided else None}
     kept = np.zeros(len(train), bool)
     kept[kept_pos] = True
