@@ -39,11 +39,10 @@ def predicted_change(attribution: str | Path, train_ids: np.ndarray, removed: np
     pos = _positions(a["ids"], np.asarray(train_ids, np.int64), attribution)
     changed = np.asarray(removed, bool) | (np.zeros(len(pos), bool) if relabeled is None else np.asarray(relabeled, bool))
     per = a["effects"][:, pos][:, changed].sum(1)
-    ref = a["reference"].astype(bool)
     return {"predicted_dval_loss": float(per.mean()),
             "predicted_dval_loss_sd": float(per.std(ddof=1)) if len(per) > 1 else 0.0,
-            "per_model": [float(v) for v in per], "val_loss_base": float(a["val_loss"][:, ref].mean()),
-            "n_reference_val": int(ref.sum()), "n_removed": int(np.sum(removed)),
+            "per_model": [float(v) for v in per], "val_loss_base": float(a["val_loss"].mean()),
+            "n_reference_val": int(len(a["val_ids"])), "n_removed": int(np.sum(removed)),
             "n_relabeled": int(0 if relabeled is None else np.sum(relabeled)),
             "relabels": "counted as the removal of the old label", "attribution": str(attribution)}
 
@@ -73,7 +72,7 @@ def measured_change(model_dir: str | Path, manifest: str | Path, prediction: dic
     from pipeline.training.infer import predict_logits
 
     a = read_attribution(prediction["attribution"])
-    ref_ids = a["val_ids"][a["reference"].astype(bool)]
+    ref_ids = a["val_ids"]
     losses = []
     for d in run_dirs(model_dir):
         model, cfg = load_trained(d, device)
