@@ -290,6 +290,7 @@ def main() -> None:
     ap.add_argument("--checkpoint-every", type=int, default=0)
     ap.add_argument("--proj-dim", type=int, default=1024)
     ap.add_argument("--anchors", nargs="*", default=["traker", "dattri_trak"])
+    ap.add_argument("--skip", nargs="*", default=[], help="clean attributions not to compute (e.g. tracin_other_seeds)")
     ap.add_argument("--default", default="trak", help="the attribution whose ranking makes the drop sets")
     ap.add_argument("--cache", default="/tmp/lds")
     ap.add_argument("--threads", type=int, default=1)
@@ -319,7 +320,7 @@ def main() -> None:
     secs = json.loads(str(attr.pop("_secs"))) if "_secs" in attr else {}
 
     def run(name, fn):
-        if name in attr:
+        if name in attr or name in a.skip:
             return
         t = time.perf_counter()
         try:

@@ -36,7 +36,7 @@ def predicted_change(attribution: str | Path, train_ids: np.ndarray, removed: np
     bool [N] → {predicted_dval_loss (nats, mean over models), predicted_dval_loss_sd,
     per_model, val_loss_base, n_reference_val, n_removed, n_relabeled, attribution}."""
     a = read_attribution(attribution)
-    pos = _positions(a["ids"], np.asarray(train_ids, np.int64), attribution)
+    pos = positions(a["ids"], np.asarray(train_ids, np.int64), attribution)
     changed = np.asarray(removed, bool) | (np.zeros(len(pos), bool) if relabeled is None else np.asarray(relabeled, bool))
     per = a["effects"][:, pos][:, changed].sum(1)
     return {"predicted_dval_loss": float(per.mean()),
@@ -47,7 +47,7 @@ def predicted_change(attribution: str | Path, train_ids: np.ndarray, removed: np
             "relabels": "counted as the removal of the old label", "attribution": str(attribution)}
 
 
-def _positions(ids: np.ndarray, train_ids: np.ndarray, path) -> np.ndarray:
+def positions(ids: np.ndarray, train_ids: np.ndarray, path) -> np.ndarray:
     """Positions in the attribution file of each training id (CleanError when one is missing)."""
     order = np.argsort(ids)
     at = np.searchsorted(ids, train_ids, sorter=order).clip(0, len(ids) - 1)

@@ -30,7 +30,7 @@ def seed_models(model_dir, model, device: str) -> list:
     return models
 
 
-@SCORES.register("importance", needs=("model", "val", "backward"),
+@SCORES.register("importance", needs=("model", "val", "backward"), suspicious="low",
                  doc="predicted change of the mean validation loss (nats) if the image is removed: TRAK over the "
                      "seeds' models (> 0: important, < 0: harmful)")
 def importance_family(inputs, config) -> dict[str, np.ndarray]:

@@ -215,7 +215,7 @@ def _val_inputs(manifest: Path, df, cfg: dict, model_dir: Path, cache_max_gb: fl
     if not (df["split"] == "val").any():
         raise CleanError(f"{manifest} has no 'val' rows, and val_influence measures each training image's effect on "
                          "the validation loss: re-run `clean prepare` with data.val_frac > 0, or set "
-                         "score.val_influence: false")
+                         "score.val_influence: false and score.importance: false")
     ckpts = _checkpoints(model_dir, cfg) if with_checkpoints else []
     if with_checkpoints and not ckpts:
         raise CleanError(f"{model_dir}/checkpoints has no epoch checkpoints for val_influence; retrain with "
