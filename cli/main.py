@@ -371,6 +371,7 @@ def prune(
     seed: Optional[int] = typer.Option(None, help="seed for random / gradient-cdf (params: prune.seed)"),
     drop: Optional[List[str]] = typer.Option(None, help="drop-flagged: an issue type to drop; repeat for several (params: prune.drop)"),
     decisions: Path = typer.Option(Path("data/decisions.csv"), help="a person's decisions from `clean review`, applied on top of the strategy (used when the file exists)"),
+    metrics: Optional[Path] = typer.Option(None, help="also write the predicted change of the mean val loss here as {\"dloss\": nats} (a DVC metric, e.g. metrics/pred.json)"),
     params: Path = PARAMS,
 ):
     """Select a subset of the training set → data/pruned.csv (ids + label overrides; images never copied or deleted)."""
@@ -380,8 +381,9 @@ def prune(
                 prune__balanced=balanced, prune__seed=seed, prune__drop=list(drop) if drop else None)
     q = c.prune
     _io("prune", [("--manifest", manifest), ("--scores", scores), ("--flags", flags), ("--decisions", decisions),
-                  _classes(manifest)], [("--out", out), ("--summary", summary)] + _classes_beside(out, manifest), manifest, params)
-    s = run(manifest, scores, out, summary, q, flags_csv=flags, decisions=decisions)
+                  _classes(manifest)], [("--out", out), ("--summary", summary)] + ([("--metrics", metrics)] if metrics else [])
+        + _classes_beside(out, manifest), manifest, params)
+    s = run(manifest, scores, out, summary, q, flags_csv=flags, decisions=decisions, metrics=metrics)
     ent = s["label_entropy"]
     console.print(table(f"prune: {q.strategy} → {out}", ["", "value"], [
         ("kept", f"{s['n_kept']} of {s['n_total']} ({s['n_kept'] / s['n_total']:.1%})"),

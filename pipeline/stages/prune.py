@@ -20,7 +20,7 @@ from pipeline.strategies import PruneInputs, summary
 
 def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path, summary_path: str | Path,
           config: PruneConfig = PruneConfig(), flags_csv: str | Path | None = None,
-          decisions: str | Path | None = None) -> dict:
+          decisions: str | Path | None = None, metrics: str | Path | None = None) -> dict:
     """Select training samples → out_manifest (same columns, kept train rows + all val/test rows)
     and summary_path (JSON: strategy, kept per class, label entropy of kept vs all vs uniform).
     The strategy `config.strategy` (STRATEGIES registry) decides what is kept and with which label;
@@ -28,8 +28,10 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
     (pipeline/decisions.py; used when the file exists), applied on top of the strategy — a
     person's decision always wins; relabels become label overrides (`label` = the label trained
     on, `orig_label` = the source's label). With scores/attribution.npz beside `scores_csv` the
-    summary's `effect` is the predicted change of the mean validation loss (pipeline/effect.py).
-    Returns the summary dict."""
+    summary's `effect` is the predicted change of the mean validation loss (pipeline/effect.py);
+    `metrics` (e.g. metrics/pred.json) gets it as {"dloss": nats} — the column `clean retrain` fills
+    with the measured change in metrics/<version>.json, so `dvc metrics show` puts them one under
+    the other ({} without a prediction). Returns the summary dict."""
     manifest = Path(manifest)
     _check_outputs(manifest, scores_csv, out_manifest, summary_path, flags_csv, decisions)
     if config.strategy not in STRATEGIES:
@@ -57,6 +59,10 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
         summ["clean_removed"] = int((~noisy & ~kept).sum())
     summ["effect"] = _effect(Path(scores_csv).parent / "attribution.npz", train, labels, kept_pos)
     write_json(summary_path, summ)
+    if metrics is not None:
+        from pipeline.effect import flat
+
+        write_json(metrics, flat(summ["effect"]["predicted_dval_loss"]) if summ["effect"] else {})
     return summ
 
 

@@ -22,7 +22,8 @@ def retrain(manifest: str | Path, test_manifest: str | Path, out_dir: str | Path
     verdict against it over the seeds (pipeline/verdict.py); a baseline never evaluated is
     skipped with a log line. With `summary` (prune/summary.json holding a prediction, `effect`)
     the metrics also carry the measured change of the mean validation loss beside the predicted
-    one: dval_loss, dval_loss_pred, dval_loss_pred_sd (pipeline/effect.py)."""
+    one: `dloss` in metrics_dir/<name>.json (prune's metrics/pred.json holds the predicted one), and
+    dval_loss, dval_loss_pred, dval_loss_pred_sd, val_loss_runs in the details (pipeline/effect.py)."""
     from pipeline.stages.evaluate import details_path, evaluate
     from pipeline.stages.train import train
 
@@ -42,7 +43,7 @@ def _with_effect(metrics: dict, summary, out_dir, manifest, name: str, metrics_d
     import json
 
     from pipeline.device import resolve_device
-    from pipeline.effect import measured_change
+    from pipeline.effect import flat, measured_change
     from pipeline.io import write_json
     from pipeline.stages.evaluate import details_path
 
@@ -53,8 +54,8 @@ def _with_effect(metrics: dict, summary, out_dir, manifest, name: str, metrics_d
         return metrics
     got = measured_change(out_dir, manifest, pred, resolve_device(device))
     metrics.update(got, dval_loss_pred=pred["predicted_dval_loss"], dval_loss_pred_sd=pred["predicted_dval_loss_sd"])
-    flat = json.loads((Path(metrics_dir) / f"{name}.json").read_text())
-    flat.update({k: round(metrics[k], 6) for k in ("dval_loss", "dval_loss_pred", "dval_loss_pred_sd")})
-    write_json(Path(metrics_dir) / f"{name}.json", flat)
+    keys = json.loads((Path(metrics_dir) / f"{name}.json").read_text())
+    keys.update(flat(got["dval_loss"]))
+    write_json(Path(metrics_dir) / f"{name}.json", keys)
     write_json(details_path(plots_dir, name), metrics)
     return metrics
