@@ -42,3 +42,67 @@ def test_heldout_label_issues_refuses_logits():
     labels, probs, _, _ = _noisy_probs(n=50)
     with pytest.raises(CleanError, match="pred_probs must be"):
         heldout_label_issues(labels, np.log(probs) * 3)
+
+
+@pytest.fixture(scope="module")
+def noisy_everywhere(tmp_path_factory):
+    """A tiny folder with 25 % label noise in train, val and test alike, a 2-seed base model and its scores."""
+    from pipeline.stages.prepare import prepare
+    from pipeline.stages.score import score
+    from pipeline.stages.train import train
+    from pipeline.training.recipe import Recipe
+
+    from .helpers import make_imagefolder
+
+    root = tmp_path_factory.mktemp("heldout")
+    make_imagefolder(root / "imgs", n_per_class=40, classes=("a", "b", "c", "d"))
+    prepare("imagefolder", str(root / "imgs"), root / "data", 0.25, 0.25, 0, noise_rate=0.25,
+            noise_splits=["train", "val", "test"])
+    recipe = Recipe(epochs=8, batch_size=16, device="cpu", track=0, checkpoint_every=8, lr=3e-3, schedule="constant")
+    train(root / "data/manifest.csv", root / "models/base", recipe, seeds=[0, 1])
+    score(root / "models/base", root / "data/manifest.csv", root / "scores", params="last", device="cpu",
+          with_self_influence=False, embeddings=False, with_val_influence=False)
+    return root
+
+
+def test_flags_csv_has_val_and_test_label_issues_from_the_base_models(noisy_everywhere):
+    """flags.csv carries a row per val/test image: is_label = heldout_label_issues on the seed-mean
+    eval softmax of models/base (reference computed here), the suggestion = its argmax; the
+    training rows and every training-only reader are unchanged."""
+    import pandas as pd
+    import torch
+
+    from pipeline.formats.tables import read_flags
+    from pipeline.models import load_trained
+    from pipeline.data.dataset import load_split
+    from pipeline.stages.flag import flag
+    from pipeline.training.infer import predict_logits
+
+    root = noisy_everywhere
+    s = flag(root / "scores/scores.csv", root / "scores", model_dir=root / "models/base",
+             manifest=root / "data/manifest.csv", issues=["label"])
+    fl = pd.read_csv(root / "scores/flags.csv")
+    man = pd.read_csv(root / "data/manifest.csv").set_index("id")
+    assert list(fl["split"]) == list(man.loc[fl["id"], "split"])
+    assert set(fl["split"]) == {"train", "val", "test"} and len(fl) == len(man)
+    for split in ("val", "test"):
+        part = fl[fl["split"] == split]
+        data = load_split(root / "data/manifest.csv", split)
+        probs = np.zeros((len(data.ids), 4))
+        for d in (root / "models/base", root / "models/base/seeds/seed_1"):
+            model, cfg = load_trained(d)
+            probs += torch.softmax(predict_logits(model, data.images, cfg["mean"], cfg["std"]).double(), 1).numpy() / 2
+        ref_issue, ref_sug, ref_q = heldout_label_issues(data.labels, probs)
+        got = part.set_index("id").loc[data.ids]
+        np.testing.assert_array_equal(got["is_label"].to_numpy(bool), ref_issue)
+        np.testing.assert_array_equal(got["suggested_label"].to_numpy(), ref_sug)
+        np.testing.assert_allclose(got["label_score"], 1 - ref_q, atol=1e-6)
+        assert (got["flagged"] == 0).all()  # the training rule never judges a held-out image
+        truth = man.loc[data.ids, "noisy"].to_numpy(bool)
+        assert truth.sum() >= 5
+        hit = ref_issue & truth
+        assert hit.sum() >= 0.6 * truth.sum() and s[f"n_label_{split}"] == ref_issue.sum()
+        assert (ref_sug[hit] == man.loc[data.ids, "orig_label"].to_numpy()[hit]).all()
+    train_ids = man.index[man["split"] == "train"].to_numpy()
+    assert sorted(read_flags(root / "scores/flags.csv", train_ids)["id"]) == sorted(train_ids)
+    assert len(read_flags(root / "scores/flags.csv", heldout=True)) == len(man)
