@@ -65,7 +65,16 @@ def noisy_everywhere(tmp_path_factory):
     return root
 
 
-def test_flags_csv_has_val_and_test_label_issues_from_the_base_models(noisy_everywhere):
+@pytest.fixture(scope="module")
+def flagged(noisy_everywhere):
+    from pipeline.stages.flag import flag
+
+    root = noisy_everywhere
+    return flag(root / "scores/scores.csv", root / "scores", model_dir=root / "models/base",
+                manifest=root / "data/manifest.csv", issues=["label"])
+
+
+def test_flags_csv_has_val_and_test_label_issues_from_the_base_models(noisy_everywhere, flagged):
     """flags.csv carries a row per val/test image: is_label = heldout_label_issues on the seed-mean
     eval softmax of models/base (reference computed here), the suggestion = its argmax; the
     training rows and every training-only reader are unchanged."""
@@ -75,12 +84,9 @@ def test_flags_csv_has_val_and_test_label_issues_from_the_base_models(noisy_ever
     from pipeline.formats.tables import read_flags
     from pipeline.models import load_trained
     from pipeline.data.dataset import load_split
-    from pipeline.stages.flag import flag
     from pipeline.training.infer import predict_logits
 
-    root = noisy_everywhere
-    s = flag(root / "scores/scores.csv", root / "scores", model_dir=root / "models/base",
-             manifest=root / "data/manifest.csv", issues=["label"])
+    root, s = noisy_everywhere, flagged
     fl = pd.read_csv(root / "scores/flags.csv")
     man = pd.read_csv(root / "data/manifest.csv").set_index("id")
     assert list(fl["split"]) == list(man.loc[fl["id"], "split"])
@@ -106,3 +112,54 @@ def test_flags_csv_has_val_and_test_label_issues_from_the_base_models(noisy_ever
     train_ids = man.index[man["split"] == "train"].to_numpy()
     assert sorted(read_flags(root / "scores/flags.csv", train_ids)["id"]) == sorted(train_ids)
     assert len(read_flags(root / "scores/flags.csv", heldout=True)) == len(man)
+
+
+def test_a_relabel_decision_on_a_test_image_changes_the_reviewed_accuracy_and_nothing_else(noisy_everywhere,
+                                                                                        flagged, tmp_path):
+    """metrics: `accuracy` on the given test labels, `accuracy_unflagged` without the flagged test
+    images; a reviewed test label (decisions.csv) → `accuracy_reviewed`, moved by exactly one
+    image; prune keeps every val/test row as it was."""
+    import json
+
+    import pandas as pd
+
+    from pipeline.stages.evaluate import evaluate, evaluate_model, run_dirs
+    from pipeline.stages.prune import prune
+
+    root = noisy_everywhere
+    man, fl = root / "data/manifest.csv", root / "scores/flags.csv"
+    kw = dict(metrics_dir=tmp_path / "m", plots_dir=tmp_path / "p", device="cpu", flags_csv=fl)
+    plain = evaluate(root / "models/base", man, "plain", kw["metrics_dir"], kw["plots_dir"], device="cpu")
+    unfl = evaluate(root / "models/base", man, "unflagged", **kw)
+    flags = pd.read_csv(fl)
+    test_flagged = flags[(flags["split"] == "test") & (flags["is_label"] == 1)]["id"]
+    runs = [evaluate_model(d, man) for d in run_dirs(root / "models/base")]
+    ids, given = runs[0]["ids"], runs[0]["labels"]
+    keep = ~np.isin(ids, test_flagged)
+    assert unfl["n_set_aside"] == len(test_flagged) > 0
+    assert unfl["accuracy_unflagged"] == pytest.approx(np.mean([(r["pred"] == given)[keep].mean() for r in runs]))
+    assert "accuracy_unflagged" not in plain and plain["accuracy"] == unfl["accuracy"]
+    # a kept test image both seeds get right: a person reviews it as another class
+    agree = keep & (runs[0]["pred"] == given) & (runs[1]["pred"] == given)
+    t = int(np.flatnonzero(agree)[0])
+    other = (given[t] + 1) % len(runs[0]["classes"])
+    names = json.loads((root / "data/classes.json").read_text())["classes"]
+    res = {}
+    for what, row in (("keep", f"{ids[t]},keep,,"), ("relabel", f"{ids[t]},relabel,{names[other]},")):
+        dec = tmp_path / f"{what}.csv"
+        dec.write_text("id,action,label,note\n" + row + "\n")
+        res[what] = evaluate(root / "models/base", man, what, **kw, decisions=dec)
+    n_kept = int(keep.sum())
+    assert res["keep"]["accuracy_reviewed"] - res["relabel"]["accuracy_reviewed"] == pytest.approx(1 / n_kept)
+    assert res["keep"]["accuracy_reviewed"] == pytest.approx(unfl["accuracy_unflagged"])
+    for k in ("accuracy", "accuracy_std", "loss", "n", "n_set_aside"):
+        assert res["relabel"][k] == unfl[k] == res["keep"][k], k
+    flat = json.loads((tmp_path / "m/relabel.json").read_text())
+    assert set(flat) == {"accuracy", "accuracy_std", "n_train", "accuracy_reviewed", "n_set_aside"}
+    # prune: the test decision is evaluate's; the val/test rows stay as they were
+    prune(man, root / "scores/scores.csv", tmp_path / "pruned.csv", tmp_path / "s.json", strategy="drop-flagged",
+          flags_csv=fl, decisions=tmp_path / "relabel.csv")
+    before, after = pd.read_csv(man), pd.read_csv(tmp_path / "pruned.csv")
+    cols = ["id", "path", "label", "split"]
+    pd.testing.assert_frame_equal(before[before["split"] != "train"][cols].reset_index(drop=True),
+                                  after[after["split"] != "train"][cols].reset_index(drop=True))

@@ -107,7 +107,7 @@ def _with_heldout(frame, held):
     the other columns empty."""
     import pandas as pd
 
-    frame.insert(1, "split", "train")
+    frame["split"] = "train"  # last: the columns before keep their places
     if held is None:
         return frame
     rows = pd.DataFrame({c: (0 if c.startswith("is_") or c == "flagged" else np.nan) for c in frame.columns},

@@ -123,6 +123,8 @@ def _with_decisions(df, train, labels, kept_pos, decisions, classes):
     ids = train["id"].to_numpy(np.int64)
     before = train["label"].to_numpy(np.int64)
     decided = read_decisions(decisions, classes) if decisions is not None else {}
+    heldout = set(df.loc[df["split"] != "train", "id"].tolist())  # reviewed val/test labels: for evaluate
+    decided = {i: d for i, d in decided.items() if i not in heldout}
     facts = {"decisions": str(decisions) if decided else None}
     kept = np.zeros(len(train), bool)
     kept[kept_pos] = True
