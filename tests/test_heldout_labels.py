@@ -47,6 +47,7 @@ def test_heldout_label_issues_refuses_logits():
 @pytest.fixture(scope="module")
 def noisy_everywhere(tmp_path_factory):
     """A tiny folder with 25 % label noise in train, val and test alike, a 2-seed base model and its scores."""
+    from pipeline.config import ScoreConfig
     from pipeline.stages.prepare import prepare
     from pipeline.stages.score import score
     from pipeline.stages.train import train
@@ -60,18 +61,19 @@ def noisy_everywhere(tmp_path_factory):
             noise_splits=["train", "val", "test"])
     recipe = Recipe(epochs=8, batch_size=16, device="cpu", track=0, checkpoint_every=8, lr=3e-3, schedule="constant")
     train(root / "data/manifest.csv", root / "models/base", recipe, seeds=[0, 1])
-    score(root / "models/base", root / "data/manifest.csv", root / "scores", params="last", device="cpu",
-          with_self_influence=False, embeddings=False, with_val_influence=False)
+    score(root / "models/base", root / "data/manifest.csv", root / "scores",
+          ScoreConfig(subset="last", device="cpu", self_influence=False, embeddings=False, val_influence=False))
     return root
 
 
 @pytest.fixture(scope="module")
 def flagged(noisy_everywhere):
+    from pipeline.config import FlagConfig
     from pipeline.stages.flag import flag
 
     root = noisy_everywhere
-    return flag(root / "scores/scores.csv", root / "scores", model_dir=root / "models/base",
-                manifest=root / "data/manifest.csv", issues=["label"])
+    return flag(root / "scores/scores.csv", root / "scores", FlagConfig(issues=["label"], device="cpu"),
+                model_dir=root / "models/base", manifest=root / "data/manifest.csv")
 
 
 def test_flags_csv_has_val_and_test_label_issues_from_the_base_models(noisy_everywhere, flagged):
@@ -123,6 +125,7 @@ def test_a_relabel_decision_on_a_test_image_changes_the_reviewed_accuracy_and_no
 
     import pandas as pd
 
+    from pipeline.config import PruneConfig
     from pipeline.stages.evaluate import evaluate, evaluate_model, run_dirs
     from pipeline.stages.prune import prune
 
@@ -157,8 +160,8 @@ def test_a_relabel_decision_on_a_test_image_changes_the_reviewed_accuracy_and_no
     flat = json.loads((tmp_path / "m/relabel.json").read_text())
     assert set(flat) == {"accuracy", "accuracy_std", "n_train", "accuracy_reviewed", "n_set_aside"}
     # prune: the test decision is evaluate's; the val/test rows stay as they were
-    prune(man, root / "scores/scores.csv", tmp_path / "pruned.csv", tmp_path / "s.json", strategy="drop-flagged",
-          flags_csv=fl, decisions=tmp_path / "relabel.csv")
+    prune(man, root / "scores/scores.csv", tmp_path / "pruned.csv", tmp_path / "s.json",
+          PruneConfig(strategy="drop-flagged"), flags_csv=fl, decisions=tmp_path / "relabel.csv")
     before, after = pd.read_csv(man), pd.read_csv(tmp_path / "pruned.csv")
     cols = ["id", "path", "label", "split"]
     pd.testing.assert_frame_equal(before[before["split"] != "train"][cols].reset_index(drop=True),

@@ -94,7 +94,7 @@ class Review:
         self.groups = self._groups(fl, rows, issues)
         self.members = {m["id"]: m for ms in self.groups.values() for m in ms}
         ensure_file(self.decisions_csv)
-        self.decisions = read_decisions(self.decisions_csv, self.classes)
+        self.decisions = read_decisions(self.decisions_csv, self.classes, self.paths, self.manifest)
         self.token = secrets.token_urlsafe(18)
         self.lock = threading.Lock()
         self._images: dict[int, bytes] = {}
@@ -201,7 +201,7 @@ class Review:
                 new.pop(rid, None)
             else:
                 new[rid] = {"action": action, "label": label, "note": note}
-            write_decisions(self.decisions_csv, new, self.classes)
+            write_decisions(self.decisions_csv, new, self.classes, self.paths)
             self.decisions = new
             return {"ok": True, "id": rid, "decision": new.get(rid), "reviewed": self.reviewed(),
                     "total": len(self.items)}
