@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.config import PruneConfig
 from pipeline.data.dataset import load_split
 from pipeline.decisions import HEADER, apply_decisions, read_decisions
 from pipeline.errors import CleanError
@@ -68,7 +69,7 @@ def project(root: Path, n_per_class: int = 12, n_flag: int | None = None, noise:
 
 def run_prune(root: Path, strategy="drop-flagged", decisions=True):
     return prune(root / "data/manifest.csv", root / "scores/scores.csv", root / "data/pruned.csv",
-                 root / "prune/summary.json", strategy=strategy, by="loss", keep=0.5,
+                 root / "prune/summary.json", PruneConfig(strategy=strategy, by="loss", keep=0.5),
                  flags_csv=root / "scores/flags.csv", decisions=root / "data/decisions.csv" if decisions else None)
 
 
