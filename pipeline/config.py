@@ -58,6 +58,7 @@ class PrepareConfig(_Section):
     noise_kind: str = _key("noise.kind")
     noise_pairs: dict | None = _key("noise.pairs")
     noise_seed: int = _key("noise.seed")
+    noise_splits: list = _key("noise.splits")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class FlagConfig(_Section):
     method: str = _key("flag.method")
     issues: list | None = _key("flag.issues")
     filter_by: str = _key("flag.filter_by")
+    heldout_filter_by: str = _key("flag.heldout_filter_by")
     aum_max: float | None = _key("flag.aum_max")
     score: str = _key("flag.score")
     quantile: float = _key("flag.quantile")
