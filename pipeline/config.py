@@ -58,6 +58,7 @@ class PrepareConfig(_Section):
     noise_kind: str = _key("noise.kind")
     noise_pairs: dict | None = _key("noise.pairs")
     noise_seed: int = _key("noise.seed")
+    noise_splits: list = _key("noise.splits")
 
 
 @dataclass(frozen=True)
