@@ -85,6 +85,7 @@ class FlagConfig(_Section):
     method: str = _key("flag.method")
     issues: list | None = _key("flag.issues")
     filter_by: str = _key("flag.filter_by")
+    heldout_filter_by: str = _key("flag.heldout_filter_by")
     aum_max: float | None = _key("flag.aum_max")
     score: str = _key("flag.score")
     quantile: float = _key("flag.quantile")

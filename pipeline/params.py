@@ -71,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
         "method": "confident-dynamics",  # the label rule that drives `flagged` (registry: pipeline/rules/)
         "issues": None,       # issue types to check (registry ISSUES); null = every registered type
         "filter_by": "prune_by_class",  # confident-dynamics: cleanlab find_label_issues filter_by
+        "heldout_filter_by": "prune_by_noise_rate",  # val/test label issues: cleanlab filter_by on the base models' softmax
         "aum_max": -0.5,      # confident-dynamics: a label issue also has AUM below this (null = no AUM condition)
         "score": "aum",       # score column for the threshold rules (registry: pipeline/scores/)
         "quantile": 0.05,     # quantile: flag the top q
@@ -132,6 +133,8 @@ CHOICES = _Choices({
     "prune.strategy": STRATEGIES,
     "prune.by": SCORES,
     "flag.filter_by": ["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"],
+    "flag.heldout_filter_by": ["prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
+                               "predicted_neq_given"],
 })
 
 

@@ -190,3 +190,142 @@ def test_old_decisions_without_paths_work_until_the_manifest_changes(proj):
     got = refused(proj, ["prune"], starts=f"data/decisions.csv: row 2 (id {rid}) names no image (no path column) "
                                           "and data/manifest.csv was written after it")
     assert "touch data/decisions.csv" in got and "clean review" in got
+
+
+# --------------------------------------------------------------------------- 3. the review page and server
+
+HOSTILE_NOTE = "<!--<script>x</script><script>\u2028\u2029 & </SCRIPT"
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A review server on the tiny project of tests/test_review.py."""
+    from pipeline.views.review import Review, serve
+
+    from .test_review import project
+
+    P = project(tmp_path)
+    r = Review(tmp_path / "data/manifest.csv", tmp_path / "scores/flags.csv", tmp_path / "data/decisions.csv",
+               tmp_path / "scores/scores.csv")
+    server = serve(r, 0)
+    yield P, r, server
+    server.shutdown()
+    server.server_close()
+
+
+def _post(server, r, body):
+    import json
+
+    from .test_review import request
+
+    st, text, _ = request(server, "POST", f"/{r.token}/api/decision", body)
+    return st, json.loads(text)
+
+
+def test_page_data_cannot_end_or_comment_out_its_script(served):
+    """A note holding `<!--<script>` killed every later page load (the JSON escaped `</` only)."""
+    import json
+    import re
+
+    P, r, server = served
+    first = int(r.items[0]["id"])
+    assert _post(server, r, {"id": first, "action": "keep", "note": HOSTILE_NOTE})[0] == 200
+    page = r.page().decode()
+    m = re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S)
+    assert "<" not in m.group(1) and "\u2028" not in m.group(1)
+    assert json.loads(m.group(1))["decisions"][str(first)]["note"] == " ".join(HOSTILE_NOTE.split())
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromedriver").exists(), reason="chromium-driver not installed")
+def test_page_with_a_hostile_note_still_runs_in_a_browser(served):
+    pytest.importorskip("selenium")
+    from selenium.webdriver.common.by import By
+
+    from pipeline.views.review import url
+
+    from .test_review import browser, wait_for
+
+    P, r, server = served
+    assert _post(server, r, {"id": int(r.items[0]["id"]), "action": "drop", "note": HOSTILE_NOTE})[0] == 200
+    drv = browser(800, 600)
+    try:
+        drv.get(url(server))
+        wait_for(lambda: drv.find_element(By.ID, "progress").text == f"1 of {len(r.items)} reviewed",
+                 what="the page's script to run")
+    finally:
+        drv.quit()
+
+
+def test_server_answers_hostile_bodies_with_a_json_error(served, monkeypatch):
+    import errno
+
+    import pipeline.decisions
+
+    P, r, server = served
+    dec = r.decisions_csv
+    before = dec.read_bytes()
+    st, body = _post(server, r, b"[" * 16000)  # RecursionError in json.loads: no answer at all on main
+    assert st == 400 and "valid JSON" in body["error"]
+    first = int(r.items[0]["id"])
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline.decisions, "write_csv", full, raising=False)
+    monkeypatch.setattr("pipeline.io.write_csv", full)
+    st, body = _post(server, r, {"id": first, "action": "drop"})
+    assert st == 507 and body["error"].startswith(f"decision not saved: {dec}: no space left on the disk")
+    assert dec.read_bytes() == before and r.decisions == {}
+    monkeypatch.undo()
+    st, body = _post(server, r, b'{"id": %d, "action": "keep", "note": "a\\ud800b"}' % first)  # a lone surrogate
+    assert st == 200, body
+    assert "a\ufffdb" in dec.read_text(encoding="utf-8")
+
+
+def test_hand_edits_to_decisions_while_the_server_runs_are_kept(served):
+    P, r, server = served
+    dec = r.decisions_csv
+    a, b, c = (int(it["id"]) for it in r.items[:3])
+    assert _post(server, r, {"id": a, "action": "drop"})[0] == 200
+    with open(dec, "a", encoding="utf-8") as f:  # the person edits the file by hand
+        f.write(f"{b},{r.paths[b]},relabel,c,by hand\n")
+    assert _post(server, r, {"id": c, "action": "keep"})[0] == 200
+    from pipeline.decisions import read_decisions
+
+    got = read_decisions(dec, r.classes, r.paths)
+    assert {k: v["action"] for k, v in got.items()} == {a: "drop", b: "relabel", c: "keep"}
+    assert got[b]["note"] == "by hand"
+    dec.write_text(dec.read_text() + "garbage,row\n")  # a hand edit that does not read: refused, file kept
+    broken = dec.read_bytes()
+    st, body = _post(server, r, {"id": a, "action": "keep"})
+    assert st == 409 and "was changed outside the review" in body["error"] and "row" in body["error"]
+    assert dec.read_bytes() == broken
+
+
+# --------------------------------------------------------------------------- 6. the user's disk
+
+@pytest.mark.parametrize("code,says", [("ENOSPC", "no space left on the disk"), ("EDQUOT", "the disk quota is used up"),
+                                       ("EROFS", "the file system is read-only"), ("EACCES", "permission denied")])
+def test_a_full_or_read_only_disk_is_the_users_problem_named_with_its_path(proj, monkeypatch, code, says):
+    import errno
+
+    def fail(*a, **k):
+        raise OSError(getattr(errno, code), "from the OS")
+
+    monkeypatch.setattr("pipeline.io.tempfile.mkstemp", fail)
+    got = refused(proj, ["prune"], starts=f"data/pruned.csv: {says}")
+    assert ("MiB free there" in got) == (code in ("ENOSPC", "EDQUOT"))
+    assert got.endswith("then run the command again")
+
+
+@pytest.mark.parametrize("args,file", [(["prepare"], "data/"), (["flag"], "scores/"), (["score"], "scores/"),
+                                       (["train", "--out", "models/new"], "models/")])
+def test_a_full_disk_names_the_file_of_every_stage(proj, monkeypatch, args, file):
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("pipeline.io.tempfile.mkstemp", full)
+    got = refused(proj, args, starts=file)
+    assert "no space left on the disk" in got

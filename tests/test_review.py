@@ -165,11 +165,17 @@ def test_bad_decisions_are_refused_by_prune(tmp_path, rows, match):
     assert not (tmp_path / "data/pruned.csv").exists()
 
 
-def test_decisions_for_val_test_ids_are_refused(tmp_path):
+def test_decisions_for_test_ids_are_left_to_evaluate(tmp_path):
+    """A reviewed test image is evaluate's (accuracy_reviewed): prune keeps every val/test row as it was."""
+    import pandas as pd
+
     P = project(tmp_path)
     write_decisions(tmp_path, [(P["test_id"], "drop", "", "")])
-    with pytest.raises(CleanError, match="val/test stay untouched"):
-        run_prune(tmp_path)
+    s = run_prune(tmp_path)
+    before, after = pd.read_csv(tmp_path / "data/manifest.csv"), pd.read_csv(tmp_path / "data/pruned.csv")
+    pd.testing.assert_frame_equal(before[before["split"] != "train"].reset_index(drop=True),
+                                  after[after["split"] != "train"].reset_index(drop=True))
+    assert s["decisions"] is None  # no training decision
 
 
 def test_apply_decisions_unit():
