@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import CleanError
-from pipeline.registry import ISSUES, RULES, SCORES, SOURCES, STRATEGIES
+from pipeline.registry import ISSUES, RULES, SCORES, SOURCES, STRATEGIES, Registry
 
 DEFAULTS: dict[str, Any] = {
     "data": {
@@ -106,9 +106,18 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
+class _Choices(dict):
+    """key → list of allowed values; a registry's names are read when asked for (the registries
+    import their modules on first use, and those modules may import this one)."""
+
+    def __getitem__(self, key: str) -> list:
+        value = super().__getitem__(key)
+        return value.names() if isinstance(value, Registry) else value
+
+
 #: Allowed values of every key with a fixed set; the registries supply scores, rules, strategies, sources.
-CHOICES = {
-    "data.source": SOURCES.names(),
+CHOICES = _Choices({
+    "data.source": SOURCES,
     "noise.kind": ["symmetric", "pairs"],
     "train.optimizer": ["sgd", "adam", "adamw"],
     "train.schedule": ["constant", "cosine", "step"],
@@ -118,12 +127,12 @@ CHOICES = {
     "score.norm": ["l1", "l2", "linf"],
     "score.params": ["last", "weights", "biases", "all"],
     "score.split": ["train", "val", "test", "all"],
-    "flag.method": RULES.names(),
-    "flag.score": SCORES.names(),
-    "prune.strategy": STRATEGIES.names(),
-    "prune.by": SCORES.names(),
+    "flag.method": RULES,
+    "flag.score": SCORES,
+    "prune.strategy": STRATEGIES,
+    "prune.by": SCORES,
     "flag.filter_by": ["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"],
-}
+})
 
 
 #: the largest seed numpy's legacy generator accepts (2**32 - 1); every seed param is ≤ it

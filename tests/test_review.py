@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.config import PruneConfig
 from pipeline.data.dataset import load_split
 from pipeline.decisions import HEADER, apply_decisions, read_decisions
 from pipeline.errors import CleanError
@@ -68,13 +69,16 @@ def project(root: Path, n_per_class: int = 12, n_flag: int | None = None, noise:
 
 def run_prune(root: Path, strategy="drop-flagged", decisions=True):
     return prune(root / "data/manifest.csv", root / "scores/scores.csv", root / "data/pruned.csv",
-                 root / "prune/summary.json", strategy=strategy, by="loss", keep=0.5,
+                 root / "prune/summary.json", PruneConfig(strategy=strategy, by="loss", keep=0.5),
                  flags_csv=root / "scores/flags.csv", decisions=root / "data/decisions.csv" if decisions else None)
 
 
 def write_decisions(root: Path, rows) -> Path:
+    """rows (id, action, label, note) → data/decisions.csv, each with its image's manifest path."""
     p = root / "data/decisions.csv"
-    pd.DataFrame(rows, columns=HEADER).to_csv(p, index=False)
+    m = pd.read_csv(root / "data/manifest.csv", keep_default_na=False)
+    paths = dict(zip(m["id"], m["path"]))
+    pd.DataFrame([(i, paths.get(i, ""), *r) for i, *r in rows], columns=HEADER).to_csv(p, index=False)
     return p
 
 
@@ -207,7 +211,7 @@ def test_server_refuses_what_it_must_and_changes_nothing(served):
     P, r, server = served
     t = r.token
     dec = r.decisions_csv
-    assert dec.read_text() == "id,action,label,note\n"   # created with its header
+    assert dec.read_text() == "id,path,action,label,note\n"   # created with its header
     before = dec.read_bytes()
     first = int(r.items[0]["id"])
     # the page and a manifest image are served (with the token, only on 127.0.0.1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.config import FlagConfig
 from pipeline.registry import ISSUES
 from pipeline.rules.base import IssueResult
 
@@ -175,7 +176,7 @@ def find_duplicates(feats: dict, labels_train: np.ndarray, ids_train: np.ndarray
 @ISSUES.register("duplicate", needs=("embeddings",),
                  doc="exact (pixel hash) and near (cosine distance < flag.duplicate_tau × median NN distance) "
                      "copies; all but one per set, conflicts and train/val/test leakage reported")
-def duplicate(inputs, cfg: dict) -> IssueResult:
+def duplicate(inputs, cfg: FlagConfig) -> IssueResult:
     feats = inputs.features()
-    return find_duplicates(feats, inputs.labels, inputs.ids, tau=cfg.get("duplicate_tau", 0.13),
-                           k=cfg.get("outlier_k", 10), seed=cfg.get("seed", 0))
+    return find_duplicates(feats, inputs.labels, inputs.ids, tau=cfg.duplicate_tau,
+                           k=cfg.outlier_k, seed=cfg.seed)

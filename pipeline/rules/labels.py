@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.errors import CleanError
+from pipeline.config import FlagConfig
 from pipeline.registry import ISSUES
 from pipeline.rules.base import IssueResult
 
 
 @ISSUES.register("label", doc="label errors: the flag.method rule; suggested_label = argmax of p̄ "
                               "(the epoch- and seed-averaged softmax) or the model's prediction")
-def label_issue(inputs, cfg: dict) -> IssueResult:
+def label_issue(inputs, cfg: FlagConfig) -> IssueResult:
     """is_label = the flag.method rule's flags; label_score = its value (confident rules: 1 − label
     quality, in 0..1); suggested_label / suggested_p = argmax and max of p̄ when the model's
     training record has it, else the final model's prediction (pred) with NaN confidence."""
