@@ -70,7 +70,9 @@ def test_init_writes_the_pipeline_with_the_data_as_a_dependency(tmp_path):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["data"]["source"] == "imagefolder" and params["data"]["root"] == "data/raw"
     assert (repo / "data" / "raw.dvc").is_file() and (repo / ".dvc" / "plots" / "heatmap.json").is_file()
-    assert (repo / "data" / "decisions.csv").read_text() == "id,action,label,note\n"
+    from pipeline.decisions import HEADER
+
+    assert (repo / "data" / "decisions.csv").read_text() == ",".join(HEADER) + "\n"  # prune's dep: header only
     assert "/raw" in (repo / "data" / ".gitignore").read_text()  # git leaves the images to DVC
 
 
