@@ -10,12 +10,14 @@ def test_relabel_strategies_write_label_overrides_and_retrain_uses_them(tmp_path
 
     from pipeline.data.dataset import load_split
     from pipeline.stages.prepare import prepare
+    from pipeline.config import PrepareConfig
     from pipeline.stages.prune import prune
 
     from .helpers import make_imagefolder
 
     make_imagefolder(tmp_path / "imgs", n_per_class=10)
-    prepare("imagefolder", str(tmp_path / "imgs"), tmp_path / "data", 0.1, 0.2, 0)
+    prepare(tmp_path / "data",
+            PrepareConfig(source="imagefolder", root=str(tmp_path / "imgs"), val_frac=0.1, test_frac=0.2, seed=0))
     man = pd.read_csv(tmp_path / "data/manifest.csv")
     tr = man[man["split"] == "train"].reset_index(drop=True)
     n = len(tr)

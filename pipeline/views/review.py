@@ -88,6 +88,11 @@ class Review:
         mdf = read_manifest(self.manifest, self.classes)
         train = mdf[mdf["split"] == "train"]
         fl = read_flags(self.flags_csv, train["id"].to_numpy())
+        held = read_flags(self.flags_csv, heldout=True)  # + val/test label issues: a person can correct a test label
+        if "split" in held.columns and (held["split"] != "train").any():
+            import pandas as pd
+
+            fl = pd.concat([fl, held[held["split"] != "train"]], ignore_index=True)
         issues = {}
         if (self.flags_csv.parent / "issues.json").exists():
             issues = read_json(self.flags_csv.parent / "issues.json", "not found", "re-run `clean flag`")
