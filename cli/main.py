@@ -50,9 +50,11 @@ def _classes(manifest: Path) -> tuple[str, Path]:
 
 
 def _check_out_dir(out: Path) -> None:
-    """A model folder option must not name an existing file."""
+    """A model folder option must not name an existing file, nor be a symbolic link (pipeline/ownership.py)."""
     from pipeline.errors import CleanError
+    from pipeline.ownership import not_a_link
 
+    not_a_link(out)
     if out.exists() and not out.is_dir():
         raise CleanError(f"--out {out} is a file; give a folder for the model (e.g. models/base)")
 
