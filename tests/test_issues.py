@@ -111,10 +111,12 @@ def test_duplicate_groups_conflicts_leakage():
     assert sorted(map(sorted, groups.values())) == [[0, 200], [1, 201], [2, 202, 203], [3], [4]]
     s = res.summary
     assert s["n_groups"] == 5 and s["n_exact_groups"] == 2 and s["n_near_groups"] == 3  # {0,200}, {4,205}
-    # one copy kept per set without leakage; every train copy of a leaking set flagged
+    # one copy kept per set; {2, 202, 203}: row 2 kept (majority label, lowest id); {3}+test, {4}+val:
+    # the training image is the set's only training copy: kept as a duplicate, marked as leakage
     flagged_rows = sorted(int(pos[i]) for i in np.flatnonzero(res.flagged))
-    # {2, 202, 203}: row 2 kept (majority label, lowest id); {3}+test, {4}+val: leakage, flagged
-    assert flagged_rows == [3, 4, 200, 201, 202, 203]
+    assert flagged_rows == [200, 201, 202, 203]
+    kept = {int(pos[i]): int(res.columns["duplicate_of"][i]) for i in np.flatnonzero(g >= 0)}
+    assert kept[202] == kept[203] == 27 and kept[201] == 17  # ids = 10 · row + 7
     conflict = {int(pos[i]) for i in np.flatnonzero(res.columns["duplicate_conflict"])}
     leak = {int(pos[i]) for i in np.flatnonzero(res.columns["duplicate_leak"])}
     assert conflict == {2, 202, 203} and leak == {3, 4}
@@ -122,6 +124,9 @@ def test_duplicate_groups_conflicts_leakage():
     assert s["leakage"]["n_groups"] == 2 and s["leakage"]["n_eval_images"] == 2
     assert s["leakage"]["by_split"] == {"test": 1, "val": 1}
     assert sorted(e["eval_ids"][0] for e in s["leakage"]["examples"]) == [2047, 2057]
+    # leakage per pair: (train id, val/test id, split)
+    assert sorted((p["train_id"], p["eval_id"], p["split"]) for p in s["leakage"]["pairs"]) == [
+        (37, 2047, "test"), (47, 2057, "val")]
     # score: 1 for exact copies, 1 − (small distance) for near ones, lower elsewhere
     assert res.score[row[200]] == 1.0 and res.score[row[0]] == 1.0
     assert 0.99 < res.score[row[201]] < 1.0
@@ -232,7 +237,7 @@ def test_issue_registry_entries_run_through_rule_inputs(tmp_path):
     pos = f["train_pos"][::-1]  # scores.csv in another order than embeddings.npz
     scores = pd.DataFrame({"id": f["ids"][pos], "label": f["label"][pos]})
     inputs = RuleInputs(scores, tmp_path / "scores.csv")
-    names = ["duplicate", "outlier", "dark", "light", "blurry", "low_information", "odd_size", "odd_aspect_ratio",
+    names = ["duplicate", "leakage", "outlier", "dark", "light", "blurry", "low_information", "odd_size", "odd_aspect_ratio",
              "grayscale"]
     for name in names:
         assert name in ISSUES
@@ -241,5 +246,7 @@ def test_issue_registry_entries_run_through_rule_inputs(tmp_path):
         assert res.rule
     dup = ISSUES["duplicate"].fn(inputs, dict(DEFAULTS["flag"]))
     flagged_ids = set(scores["id"][dup.flagged])
-    assert flagged_ids == {int(f["ids"][r]) for r in (3, 4, 200, 201, 202, 203)}
-    assert set(dup.columns) == {"duplicate_group", "duplicate_conflict", "duplicate_leak"}
+    assert flagged_ids == {int(f["ids"][r]) for r in (200, 201, 202, 203)}
+    assert set(dup.columns) == {"duplicate_group", "duplicate_of", "duplicate_conflict", "duplicate_leak"}
+    leak = ISSUES["leakage"].fn(inputs, dict(DEFAULTS["flag"]))
+    assert set(scores["id"][leak.flagged]) == {int(f["ids"][r]) for r in (3, 4)} and leak.summary["n_pairs"] == 2
