@@ -253,12 +253,14 @@ def detect(scores_csv: Path, cfg: dict | None = None) -> tuple[dict, dict, dict]
     """Every issue type through the ISSUES registry → ({name: IssueResult}, {name: seconds}, features)."""
     import pandas as pd
 
-    from pipeline.params import DEFAULTS
+    import dataclasses
+
+    from pipeline.config import FlagConfig
     from pipeline.registry import ISSUES
     from pipeline.rules import knn
     from pipeline.rules.base import RuleInputs
 
-    c = {**DEFAULTS["flag"], **(cfg or {})}
+    c = dataclasses.replace(FlagConfig(), **(cfg or {}))
     df = pd.read_csv(scores_csv, usecols=["id", "label"])
     inputs = RuleInputs(df, scores_csv)
     secs, res = {}, {}
@@ -266,7 +268,7 @@ def detect(scores_csv: Path, cfg: dict | None = None) -> tuple[dict, dict, dict]
     feats = inputs.features()
     secs["load embeddings.npz"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    knn.train_knn(feats, c["outlier_k"], knn.EXACT_MAX, c["seed"])
+    knn.train_knn(feats, c.outlier_k, knn.EXACT_MAX, c.seed)
     secs["knn search (shared)"] = time.perf_counter() - t0
     for name in ISSUE_NAMES:
         t0 = time.perf_counter()

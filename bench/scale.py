@@ -141,6 +141,7 @@ def gpu_part(args, work: Path) -> None:
     import torch
 
     from pipeline.stages.score import score
+    from pipeline.config import ScoreConfig
     from pipeline.stages.train import train
     from pipeline.training.recipe import Recipe
 
@@ -152,8 +153,8 @@ def gpu_part(args, work: Path) -> None:
     m = train(manifest, work / "gpu" / "model", Recipe(model=args.gpu_model, epochs=args.gpu_epochs, batch_size=256,
                                                       device="cuda", amp="auto"))
     s0 = time.perf_counter()
-    df = score(work / "gpu" / "model", manifest, work / "gpu" / "scores", params=args.subset, batch_size=512,
-               device="cuda")
+    df = score(work / "gpu" / "model", manifest, work / "gpu" / "scores",
+               ScoreConfig(subset=args.subset, batch_size=512, device="cuda"))
     secs = time.perf_counter() - s0
     meta = json.loads((work / "gpu" / "scores" / "meta.json").read_text())
     passes = 1 + len(meta["self_influence"]["checkpoints"])

@@ -32,18 +32,15 @@ def _one_of(key: str, prefix: str = "", key_note: bool = True) -> str:
     return prefix + " | ".join(CHOICES[key]) + (f" (params: {key})" if key_note else "")
 
 
-def _params(path: Path, **overrides):
-    from pipeline.params import load_params, override
+def _config(path: Path, **overrides):
+    """params.yaml (validated) + the command's options (`section__key`, None = keep) → every
+    stage's typed config (pipeline/config.py: c.prepare, c.train, c.score, c.flag, c.prune, ...)."""
+    from pipeline.config import load_config
 
-    return override(load_params(path), **overrides)
+    return load_config(path, **overrides)
 
 
-def _io(command: str, inputs, outputs, manifest=None) -> None:
-    """The shared input/output check (pipeline/paths.py): no output is, or lies inside, an input
-    or a folder of the images `manifest` lists. inputs/outputs: (label, path) pairs."""
-    from pipeline.paths import check_io, image_dirs
-
-    check_io(command, [*inputs, *image_dirs(manifest)], outputs)
+_io = opt.guard  # the one output check (cli/options.py)
 
 
 def _classes(manifest: Path) -> tuple[str, Path]:
@@ -76,19 +73,20 @@ def prepare(
     """Read a source into data/manifest.csv (id,path,label,split), classes.json and problems.csv."""
     from pipeline.stages.prepare import prepare as run
 
-    p = _params(params, data__source=source, data__root=root, data__val_frac=val_frac,
+    c = _config(params, data__source=source, data__root=root, data__val_frac=val_frac,
                 data__test_frac=test_frac, data__seed=seed, noise__rate=noise_rate, noise__kind=noise_kind)
-    d, nz = p["data"], p["noise"]
+    d, nz = c.params["data"], c.params["noise"]
     _io("prepare", [("data.root", d["root"])], [("--out", out)] + [("--out", out / f) for f in
-                                                                   ("manifest.csv", "classes.json", "problems.csv")])
+                                                                   ("manifest.csv", "classes.json", "problems.csv")], params=params)
     with RichProgress() as prog:
         s = run(d["source"], d["root"], out, val_frac=d["val_frac"], test_frac=d["test_frac"], seed=d["seed"],
                 classes=d["classes"], noise_rate=nz["rate"], noise_kind=nz["kind"], noise_pairs=nz["pairs"],
-                noise_seed=nz["seed"], progress=prog)
+                noise_seed=nz["seed"], noise_splits=nz["splits"], progress=prog)
     rows = [(k, v) for k, v in s.get("counts", {}).items()]
     console.print(table(f"prepared {s.get('source')} → {out}/manifest.csv", ["split", "images"], rows))
     if s.get("n_noisy"):
-        console.print(f"injected label noise: {s['n_noisy']} training labels changed ({nz['kind']}, rate {nz['rate']})")
+        console.print(f"injected label noise: {s['n_noisy']} labels changed in {', '.join(nz['splits'])} "
+                      f"({nz['kind']}, rate {nz['rate']})")
     for w in s.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
     n_prob = s.get("n_problems", 0)
@@ -124,19 +122,18 @@ def train(
     Runs data-parallel under torchrun: torchrun --standalone --nproc-per-node N --no-python clean train ..."""
     from pipeline.distributed import is_main
     from pipeline.stages.train import train as run
-    from pipeline.training.recipe import Recipe
 
-    p = _params(params, model__name=model, model__pretrained=pretrained, model__weights=weights,
+    c = _config(params, model__name=model, model__pretrained=pretrained, model__weights=weights,
                 train__augment=augment, train__epochs=epochs,
                 train__batch_size=batch_size, train__optimizer=optimizer, train__lr=lr,
                 train__weight_decay=weight_decay, train__schedule=schedule, train__seeds=list(seed) if seed else None,
                 train__device=device, train__amp=amp, train__workers=workers, data__cache_max_gb=cache_max_gb)
-    recipe = Recipe.from_params(p)
+    recipe = c.train
     _check_out_dir(out)
-    _io("train", [("--manifest", manifest), _classes(manifest)], [("--out", out)], manifest)
+    _io("train", [("--manifest", manifest), _classes(manifest)], [("--out", out)], manifest, params)
     try:
         with _progress() as prog:
-            m = run(manifest, out, recipe, seeds=p["train"]["seeds"], progress=prog, resume=resume)
+            m = run(manifest, out, recipe, seeds=c.seeds, progress=prog, resume=resume)
     except KeyboardInterrupt:
         if is_main():
             console.print(f"[yellow]interrupted[/]: run the same command with --resume to continue "
@@ -158,20 +155,33 @@ def _progress():
     return RichProgress() if is_main() else contextlib.nullcontext()
 
 
-def _versioned_outputs(command: str, name: str, inputs, manifest: Path) -> None:
+def _versioned_outputs(command: str, name: str, inputs, manifest: Path, params: Path) -> None:
     """--name is a plain name; metrics/<name>.json and plots/confusion_<name>.csv are no input."""
     from pipeline.paths import check_name
 
     check_name("--name", name, "metrics/<name>.json and plots/confusion_<name>.csv")
     _io(command, inputs, [("--name", opt.METRICS / f"{name}.json"), ("--name", opt.PLOTS / f"confusion_{name}.csv"),
-                          ("--name", opt.PLOTS / f"evaluate_{name}.json")], manifest)
+                          ("--name", opt.PLOTS / f"evaluate_{name}.json")], manifest, params)
 
 
-def _pm(m: dict) -> str:
-    """accuracy as 'mean ± std (n seeds)'."""
+FLAGS_ASIDE = typer.Option(None, help="flags.csv: its flagged test images are left out of accuracy_unflagged")
+DECISIONS_ASIDE = typer.Option(None, help="decisions.csv: reviewed test labels → accuracy_reviewed")
+
+
+def _pm(m: dict, key: str = "accuracy") -> str:
+    """accuracy (or `key`) as 'mean ± std (n seeds)'."""
     if m.get("n_seeds", 1) > 1:
-        return f"{m['accuracy']:.4f} ± {m['accuracy_std']:.4f} ({m['n_seeds']} seeds)"
-    return f"{m['accuracy']:.4f}"
+        return f"{m[key]:.4f} ± {m[key + '_std']:.4f} ({m['n_seeds']} seeds)"
+    return f"{m[key]:.4f}"
+
+
+def _aside_rows(m: dict) -> list:
+    """The accuracy with the test split's label decisions applied, when evaluate computed it."""
+    from pipeline.stages.evaluate import ASIDE_KEYS
+
+    said = {"accuracy_reviewed": "accuracy (reviewed test labels; {n} set aside)",
+            "accuracy_unflagged": "accuracy (flagged test images left out: {n})"}
+    return [(said[k].format(n=m["n_set_aside"]), _pm(m, k)) for k in ASIDE_KEYS if k in said and k in m]
 
 
 @app.command()
@@ -183,17 +193,20 @@ def evaluate(
     split: str = typer.Option("test", help="split to evaluate on"),
     baseline: Optional[str] = typer.Option(None, help="another version (e.g. base): the verdict against it over the seeds"),
     device: Optional[str] = typer.Option(None, help=_one_of("train.device")),
+    flags: Optional[Path] = FLAGS_ASIDE,
+    decisions: Optional[Path] = DECISIONS_ASIDE,
     params: Path = PARAMS,
 ):
-    """Evaluate a model on the untouched test split → metrics/<name>.json for `dvc metrics diff`."""
+    """Evaluate a model on the untouched test split → metrics/<name>.json for `dvc metrics diff`;
+    with --flags / --decisions also the accuracy with the test split's label decisions applied."""
     from pipeline.stages.evaluate import evaluate as run
 
-    p = _params(params, train__device=device)
-    _versioned_outputs("evaluate", name, [("--model", model), ("--manifest", manifest)], manifest)
+    c = _config(params, train__device=device)
+    _versioned_outputs("evaluate", name, [("--model", model), ("--manifest", manifest)], manifest, params)
     with RichProgress() as prog:
-        m = run(model, manifest, name, opt.METRICS, opt.PLOTS, split=split, device=p["train"]["device"],
-                progress=prog, baseline=baseline)
-    rows = [("accuracy", _pm(m)), ("loss", m["loss"]), ("n", m["n"]), ("seeds", m["n_seeds"])]
+        m = run(model, manifest, name, opt.METRICS, opt.PLOTS, split=split, device=c.train.device,
+                progress=prog, baseline=baseline, flags_csv=flags, decisions=decisions)
+    rows = [("accuracy", _pm(m)), *_aside_rows(m), ("loss", m["loss"]), ("n", m["n"]), ("seeds", m["n_seeds"])]
     rows += [(f"accuracy[{k}]", v) for k, v in m["per_class_accuracy"].items()]
     console.print(table(f"{name}: {model} on {split}", ["metric", "value"], rows))
     _verdict(name, m)
@@ -234,28 +247,28 @@ def score(
     from pipeline.distributed import is_main
     from pipeline.stages.score import score_input
 
-    p = _params(params, score__norm=norm, score__params=subset, score__batch_size=batch_size,
+    c = _config(params, score__norm=norm, score__params=subset, score__batch_size=batch_size,
                 score__split=split, score__self_influence=self_influence, score__val_influence=val_influence,
                 score__embeddings=embeddings, train__epochs=epochs,
                 train__device=device, train__workers=workers, data__cache_max_gb=cache_max_gb)
-    _score_io(path, Path(model), out)
+    _score_io(path, Path(model), out, params)
     with _progress() as prog:
-        df, model_dir = score_input(path, model, out, p, progress=prog,
+        df, model_dir = score_input(path, model, out, c, progress=prog,
                                     on_input=_report_input if is_main() else None)
     if df is None:  # another rank of a torchrun job: rank 0 wrote the files
         return
-    _score_tables(df, model_dir, p["score"], top)
+    _score_tables(df, model_dir, c.score, top)
     console.print(f"wrote {out}/scores.csv ({len(df)} rows) and {out}/meta.json")
 
 
-def _score_io(path: Path, model: Path, out: Path) -> None:
+def _score_io(path: Path, model: Path, out: Path, params: Path) -> None:
     from pipeline.data.standalone import is_manifest
 
     inputs = [("PATH", path)] + ([("--model", model)] if model.is_dir() else [])
     manifest = path if is_manifest(path) else None
     outputs = [("--out", out)] + [("--out", out / f) for f in ("scores.csv", "meta.json", "embeddings.npz")]
     _io("score", inputs + ([_classes(path)] if manifest else []), outputs + ([] if manifest else [("--out", out / "input")]),
-        manifest)
+        manifest, params)
 
 
 def _report_input(summary: dict, where: Path) -> None:
@@ -265,14 +278,14 @@ def _report_input(summary: dict, where: Path) -> None:
                       f"{n} problem(s) listed in {where}/problems.csv", highlight=False)
 
 
-def _score_tables(df, model_dir: Path, sc: dict, top: int) -> None:
+def _score_tables(df, model_dir: Path, sc, top: int) -> None:
     import json
 
     classes = json.loads((model_dir / "config.json").read_text())["classes"]
     name = lambda i: classes[int(i)] if 0 <= int(i) < len(classes) else str(i)  # noqa: E731
     by = "grad_norm"
     head = df.sort_values([by, "id"], ascending=[False, True]).head(top)
-    console.print(table(f"top {top} by {by} ({sc['norm']}, {sc['params']})",
+    console.print(table(f"top {top} by {by} ({sc.norm}, {sc.subset})",
                         ["id", "label", "pred", "loss", "grad_norm", "aum", "path"],
                         [(r.id, name(r.label), name(r.pred), r.loss, r.grad_norm, r.aum, r.path)
                          for r in head.itertuples()]))
@@ -308,28 +321,24 @@ def flag(
 
     Every issue type (label errors, duplicates and train/test leakage, outliers, image defects)
     gets is_<type> / <type>_score columns; flagged,rule,value are the label rule (flag.method)."""
-    from pipeline.device import resolve_device
     from pipeline.stages.flag import flag as run
-    from pipeline.training.recipe import Recipe
 
-    p = _params(params, flag__method=method, flag__score=score, flag__quantile=quantile,
+    c = _config(params, flag__method=method, flag__score=score, flag__quantile=quantile,
                 flag__threshold=threshold, flag__contamination=contamination, flag__folds=folds)
-    f = p["flag"]
+    f = c.flag
     _io("flag", [("--scores", scores), ("--manifest", manifest), _classes(manifest), ("--model", model),
                  ("the embeddings of --scores", scores.parent / "embeddings.npz")],
-        [("--out", out / n) for n in ("flags.csv", "issues.json", "top_flagged.png")] + [("--metrics", metrics)], manifest)
+        [("--out", out / n) for n in ("flags.csv", "issues.json", "top_flagged.png")] + [("--metrics", metrics)], manifest, params)
     with RichProgress() as prog:
-        s = run(scores, out, **{k: v for k, v in f.items() if k != "grid"}, model_dir=model, manifest=manifest,
-                recipe=Recipe.from_params(p), device=resolve_device(p["train"]["device"]), progress=prog,
-                metrics_path=metrics, grid=f["grid"])
-    if f["grid"]:
+        s = run(scores, out, f, model_dir=model, manifest=manifest, recipe=c.train, progress=prog, metrics_path=metrics)
+    if f.grid:
         console.print(f"grid of the top flagged images → {out}/top_flagged.png")
     rows = [("rule", s["rule"]), ("flagged", f"{s['n_flagged']} of {s['n']} ({s['n_flagged'] / max(s['n'], 1):.1%})")]
     for k in ("n_noisy", "precision", "recall", "auroc"):
         if k in s:
             rows.append((f"{k} (vs injected noise)" if k != "n_noisy" else "injected noisy labels", s[k]))
     rows.append(("seconds", s["seconds"]))
-    console.print(table(f"flag: {f['method']} → {out}/flags.csv", ["", "value"], rows))
+    console.print(table(f"flag: {f.method} → {out}/flags.csv", ["", "value"], rows))
     _issue_table(out / "issues.json", s["n"])
     _flag_tables(scores, out / "flags.csv", manifest)
 
@@ -381,16 +390,14 @@ def prune(
     """Select a subset of the training set → data/pruned.csv (ids + label overrides; images never copied or deleted)."""
     from pipeline.stages.prune import prune as run
 
-    p = _params(params, prune__strategy=strategy, prune__by=by, prune__keep=keep, prune__skip=skip,
+    c = _config(params, prune__strategy=strategy, prune__by=by, prune__keep=keep, prune__skip=skip,
                 prune__balanced=balanced, prune__seed=seed, prune__drop=list(drop) if drop else None)
-    q = p["prune"]
+    q = c.prune
     _io("prune", [("--manifest", manifest), ("--scores", scores), ("--flags", flags), ("--decisions", decisions),
-                  _classes(manifest)], [("--out", out), ("--summary", summary)] + _classes_beside(out, manifest))
-    s = run(manifest, scores, out, summary, strategy=q["strategy"], by=q["by"], keep=q["keep"], skip=q["skip"],
-            balanced=q["balanced"], seed=q["seed"], flags_csv=flags, drop=q["drop"], decisions=decisions,
-            relabel_min_p=q["relabel_min_p"])
+                  _classes(manifest)], [("--out", out), ("--summary", summary)] + _classes_beside(out, manifest), manifest, params)
+    s = run(manifest, scores, out, summary, q, flags_csv=flags, decisions=decisions)
     ent = s["label_entropy"]
-    console.print(table(f"prune: {q['strategy']} → {out}", ["", "value"], [
+    console.print(table(f"prune: {q.strategy} → {out}", ["", "value"], [
         ("kept", f"{s['n_kept']} of {s['n_total']} ({s['n_kept'] / s['n_total']:.1%})"),
         ("label entropy kept / all / uniform", f"{ent['kept']:.4f} / {ent['all']:.4f} / {ent['uniform']:.4f} nats"),
         *[(k.replace("_", " "), s[k]) for k in ("noisy_removed", "noisy_kept", "clean_removed") if k in s],
@@ -421,24 +428,25 @@ def retrain(
     epochs: Optional[int] = typer.Option(None, help="epochs (params: train.epochs)"),
     seed: Optional[List[int]] = typer.Option(None, help="seed(s) (params: train.seeds)"),
     device: Optional[str] = typer.Option(None, help=_one_of("train.device")),
+    flags: Optional[Path] = FLAGS_ASIDE,
+    decisions: Optional[Path] = DECISIONS_ASIDE,
     params: Path = PARAMS,
 ):
     """Retrain from scratch on a pruned manifest and evaluate on the untouched test split → metrics/<name>.json.
 
     Same recipe, fresh initialisation, one run per seed in train.seeds."""
     from pipeline.stages.retrain import retrain as run
-    from pipeline.training.recipe import Recipe
 
-    p = _params(params, train__epochs=epochs, train__seeds=list(seed) if seed else None, train__device=device)
+    c = _config(params, train__epochs=epochs, train__seeds=list(seed) if seed else None, train__device=device)
     _check_out_dir(out)
     inputs = [("--manifest", manifest), _classes(manifest), ("--test-manifest", test_manifest)]
-    _io("retrain", inputs, [("--out", out)], manifest)
-    _versioned_outputs("retrain", name, inputs, test_manifest)
+    _io("retrain", inputs, [("--out", out)], manifest, params)
+    _versioned_outputs("retrain", name, inputs, test_manifest, params)
     with RichProgress() as prog:
-        m = run(manifest, test_manifest, out, name, Recipe.from_params(p), p["train"]["seeds"], p["train"]["device"],
-                opt.METRICS, opt.PLOTS, progress=prog, baseline=baseline)
+        m = run(manifest, test_manifest, out, name, c.train, c.seeds, c.train.device,
+                opt.METRICS, opt.PLOTS, progress=prog, baseline=baseline, flags_csv=flags, decisions=decisions)
     console.print(table(f"{name}: retrained on {manifest}, tested on {test_manifest}", ["metric", "value"],
-                        [("n_train", m["n_train"]), ("accuracy", _pm(m)), ("loss", m["loss"])]))
+                        [("n_train", m["n_train"]), ("accuracy", _pm(m)), *_aside_rows(m), ("loss", m["loss"])]))
     _verdict(name, m)
 
 
@@ -459,16 +467,13 @@ def sweep_point(
 ):
     """One sweep point: prune, retrain (every seed) and evaluate."""
     from pipeline.stages.sweep import sweep_point as run
-    from pipeline.training.recipe import Recipe
 
-    p = _params(params, prune__strategy=strategy, prune__keep=keep)
-    q = p["prune"]
+    c = _config(params, prune__strategy=strategy, prune__keep=keep)
     _io("sweep point", [("--manifest", manifest), _classes(manifest), ("--scores", scores), ("--flags", flags)],
         [("--out", out)] + [("--out", out / f) for f in ("pruned.csv", "prune.json", "metrics.json")]
-        + _classes_beside(out / "pruned.csv", manifest), manifest)
+        + _classes_beside(out / "pruned.csv", manifest), manifest, params)
     with RichProgress() as prog:
-        m = run(manifest, scores, out, strategy, keep, Recipe.from_params(p), p["train"]["seeds"], by=q["by"],
-                skip=q["skip"], balanced=q["balanced"], prune_seed=q["seed"], flags_csv=flags, progress=prog)
+        m = run(manifest, scores, out, c.prune, c.train, c.seeds, flags_csv=flags, progress=prog)
     console.print(f"{strategy} keep={keep}: accuracy {m['accuracy_mean']:.4f} ± {m['accuracy_std']:.4f} "
                   f"({m['n_seeds']} seeds, {m['n_kept']} images)", highlight=False)
 
@@ -487,15 +492,12 @@ def sweep_run(
 
     Opt-in: sweep.keeps is empty by default; `dvc exp run -S 'sweep.keeps=[0.1,0.5]'` runs it."""
     from pipeline.stages.sweep import sweep as run
-    from pipeline.training.recipe import Recipe
 
-    p = _params(params)
-    q, w = p["prune"], p["sweep"]
+    c = _config(params)
     _io("sweep run", [("--manifest", manifest), _classes(manifest), ("--scores", scores), ("--flags", flags)],
-        [("--out", out), ("--summary", summary)], manifest)
+        [("--out", out), ("--summary", summary)], manifest, params)
     with RichProgress() as prog:
-        df = run(manifest, scores, flags, out, summary, w["strategies"], w["keeps"], Recipe.from_params(p),
-                 p["train"]["seeds"], q["by"], q["skip"], q["balanced"], q["seed"], progress=prog)
+        df = run(manifest, scores, flags, out, summary, c.sweep, c.prune, c.train, c.seeds, progress=prog)
     if not len(df):
         console.print(f"sweep.keeps is empty: no sweep point (opt-in); wrote an empty {summary}. "
                       "Run it with: dvc exp run -S 'sweep.keeps=[0.1,0.5]'", highlight=False)
@@ -516,9 +518,10 @@ def sweep_collect(
     """Aggregate sweep points → sweep/summary.csv (mean ± std accuracy per strategy × keep)."""
     from pipeline.stages.sweep import collect
 
-    p = _params(params)
-    _io("sweep collect", [("a sweep result", f) for f in sorted(sweep_dir.glob("*/metrics.json"))], [("--out", out)])
-    df = collect(sweep_dir, out, p["sweep"]["strategies"], p["sweep"]["keeps"])
+    c = _config(params)
+    _io("sweep collect", [("a sweep result", f) for f in sorted(sweep_dir.glob("*/metrics.json"))], [("--out", out)],
+        params=params)
+    df = collect(sweep_dir, out, c.sweep.strategies, c.sweep.keeps)
     keeps = sorted(df["keep"].unique())
     rows = []
     for st, g in df.groupby("strategy"):

@@ -33,3 +33,14 @@ def flags(help: str = "flags from `clean flag`"):
 
 def model(help: str = "trained model folder"):
     return typer.Option(BASE_MODEL, help=help)
+
+
+def guard(command: str, inputs, outputs, manifest=None, params=None) -> None:
+    """The one output check of every command that writes (pipeline/paths.py check_io): no output
+    is, or lies inside, an input, a folder of the images any input table lists, or the project's
+    source-image tree (data.root of `params`, default params.yaml, and the folders of the images
+    in data/manifest.csv). inputs/outputs: (label, path) pairs; `manifest`: the command's manifest."""
+    from pipeline.paths import check_io, project_sources
+
+    extra = [("--manifest", manifest)] if manifest is not None else []
+    check_io(command, [*inputs, *extra, *project_sources(params or PARAMS.default, MANIFEST)], outputs)

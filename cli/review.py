@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from .options import guard
 from .ui import console, handle_errors
 
 
@@ -32,10 +33,9 @@ def review(
     Keys: K keep, D drop, R relabel (then 0-9 / Enter = the suggested class), → / ← next / previous, U undo.
     Then `clean prune` (or `dvc repro`) makes the reviewed dataset version."""
     from pipeline.errors import CleanError
-    from pipeline.paths import check_io
     from pipeline.views.review import Review, serve, url, wait
 
-    check_io("review", [("--manifest", manifest), ("--flags", flags), ("--scores", scores)], [("--decisions", decisions)])
+    guard("review", [("--manifest", manifest), ("--flags", flags), ("--scores", scores)], [("--decisions", decisions)])
     r = Review(manifest, flags, decisions, scores)
     try:
         server = serve(r, port)

@@ -15,6 +15,7 @@ import typer
 
 from pipeline.stages.figures import FIGURES
 
+from .options import guard
 from .ui import console, handle_errors, table
 
 BY_HELP = ("score column of scores.csv to rank by, most suspicious first (lowest first for the scores "
@@ -26,12 +27,7 @@ SWEEP_HELP = "sweep summary (accuracy vs keep); the first of these that exists (
 SWEEP_SUMMARIES = [Path("sweep/summary.csv"), Path("plots/sweep.csv")]
 
 
-def _io(command: str, inputs, outputs, manifest: Optional[Path] = None) -> None:
-    """The shared input/output check (pipeline/paths.py): no output is, or lies inside, an
-    input or a folder of the images `manifest` lists."""
-    from pipeline.paths import check_io, image_dirs
-
-    check_io(command, [*inputs, *image_dirs(manifest)], outputs)
+_io = guard  # the one output check (cli/options.py)
 
 
 def _model_of(dynamics: Path) -> list:
@@ -114,7 +110,7 @@ def report(
     ins = [*_read(scores, manifest), ("--flags", flags), ("--metrics", metrics), ("--plots", plots),
            *[("--sweep", f) for f in sweep], ("--dynamics", dynamics),
            *_model_of(dynamics), ("--prune-summary", prune_summary), ("--compare", compare), ("--params", params)]
-    _io("report", ins, [("--out", out / "index.html"), ("--out", out / "figures")], manifest)
+    _io("report", ins, [("--out", out / "index.html"), ("--out", out / "figures")], manifest, params)
 
     with RichProgress() as prog:
         r = run(out, manifest=manifest, scores_csv=scores, flags_csv=flags, metrics_dir=metrics, plots_dir=plots,

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import CleanError
-from pipeline.registry import ISSUES, RULES, SCORES, SOURCES, STRATEGIES
+from pipeline.registry import ISSUES, RULES, SCORES, SOURCES, STRATEGIES, Registry
 
 DEFAULTS: dict[str, Any] = {
     "data": {
@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
         "kind": "symmetric",  # symmetric | pairs
         "pairs": None,        # {class_index: class_index} for kind=pairs; null = c -> c+1
         "seed": 0,
+        "splits": ["train"],  # splits whose labels get noise (a user's val and test are noisy too)
     },
     "model": {
         "name": "small_cnn",  # any timm model, or small_cnn / small_cnn_bn
@@ -70,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
         "method": "confident-dynamics",  # the label rule that drives `flagged` (registry: pipeline/rules/)
         "issues": None,       # issue types to check (registry ISSUES); null = every registered type
         "filter_by": "prune_by_class",  # confident-dynamics: cleanlab find_label_issues filter_by
+        "heldout_filter_by": "prune_by_noise_rate",  # val/test label issues: cleanlab filter_by on the base models' softmax
         "aum_max": -0.5,      # confident-dynamics: a label issue also has AUM below this (null = no AUM condition)
         "score": "aum",       # score column for the threshold rules (registry: pipeline/scores/)
         "quantile": 0.05,     # quantile: flag the top q
@@ -107,9 +109,18 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
+class _Choices(dict):
+    """key → list of allowed values; a registry's names are read when asked for (the registries
+    import their modules on first use, and those modules may import this one)."""
+
+    def __getitem__(self, key: str) -> list:
+        value = super().__getitem__(key)
+        return value.names() if isinstance(value, Registry) else value
+
+
 #: Allowed values of every key with a fixed set; the registries supply scores, rules, strategies, sources.
-CHOICES = {
-    "data.source": SOURCES.names(),
+CHOICES = _Choices({
+    "data.source": SOURCES,
     "noise.kind": ["symmetric", "pairs"],
     "train.optimizer": ["sgd", "adam", "adamw"],
     "train.schedule": ["constant", "cosine", "step"],
@@ -119,12 +130,14 @@ CHOICES = {
     "score.norm": ["l1", "l2", "linf"],
     "score.params": ["last", "weights", "biases", "all"],
     "score.split": ["train", "val", "test", "all"],
-    "flag.method": RULES.names(),
-    "flag.score": SCORES.names(),
-    "prune.strategy": STRATEGIES.names(),
-    "prune.by": SCORES.names(),
+    "flag.method": RULES,
+    "flag.score": SCORES,
+    "prune.strategy": STRATEGIES,
+    "prune.by": SCORES,
     "flag.filter_by": ["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"],
-}
+    "flag.heldout_filter_by": ["prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
+                               "predicted_neq_given"],
+})
 
 
 #: the largest seed numpy's legacy generator accepts (2**32 - 1); every seed param is ≤ it
@@ -194,7 +207,7 @@ prune.seed               [0, 2**32-1]
 """)
 
 # keys whose value may be of several shapes (checked by their own validator)
-FREE = {"flag.aum_max", "flag.issues", "prune.drop", "data.root", "data.classes", "data.image_size", "noise.pairs", "model.weights", "train.seeds",
+FREE = {"flag.aum_max", "flag.issues", "prune.drop", "data.root", "data.classes", "data.image_size", "noise.pairs", "noise.splits", "model.weights", "train.seeds",
         "sweep.strategies", "sweep.keeps"}
 
 
@@ -305,6 +318,9 @@ def _check_free(p: dict, where: str) -> None:
     if pairs is not None and (not isinstance(pairs, dict) or not all(
             isinstance(a, int) and isinstance(b, int) for a, b in pairs.items())):
         raise CleanError(f"{where}: noise.pairs must be null or a mapping {{class_index: class_index}}, got {pairs!r}")
+    splits = p["noise"]["splits"]
+    if not (isinstance(splits, list) and splits and all(s in ("train", "val", "test") for s in splits)):
+        raise CleanError(f"{where}: noise.splits must be a non-empty list from: train, val, test; got {splits!r}")
     seeds = p["train"]["seeds"]
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                                       for s in seeds) and len(set(seeds)) == len(seeds)):

@@ -3,13 +3,18 @@
 A registry maps a name to an :class:`Entry` saying what the thing needs, which end of its
 value is suspicious, and a one-line doc. params.py's allowed values, the CLI help, the README
 tables and the report read the registries; no other file spells the lists. Adding a score, a
-rule, a strategy or a source is one entry plus its function, registered where the function
-lives (as timm's ``register_model``)::
+rule, a strategy or a source is one decorated function, registered where the function lives
+(as timm's ``register_model``); an entry's ``fn`` is what runs, and every entry of a registry
+is called the same way (:data:`CALLING`)::
 
     from pipeline.registry import STRATEGIES
 
-    @STRATEGIES.register("gradient-cdf", needs=("score",), doc="sample ∝ score, without replacement")
-    def gradient_cdf(...): ...
+    @STRATEGIES.register("gradient-cdf", needs=("score",), doc="sample ∝ prune.by, without replacement")
+    def gradient_cdf(inputs: PruneInputs) -> PruneResult: ...
+
+A registry imports its modules (``modules``) on first use, never before: `clean --help` pays
+for no registration it does not read, and no file imports a module for its side effect. The
+order users see is the order of ``modules``, then the order of the decorators in a module.
 """
 from __future__ import annotations
 
@@ -47,40 +52,63 @@ class Entry:
 
 
 class Registry:
-    """An ordered name → :class:`Entry` mapping for one concept (registration order is kept)."""
+    """An ordered name → :class:`Entry` mapping for one concept.
 
-    def __init__(self, concept: str, loader: str | None = None):
+    `modules`: the modules whose decorators register the entries, imported on first use; their
+    order (then the decorators' order within a module) is the order of :meth:`names`, whatever
+    order Python happens to import them in."""
+
+    def __init__(self, concept: str, modules: tuple[str, ...] = ()):
         self.concept = concept
+        self.modules = tuple(modules)
         self._entries: dict[str, Entry] = {}
-        self._loader = loader  # module whose import registers the entries (loaded lazily)
+        self._rank: dict[str, tuple[int, int]] = {}
+        self._loaded = False
 
     def _load(self) -> None:
-        if self._loader is not None:
-            loader, self._loader = self._loader, None
+        if not self._loaded:
+            self._loaded = True
             import importlib
 
-            importlib.import_module(loader)
+            for m in self.modules:
+                importlib.import_module(m)
 
     def register(self, name: str, *, needs: tuple[str, ...] = (), suspicious: str = "high", doc: str = "",
                  **extra):
         """Decorator: register `fn` under `name` (a name may be registered once)."""
-        bad = set(needs) - NEEDS
-        if bad:
-            raise ValueError(f"{self.concept} {name!r}: unknown needs {sorted(bad)}")
-        if suspicious not in ("high", "low"):
-            raise ValueError(f"{self.concept} {name!r}: suspicious must be 'high' or 'low'")
+        return self.register_family({name: dict(needs=needs, suspicious=suspicious, doc=doc, **extra)})
+
+    def register_family(self, members: dict[str, dict]):
+        """Decorator: register one `fn` under several names at once — a family that computes
+        several values in one pass (e.g. loss, grad_norm, el2n and margin from one forward
+        pass). `members`: {name: dict(needs=..., suspicious=..., doc=..., **extra)}, in order."""
+        for name, meta in members.items():
+            bad = set(meta.get("needs", ())) - NEEDS
+            if bad:
+                raise ValueError(f"{self.concept} {name!r}: unknown needs {sorted(bad)}")
+            if meta.get("suspicious", "high") not in ("high", "low"):
+                raise ValueError(f"{self.concept} {name!r}: suspicious must be 'high' or 'low'")
 
         def deco(fn):
-            if name in self._entries:
-                raise ValueError(f"{self.concept} {name!r} is registered twice")
-            self._entries[name] = Entry(name, fn, tuple(needs), suspicious, doc, dict(extra))
+            module = self.modules.index(fn.__module__) if fn.__module__ in self.modules else len(self.modules)
+            for name, meta in members.items():
+                if name in self._entries:
+                    raise ValueError(f"{self.concept} {name!r} is registered twice")
+                meta = dict(meta)
+                needs, suspicious, doc = tuple(meta.pop("needs", ())), meta.pop("suspicious", "high"), meta.pop("doc", "")
+                self._entries[name] = Entry(name, fn, needs, suspicious, doc, meta)
+                self._rank[name] = (module, len(self._rank))
             return fn
 
         return deco
 
-    def add(self, name: str, **kw) -> None:
-        """Register an entry that has no function of its own (e.g. a score computed in a family)."""
-        self.register(name, **kw)(None)
+    def _ordered(self) -> list[str]:
+        self._load()
+        return sorted(self._entries, key=self._rank.__getitem__)
+
+    def families(self) -> list[Callable]:
+        """The distinct entry functions, in entry order (a family's function once)."""
+        return list(dict.fromkeys(self._entries[n].fn for n in self._ordered()))
 
     def __getitem__(self, name: str) -> Entry:
         self._load()
@@ -95,8 +123,7 @@ class Registry:
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
-        self._load()
-        return iter(list(self._entries))
+        return iter(self._ordered())
 
     def __len__(self) -> int:
         self._load()
@@ -111,13 +138,11 @@ class Registry:
     __hash__ = object.__hash__
 
     def names(self) -> list[str]:
-        """The registered names, in registration order."""
-        self._load()
-        return list(self._entries)
+        """The registered names, in order (`modules`, then registration)."""
+        return self._ordered()
 
     def entries(self) -> list[Entry]:
-        self._load()
-        return list(self._entries.values())
+        return [self._entries[n] for n in self._ordered()]
 
     def help(self, sep: str = " | ") -> str:
         """'a | b | c': the names, for option help texts."""
@@ -129,17 +154,26 @@ class Registry:
         return frozenset(n for n, e in self._entries.items() if e.suspicious == "low")
 
 
-#: Per-sample scores (columns of scores/scores.csv) — registered in pipeline/scores/__init__.py.
-SCORES = Registry("score", loader="pipeline.scores")
-#: Flag rules (issue detectors) — registered in pipeline/rules/.
-RULES = Registry("flag rule", loader="pipeline.rules")
+_RULE_MODULES = tuple(f"pipeline.rules.{m}" for m in (
+    "labels", "threshold", "outliers", "confident", "duplicates", "images", "influence"))
+
+#: Per-sample scores (columns of scores/scores.csv, in this order): score families
+#: ``fn(inputs: ScoreInputs, config: ScoreConfig) -> {column: float [N]}`` (pipeline/scores/inputs.py).
+SCORES = Registry("score", ("pipeline.scores.compute", "pipeline.scores.dynamics", "pipeline.scores.tracin"))
+#: Flag rules (the label rule that drives `flagged`): ``fn(inputs: RuleInputs, config: FlagConfig) -> FlagResult``.
+RULES = Registry("flag rule", _RULE_MODULES)
 #: Issue types (label, duplicate, outlier, image properties, ...): each one `is_<type>` / `<type>_score`
-#: pair in scores/flags.csv — registered in pipeline/rules/.
-ISSUES = Registry("issue type", loader="pipeline.rules")
-#: Prune strategies (remedies) — registered in pipeline/strategies.py.
-STRATEGIES = Registry("prune strategy", loader="pipeline.strategies")
-#: Data sources for `clean prepare` — registered in pipeline/data/sources.py.
-SOURCES = Registry("data source", loader="pipeline.data.sources")
+#: pair in scores/flags.csv: ``fn(inputs: RuleInputs, config: FlagConfig) -> IssueResult``.
+ISSUES = Registry("issue type", _RULE_MODULES)
+#: Prune strategies (remedies): ``fn(inputs: PruneInputs) -> PruneResult`` (pipeline/strategies.py).
+STRATEGIES = Registry("prune strategy", ("pipeline.strategies", "pipeline.relabel"))
+#: Data sources for `clean prepare`: ``fn(root, out_dir, classes, progress) -> Source`` (pipeline/data/sources.py).
+SOURCES = Registry("data source", ("pipeline.data.sources",))
+
+#: how every entry of each registry is called (the one calling form; tests/test_registry.py runs them all)
+CALLING = {"SCORES": "fn(ScoreInputs, ScoreConfig) -> {column: [N]}", "RULES": "fn(RuleInputs, FlagConfig) -> FlagResult",
+           "ISSUES": "fn(RuleInputs, FlagConfig) -> IssueResult", "STRATEGIES": "fn(PruneInputs) -> PruneResult",
+           "SOURCES": "fn(root, out_dir, classes, progress) -> Source"}
 
 
 # --------------------------------------------------------------------------- README tables

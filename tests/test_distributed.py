@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.config import ScoreConfig
 from pipeline import distributed as D
 from pipeline.errors import CleanError
 from pipeline.stages.score import score
@@ -98,7 +99,7 @@ def test_torchrun_two_processes_equal_one(data, tmp_path):
     assert hb[-1]["val_loss"] == pytest.approx(ha[-1]["val_loss"], rel=1e-3, abs=1e-5)
 
     # scoring the same model in one process
-    score(tmp_path / "dist", m, tmp_path / "scores_one", batch_size=5, device="cpu", params="all")
+    score(tmp_path / "dist", m, tmp_path / "scores_one", ScoreConfig(batch_size=5, device="cpu", subset="all"))
     s1, s2 = pd.read_csv(tmp_path / "scores_one/scores.csv"), pd.read_csv(tmp_path / "scores_dist/scores.csv")
     assert list(s1.columns) == list(s2.columns) and len(s1) == 22
     assert s1["id"].tolist() == s2["id"].tolist() and s1["pred"].tolist() == s2["pred"].tolist()
@@ -147,9 +148,9 @@ def test_streamed_images_equal_the_in_memory_cache(data, tmp_path):
         assert a.history == b.history
 
     train(m, tmp_path / "model", _recipe())
-    x = score(tmp_path / "model", m, tmp_path / "s_mem", device="cpu", batch_size=5, params="all")
-    y = score(tmp_path / "model", m, tmp_path / "s_stream", device="cpu", batch_size=5, params="all",
-              cache_max_gb=0, workers=2)
+    x = score(tmp_path / "model", m, tmp_path / "s_mem", ScoreConfig(device="cpu", batch_size=5, subset="all"))
+    y = score(tmp_path / "model", m, tmp_path / "s_stream",
+              ScoreConfig(device="cpu", batch_size=5, subset="all", cache_max_gb=0, workers=2))
     pd.testing.assert_frame_equal(x, y)
     assert json.loads((tmp_path / "s_stream/meta.json").read_text())["streamed"] is True
     with np.load(tmp_path / "s_mem/embeddings.npz") as a, np.load(tmp_path / "s_stream/embeddings.npz") as b:

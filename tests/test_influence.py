@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.config import FlagConfig, PruneConfig, ScoreConfig
 from pipeline.errors import CleanError
 from pipeline.scores.influence import grad_dots, val_gradient, val_influence
 from pipeline.scores.layers import param_subset
@@ -126,8 +127,8 @@ def trained(tmp_path_factory):
 def scored(trained):
     from pipeline.stages.score import score
 
-    df = score(trained / "models/base", trained / "data/manifest.csv", trained / "scores", params="all",
-               batch_size=5, device="cpu", embeddings=False)
+    df = score(trained / "models/base", trained / "data/manifest.csv", trained / "scores",
+               ScoreConfig(subset="all", batch_size=5, device="cpu", embeddings=False))
     return trained, df
 
 
@@ -162,10 +163,10 @@ def test_a_manifest_without_val_is_a_clear_error(trained, tmp_path):
 
     prepare("imagefolder", str(trained / "imgs"), tmp_path / "d", 0.0, 0.2, 0)
     with pytest.raises(CleanError, match=r"no 'val' rows.*data\.val_frac > 0.*score\.val_influence: false"):
-        score(trained / "models/base", tmp_path / "d/manifest.csv", tmp_path / "s", params="last",
-              with_self_influence=False, device="cpu", embeddings=False)
-    df = score(trained / "models/base", tmp_path / "d/manifest.csv", tmp_path / "s", params="last",
-               with_self_influence=False, with_val_influence=False, device="cpu", embeddings=False)
+        score(trained / "models/base", tmp_path / "d/manifest.csv", tmp_path / "s",
+              ScoreConfig(subset="last", self_influence=False, device="cpu", embeddings=False))
+    df = score(trained / "models/base", tmp_path / "d/manifest.csv", tmp_path / "s",
+               ScoreConfig(subset="last", self_influence=False, val_influence=False, device="cpu", embeddings=False))
     assert df["val_influence"].isna().all()
 
 
@@ -190,8 +191,8 @@ def test_harmful_issue_type_and_its_skip(scored, tmp_path):
     assert "val_influence" in json.loads((nov / "issues.json").read_text())["harmful"]["skipped"]
     # asked for explicitly: a clear error
     with pytest.raises(CleanError, match="no val_influence values"):
-        flag(nov / "scores.csv", nov, model_dir=root / "models/base", manifest=root / "data/manifest.csv",
-             issues=["harmful"])
+        flag(nov / "scores.csv", nov, FlagConfig(issues=["harmful"]), model_dir=root / "models/base",
+             manifest=root / "data/manifest.csv")
 
 
 def test_drop_harmful_and_drop_flagged_harmful(scored, tmp_path):
@@ -211,7 +212,7 @@ def test_drop_harmful_and_drop_flagged_harmful(scored, tmp_path):
     for strategy, drop in (("drop-harmful", harmful), ("drop-flagged-harmful", both)):
         out = tmp_path / f"{strategy}.csv"
         summ = prune(root / "data/manifest.csv", root / "scores/scores.csv", out, tmp_path / f"{strategy}.json",
-                     strategy=strategy, flags_csv=tmp_path / "flags.csv")
+                     PruneConfig(strategy=strategy), flags_csv=tmp_path / "flags.csv")
         kept = pd.read_csv(out)
         assert set(kept[kept["split"] == "train"]["id"]) == set(fl["id"][~drop])
         assert (kept["split"] != "train").sum() == (man["split"] != "train").sum()  # val/test untouched
@@ -220,7 +221,7 @@ def test_drop_harmful_and_drop_flagged_harmful(scored, tmp_path):
     fl.drop(columns=["is_harmful", "harmful_score"]).to_csv(tmp_path / "old.csv", index=False)
     with pytest.raises(CleanError, match="needs is_harmful.*val_influence"):
         prune(root / "data/manifest.csv", root / "scores/scores.csv", tmp_path / "x.csv", tmp_path / "x.json",
-              strategy="drop-harmful", flags_csv=tmp_path / "old.csv")
+              PruneConfig(strategy="drop-harmful"), flags_csv=tmp_path / "old.csv")
 
 
 def test_select_with_the_harm_strategies():

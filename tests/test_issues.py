@@ -223,7 +223,7 @@ def test_grayscale_only_in_a_colour_set():
 
 def test_issue_registry_entries_run_through_rule_inputs(tmp_path):
     """Every detector as the flag stage calls it: ISSUES[name].fn(RuleInputs, cfg) on embeddings.npz."""
-    from pipeline.params import DEFAULTS
+    from pipeline.config import FlagConfig
     from pipeline.registry import ISSUES
     from pipeline.rules.base import RuleInputs
 
@@ -241,12 +241,12 @@ def test_issue_registry_entries_run_through_rule_inputs(tmp_path):
              "grayscale"]
     for name in names:
         assert name in ISSUES
-        res = ISSUES[name].fn(inputs, dict(DEFAULTS["flag"]))
+        res = ISSUES[name].fn(inputs, FlagConfig())
         assert res.flagged.shape == res.score.shape == (len(pos),) and res.flagged.dtype == bool
         assert res.rule
-    dup = ISSUES["duplicate"].fn(inputs, dict(DEFAULTS["flag"]))
+    dup = ISSUES["duplicate"].fn(inputs, FlagConfig())
     flagged_ids = set(scores["id"][dup.flagged])
     assert flagged_ids == {int(f["ids"][r]) for r in (200, 201, 202, 203)}
     assert set(dup.columns) == {"duplicate_group", "duplicate_of", "duplicate_conflict", "duplicate_leak"}
-    leak = ISSUES["leakage"].fn(inputs, dict(DEFAULTS["flag"]))
+    leak = ISSUES["leakage"].fn(inputs, FlagConfig())
     assert set(scores["id"][leak.flagged]) == {int(f["ids"][r]) for r in (3, 4)} and leak.summary["n_pairs"] == 2

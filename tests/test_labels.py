@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.config import FlagConfig, ScoreConfig
 from pipeline.formats.dynamics import load_dynamics
 from pipeline.rules.base import seed_mean_probs
 from pipeline.stages.flag import flag
@@ -24,8 +25,8 @@ def noisy(tmp_path_factory):
     make_imagefolder(root / "imgs", n_per_class=30, classes=("a", "b", "c", "d"))
     prepare("imagefolder", str(root / "imgs"), root / "data", 0.1, 0.2, 0, noise_rate=0.2)
     train(root / "data/manifest.csv", root / "models/base", RECIPE, seeds=[0, 1])
-    score(root / "models/base", root / "data/manifest.csv", root / "scores", params="last", device="cpu",
-          with_self_influence=False, embeddings=False)
+    score(root / "models/base", root / "data/manifest.csv", root / "scores",
+          ScoreConfig(subset="last", device="cpu", self_influence=False, embeddings=False))
     return root
 
 
@@ -55,8 +56,8 @@ def test_seed_average_is_the_mean_of_every_seeds_record(noisy):
 
 
 def test_confident_dynamics_finds_planted_label_noise_and_suggests_the_true_label(noisy):
-    s = flag(noisy / "scores/scores.csv", noisy / "scores", method="confident-dynamics",
-             model_dir=noisy / "models/base", issues=["label"])
+    s = flag(noisy / "scores/scores.csv", noisy / "scores", FlagConfig(method="confident-dynamics", issues=["label"]),
+             model_dir=noisy / "models/base")
     fl = pd.read_csv(noisy / "scores/flags.csv")
     man = pd.read_csv(noisy / "data/manifest.csv").set_index("id").loc[fl["id"]]
     truth = man["noisy"].to_numpy().astype(bool)
@@ -73,4 +74,4 @@ def test_confident_dynamics_without_a_training_record_says_how_to_fix_it(noisy, 
     from pipeline.errors import CleanError
 
     with pytest.raises(CleanError, match="needs --model"):
-        flag(noisy / "scores/scores.csv", tmp_path, method="confident-dynamics", issues=["label"])
+        flag(noisy / "scores/scores.csv", tmp_path, FlagConfig(method="confident-dynamics", issues=["label"]))

@@ -96,6 +96,22 @@ def test_prepare_noise_only_touches_train(tmp_path, save_image):
                 noise_kind="pairs", noise_pairs={"pig": 0})
 
 
+def test_prepare_noise_in_every_split_keeps_the_truth_and_the_train_only_default(tmp_path, save_image):
+    root = tmp_path / "images"
+    _folder(root, save_image, per_class=20)
+    prepare("imagefolder", root, tmp_path / "a", 0.2, 0.2, seed=0, noise_rate=0.3)
+    default = _rows(tmp_path / "a/manifest.csv")
+    prepare("imagefolder", root, tmp_path / "b", 0.2, 0.2, seed=0, noise_rate=0.3, noise_splits=["train"])
+    assert _rows(tmp_path / "b/manifest.csv") == default  # naming the default changes nothing
+    s = prepare("imagefolder", root, tmp_path / "c", 0.2, 0.2, seed=0, noise_rate=0.3,
+                noise_splits=["train", "val", "test"])
+    rows = _rows(tmp_path / "c/manifest.csv")
+    body = [dict(zip(rows[0], r)) for r in rows[1:]]
+    assert s["n_noisy"] == sum(r["noisy"] == "1" for r in body) == round(0.3 * len(body))
+    assert {r["split"] for r in body if r["noisy"] == "1"} == {"train", "val", "test"}
+    assert all((r["label"] != r["orig_label"]) == (r["noisy"] == "1") for r in body)
+
+
 def test_prepare_digits_paths_relative_to_manifest(tmp_path):
     out = tmp_path / "data"
     summary = prepare("digits", None, out, val_frac=0.1, test_frac=0.2, seed=0)
@@ -205,3 +221,62 @@ def test_decoding_and_header_reads_in_worker_processes_equal_one_process(tmp_pat
     assert sizes[0].tolist() == [5] * len(good) and sizes[1].tolist() == [7] * len(good)
     with pytest.raises(CleanError, match=r"cannot read image .*broken\.png: empty file"):
         load_images(good[:9] + [str(root / "bee" / "broken.png")] + good[9:], tmp_path, size=(6, 6), in_chans=3)
+
+
+@pytest.mark.parametrize("source", ["imagefolder", "csv", "fashion-mnist", "digits"])
+def test_manifest_paths_relative_inside_the_repository(tmp_path, save_image, fashion_dir, source):
+    """Every source inside a repository (a folder holding dvc.yaml/.dvc/.git) is listed relative
+    to the manifest's folder, so the repository moved (a clone at another path) still reads
+    every image; the same ids, in the same order, as before the move."""
+    import shutil
+
+    from pipeline.data.dataset import load_split
+    from pipeline.formats.manifest import read_manifest
+
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    if source == "imagefolder":
+        _folder(repo / "photos", save_image)
+        root = "photos"
+    elif source == "csv":
+        _folder(repo / "photos", save_image)
+        (repo / "labels").mkdir()
+        lines = [f"../photos/{c}/{i}.png,{c}" for c in ("ant", "bee", "cow") for i in range(6)]
+        (repo / "labels" / "all.csv").write_text("path,label\n" + "\n".join(lines) + "\n")
+        root = "labels/all.csv"
+    elif source == "fashion-mnist":
+        shutil.move(fashion_dir, repo / "fm")
+        root = "fm"
+    else:
+        root = None
+    old = os.getcwd()
+    os.chdir(repo)  # as DVC runs a stage: in the folder of dvc.yaml, data.root relative to it
+    try:
+        s = prepare(source, root, Path("data"), val_frac=0.2, test_frac=0.2, seed=0)
+    finally:
+        os.chdir(old)
+    assert not any("outside the repository" in w for w in s["warnings"])
+    before = read_manifest(repo / "data" / "manifest.csv")
+    assert not any(os.path.isabs(p) for p in before["path"]), before["path"].head().tolist()
+    if source in ("imagefolder", "csv"):
+        assert before["path"].iloc[0] == "../photos/ant/0.png"
+    moved = tmp_path / "elsewhere" / "clone"
+    shutil.move(repo, moved)
+    after = read_manifest(moved / "data" / "manifest.csv")
+    assert after["id"].tolist() == before["id"].tolist() and after["path"].tolist() == before["path"].tolist()
+    train = load_split(moved / "data" / "manifest.csv", "train")
+    assert len(train) == int((after["split"] == "train").sum()) > 0
+
+
+def test_manifest_paths_outside_the_repository_absolute_with_a_note(tmp_path, save_image):
+    """Images outside the repository keep absolute paths, and prepare says how to bring them in."""
+    repo = tmp_path / "repo"
+    (repo / "dvc.yaml").parent.mkdir()
+    (repo / "dvc.yaml").write_text("stages: {}\n")
+    _folder(tmp_path / "photos", save_image)
+    s = prepare("imagefolder", tmp_path / "photos", repo / "data", val_frac=0.2, test_frac=0.2, seed=0)
+    body = _rows(repo / "data" / "manifest.csv")[1:]
+    assert all(os.path.isabs(r[1]) for r in body)
+    note = [w for w in s["warnings"] if "outside the repository" in w]
+    assert len(note) == 1 and "18 image(s)" in note[0] and str(repo) in note[0]
+    assert "copy the folder under data/" in note[0] and "dvc add" in note[0]

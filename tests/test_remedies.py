@@ -1,4 +1,7 @@
 """Label remedies: relabel and relabel-or-drop write label overrides that retraining uses."""
+from pipeline.config import PruneConfig
+
+
 def test_relabel_strategies_write_label_overrides_and_retrain_uses_them(tmp_path):
     """relabel: every label issue keeps its row with label = suggested_label, orig_label = before;
     relabel-or-drop: only confident suggestions are relabelled, the rest of the flagged set dropped."""
@@ -25,9 +28,9 @@ def test_relabel_strategies_write_label_overrides_and_retrain_uses_them(tmp_path
     pd.DataFrame({"id": tr["id"], "flagged": is_label, "rule": "r", "value": 0.0, "is_label": is_label,
                   "label_score": 0.5, "suggested_label": suggested, "suggested_p": sp}).to_csv(tmp_path / "flags.csv",
                                                                                               index=False)
-    common = dict(flags_csv=tmp_path / "flags.csv", drop=["label"])
+    common = dict(flags_csv=tmp_path / "flags.csv")
     s = prune(tmp_path / "data/manifest.csv", tmp_path / "scores.csv", tmp_path / "data/relabel.csv",
-              tmp_path / "s1.json", strategy="relabel", **common)
+              tmp_path / "s1.json", PruneConfig(strategy="relabel", drop=["label"]), **common)
     out = pd.read_csv(tmp_path / "data/relabel.csv").set_index("id")
     ids = tr["id"].to_numpy()
     assert s["n_kept"] == n and set(out.index) == set(man["id"])
@@ -40,7 +43,7 @@ def test_relabel_strategies_write_label_overrides_and_retrain_uses_them(tmp_path
     assert [got[i] for i in ids[:4]] == suggested[:4].tolist()
 
     prune(tmp_path / "data/manifest.csv", tmp_path / "scores.csv", tmp_path / "data/rod.csv", tmp_path / "s2.json",
-          strategy="relabel-or-drop", relabel_min_p=0.6, **common)
+          PruneConfig(strategy="relabel-or-drop", relabel_min_p=0.6, drop=["label"]), **common)
     rod = pd.read_csv(tmp_path / "data/rod.csv").set_index("id")
     assert ids[1] not in rod.index and ids[3] not in rod.index  # p̄ 0.2, 0.4 < 0.6: dropped
     assert rod.loc[ids[0], "label"] == suggested[0] and rod.loc[ids[2], "label"] == suggested[2]

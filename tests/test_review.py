@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.config import PruneConfig
 from pipeline.data.dataset import load_split
 from pipeline.decisions import HEADER, apply_decisions, read_decisions
 from pipeline.errors import CleanError
@@ -68,13 +69,16 @@ def project(root: Path, n_per_class: int = 12, n_flag: int | None = None, noise:
 
 def run_prune(root: Path, strategy="drop-flagged", decisions=True):
     return prune(root / "data/manifest.csv", root / "scores/scores.csv", root / "data/pruned.csv",
-                 root / "prune/summary.json", strategy=strategy, by="loss", keep=0.5,
+                 root / "prune/summary.json", PruneConfig(strategy=strategy, by="loss", keep=0.5),
                  flags_csv=root / "scores/flags.csv", decisions=root / "data/decisions.csv" if decisions else None)
 
 
 def write_decisions(root: Path, rows) -> Path:
+    """rows (id, action, label, note) → data/decisions.csv, each with its image's manifest path."""
     p = root / "data/decisions.csv"
-    pd.DataFrame(rows, columns=HEADER).to_csv(p, index=False)
+    m = pd.read_csv(root / "data/manifest.csv", keep_default_na=False)
+    paths = dict(zip(m["id"], m["path"]))
+    pd.DataFrame([(i, paths.get(i, ""), *r) for i, *r in rows], columns=HEADER).to_csv(p, index=False)
     return p
 
 
@@ -158,11 +162,17 @@ def test_bad_decisions_are_refused_by_prune(tmp_path, rows, match):
     assert not (tmp_path / "data/pruned.csv").exists()
 
 
-def test_decisions_for_val_test_ids_are_refused(tmp_path):
+def test_decisions_for_test_ids_are_left_to_evaluate(tmp_path):
+    """A reviewed test image is evaluate's (accuracy_reviewed): prune keeps every val/test row as it was."""
+    import pandas as pd
+
     P = project(tmp_path)
     write_decisions(tmp_path, [(P["test_id"], "drop", "", "")])
-    with pytest.raises(CleanError, match="val/test stay untouched"):
-        run_prune(tmp_path)
+    s = run_prune(tmp_path)
+    before, after = pd.read_csv(tmp_path / "data/manifest.csv"), pd.read_csv(tmp_path / "data/pruned.csv")
+    pd.testing.assert_frame_equal(before[before["split"] != "train"].reset_index(drop=True),
+                                  after[after["split"] != "train"].reset_index(drop=True))
+    assert s["decisions"] is None  # no training decision
 
 
 def test_apply_decisions_unit():
@@ -207,7 +217,7 @@ def test_server_refuses_what_it_must_and_changes_nothing(served):
     P, r, server = served
     t = r.token
     dec = r.decisions_csv
-    assert dec.read_text() == "id,action,label,note\n"   # created with its header
+    assert dec.read_text() == "id,path,action,label,note\n"   # created with its header
     before = dec.read_bytes()
     first = int(r.items[0]["id"])
     # the page and a manifest image are served (with the token, only on 127.0.0.1)

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.config import ScoreConfig
 from pipeline.scores.dynamics import aum, confidence, dynamics_scores, forgetting, variability
 from pipeline.errors import CleanError
 from pipeline.scores.engine import per_sample_grad_norms
@@ -50,8 +51,8 @@ def trained(tmp_path_factory):
 
 def test_score_stage_writes_the_contract(trained):
     out = trained / "scores"
-    df = score(trained / "models/base", trained / "data/manifest.csv", out, norm="l2", params="all",
-               batch_size=7, device="cpu")
+    df = score(trained / "models/base", trained / "data/manifest.csv", out,
+               ScoreConfig(norm="l2", subset="all", batch_size=7, device="cpu"))
     on_disk = pd.read_csv(out / "scores.csv")
     assert list(on_disk.columns) == COLUMNS
     manifest = pd.read_csv(trained / "data/manifest.csv")
@@ -83,8 +84,8 @@ def test_score_stage_writes_the_contract(trained):
 
 
 def test_self_influence_is_the_lr_weighted_sum_over_checkpoints(trained):
-    df = score(trained / "models/base", trained / "data/manifest.csv", trained / "s2", params="last",
-               device="cpu")
+    df = score(trained / "models/base", trained / "data/manifest.csv", trained / "s2",
+               ScoreConfig(subset="last", device="cpu"))
     model, cfg = load_trained(trained / "models/base")
     from pipeline.data.dataset import load_split
 
@@ -119,7 +120,7 @@ def test_score_rejects_a_model_from_other_classes(trained, tmp_path):
     make_imagefolder(tmp_path / "other", n_per_class=3, classes=("x", "y", "z"))
     prepare("imagefolder", str(tmp_path / "other"), tmp_path / "d", 0.0, 0.0, 0)
     with pytest.raises(CleanError, match="was trained on classes"):
-        score(trained / "models/base", tmp_path / "d/manifest.csv", tmp_path / "s", device="cpu")
+        score(trained / "models/base", tmp_path / "d/manifest.csv", tmp_path / "s", ScoreConfig(device="cpu"))
 
 
 def test_standalone_score_on_a_folder_and_with_a_model_name(trained, tmp_path, monkeypatch):
@@ -151,8 +152,8 @@ def test_corrupt_training_record_is_named(trained, tmp_path):
     shutil.copytree(trained / "models/base", tmp_path / "m")
     (tmp_path / "m/dynamics.npz").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(CleanError, match=r"dynamics.npz: not a readable training record .*re-run `clean train"):
-        score(tmp_path / "m", trained / "data/manifest.csv", tmp_path / "s", params="last",
-              with_self_influence=False, device="cpu")
+        score(tmp_path / "m", trained / "data/manifest.csv", tmp_path / "s",
+              ScoreConfig(subset="last", self_influence=False, device="cpu"))
 
 
 @pytest.mark.parametrize("split", ["train", "all"])
@@ -162,8 +163,8 @@ def test_embeddings_from_the_scoring_pass_equal_a_separate_features_pass(trained
     from pipeline.data.images import load_images
     from pipeline.scores.features import FEATURE_KEYS, image_features
 
-    score(trained / "models/base", trained / "data/manifest.csv", tmp_path, params="last", batch_size=5,
-          device="cpu", split=split, embeddings=True)
+    score(trained / "models/base", trained / "data/manifest.csv", tmp_path,
+          ScoreConfig(subset="last", batch_size=5, device="cpu", split=split, embeddings=True))
     got = np.load(tmp_path / "embeddings.npz")
     model, cfg = load_trained(trained / "models/base", "cpu")
     manifest = pd.read_csv(trained / "data/manifest.csv")
@@ -201,7 +202,7 @@ def test_native_sizes_come_from_prepare_when_uniform_else_from_each_file(tmp_pat
         real = F.native_sizes
         monkeypatch.setattr(F, "native_sizes", lambda *a: calls.append(1) or real(*a))
         score(tmp_path / name / "model", tmp_path / name / "manifest.csv", tmp_path / name / "scores",
-              params="last", device="cpu", with_self_influence=False, with_val_influence=False)
+              ScoreConfig(subset="last", device="cpu", self_influence=False, val_influence=False))
         z = np.load(tmp_path / name / "scores" / "embeddings.npz")
         paths = pd.read_csv(tmp_path / name / "manifest.csv")["path"].map(str).tolist()
         want = [Image.open(p).size[::-1] for p in paths]

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.config import FlagConfig, PruneConfig
 from pipeline.data.dataset import load_split
 from pipeline.formats.manifest import read_manifest
 from pipeline.errors import CleanError
@@ -44,7 +45,7 @@ def fake_scores(root, values=None):
 def test_prune_max_gradient_keeps_exact_ids_and_leaves_val_test(data):
     tr, sc = fake_scores(data)
     s = prune(data / "data/manifest.csv", data / "scores/scores.csv", data / "data/pruned.csv",
-              data / "prune/summary.json", strategy="max-gradient", by="grad_norm", keep=0.5)
+              data / "prune/summary.json", PruneConfig(strategy="max-gradient", by="grad_norm", keep=0.5))
     out = pd.read_csv(data / "data/pruned.csv")
     full = read_manifest(data / "data/manifest.csv")
     n_keep = round(0.5 * len(tr))
@@ -63,7 +64,7 @@ def test_prune_rejects_scores_from_another_manifest(data):
     sc.iloc[1:].to_csv(data / "scores/short.csv", index=False)
     with pytest.raises(CleanError, match=r"does not match .*manifest.csv \(training id \d+ has no score; 0 extra, 1 missing\)"):
         prune(data / "data/manifest.csv", data / "scores/short.csv", data / "x.csv", data / "x.json",
-              strategy="random", keep=0.5)
+              PruneConfig(strategy="random", keep=0.5))
 
 
 def test_flag_mad_scores_itself_against_injected_noise(data):
@@ -71,7 +72,7 @@ def test_flag_mad_scores_itself_against_injected_noise(data):
     noisy = tr["noisy"].to_numpy().astype(bool)
     loss = np.where(noisy, 10.0 + np.arange(len(tr)) * 0.01, np.linspace(0.1, 0.3, len(tr)))
     fake_scores(data, loss)
-    s = flag(data / "scores/scores.csv", data / "scores", method="mad", score="loss", threshold=3.5)
+    s = flag(data / "scores/scores.csv", data / "scores", FlagConfig(method="mad", score="loss", threshold=3.5))
     fl = pd.read_csv(data / "scores/flags.csv")
     # flags.csv contract: the driving rule first, then is_<type>/<type>_score per issue type found
     assert list(fl.columns[:6]) == ["id", "flagged", "rule", "value", "is_label", "label_score"]
@@ -85,7 +86,7 @@ def test_drop_flagged_removes_exactly_the_flagged(data):
     fl = pd.DataFrame({"id": tr["id"], "flagged": (np.arange(len(tr)) % 4 == 0).astype(int), "rule": "r", "value": 0.0})
     fl.to_csv(data / "scores/flags.csv", index=False)
     prune(data / "data/manifest.csv", data / "scores/scores.csv", data / "data/pruned.csv", data / "prune/s.json",
-          strategy="drop-flagged", flags_csv=data / "scores/flags.csv")
+          PruneConfig(strategy="drop-flagged"), flags_csv=data / "scores/flags.csv")
     out = pd.read_csv(data / "data/pruned.csv")
     assert set(out[out["split"] == "train"]["id"]) == set(fl[fl["flagged"] == 0]["id"])
 
@@ -120,13 +121,14 @@ def test_isolation_forest_features_exact_and_projected(data, trained):
     # JL: squared norms preserved on average
     ratio = (proj ** 2).sum(1).mean() / (exact ** 2).sum(1).mean()
     assert 0.5 < ratio < 1.5
-    s = flag(data / "scores/scores.csv", data / "scores", method="isolation-forest", contamination=0.1,
-             projection_dim=16, model_dir=data / "models/base", manifest=data / "data/manifest.csv")
+    s = flag(data / "scores/scores.csv", data / "scores",
+             FlagConfig(method="isolation-forest", contamination=0.1, projection_dim=16),
+             model_dir=data / "models/base", manifest=data / "data/manifest.csv")
     assert s["n_flagged"] >= 1 and "auroc" in s
 
 
 def test_confident_learning_cross_fits(data, trained):
-    s = flag(data / "scores/scores.csv", data / "scores", method="confident", folds=2,
+    s = flag(data / "scores/scores.csv", data / "scores", FlagConfig(method="confident", folds=2),
              manifest=data / "data/manifest.csv", recipe=trained)
     fl = pd.read_csv(data / "scores/flags.csv")
     assert len(fl) == s["n"] and fl["value"].between(0, 1).all()
@@ -136,7 +138,7 @@ def test_confident_learning_cross_fits(data, trained):
 def test_sweep_point_and_collect(data, trained, tmp_path):
     fake_scores(data)
     m = sweep_point(data / "data/manifest.csv", data / "scores/scores.csv", tmp_path / "sweep/random-0.5",
-                    "random", 0.5, trained, seeds=[0, 1])
+                    PruneConfig(strategy="random", keep=0.5), trained, seeds=[0, 1])
     pruned = pd.read_csv(tmp_path / "sweep/random-0.5/pruned.csv")
     # paths were rebased so the pruned manifest resolves from its own folder
     split = load_split(tmp_path / "sweep/random-0.5/pruned.csv", "train")
@@ -155,7 +157,7 @@ def test_low_is_suspicious_scores_are_flagged_at_the_low_end(data):
     aum[:2] = [-5.0, -6.0]  # two clearly mislearned samples
     sc["aum"] = aum
     sc.to_csv(data / "scores/scores.csv", index=False)
-    flag(data / "scores/scores.csv", data / "scores", method="mad", score="aum", threshold=3.5)
+    flag(data / "scores/scores.csv", data / "scores", FlagConfig(method="mad", score="aum", threshold=3.5))
     fl = pd.read_csv(data / "scores/flags.csv")
     assert set(fl[fl["flagged"] == 1]["id"]) == set(tr["id"][:2])
     assert fl["rule"].iloc[0].startswith("mad z(-aum)")

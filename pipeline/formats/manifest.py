@@ -1,7 +1,9 @@
 """manifest.csv and classes.json: the one reader and writer of each.
 
 A manifest is a CSV `id,path,label,split[,orig_label,noisy]`; paths are relative to the
-manifest's folder (or absolute, or `<idx-file>#<index>`). A dataset version is a list of ids.
+manifest's folder (posix, `../` allowed) for every file inside the repository that holds it, so a
+clone at another path reads them; files outside it are absolute; `<file>#<index>` names one
+image of an IDX file. A dataset version is a list of ids.
 classes.json (beside the manifest) holds the class names in label order.
 """
 from __future__ import annotations
@@ -98,6 +100,34 @@ def read_classes(path: str | Path) -> dict:
     if dup:
         raise CleanError(f"{path}: class {dup[0]!r} is listed more than once; class names must be distinct")
     return info
+
+
+#: what marks the root of the repository a manifest belongs to (its paths are relative inside it)
+REPO_MARKERS = ("dvc.yaml", ".dvc", ".git")
+
+
+def repository_root(out_dir: str | Path) -> Path | None:
+    """The nearest folder at or above `out_dir` holding dvc.yaml, .dvc or .git (absolute), else None."""
+    import os
+
+    here = Path(os.path.abspath(out_dir))
+    for d in (here, *here.parents):
+        if any(os.path.lexists(d / m) for m in REPO_MARKERS):
+            return d
+    return None
+
+
+def relative_ref(file: str, out_dir: str | Path, root: str | Path | None) -> str:
+    """`file` as a manifest in `out_dir` lists it: relative to `out_dir` (posix, `../` allowed)
+    when it lies under `root` (under `out_dir` when `root` is None), else absolute."""
+    import os
+
+    a = os.path.abspath(file)
+    out = os.path.abspath(out_dir).rstrip("/") + "/"
+    inside = out if root is None else os.path.abspath(root).rstrip("/") + "/"
+    if not a.startswith(inside):  # string tests: pathlib's relative_to costs 24 s per million paths
+        return a
+    return a[len(out):] if a.startswith(out) else os.path.relpath(a, out)
 
 
 def classes_path_for(manifest: str | Path) -> Path:

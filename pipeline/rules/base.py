@@ -2,7 +2,7 @@
 
 A rule is registered in :data:`pipeline.registry.RULES` as ``fn(inputs, cfg) -> FlagResult``,
 where ``inputs`` is a :class:`RuleInputs` (lazy: a rule pays only for what it asks for) and
-``cfg`` the validated ``flag`` section of params.yaml. Parameter errors raise
+``cfg`` the validated ``flag`` section of params.yaml (:class:`pipeline.config.FlagConfig`). Parameter errors raise
 :class:`~pipeline.errors.CleanError` naming the params.yaml key.
 """
 from __future__ import annotations
@@ -186,12 +186,12 @@ class RuleInputs:
             self._features = load_features(Path(self.scores_csv).parent / "embeddings.npz", self.ids)
         return self._features
 
-    def rule_result(self, cfg: dict) -> FlagResult:
+    def rule_result(self, cfg) -> FlagResult:
         """The flag.method rule's result (computed once: it drives flagged/rule/value and `label`)."""
         if getattr(self, "_rule_result", None) is None:
             from pipeline.registry import RULES
 
-            self._rule_result = RULES[cfg["method"]].fn(self, cfg)
+            self._rule_result = RULES[cfg.method].fn(self, cfg)
         return self._rule_result
 
     def probs(self) -> np.ndarray:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import CleanError
+from pipeline.config import FlagConfig
 from pipeline.registry import RULES
 from pipeline.rules.base import FlagResult, rows_for, _float_array, _fmt, _labels_1d
 
@@ -87,26 +88,26 @@ def _crossfit_probs(manifest, ids, recipe, folds, seed, progress):
 
 @RULES.register("confident", needs=("training", "images"),
                 doc="cleanlab's confident learning on k-fold out-of-sample probabilities (flag.folds extra trainings)")
-def confident_rule(inputs, cfg: dict) -> FlagResult:
+def confident_rule(inputs, cfg: FlagConfig) -> FlagResult:
     inputs.require("confident", "manifest", "recipe")
-    probs = _crossfit_probs(inputs.manifest, inputs.ids, inputs.recipe, cfg["folds"], cfg["seed"], inputs.progress)
+    probs = _crossfit_probs(inputs.manifest, inputs.ids, inputs.recipe, cfg.folds, cfg.seed, inputs.progress)
     return flag_confident(probs, inputs.labels)
 
 
 @RULES.register("confident-dynamics", needs=("probs", "dynamics"),
                 doc="confident learning (cleanlab) on the early-epoch, seed-averaged pre-update softmax, "
                     "with AUM below flag.aum_max: no k-fold, adapts to the noise rate")
-def confident_dynamics_rule(inputs, cfg: dict) -> FlagResult:
+def confident_dynamics_rule(inputs, cfg: FlagConfig) -> FlagResult:
     """Label issues without extra training (docs/methods.md §2.1): p̄ = mean over the first
     train.probs_window of the epochs (and over seeds) of each sample's train-mode softmax taken
     before its update — predictions made before the model memorised the sample; flagged =
     cleanlab's find_label_issues(labels, p̄, flag.filter_by) ∧ AUM < flag.aum_max (a sample the
     model never came to fit under its given label). value = 1 − label quality of p̄, in 0..1."""
-    res = flag_confident(inputs.probs(), inputs.labels, filter_by=cfg["filter_by"])
-    rule = f"confident-dynamics {cfg['filter_by']}"
+    res = flag_confident(inputs.probs(), inputs.labels, filter_by=cfg.filter_by)
+    rule = f"confident-dynamics {cfg.filter_by}"
     flagged = res.flagged
-    if cfg["aum_max"] is not None:
+    if cfg.aum_max is not None:
         aum, _ = inputs.score("aum")
-        flagged = flagged & (-aum < cfg["aum_max"])  # inputs.score orients aum: high = suspicious
-        rule += f" ∧ aum < {cfg['aum_max']:g}"
+        flagged = flagged & (-aum < cfg.aum_max)  # inputs.score orients aum: high = suspicious
+        rule += f" ∧ aum < {cfg.aum_max:g}"
     return FlagResult(flagged, res.value, rule)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.config import FlagConfig
 from pipeline.registry import ISSUES
 from pipeline.rules.base import IssueResult
 
@@ -253,28 +254,27 @@ def _summary(group, is_train, ids_all, lab, split, n_groups, exact_g, conflict_g
     }
 
 
-def cached_duplicates(inputs, cfg: dict) -> IssueResult:
+def cached_duplicates(inputs, cfg: FlagConfig) -> IssueResult:
     """find_duplicates on the flag stage's inputs, computed once (shared by `duplicate` and `leakage`)."""
     feats = inputs.features()
-    key = ("_duplicates", cfg.get("duplicate_tau", 0.13), cfg.get("outlier_k", 10), cfg.get("copy_ratio", 0.2))
+    key = ("_duplicates", cfg.duplicate_tau, cfg.outlier_k, cfg.copy_ratio, cfg.seed)
     cache = feats.setdefault("_cache", {})
     if key not in cache:
-        cache[key] = find_duplicates(feats, inputs.labels, inputs.ids, tau=cfg.get("duplicate_tau", 0.13),
-                                     k=cfg.get("outlier_k", 10), seed=cfg.get("seed", 0),
-                                     ratio=cfg.get("copy_ratio", 0.2))
+        cache[key] = find_duplicates(feats, inputs.labels, inputs.ids, tau=cfg.duplicate_tau, k=cfg.outlier_k,
+                                     seed=cfg.seed, ratio=cfg.copy_ratio)
     return cache[key]
 
 
 @ISSUES.register("duplicate", needs=("embeddings",),
                  doc="exact (pixel hash) and near copies (pixel-verified after alignment: flag.copy_ratio; "
                      "embeddings when no thumbnails); all but the best-supported copy per set")
-def duplicate(inputs, cfg: dict) -> IssueResult:
+def duplicate(inputs, cfg: FlagConfig) -> IssueResult:
     return cached_duplicates(inputs, cfg)
 
 
 @ISSUES.register("leakage", needs=("embeddings",),
                  doc="training images with an exact or near copy in val/test (each pair in issues.json)")
-def leakage(inputs, cfg: dict) -> IssueResult:
+def leakage(inputs, cfg: FlagConfig) -> IssueResult:
     res = cached_duplicates(inputs, cfg)
     leak = np.asarray(res.columns["duplicate_leak"], bool)
     lk = res.summary["leakage"]

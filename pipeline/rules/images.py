@@ -172,27 +172,45 @@ def grayscale_issue(feats: dict) -> IssueResult:
                        summary={"n_flagged": int(flagged.sum()), "colour_set": bool(colour_set)})
 
 
-def _register(name: str, doc: str, fn, *keys: str) -> None:
-    """One ISSUES entry: `fn(features, *cfg[keys])` — the thresholds are flag.* params (DEFAULTS)."""
-    def issue(inputs, cfg: dict) -> IssueResult:
-        return fn(inputs.features(), *[cfg[k] for k in keys])
+# ---------------------------------------------------------------- the ISSUES entries: fn(inputs, cfg)
+# Each entry reads embeddings.npz's statistics and its flag.* threshold; the *_issue functions
+# above are the math on a features mapping (tests call them directly).
 
-    issue.__name__ = issue.__qualname__ = name
-    issue.__doc__ = f"{doc} ({fn.__name__})"
-    ISSUES.register(name, needs=("embeddings",), doc=doc)(issue)
+@ISSUES.register("dark", needs=("embeddings",), doc="99th percentile of brightness below flag.dark (cleanvision)")
+def dark(inputs, cfg) -> IssueResult:
+    return dark_issue(inputs.features(), cfg.dark)
 
 
-for _name, _doc, _fn, _keys in (
-    ("dark", "99th percentile of brightness below flag.dark (cleanvision)", dark_issue, ("dark",)),
-    ("light", "5th percentile of brightness above 1 − flag.light (cleanvision)", light_issue, ("light",)),
-    ("blurry", "Laplacian-to-gradient energy far below the set's own (robust z < −flag.blurry_mad) and within "
-               "its lowest flag.property_fpr", blurry_issue, ("blurry_mad", "property_fpr")),
-    ("low_information", "pixel entropy below flag.low_information bits (blank, near-constant images)",
-     low_information_issue, ("low_information", "dark", "light")),
-    ("odd_size", "shorter side outside the 3·IQR fence and ×/÷ flag.odd_size from the median (cleanvision)",
-     odd_size_issue, ("odd_size",)),
-    ("odd_aspect_ratio", "aspect ratio off the set's median shape by more than a factor 1/flag.odd_aspect_ratio",
-     odd_aspect_ratio_issue, ("odd_aspect_ratio",)),
-    ("grayscale", "a grayscale image in a colour set (never in a 1-channel set)", grayscale_issue, ()),
-):
-    _register(_name, _doc, _fn, *_keys)
+@ISSUES.register("light", needs=("embeddings",), doc="5th percentile of brightness above 1 − flag.light (cleanvision)")
+def light(inputs, cfg) -> IssueResult:
+    return light_issue(inputs.features(), cfg.light)
+
+
+@ISSUES.register("blurry", needs=("embeddings",),
+                 doc="Laplacian-to-gradient energy far below the set's own (robust z < −flag.blurry_mad) and within "
+                     "its lowest flag.property_fpr")
+def blurry(inputs, cfg) -> IssueResult:
+    return blurry_issue(inputs.features(), cfg.blurry_mad, cfg.property_fpr)
+
+
+@ISSUES.register("low_information", needs=("embeddings",),
+                 doc="pixel entropy below flag.low_information bits (blank, near-constant images)")
+def low_information(inputs, cfg) -> IssueResult:
+    return low_information_issue(inputs.features(), cfg.low_information, cfg.dark, cfg.light)
+
+
+@ISSUES.register("odd_size", needs=("embeddings",),
+                 doc="shorter side outside the 3·IQR fence and ×/÷ flag.odd_size from the median (cleanvision)")
+def odd_size(inputs, cfg) -> IssueResult:
+    return odd_size_issue(inputs.features(), cfg.odd_size)
+
+
+@ISSUES.register("odd_aspect_ratio", needs=("embeddings",),
+                 doc="aspect ratio off the set's median shape by more than a factor 1/flag.odd_aspect_ratio")
+def odd_aspect_ratio(inputs, cfg) -> IssueResult:
+    return odd_aspect_ratio_issue(inputs.features(), cfg.odd_aspect_ratio)
+
+
+@ISSUES.register("grayscale", needs=("embeddings",), doc="a grayscale image in a colour set (never in a 1-channel set)")
+def grayscale(inputs, cfg) -> IssueResult:
+    return grayscale_issue(inputs.features())

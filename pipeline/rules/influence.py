@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.errors import CleanError
+from pipeline.config import FlagConfig
 from pipeline.registry import ISSUES
 from pipeline.rules.base import IssueResult
 
@@ -15,7 +16,7 @@ HARM_THRESHOLD = 0.0
 
 @ISSUES.register("harmful", needs=("score",), score="val_influence",
                  doc="a step on the image raises the validation loss: val_influence < 0 (TracIn train→validation)")
-def harmful_issue(inputs, cfg: dict) -> IssueResult:
+def harmful_issue(inputs, cfg: FlagConfig) -> IssueResult:
     """is_harmful = val_influence < 0; harmful_score = −val_influence (higher = more harmful).
 
     Hard but correctly labelled images have positive influence (their gradient points the way the

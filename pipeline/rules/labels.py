@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.errors import CleanError
+from pipeline.config import FlagConfig
 from pipeline.registry import ISSUES
 from pipeline.rules.base import IssueResult
 
 
 @ISSUES.register("label", doc="label errors: the flag.method rule; suggested_label = argmax of p̄ "
                               "(the epoch- and seed-averaged softmax) or the model's prediction")
-def label_issue(inputs, cfg: dict) -> IssueResult:
+def label_issue(inputs, cfg: FlagConfig) -> IssueResult:
     """is_label = the flag.method rule's flags; label_score = its value (confident rules: 1 − label
     quality, in 0..1); suggested_label / suggested_p = argmax and max of p̄ when the model's
     training record has it, else the final model's prediction (pred) with NaN confidence."""
@@ -28,3 +29,64 @@ def label_issue(inputs, cfg: dict) -> IssueResult:
     return IssueResult(res.flagged, np.asarray(res.value, np.float64), res.rule,
                        columns={"suggested_label": suggested, "suggested_p": np.round(p, 6)},
                        summary={"n_suggestion_equals_label": same})
+
+
+def heldout_label_issues(labels, probs, filter_by: str = "prune_by_noise_rate"):
+    """Label issues of held-out images (val/test: the trained model never saw them, so its
+    predictions there are out-of-sample and confident learning applies without k-fold).
+
+    labels: int [N] in [0, C); probs: float [N, C] softmax rows (eval mode, out-of-sample).
+    Returns (is_issue bool [N] = cleanlab.filter.find_label_issues(labels, probs, filter_by),
+    suggested int [N] = argmax of probs, quality float [N] in 0..1 = cleanlab's self-confidence
+    label quality; low = likely wrong). CleanError on bad shapes / non-probabilities.
+    """
+    from pipeline.rules.confident import flag_confident  # here: the RULES registry order stays as on import
+
+    res = flag_confident(probs, labels, filter_by=filter_by)
+    suggested = np.asarray(probs, dtype=float).argmax(1).astype(np.int64)
+    return res.flagged, suggested, 1.0 - res.value
+
+
+#: the splits the trained model never saw: their predictions are out-of-sample
+HELDOUT_SPLITS = ("val", "test")
+
+
+def heldout_probs(model_dir, manifest, split: str, device: str = "cpu", df=None):
+    """Eval-mode softmax on `split` of `manifest`, averaged over every seed's model of
+    `model_dir` (models/base and its seeds/) → (ids int [M], labels int [M], probs float64 [M, C])."""
+    import torch
+
+    from pipeline.data.dataset import load_split
+    from pipeline.models import load_trained
+    from pipeline.stages.evaluate import run_dirs
+    from pipeline.training.infer import predict_logits
+
+    dirs = run_dirs(model_dir)
+    _, cfg = load_trained(dirs[0], "cpu")
+    data = load_split(manifest, split, cfg["image_size"], in_chans=cfg["in_chans"], df=df, classes=cfg["classes"])
+    total = np.zeros((len(data.ids), cfg["num_classes"]))
+    for d in dirs:
+        model, c = load_trained(d, device)
+        total += torch.softmax(predict_logits(model, data.images, c["mean"], c["std"], device=device).double(), 1).numpy()
+    return data.ids, np.asarray(data.labels, np.int64), total / len(dirs)
+
+
+def heldout_issue_rows(model_dir, manifest, filter_by: str = "prune_by_noise_rate", device: str = "cpu"):
+    """flags.csv rows of the val and test images (docs/methods.md §2.3) → DataFrame: id, split,
+    is_label, label_score (1 − label quality), suggested_label, suggested_p, from
+    :func:`heldout_label_issues` on the base models' out-of-sample softmax; empty splits skipped."""
+    import pandas as pd
+
+    from pipeline.formats.manifest import read_manifest
+
+    df = read_manifest(manifest)
+    parts = []
+    for split in HELDOUT_SPLITS:
+        if not (df["split"] == split).any():
+            continue
+        ids, labels, probs = heldout_probs(model_dir, manifest, split, device, df=df)
+        is_issue, suggested, quality = heldout_label_issues(labels, probs, filter_by)
+        parts.append(pd.DataFrame({"id": ids, "split": split, "is_label": is_issue.astype(np.int64),
+                                   "label_score": np.round(1.0 - quality, 6), "suggested_label": suggested,
+                                   "suggested_p": np.round(probs.max(1), 6)}))
+    return pd.concat(parts, ignore_index=True) if parts else None

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import CleanError
+from pipeline.config import FlagConfig
 from pipeline.registry import ISSUES, RULES
 from pipeline.rules.base import FlagResult, IssueResult, rows_for, _as_float, _check_seed, _float_array, _fmt
 
@@ -90,11 +91,11 @@ def gradient_features(model_dir: str | Path, manifest: str | Path, ids: np.ndarr
 
 @RULES.register("isolation-forest", needs=("model", "images", "forward"),
                 doc="outliers of the (randomly projected) last-layer gradient vectors r⊗h")
-def isolation_forest_rule(inputs, cfg: dict) -> FlagResult:
+def isolation_forest_rule(inputs, cfg: FlagConfig) -> FlagResult:
     inputs.require("isolation-forest", "model_dir", "manifest")
-    feats = gradient_features(inputs.model_dir, inputs.manifest, inputs.ids, cfg["projection_dim"], cfg["seed"],
+    feats = gradient_features(inputs.model_dir, inputs.manifest, inputs.ids, cfg.projection_dim, cfg.seed,
                               inputs.device)
-    return flag_isolation_forest(feats, cfg["contamination"], cfg["seed"])
+    return flag_isolation_forest(feats, cfg.contamination, cfg.seed)
 
 
 def knn_outliers(feats: dict, k: int = 10, c: float = 6.0, exact_max: int | None = None, seed: int = 0) -> IssueResult:
@@ -131,6 +132,6 @@ def knn_outliers(feats: dict, k: int = 10, c: float = 6.0, exact_max: int | None
 @ISSUES.register("outlier", needs=("embeddings",),
                  doc="mean cosine distance to the flag.outlier_k nearest training embeddings above "
                      "median + flag.outlier_mad · MAD (kNN out-of-distribution score)")
-def outlier(inputs, cfg: dict) -> IssueResult:
-    return knn_outliers(inputs.features(), k=cfg.get("outlier_k", 10), c=cfg.get("outlier_mad", 6.0),
-                        seed=cfg.get("seed", 0))
+def outlier(inputs, cfg: FlagConfig) -> IssueResult:
+    return knn_outliers(inputs.features(), k=cfg.outlier_k, c=cfg.outlier_mad,
+                        seed=cfg.seed)

@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from pipeline.errors import CleanError
+from pipeline.config import FlagConfig
 from pipeline.registry import RULES
 from pipeline.rules.base import FlagResult, _as_float, _check_open_unit, _fmt, _scores_1d
 
@@ -98,19 +99,19 @@ def flag_gmm(values, score_name: str, seed: int = 0) -> FlagResult:
 
 
 @RULES.register("quantile", needs=("score",), doc="the top flag.quantile of flag.score")
-def quantile_rule(inputs, cfg: dict) -> FlagResult:
-    values, name = inputs.score(cfg["score"])
-    return flag_quantile(values, cfg["quantile"], name)
+def quantile_rule(inputs, cfg: FlagConfig) -> FlagResult:
+    values, name = inputs.score(cfg.score)
+    return flag_quantile(values, cfg.quantile, name)
 
 
 @RULES.register("mad", needs=("score",), doc="robust z-score of flag.score above flag.threshold")
-def mad_rule(inputs, cfg: dict) -> FlagResult:
-    values, name = inputs.score(cfg["score"])
-    return flag_mad(values, cfg["threshold"], name)
+def mad_rule(inputs, cfg: FlagConfig) -> FlagResult:
+    values, name = inputs.score(cfg.score)
+    return flag_mad(values, cfg.threshold, name)
 
 
 @RULES.register("gmm", needs=("score",),
                 doc="the high component of a 2-component Gaussian mixture on flag.score (no noise rate, no k-fold)")
-def gmm_rule(inputs, cfg: dict) -> FlagResult:
-    values, name = inputs.score(cfg["score"])
-    return flag_gmm(values, name, cfg["seed"])
+def gmm_rule(inputs, cfg: FlagConfig) -> FlagResult:
+    values, name = inputs.score(cfg.score)
+    return flag_gmm(values, name, cfg.seed)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.registry import SCORES
+
 
 def forward_scores(model, images_u8, labels: np.ndarray, mean, std, norm: str = "l2",
                    params: str = "last", batch_size: int = 256, device: str = "cpu",
@@ -101,3 +103,17 @@ def self_influence(model, checkpoints: list[tuple[Path, float]], images_u8, labe
         g = forward_scores(work, images_u8, labels, mean, std, "l2", params, batch_size, device, progress)
         total += lr * g["grad_norm"] ** 2
     return total
+
+
+@SCORES.register_family({
+    "loss": dict(needs=("forward",), doc="cross-entropy of the given label (nats)"),
+    "grad_norm": dict(needs=("forward", "backward"),
+                      doc="‖∇_θ' L_i‖ for score.norm over score.params (closed form for `last`, ghost norms otherwise)"),
+    "el2n": dict(needs=("forward",), doc="‖softmax − onehot‖₂"),
+    "margin": dict(needs=("forward",), suspicious="low", doc="z_y − max_{k≠y} z_k of the final model"),
+})
+def forward_family(inputs, config) -> dict[str, np.ndarray]:
+    """One eval-mode pass: loss, grad_norm, el2n, margin [N] (+ pred [N], and the image
+    features of pipeline/scores/features.py when config.embeddings)."""
+    return forward_scores(inputs.model, inputs.images, inputs.labels, inputs.mean, inputs.std, config.norm,
+                          config.subset, config.batch_size, inputs.device, inputs.progress, features=config.embeddings)

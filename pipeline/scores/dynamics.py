@@ -3,12 +3,18 @@
 Input arrays are [E, N] (epochs × samples), recorded from each sample's minibatch forward
 pass before the update. Definitions: docs/methods.md §1 — AUM (Pleiss et al. 2020),
 forgetting events (Toneva et al. 2019), data-map confidence and variability (Swayamdipta
-et al. 2020). Each function is registered in the SCORES registry (pipeline/scores/__init__.py)
-with the dynamics array it reads.
+et al. 2020). :func:`dynamics_family` is their SCORES entry: it reads the model's
+dynamics.npz for the scored ids.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
+
+from pipeline.formats.dynamics import load_dynamics
+from pipeline.registry import SCORES
 
 
 def aum(margin: np.ndarray) -> np.ndarray:
@@ -38,12 +44,33 @@ def variability(p_label: np.ndarray) -> np.ndarray:
     return p_label.std(axis=0).astype(np.float64)
 
 
-#: dynamics.npz arrays the registered dynamics scores read.
+#: dynamics.npz arrays the dynamics scores read.
 DYNAMICS_INPUTS = ("margin", "correct", "p_label")
 
 
 def dynamics_scores(dyn: dict) -> dict[str, np.ndarray]:
-    """Every registered dynamics score from a `dynamics.npz` mapping → {name: [N]} (float64)."""
-    from pipeline.registry import SCORES
+    """Every dynamics score from a `dynamics.npz` mapping → {name: [N]} (float64)."""
+    return {"aum": aum(dyn["margin"]), "forgetting": forgetting(dyn["correct"]),
+            "confidence": confidence(dyn["p_label"]), "variability": variability(dyn["p_label"])}
 
-    return {e.name: e.fn(dyn[e.extra["uses"]]) for e in SCORES.entries() if "dynamics" in e.needs}
+
+@SCORES.register_family({
+    "aum": dict(needs=("dynamics",), suspicious="low", doc="margin averaged over training epochs (area under the margin)"),
+    "forgetting": dict(needs=("dynamics",), doc="correct→incorrect flips during training (never learned = number of epochs)"),
+    "confidence": dict(needs=("dynamics",), suspicious="low", doc="mean over epochs of p(label) (data maps)"),
+    "variability": dict(needs=("dynamics",), doc="std over epochs of p(label) (data maps)"),
+})
+def dynamics_family(inputs, config) -> dict[str, np.ndarray]:
+    """The dynamics scores of `inputs.ids` [N] from model_dir/dynamics.npz, matched by id (NaN for
+    a sample never trained on, or without the file); `with_dynamics` bool [N] marks the found ones."""
+    cols = {k: inputs.nan() for k in ("aum", "forgetting", "confidence", "variability")}
+    path = Path(inputs.model_dir) / "dynamics.npz"
+    if not path.exists():
+        return {**cols, "with_dynamics": np.zeros(len(inputs.ids), bool)}
+    dyn = load_dynamics(path, need=("ids",) + DYNAMICS_INPUTS)
+    ds = dynamics_scores(dyn)
+    where = pd.Series(np.arange(len(dyn["ids"])), index=dyn["ids"]).reindex(inputs.ids).to_numpy()
+    have = ~np.isnan(where)
+    for k in cols:
+        cols[k][have] = ds[k][where[have].astype(np.int64)]
+    return {**cols, "with_dynamics": have}

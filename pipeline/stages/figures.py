@@ -42,6 +42,7 @@ def figures(which, out_dir: str | Path, *, scores_csv: str | Path, by, dynamics:
     classes.json beside the manifest the scores came from (`manifest`, else the one their
     meta.json names, else `fallback_manifest`).
     """
+    from pipeline.io import together
     from pipeline.views import plots
 
     bad = [w for w in (which or []) if w not in FIGURES]
@@ -52,29 +53,30 @@ def figures(which, out_dir: str | Path, *, scores_csv: str | Path, by, dynamics:
     explicit = bool(which)
     inputs = {"heatmap": dynamics, "entropy": scores_csv, "sweep": sweep}
     rows = []
-    for w in list(which) if which else list(FIGURES):
-        src = inputs.get(w)
-        if w in inputs and src is None and explicit:
-            raise CleanError(f"figure {w} needs its input file; pass it (clean figures --help)")
-        if w in inputs and (src is None or not (src.exists() or explicit)):
-            rows.append((w, "skipped", f"no {src or 'input given'}"))
-        elif w == "heatmap":
-            plots.grad_heatmap(dynamics, out / "grad_heatmap.csv", out / "grad_heatmap.png", max_samples=max_samples)
-            rows.append((w, "ok", f"{out}/grad_heatmap.csv, .png"))
-        elif w == "entropy":
-            classes = _classes(scores_csv, manifest, fallback_manifest)
-            plots.entropy_topk(scores_csv, by, len(classes) if classes else None, out / "entropy_topk.csv",
-                               out / "entropy_topk.png")
-            rows.append((w, "ok", f"{out}/entropy_topk.csv, .png"))
-        elif w == "sweep":
-            plots.sweep_plot(sweep, None, out / "sweep.png")  # the summary itself is the DVC plot data
-            rows.append((w, "ok", f"{out}/sweep.png"))
-        else:
-            files = _confusion_files(confusion_dir, explicit)
-            if not files:
-                rows.append((w, "skipped", f"no {confusion_dir}/confusion_*.csv"))
-            classes = _classes(scores_csv, manifest, fallback_manifest) if files else None
-            for f in files:
-                plots.confusion_png(f, out / f"{f.stem}.png", classes, title=f.stem[len("confusion_"):])
-                rows.append((w, "ok", f"{out}/{f.stem}.png"))
+    with together(out):  # a figure that fails leaves every file as it was (all new or all old)
+        for w in list(which) if which else list(FIGURES):
+            src = inputs.get(w)
+            if w in inputs and src is None and explicit:
+                raise CleanError(f"figure {w} needs its input file; pass it (clean figures --help)")
+            if w in inputs and (src is None or not (src.exists() or explicit)):
+                rows.append((w, "skipped", f"no {src or 'input given'}"))
+            elif w == "heatmap":
+                plots.grad_heatmap(dynamics, out / "grad_heatmap.csv", out / "grad_heatmap.png", max_samples=max_samples)
+                rows.append((w, "ok", f"{out}/grad_heatmap.csv, .png"))
+            elif w == "entropy":
+                classes = _classes(scores_csv, manifest, fallback_manifest)
+                plots.entropy_topk(scores_csv, by, len(classes) if classes else None, out / "entropy_topk.csv",
+                                   out / "entropy_topk.png")
+                rows.append((w, "ok", f"{out}/entropy_topk.csv, .png"))
+            elif w == "sweep":
+                plots.sweep_plot(sweep, None, out / "sweep.png")  # the summary itself is the DVC plot data
+                rows.append((w, "ok", f"{out}/sweep.png"))
+            else:
+                files = _confusion_files(confusion_dir, explicit)
+                if not files:
+                    rows.append((w, "skipped", f"no {confusion_dir}/confusion_*.csv"))
+                classes = _classes(scores_csv, manifest, fallback_manifest) if files else None
+                for f in files:
+                    plots.confusion_png(f, out / f"{f.stem}.png", classes, title=f.stem[len("confusion_"):])
+                    rows.append((w, "ok", f"{out}/{f.stem}.png"))
     return rows

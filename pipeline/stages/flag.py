@@ -9,88 +9,145 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from pipeline.config import FlagConfig
+from pipeline.device import resolve_device
 from pipeline.errors import CleanError
-from pipeline.params import DEFAULTS
+from pipeline.formats.tables import check_scores_fit, read_scores
+from pipeline.io import write_frame, write_json
+from pipeline.registry import ISSUES, RULES
+from pipeline.rules.base import RuleInputs
+from pipeline.rules.metrics import auroc, precision_recall
 from pipeline.rules.outliers import gradient_features  # noqa: F401  (part of the stage's public API)
+from pipeline.views.grid import top_grid
 
-_F = DEFAULTS["flag"]
 
-
-def flag(scores_csv: str | Path, out_dir: str | Path, method: str = _F["method"], score: str = _F["score"],
-         quantile: float = _F["quantile"], threshold: float = _F["threshold"],
-         contamination: float = _F["contamination"], projection_dim: int = _F["projection_dim"],
-         folds: int = _F["folds"], seed: int = _F["seed"], model_dir: str | Path | None = None,
-         manifest: str | Path | None = None, recipe=None, device: str = "cpu", progress=None,
-         metrics_path: str | Path | None = None, grid: int = 0, issues: list | None = _F["issues"],
-         **settings) -> dict:
+def flag(scores_csv: str | Path, out_dir: str | Path, config: FlagConfig = FlagConfig(), *,
+         model_dir: str | Path | None = None, manifest: str | Path | None = None, recipe=None, progress=None,
+         metrics_path: str | Path | None = None) -> dict:
     """Stage: find every issue type → out_dir/flags.csv, out_dir/issues.json; returns the summary.
 
-    flags.csv (one row per training sample): id, flagged, rule, value (the rule `method` from
-    the RULES registry, which drives `drop-flagged`), then for each issue type of `issues`
-    (None = every registered type, the ISSUES registry) `is_<type>` and `<type>_score`, then
-    the detectors' extra columns (suggested_label, duplicate_group, ...). `isolation-forest`
-    needs model_dir + manifest, `confident` manifest + recipe (k-fold cross-fitting),
-    `confident-dynamics` and the suggested labels model_dir (its training record), the
-    embedding/image types scores/embeddings.npz beside scores_csv. `settings`: the other
-    flag.* keys of params.yaml (detector thresholds). With `metrics_path` the flat summary
-    is also written there; with `grid` > 0 and a manifest, out_dir/top_flagged.png shows the
-    top flagged images. Against injected noise (`noisy` in scores) the summary has
-    precision, recall and AUROC of the label issues. Defaults are params.yaml's.
+    flags.csv (one row per training sample): id, flagged, rule, value (the rule `config.method`
+    from the RULES registry, which drives `drop-flagged`), then for each issue type of
+    `config.issues` (None = every registered type, the ISSUES registry) `is_<type>` and
+    `<type>_score`, then the detectors' extra columns (suggested_label, duplicate_group, ...).
+    Every rule and issue type is called the same way: ``fn(RuleInputs, config)``.
+    `isolation-forest` needs model_dir + manifest, `confident` manifest + recipe (k-fold
+    cross-fitting, on `config.device`), `confident-dynamics` and the suggested labels model_dir
+    (its training record), the embedding/image types scores/embeddings.npz beside scores_csv.
+    With `metrics_path` the flat summary is also written there; with `config.grid` > 0 and a
+    manifest, out_dir/top_flagged.png shows the top flagged images. Against injected noise
+    (`noisy` in scores) the summary has precision, recall and AUROC of the label issues.
     """
-    from pipeline.formats.tables import check_scores_fit, read_scores
-    from pipeline.io import write_frame, write_json
-    from pipeline.registry import ISSUES, RULES
-    from pipeline.rules.base import RuleInputs
-
     t0 = time.perf_counter()
-    if method not in RULES:
-        raise CleanError(f"flag.method = {method!r} is not allowed; use one of: {', '.join(RULES)}")
-    types = list(ISSUES) if issues is None else list(issues)
+    if config.method not in RULES:
+        raise CleanError(f"flag.method = {config.method!r} is not allowed; use one of: {', '.join(RULES)}")
+    types = list(ISSUES) if config.issues is None else list(config.issues)
     unknown = [t for t in types if t not in ISSUES]
     if unknown:
         raise CleanError(f"flag.issues: unknown issue type {unknown[0]!r}; use some of: {', '.join(ISSUES)}")
     df = read_scores(scores_csv)
     if manifest is not None and Path(manifest).exists():
         check_scores_fit(df, scores_csv, manifest)  # scores of another dataset never get flagged
-    cfg = {**{k: v for k, v in _F.items() if k not in ("issues", "grid")}, **settings,
-           "method": method, "score": score, "quantile": quantile, "threshold": threshold,
-           "contamination": contamination, "projection_dim": projection_dim, "folds": folds, "seed": seed}
-    inputs = RuleInputs(df, scores_csv, model_dir, manifest, recipe, device, progress)
-    res = inputs.rule_result(cfg)
-    found, seconds, skipped = {}, {}, {}
-    if issues is None:  # "every type": those whose inputs are missing are skipped, and said so
-        emb = Path(scores_csv).parent / "embeddings.npz"
-        skipped = {t: f"no {emb} (run `clean score` with score.embeddings: true)" for t in types
-                   if "embeddings" in ISSUES[t].needs and not emb.exists()}
-        for t in types:  # a type that needs a score column (extra `score`) the score stage left empty
-            col = ISSUES[t].extra.get("score") if "score" in ISSUES[t].needs else None
-            if col and (col not in df.columns or df[col].isna().all()):
-                skipped[t] = f"no {col} values in {scores_csv} (run `clean score` with score.{col}: true)"
-        types = [t for t in types if t not in skipped]
-    for t in types:
+    inputs = RuleInputs(df, scores_csv, model_dir, manifest, recipe, resolve_device(config.device), progress)
+    res = inputs.rule_result(config)
+    skipped = _skipped(types, df, scores_csv) if config.issues is None else {}
+    found, seconds = {}, {}
+    for t in (t for t in types if t not in skipped):
         t1 = time.perf_counter()
-        found[t] = ISSUES[t].fn(inputs, cfg)
+        found[t] = ISSUES[t].fn(inputs, config)
         seconds[t] = round(time.perf_counter() - t1, 3)
     out_dir = Path(out_dir)
-    write_frame(out_dir / "flags.csv", _frame(inputs.ids, res, found))
-    summary = _summary(df, res, method, found, time.perf_counter() - t0)
-    write_json(out_dir / "issues.json", {**_details(inputs.ids, found, seconds),
-                                         **{t: {"skipped": why} for t, why in skipped.items()}})
+    held = _heldout(found, model_dir, manifest, config, inputs.device)
+    write_frame(out_dir / "flags.csv", _with_heldout(_frame(inputs.ids, res, found), held))
+    summary = _summary(df, res, config.method, found, time.perf_counter() - t0)
+    details = _details(inputs.ids, found, seconds)
+    if held is not None:
+        summary.update(_heldout_summary(held, manifest))
+        details["label"]["heldout"] = _heldout_details(held)
+    write_json(out_dir / "issues.json", {**details, **{t: {"skipped": why} for t, why in skipped.items()}})
     if metrics_path is not None:
         write_json(metrics_path, summary)
-    if grid and manifest is not None:
-        from pipeline.views.grid import top_grid
-
-        top_grid(scores_csv, by="value", k=grid, path=out_dir / "top_flagged.png", flags_csv=out_dir / "flags.csv",
-                 only_flagged=True, manifest=manifest)
+    if config.grid and manifest is not None:
+        top_grid(scores_csv, by="value", k=config.grid, path=out_dir / "top_flagged.png",
+                 flags_csv=out_dir / "flags.csv", only_flagged=True, manifest=manifest)
     return summary
+
+
+def _skipped(types: list, df, scores_csv) -> dict:
+    """{type: why} for the issue types ("every type") whose inputs are missing: no embeddings.npz,
+    or an empty score column the type reads (its entry's `score`)."""
+    emb = Path(scores_csv).parent / "embeddings.npz"
+    skipped = {t: f"no {emb} (run `clean score` with score.embeddings: true)" for t in types
+               if "embeddings" in ISSUES[t].needs and not emb.exists()}
+    for t in types:
+        col = ISSUES[t].extra.get("score")
+        if col and (col not in df.columns or df[col].isna().all()):
+            skipped[t] = f"no {col} values in {scores_csv} (run `clean score` with score.{col}: true)"
+    return skipped
+
+
+def _heldout(found: dict, model_dir, manifest, config, device: str):
+    """The val/test label issues (pipeline/rules/labels.py) when `label` is checked and the base
+    model and manifest are at hand, else None."""
+    if "label" not in found or model_dir is None or manifest is None or not Path(manifest).exists():
+        return None
+    from pipeline.rules.labels import heldout_issue_rows
+
+    return heldout_issue_rows(model_dir, manifest, config.heldout_filter_by, device)
+
+
+def _with_heldout(frame, held):
+    """flags.csv = the training rows (split "train") + the val/test rows: is_label, label_score,
+    suggested_label/_p; every other is_<type> 0, flagged 0 (the rule judges training images only),
+    the other columns empty."""
+    frame["split"] = "train"  # last: the columns before keep their places
+    if held is None:
+        return frame
+    rows = pd.DataFrame({c: (0 if c.startswith("is_") or c == "flagged" else np.nan) for c in frame.columns},
+                        index=range(len(held)))
+    for c in held.columns:
+        rows[c] = held[c].to_numpy()
+    rows["rule"] = "heldout confident-learning"
+    rows["value"] = held["label_score"].to_numpy()
+    out = pd.concat([frame, rows[frame.columns]], ignore_index=True)
+    for c in frame.columns:  # integer columns stay integers (empty where they do not apply)
+        if pd.api.types.is_integer_dtype(frame[c]) and out[c].isna().any():
+            out[c] = out[c].astype("Int64")
+        elif pd.api.types.is_integer_dtype(frame[c]):
+            out[c] = out[c].astype(np.int64)
+    return out
+
+
+def _heldout_summary(held, manifest) -> dict:
+    """n_label_<split> and, against injected noise in the manifest, precision_/recall_<split>."""
+    from pipeline.formats.manifest import read_manifest
+    from pipeline.rules.metrics import precision_recall
+
+    out = {}
+    man = read_manifest(manifest).set_index("id")
+    for split, part in held.groupby("split", sort=False):
+        flagged = part["is_label"].to_numpy(bool)
+        out[f"n_label_{split}"] = int(flagged.sum())
+        if "noisy" in man.columns:
+            truth = man["noisy"].reindex(part["id"]).fillna(0).to_numpy().astype(bool)
+            if truth.any():
+                out[f"precision_{split}"], out[f"recall_{split}"] = precision_recall(flagged, truth)
+    return out
+
+
+def _heldout_details(held, examples: int = 5) -> dict:
+    """issues.json label.heldout: per split n, examples (most likely wrong first)."""
+    out = {}
+    for split, part in held.groupby("split", sort=False):
+        hit = part[part["is_label"] == 1].sort_values(["label_score", "id"], ascending=[False, True])
+        out[split] = {"n": int(len(hit)), "of": int(len(part)), "examples": [int(i) for i in hit["id"][:examples]]}
+    return out
 
 
 def _frame(ids: np.ndarray, res, found: dict):
     """flags.csv: id, flagged, rule, value, is_<type>/<type>_score per issue type, extra columns."""
-    import pandas as pd
-
     cols = {"id": ids, "flagged": res.flagged.astype(np.int64), "rule": res.rule, "value": res.value}
     for t, r in found.items():
         cols[f"is_{t}"] = np.asarray(r.flagged, bool).astype(np.int64)
@@ -105,8 +162,6 @@ def _frame(ids: np.ndarray, res, found: dict):
 def _summary(df, res, method: str, found: dict, seconds: float) -> dict:
     """Flat counts (metrics/flags.json), and precision/recall/AUROC of the label issues against
     the injected-noise truth when it is known."""
-    from pipeline.rules.metrics import auroc, precision_recall
-
     summary = {"method": method, "rule": res.rule, "n": int(len(df)), "n_flagged": int(res.flagged.sum()),
                **{f"n_{t}": int(np.count_nonzero(r.flagged)) for t, r in found.items()},
                "seconds": round(seconds, 3)}

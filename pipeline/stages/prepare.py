@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import CleanError
-from pipeline.formats.manifest import REQUIRED
+from pipeline.formats.manifest import REQUIRED, relative_ref, repository_root
 from pipeline.progress import Progress
 from pipeline.data.images import channels_of, split_ref
 from pipeline.io import together, write_csv, write_json
@@ -24,17 +24,25 @@ def _sort_key(r: Record):
     return (r.split or "", file, -1 if idx is None else idx)
 
 
-def manifest_path(path: str, out_dir: str) -> str:
-    """`path` relative to `out_dir` (posix) when it lies under it, else absolute.
+def manifest_path(path: str, out_dir: str, root: str | None = None) -> str:
+    """`path` as the manifest in `out_dir` lists it (formats/manifest.py relative_ref): relative
+    when the file lies inside the repository `root` (None: inside `out_dir`), else absolute.
 
     Works on ``file#i`` IDX refs too (the file part is rewritten).
     """
     file, idx = split_ref(path)
-    a = os.path.abspath(file)
-    base = os.path.abspath(out_dir).rstrip("/") + "/"
-    if a.startswith(base):  # string test (pathlib's relative_to cost 24 s per million paths)
-        a = a[len(base):]
+    a = relative_ref(file, out_dir, root)
     return a if idx is None else f"{a}#{idx}"
+
+
+def _outside_note(paths: list[str], root) -> str | None:
+    """A line for the summary when manifest `paths` name images outside the repository `root`."""
+    out = [p for p in paths if os.path.isabs(p)]
+    if not out:
+        return None
+    return (f"{len(out)} image(s) lie outside the repository {root} (e.g. {split_ref(out[0])[0]}): the manifest "
+            "lists them by absolute path, so a clone at another path will not find them. Bring them in: copy "
+            "the folder under data/ (or `dvc import` it), `dvc add` it and set data.root to it")
 
 
 def _check_outputs_beside_images(records: list[Record], out_dir: Path) -> None:
@@ -93,13 +101,14 @@ def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float,
             classes: list[str] | None = None, noise_rate: float = 0.0,
             noise_kind: str = "symmetric", noise_pairs: dict | None = None,
             progress: Progress = None,
-            noise_seed: int | None = None) -> dict:
+            noise_seed: int | None = None, noise_splits=("train",)) -> dict:
     """Read a source, split it, optionally corrupt train labels, write the three data files.
 
     Writes (atomically) `out_dir`/manifest.csv (id,path,label,split[,orig_label,noisy]),
     classes.json and problems.csv (path,reason). `progress` (pipeline/progress.py) reports
-    image checking/export. Noise touches only the train split; `noise_seed` defaults to
-    `seed`. Returns a summary: source, num_samples, num_classes, in_chans, image_size,
+    image checking/export. Noise touches only the splits in `noise_splits` (default train;
+    round(rate x their images) labels change, drawn over them together); `noise_seed` defaults to
+    `seed`; orig_label/noisy are kept for every split. Returns a summary: source, num_samples, num_classes, in_chans, image_size,
     counts {split: n}, per_class {name: n}, per_class_split {name: {split: n}},
     n_problems, n_noisy, warnings (list of str, e.g. unstratified-split fallbacks).
     Same arguments -> byte-identical files. Source images are never modified. The three
@@ -113,6 +122,7 @@ def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float,
         raise CleanError(f"--out {out_dir} is a file; give a folder for manifest.csv, classes.json and problems.csv")
     (out_dir / "images").mkdir(parents=True, exist_ok=True)  # exported images (a DVC output, always present)
     out_abs = os.path.abspath(out_dir)
+    repo = repository_root(out_dir)
     src = load_source(source, root, out_dir, classes, progress)
     _check_outputs_beside_images(src.records, out_dir)
     recs = sorted(src.records, key=_sort_key)
@@ -141,10 +151,10 @@ def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float,
         pairs = _resolve_pairs(noise_pairs, names) if noise_kind == "pairs" else None
         noisy_labels = inject_noise(labels, len(names), noise_rate, noise_kind,
                                     seed if noise_seed is None else noise_seed,
-                                    pairs=pairs, mask=splits == "train")
+                                    pairs=pairs, mask=np.isin(splits, list(noise_splits)))
 
     header = list(REQUIRED)
-    paths = [manifest_path(r.path, out_abs) for r in recs]
+    paths = [manifest_path(r.path, out_abs, repo) for r in recs]
     if noisy_labels is None:
         rows = [(i, p, int(y), s) for i, (p, y, s) in enumerate(zip(paths, labels, splits))]
         n_noisy = 0
@@ -156,6 +166,9 @@ def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float,
         n_noisy = int(flags.sum())
     final = labels if noisy_labels is None else noisy_labels
 
+    outside = _outside_note(paths, repo) if repo is not None and root is not None else None
+    if outside:
+        notes.append(outside)
     in_chans = max(channels_of(r.mode or "L") for r in recs)  # 3 when any image has color
     image_size, size_note = _common_size(recs)
     if size_note:
@@ -163,7 +176,7 @@ def prepare(source: str, root, out_dir: Path, val_frac: float, test_frac: float,
     counts = {s: int((splits == s).sum()) for s in SPLITS}
     per_class_split = {n: {s: int(((final == c) & (splits == s)).sum()) for s in SPLITS}
                        for c, n in enumerate(names)}
-    problems = sorted((manifest_path(p.path, out_abs), p.reason) for p in src.problems)
+    problems = sorted((manifest_path(p.path, out_abs, repo), p.reason) for p in src.problems)
 
     with together(out_dir):  # the three files change as one (all old or all new)
         write_csv(out_dir / "problems.csv", ["path", "reason"], problems)

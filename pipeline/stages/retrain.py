@@ -14,13 +14,14 @@ from pipeline.training.recipe import Recipe
 
 def retrain(manifest: str | Path, test_manifest: str | Path, out_dir: str | Path, name: str, recipe: Recipe,
             seeds: list[int], device: str, metrics_dir: str | Path, plots_dir: str | Path, progress=None,
-            baseline: str | None = None) -> dict:
+            baseline: str | None = None, flags_csv=None, decisions=None) -> dict:
     """Stage: train `recipe` from scratch on `manifest`'s train split (one run per seed) into
     `out_dir`, then evaluate every run on `test_manifest`'s test split → the metrics dict
     (also in metrics_dir/<name>.json; the confusion data in plots_dir/confusion_<name>.csv).
     With `baseline` (e.g. "base", evaluated before into plots_dir) the metrics carry the
     verdict against it over the seeds (pipeline/verdict.py); a baseline never evaluated is
-    skipped with a log line."""
+    skipped with a log line. `flags_csv` / `decisions`: the test split's label decisions
+    (pipeline/stages/evaluate.py set_aside)."""
     from pipeline.stages.evaluate import details_path, evaluate
     from pipeline.stages.train import train
 
@@ -31,4 +32,4 @@ def retrain(manifest: str | Path, test_manifest: str | Path, out_dir: str | Path
                                     f"(run `clean evaluate --name {baseline}` first)")
         baseline = None
     return evaluate(out_dir, test_manifest, name, metrics_dir, plots_dir, device=device, progress=progress,
-                    baseline=baseline)
+                    baseline=baseline, flags_csv=flags_csv, decisions=decisions)

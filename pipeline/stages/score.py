@@ -8,22 +8,27 @@ split) over the saved epoch checkpoints. Model in eval mode; batched tensor math
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from pipeline import distributed as D
+from pipeline.config import ScoreConfig
 from pipeline.data.stream import is_streamed, open_split
+from pipeline.device import resolve_device
 from pipeline.errors import CleanError
-from pipeline.formats.dynamics import load_dynamics
 from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
-from pipeline.io import together, write_frame, write_json
-from pipeline.params import CHOICES, DEFAULTS
+from pipeline.io import atomic_path, together, write_frame, write_json
+from pipeline.models import load_trained
+from pipeline.params import CHOICES
 from pipeline.registry import SCORES
-from pipeline.scores.compute import forward_scores, self_influence
-from pipeline.scores.dynamics import DYNAMICS_INPUTS, dynamics_scores
-from pipeline.scores.features import FEATURE_KEYS
-from pipeline.scores.influence import val_influence
+from pipeline.scores import features
+from pipeline.scores.features import FEATURE_KEYS, empty_features, image_features
+from pipeline.scores.inputs import ScoreInputs
+
 
 def score_columns() -> list[str]:
     """The score columns of scores.csv, in order (the SCORES registry)."""
@@ -35,54 +40,34 @@ def columns() -> list[str]:
     return ["id", "path", "label", "pred"] + score_columns()
 
 
-_S, _D, _T = DEFAULTS["score"], DEFAULTS["data"], DEFAULTS["train"]
-
-
-def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, norm: str = _S["norm"],
-          params: str = _S["params"], batch_size: int = _S["batch_size"], device: str = _T["device"],
-          split: str = _S["split"], with_self_influence: bool = _S["self_influence"], progress=None,
-          cache_max_gb: float = _D["cache_max_gb"], workers: int = _T["workers"],
-          embeddings: bool = _S["embeddings"], with_val_influence: bool = _S["val_influence"]):
-    """Stage: score every sample of `split` → out_dir/scores.csv + out_dir/meta.json
-    (+ out_dir/embeddings.npz with `embeddings`: every split's penultimate features, pixel
+def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, config: ScoreConfig = ScoreConfig(),
+          progress=None):
+    """Stage: score every sample of `config.split` → out_dir/scores.csv + out_dir/meta.json
+    (+ out_dir/embeddings.npz with `config.embeddings`: every split's penultimate features, pixel
     hashes and image statistics for flag's duplicate / outlier / image checks).
 
     Returns the scores DataFrame (one row per sample, columns :func:`columns` [+ orig_label,
-    noisy]). Defaults are params.yaml's (pipeline/params.py). Images whose decoded size
-    exceeds `cache_max_gb` GiB are streamed from disk, decoded by `workers` processes (same
-    scores). Under torchrun each rank scores a contiguous block of samples (cut at batch
-    boundaries, so every sample sits in the same batch as in one process); rank 0 gathers
-    the blocks and writes the files; the other ranks return None.
+    noisy]). Every score family of the SCORES registry runs once on this rank's samples.
+    Images whose decoded size exceeds `config.cache_max_gb` GiB are streamed from disk, decoded
+    by `config.workers` processes (same scores). Under torchrun each rank scores a contiguous
+    block of samples (cut at batch boundaries, so every sample sits in the same batch as in one
+    process); rank 0 gathers the blocks and writes the files; the other ranks return None.
     """
-    from pipeline import distributed as D
-    from pipeline.device import resolve_device
-    from pipeline.models import load_trained
-
-    _check_settings(norm, params, split)
+    _check_settings(config)
     t0 = time.perf_counter()
     model_dir, manifest, out_dir = Path(model_dir), Path(manifest), Path(out_dir)
-    device = D.setup(resolve_device(device))
-    if not D.is_main():
-        progress = None
+    device = D.setup(resolve_device(config.device))
+    progress = progress if D.is_main() else None
     model, cfg = load_trained(model_dir, device)
-    df, rows = _rows(manifest, cfg, model_dir, split)
-    lo, hi = D.shard(len(rows), batch_size)  # this rank's block; one process: everything
-    images, labels = _open_block(manifest, df, rows, cfg, split, lo, hi, cache_max_gb, workers)
-    ckpts = _checkpoints(model_dir, cfg) if with_self_influence else []
-    if with_self_influence and not ckpts:
-        raise CleanError(f"{model_dir}/checkpoints has no epoch checkpoints for self-influence; retrain "
-                         "with `clean train` (train.checkpoint_every) or set score.self_influence: false")
-    vckpts, val = _val_inputs(manifest, df, cfg, model_dir, cache_max_gb, workers) if with_val_influence else ([], None)
+    df, rows = _rows(manifest, cfg, model_dir, config.split)
+    inputs = _inputs(model, cfg, manifest, df, rows, model_dir, device, progress, config)
     if progress:
         where = f", rank 0 of {D.world_size()}" if D.enabled() else ""
-        progress("start", desc=f"score ({norm}, {params}{where})", total=(1 + len(ckpts) + len(vckpts)) * (hi - lo))
-    s = forward_scores(model, images, labels, cfg["mean"], cfg["std"], norm, params, batch_size, device, progress,
-                       features=embeddings)
-    s["self_influence"] = (self_influence(model, ckpts, images, labels, cfg["mean"], cfg["std"], params,
-                                          batch_size, device, progress) if ckpts else np.full(hi - lo, np.nan))
-    s["val_influence"] = (val_influence(model, vckpts, images, labels, val.images, val.labels, cfg["mean"], cfg["std"],
-                                        params, batch_size, device, progress) if val is not None
-                          else np.full(hi - lo, np.nan))
+        progress("start", desc=f"score ({config.norm}, {config.subset}{where})",
+                 total=(1 + len(inputs.checkpoints) + len(inputs.val_checkpoints)) * len(inputs.labels))
+    s = {}
+    for family in SCORES.families():
+        s.update(family(inputs, config))
     if progress:
         progress("end")
     parts = D.gather(s)
@@ -90,51 +75,70 @@ def score(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, norm
         D.barrier()  # until rank 0 has written the files
         return None
     s = {k: np.concatenate([p[k] for p in parts if k in p]) for k in s}
-    _check_finite(s, model_dir, split)
-    scored = {k: s.pop(k) for k in FEATURE_KEYS if k in s}  # the scored rows' features, from the same pass
-    with together(out_dir):  # scores.csv, meta.json (and embeddings.npz) change as one
-        if embeddings:
-            _write_features(out_dir / "embeddings.npz", model, manifest, df, df["id"].isin(rows["id"]).to_numpy(),
-                            scored, cfg, batch_size, device, cache_max_gb, workers, progress)
-        ids = rows["id"].to_numpy(np.int64)
-        dyn_cols, n_dyn = _dynamics_columns(model_dir, ids)
-        out = _frame(rows, s, dyn_cols)
-        write_frame(out_dir / "scores.csv", out)
-        write_json(out_dir / "meta.json", {
-            "norm": norm, "params": params, "model_dir": str(model_dir), "model": cfg["model"],
-            "manifest": str(manifest), "split": split, "n": int(len(out)), "n_with_dynamics": n_dyn,
-            "dynamics_epochs": len(cfg.get("history", [])),
-            "dynamics_source": "each sample's minibatch forward pass during training, before the update",
-            "self_influence": {"computed": bool(with_self_influence), "norm": "l2 squared", "params": params,
-                               "checkpoints": [{"file": p.name, "lr": lr} for p, lr in ckpts]},
-            "val_influence": {"computed": val is not None, "params": params, "n_val": 0 if val is None else len(val.labels),
-                              "checkpoints": [{"file": p.name, "lr": lr} for p, lr in vckpts]},
-            "seconds": round(time.perf_counter() - t0, 3), "columns": list(out.columns),
-            "processes": D.world_size(), "streamed": bool(is_streamed(images)),
-        })
+    _check_finite(s, model_dir, config.split)
+    out = _write(out_dir, s, model, cfg, manifest, df, rows, inputs, config, device, progress, t0)
     D.barrier()
     return out
 
 
+def _inputs(model, cfg: dict, manifest: Path, df, rows, model_dir: Path, device: str, progress,
+            config: ScoreConfig) -> ScoreInputs:
+    """This rank's block of `rows` with the checkpoints and validation split the TracIn families need."""
+    lo, hi = D.shard(len(rows), config.batch_size)  # this rank's block; one process: everything
+    images, labels = _open_block(manifest, df, rows, cfg, config.split, lo, hi, config.cache_max_gb, config.workers)
+    ckpts = _checkpoints(model_dir, cfg) if config.self_influence else []
+    if config.self_influence and not ckpts:
+        raise CleanError(f"{model_dir}/checkpoints has no epoch checkpoints for self-influence; retrain "
+                         "with `clean train` (train.checkpoint_every) or set score.self_influence: false")
+    vckpts, val = (_val_inputs(manifest, df, cfg, model_dir, config.cache_max_gb, config.workers)
+                   if config.val_influence else ([], None))
+    return ScoreInputs(model, images, labels, rows["id"].to_numpy(np.int64)[lo:hi], cfg["mean"], cfg["std"], model_dir,
+                       device, progress, ckpts, vckpts, val)
+
+
+def _write(out_dir: Path, s: dict, model, cfg: dict, manifest: Path, df, rows, inputs: ScoreInputs,
+           config: ScoreConfig, device: str, progress, t0: float):
+    """scores.csv, meta.json (and embeddings.npz) as one change → the scores DataFrame."""
+    scored = {k: s.pop(k) for k in FEATURE_KEYS if k in s}  # the scored rows' features, from the same pass
+    n_dyn = int(s.pop("with_dynamics").sum())
+    with together(out_dir):  # scores.csv, meta.json (and embeddings.npz) change as one
+        if config.embeddings:
+            _write_features(out_dir / "embeddings.npz", model, manifest, df, df["id"].isin(rows["id"]).to_numpy(),
+                            scored, cfg, config, device, progress)
+        out = _frame(rows, s)
+        write_frame(out_dir / "scores.csv", out)
+        write_json(out_dir / "meta.json", {
+            "norm": config.norm, "params": config.subset, "model_dir": str(inputs.model_dir), "model": cfg["model"],
+            "manifest": str(manifest), "split": config.split, "n": int(len(out)), "n_with_dynamics": n_dyn,
+            "dynamics_epochs": len(cfg.get("history", [])),
+            "dynamics_source": "each sample's minibatch forward pass during training, before the update",
+            "self_influence": {"computed": bool(config.self_influence), "norm": "l2 squared", "params": config.subset,
+                               "checkpoints": [{"file": p.name, "lr": lr} for p, lr in inputs.checkpoints]},
+            "val_influence": {"computed": inputs.val is not None, "params": config.subset,
+                              "n_val": 0 if inputs.val is None else len(inputs.val.labels),
+                              "checkpoints": [{"file": p.name, "lr": lr} for p, lr in inputs.val_checkpoints]},
+            "seconds": round(time.perf_counter() - t0, 3), "columns": list(out.columns),
+            "processes": D.world_size(), "streamed": bool(is_streamed(inputs.images)),
+        })
+    return out
+
+
 def _write_features(path: Path, model, manifest: Path, df, scored_mask: np.ndarray, scored: dict, cfg: dict,
-                    batch_size: int, device: str, cache_max_gb: float, workers: int, progress) -> None:
+                    config: ScoreConfig, device: str, progress) -> None:
     """embeddings.npz for every row of the manifest: ids, split, emb [M, D] float16, hash, image stats.
 
     `scored` holds the features of the rows where `scored_mask` [M] is true (from the scoring
     pass, in manifest order); only the other rows are decoded and forwarded here."""
-    from pipeline.io import atomic_path
-    from pipeline.scores.features import empty_features, image_features, native_sizes
-
     if not scored:
         scored_mask = np.zeros(len(df), bool)
     rest = df[~scored_mask]
     extra = {}
     if len(rest):
-        data = open_split(manifest, "all", cfg["image_size"], cfg["in_chans"], df=df, cache_max_gb=cache_max_gb,
-                          workers=workers, rows=rest)
+        data = open_split(manifest, "all", cfg["image_size"], cfg["in_chans"], df=df, cache_max_gb=config.cache_max_gb,
+                          workers=config.workers, rows=rest)
         if progress:
             progress("start", desc="embed the other splits", total=len(rest))
-        extra = image_features(model, data.images, cfg["mean"], cfg["std"], batch_size, device, progress)
+        extra = image_features(model, data.images, cfg["mean"], cfg["std"], config.batch_size, device, progress)
         if progress:
             progress("end")
     dim = (scored.get("emb") if scored_mask.any() else extra["emb"]).shape[1]
@@ -148,7 +152,7 @@ def _write_features(path: Path, model, manifest: Path, df, scored_mask: np.ndarr
     if info.get("uniform_size") is True and info.get("image_size"):  # prepare saw one stored size for all
         height, width = (np.full(len(df), int(v), np.int64) for v in info["image_size"])
     else:  # one header read per file
-        height, width = native_sizes(df["path"].tolist(), manifest.parent)
+        height, width = features.native_sizes(df["path"].tolist(), manifest.parent)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, ids=df["id"].to_numpy(np.int64), split=df["split"].to_numpy().astype("U5"),
@@ -165,8 +169,8 @@ def _check_finite(s: dict, model_dir: Path, split: str) -> None:
                          f"it with `clean train --out {model_dir}`")
 
 
-def _check_settings(norm: str, params: str, split: str) -> None:
-    for key, value in (("score.norm", norm), ("score.params", params), ("score.split", split)):
+def _check_settings(config: ScoreConfig) -> None:
+    for key, value in (("score.norm", config.norm), ("score.params", config.subset), ("score.split", config.split)):
         allowed = CHOICES[key]
         if value not in allowed:
             raise CleanError(f"{key} = {value!r} is not allowed; use one of: {', '.join(allowed)}")
@@ -190,8 +194,6 @@ def _rows(manifest: Path, cfg: dict, model_dir: Path, split: str):
 def _open_block(manifest: Path, df, rows, cfg: dict, split: str, lo: int, hi: int, cache_max_gb: float,
                 workers: int):
     """This rank's images [hi-lo, C, H, W] (in memory or streamed) and labels [hi-lo]."""
-    from pipeline import distributed as D
-
     if hi <= lo:  # more processes than batches: nothing to do here
         return np.zeros((0, cfg["in_chans"], *cfg["image_size"]), np.uint8), np.zeros(0, np.int64)
     # each rank decodes only its block (size and channels are fixed by the model's config)
@@ -221,42 +223,22 @@ def _checkpoints(model_dir: Path, cfg: dict) -> list[tuple[Path, float]]:
     return [(p, lr) for p, lr in ckpts if p.exists()]
 
 
-def _dynamics_columns(model_dir: Path, ids: np.ndarray) -> tuple[dict, int]:
-    """Training-dynamics scores matched by id ({name: [N]}, NaN for samples never trained on)."""
-    import pandas as pd
-
-    cols = {k: np.full(len(ids), np.nan) for k in score_columns() if "dynamics" in SCORES[k].needs}
-    path = model_dir / "dynamics.npz"
-    if not path.exists():
-        return cols, 0
-    dyn = load_dynamics(path, need=("ids",) + DYNAMICS_INPUTS)
-    ds = dynamics_scores(dyn)
-    where = pd.Series(np.arange(len(dyn["ids"])), index=dyn["ids"]).reindex(ids).to_numpy()
-    have = ~np.isnan(where)
-    for k in cols:
-        cols[k][have] = ds[k][where[have].astype(np.int64)]
-    return cols, int(have.sum())
-
-
-def _frame(rows, s: dict, dyn_cols: dict):
+def _frame(rows, s: dict):
     """scores.csv as a DataFrame: id, path, label, pred, every score column (+ noise truth)."""
-    import pandas as pd
-
-    values = {**s, **dyn_cols}
     out = pd.DataFrame({"id": rows["id"].to_numpy(np.int64), "path": rows["path"].to_numpy(),
                         "label": rows["label"].to_numpy(np.int64), "pred": s["pred"],
-                        **{k: values[k] for k in score_columns()}})
+                        **{k: s[k] for k in score_columns()}})
     for extra in ("orig_label", "noisy"):
         if extra in rows.columns:
             out[extra] = rows[extra].to_numpy()
     return out
 
 
-def score_input(path: str | Path, model: str, out_dir: str | Path, p: dict, progress=None, on_input=None):
+def score_input(path: str | Path, model: str, out_dir: str | Path, config, progress=None, on_input=None):
     """`clean score PATH`: a manifest, an image folder or a `path,label` CSV → out_dir/scores.csv.
 
     `model` is a trained model folder, or a model name (e.g. resnet18) to train first on
-    PATH (into models/<name>, with the recipe of the validated params `p`). A folder or CSV
+    PATH (into models/<name>, with `config.train`, the recipe; `config`: a pipeline.config.Config). A folder or CSV
     is turned into out_dir/input/manifest.csv first (its problems in out_dir/input/problems.csv);
     `on_input(summary, folder)` is called with that summary. Returns (scores DataFrame or
     None on non-zero torchrun ranks, model folder).
@@ -277,21 +259,15 @@ def score_input(path: str | Path, model: str, out_dir: str | Path, p: dict, prog
             raise CleanError(f"{model_dir}/config.json not found; train a model first (clean train --out {model_dir}) "
                              "or pass a model name such as resnet18 to train one on PATH")
         from pipeline.stages.train import train
-        from pipeline.training.recipe import Recipe
 
         manifest, summary = as_manifest(path, out_dir / "input")
         if on_input:
             on_input(summary, out_dir / "input")
-        recipe = Recipe.from_params(p)
-        recipe.model = model
+        recipe = dataclasses.replace(config.train, model=model)
         model_dir = Path("models") / model
         if progress:
             progress("log", message=f"training {model} on {manifest} for {recipe.epochs} epoch(s) → {model_dir}")
         train(manifest, model_dir, recipe, seeds=[recipe.seed], progress=progress)
-    sc = p["score"]
-    df = score(model_dir, manifest, out_dir, norm=sc["norm"], params=sc["params"], batch_size=sc["batch_size"],
-               device=p["train"]["device"], split=sc["split"] if manifest == path else "train",
-               with_self_influence=sc["self_influence"], progress=progress,
-               with_val_influence=sc["val_influence"] and manifest == path,  # a folder/CSV has no val split
-               cache_max_gb=p["data"]["cache_max_gb"], workers=p["train"]["workers"], embeddings=sc["embeddings"])
-    return df, model_dir
+    sc = config.score if manifest == path else dataclasses.replace(  # a folder/CSV has no val split
+        config.score, split="train", val_influence=False)
+    return score(model_dir, manifest, out_dir, sc, progress=progress), model_dir

@@ -5,36 +5,37 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from pipeline.config import PruneConfig, SweepConfig
 from pipeline.errors import CleanError
+from pipeline.io import write_frame, write_json
+from pipeline.stages.evaluate import evaluate_model, run_dirs, summarize_runs
+from pipeline.stages.prune import prune
+from pipeline.stages.train import train
+from pipeline.training.recipe import Recipe
 
 
-def sweep_point(manifest: str | Path, scores_csv: str | Path, out_dir: str | Path, strategy: str, keep: float,
-                recipe, seeds: list[int], by: str = "grad_norm", skip: float = 0.05, balanced: bool = False,
-                prune_seed: int = 0, flags_csv: str | Path | None = None, progress=None) -> dict:
-    """One sweep point → out_dir/{pruned.csv, classes.json, prune.json, metrics.json}.
+def sweep_point(manifest: str | Path, scores_csv: str | Path, out_dir: str | Path, config: PruneConfig,
+                recipe: Recipe, seeds: list[int], flags_csv: str | Path | None = None, progress=None) -> dict:
+    """One sweep point (the prune `config`: strategy, keep, by, ...) → out_dir/{pruned.csv,
+    classes.json, prune.json, metrics.json}, retrained with `recipe` for every seed of `seeds`.
 
     metrics.json: strategy, keep, n_kept, accuracy_mean, accuracy_std (ddof=1), runs. The
     retrained models are temporary (only their test metrics are kept).
     """
-    from pipeline.stages.evaluate import evaluate_model, summarize_runs
-    from pipeline.io import write_json
-    from pipeline.stages.prune import prune
-    from pipeline.stages.train import train
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summ = prune(manifest, scores_csv, out_dir / "pruned.csv", out_dir / "prune.json", strategy=strategy, by=by,
-                 keep=keep, skip=skip, balanced=balanced, seed=prune_seed, flags_csv=flags_csv)
+    summ = prune(manifest, scores_csv, out_dir / "pruned.csv", out_dir / "prune.json", config, flags_csv=flags_csv)
+    strategy, keep, by, balanced = config.strategy, config.keep, config.by, config.balanced
     work = Path(tempfile.mkdtemp(prefix=".models.", dir=out_dir))
     try:
         recipe = _no_extras(recipe)
         train(out_dir / "pruned.csv", work, recipe, seeds=seeds, progress=progress)
-        from pipeline.stages.evaluate import run_dirs
-
         results = [evaluate_model(d, manifest, "test", recipe.device if recipe.device != "auto" else "cpu")
                    for d in run_dirs(work)]
     finally:
@@ -48,10 +49,8 @@ def sweep_point(manifest: str | Path, scores_csv: str | Path, out_dir: str | Pat
     return point
 
 
-def _no_extras(recipe):
+def _no_extras(recipe: Recipe) -> Recipe:
     """Sweep retrains need no checkpoints or tracked-sample records: keep them cheap."""
-    from dataclasses import replace
-
     return replace(recipe, checkpoint_every=recipe.epochs, track=0)
 
 
@@ -61,10 +60,6 @@ def collect(sweep_dir: str | Path, out_csv: str | Path, strategies=None, keeps=N
 
     When `strategies`/`keeps` are given, only those points are collected (stale ones ignored).
     """
-    import pandas as pd
-
-    from pipeline.io import write_frame
-
     rows = []
     for f in sorted(Path(sweep_dir).glob("*/metrics.json")):
         try:
@@ -96,23 +91,21 @@ SUMMARY_COLUMNS = ["strategy", "keep", "accuracy_mean", "accuracy_std", "n_seeds
 
 
 def sweep(manifest: str | Path, scores_csv: str | Path, flags_csv: str | Path | None, out_dir: str | Path,
-          summary_csv: str | Path, strategies: list[str], keeps: list[float], recipe, seeds: list[int],
-          by: str, skip: float, balanced: bool, prune_seed: int, progress=None):
-    """Stage: every point of strategies × keeps (:func:`sweep_point` into out_dir/<strategy>-<keep>)
-    then their summary → summary_csv. No keeps (the default: the sweep is opt-in) writes an
-    empty summary at once. Returns the summary DataFrame."""
-    import pandas as pd
-
-    from pipeline.io import write_frame
-
+          summary_csv: str | Path, config: SweepConfig, prune_config: PruneConfig, recipe: Recipe, seeds: list[int],
+          progress=None):
+    """Stage: every point of config.strategies × config.keeps (:func:`sweep_point` into
+    out_dir/<strategy>-<keep>, the other prune settings from `prune_config`) then their summary
+    → summary_csv. No keeps (the default: the sweep is opt-in) writes an empty summary at once.
+    Returns the summary DataFrame."""
+    strategies, keeps = config.strategies, config.keeps
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for strategy in strategies:
         for keep in keeps:
             if progress:
                 progress("log", message=f"sweep point {strategy} keep={keep:g}")
-            sweep_point(manifest, scores_csv, out_dir / f"{strategy}-{keep:g}", strategy, keep, recipe, seeds, by=by,
-                        skip=skip, balanced=balanced, prune_seed=prune_seed, flags_csv=flags_csv, progress=progress)
+            sweep_point(manifest, scores_csv, out_dir / f"{strategy}-{keep:g}",
+                        replace(prune_config, strategy=strategy, keep=keep), recipe, seeds, flags_csv, progress)
     if not keeps or not strategies:
         df = pd.DataFrame(columns=SUMMARY_COLUMNS)
         write_frame(summary_csv, df)

@@ -180,7 +180,9 @@ def _dataset_rows(mdf, classes) -> list:
         counts = mdf["split"].value_counts()
         rows.append(("samples", ", ".join(f"{s}: {int(counts.get(s, 0)):,}" for s in ("train", "val", "test"))))
         if "noisy" in mdf.columns and int(mdf["noisy"].sum()):
-            rows.append(("injected label noise", f"{int(mdf['noisy'].sum()):,} training labels changed"))
+            per = mdf.groupby("split")["noisy"].sum()
+            rows.append(("injected label noise", ", ".join(f"{s}: {int(per.get(s, 0)):,}" for s in ("train", "val", "test")
+                                                           if int(per.get(s, 0))) + " labels changed"))
     if classes:
         shown = ", ".join(classes[:20]) + (f", … ({len(classes)} in all)" if len(classes) > 20 else "")
         rows.append(("classes", f"{len(classes)}: {shown}"))
@@ -221,9 +223,9 @@ def _accuracy(metrics: dict, classes) -> str:
     for n, m in metrics.items():
         std = m.get("accuracy_std")
         trows.append((n, m.get("model", ""), m.get("accuracy"), "–" if std is None else std,
-                      len(m.get("runs") or []) or 1, m.get("loss"), m.get("n"), m.get("n_train")))
-    out = _table(["version", "model", "accuracy", "± std", "seeds", "loss (nats)", "n test", "n train"],
-                 trows, left=2)
+                      len(m.get("runs") or []) or 1, m.get("loss"), m.get("n"), m.get("n_train"), _aside(m)))
+    out = _table(["version", "model", "accuracy", "± std", "seeds", "loss (nats)", "n test", "n train",
+                  "test label decisions applied"], trows, left=2)
     from pipeline.verdict import sentence
 
     for n, m in metrics.items():
@@ -236,6 +238,14 @@ def _accuracy(metrics: dict, classes) -> str:
         prow = [(c, *[per[n].get(c) for n in metrics]) for c in names]
         out += f"<details><summary>per-class accuracy</summary>{_table(['class', *metrics], prow)}</details>"
     return out
+
+
+def _aside(m: dict) -> str:
+    """The accuracy with the test split's label decisions applied (docs/methods.md §5.3), named."""
+    for key, what in (("accuracy_reviewed", "reviewed labels"), ("accuracy_unflagged", "flagged left out")):
+        if key in m:
+            return f"{m[key]:.4f} ({what}; {m.get('n_set_aside', 0)} set aside)"
+    return "–"
 
 
 def _pruned(prune: dict | None, prune_path: Path) -> str:
@@ -560,6 +570,12 @@ def issues_section(flags, issues: dict, rows, names, base: Path | None, per_type
                        f"{k} {v}" for k, v in issues.get(t, {}).items()
                        if k not in ("rule", "n", "examples", "seconds") and not isinstance(v, (list, dict))]))
                     for t in types]))
+    if "split" in flags.columns and "is_label" in flags.columns:
+        per = flags[flags["is_label"].astype(bool)]["split"].value_counts()
+        sec.add(_note("label issues per split: " + ", ".join(f"{sp} {int(per.get(sp, 0))}" for sp in
+                                                              ("train", "val", "test")) +
+                      " (val/test: the base models' out-of-sample predictions, docs/methods.md §2.3; a reviewed "
+                      "test label counts in accuracy_reviewed, never in training)"))
     sec.add("<p class='small'>Decide on these (keep / drop / relabel) in the browser: <code>clean review</code>; "
             "a card's sample opens there with <code>clean review --at &lt;id&gt;</code> (the id on the card; the page "
             "address is then <code>…/#id=&lt;id&gt;</code>). <code>clean prune</code> / <code>dvc repro</code> "
