@@ -98,6 +98,7 @@ class FlagConfig(_Section):
     copy_ratio: float = _key("flag.copy_ratio")
     outlier_k: int = _key("flag.outlier_k")
     outlier_mad: float = _key("flag.outlier_mad")
+    outlier_fpr: float = _key("flag.outlier_fpr")
     dark: float = _key("flag.dark")
     light: float = _key("flag.light")
     blurry_mad: float = _key("flag.blurry_mad")

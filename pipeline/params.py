@@ -84,7 +84,8 @@ DEFAULTS: dict[str, Any] = {
         "duplicate_tau": 0.13,  # duplicate: near copy when cosine distance < tau x median nearest-neighbour distance
         "copy_ratio": 0.2,    # duplicate: aligned pixel distance <= this x the pair's ordinary-neighbour distance
         "outlier_k": 10,      # outlier (and duplicate search): nearest training embeddings
-        "outlier_mad": 6.0,   # outlier: robust z of the mean kNN distance above this
+        "outlier_mad": 6.0,   # outlier: robust z of the kNN distance above this (no val split)
+        "outlier_fpr": 0.01,  # outlier: beyond the (1 - this) quantile of the val images' kNN distance
         "dark": 0.37,         # dark: 99th brightness percentile below this (cleanvision)
         "light": 0.05,        # light: 5th brightness percentile above 1 - this (cleanvision)
         "blurry_mad": 5.0,    # blurry: robust z of log(Laplacian^2 / gradient^2 energy) below minus this
@@ -190,6 +191,7 @@ flag.duplicate_tau       (0.0, inf)
 flag.copy_ratio          [0.0, inf)
 flag.outlier_k           [1, inf)
 flag.outlier_mad         (0.0, inf)
+flag.outlier_fpr         (0.0, 1.0)
 flag.dark                [0.0, 1.0]
 flag.light               [0.0, 1.0]
 flag.blurry_mad          (0.0, inf)

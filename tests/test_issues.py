@@ -45,9 +45,9 @@ def test_knn_exact_matches_brute_force():
     # neighbours are training rows and never the row itself
     assert np.isin(got["rows"], f["train_pos"]).all()
     assert not (got["rows"] == np.arange(300)[:, None]).any()
-    # the outlier score is the mean of those k distances, on the training rows
+    # the outlier score is the k-th of those distances, on the training rows
     out = knn_outliers(f, k=5)
-    np.testing.assert_allclose(out.score, ref[f["train_pos"]].mean(axis=1), atol=2e-5)
+    np.testing.assert_allclose(out.score, ref[f["train_pos"], 4], atol=2e-5)
 
 
 def test_knn_approximate_index_finds_close_neighbours():
@@ -160,6 +160,29 @@ def test_outlier_flags_planted_far_points():
     assert res.summary["n_flagged"] == 4
 
 
+def test_outlier_cut_is_a_quantile_of_the_val_images():
+    """With a val split the cut is its (1 − fpr) quantile: clean training images pass at about that
+    rate, far points are flagged, and issues.json states the rate and the reference."""
+    rng = np.random.default_rng(9)
+    d = 16
+    centres = rng.normal(size=(8, d)) * 4
+    n_tr, n_val = 3000, 600
+    inl = centres[rng.integers(0, 8, n_tr + n_val)] + rng.normal(size=(n_tr + n_val, d))
+    far = rng.normal(size=(6, d)) * 6
+    split = ["train"] * n_tr + ["val"] * n_val + ["train"] * 6
+    f = _feats(np.r_[inl, far], split)
+    res = knn_outliers(f, k=10, fpr=0.01)
+    pos = f["train_pos"]
+    ref = _brute(np.r_[inl, far], pos, 10)[:, 9]
+    cut = np.quantile(ref[n_tr:n_tr + n_val], 0.99)
+    assert res.summary["cut"] == pytest.approx(cut, rel=2e-3) and res.summary["reference"] == "val"
+    assert res.summary["fpr"] == 0.01 and res.summary["n_reference"] == n_val
+    assert res.flagged[-6:].all()
+    assert 0.002 <= res.flagged[:n_tr].mean() <= 0.025  # clean training images: ≈ the stated rate
+    # the nearest training neighbour is named for the reviewer
+    assert res.columns["outlier_neighbour"].shape == (len(pos),) and (res.columns["outlier_neighbour"] >= 0).all()
+
+
 def _stats(n=50, **over):
     rng = np.random.default_rng(5)
     s = {"brightness_p05": np.zeros(n), "brightness_p99": rng.uniform(0.7, 1.0, n),
@@ -250,3 +273,23 @@ def test_issue_registry_entries_run_through_rule_inputs(tmp_path):
     assert set(dup.columns) == {"duplicate_group", "duplicate_of", "duplicate_conflict", "duplicate_leak"}
     leak = ISSUES["leakage"].fn(inputs, FlagConfig())
     assert set(scores["id"][leak.flagged]) == {int(f["ids"][r]) for r in (3, 4)} and leak.summary["n_pairs"] == 2
+
+
+def test_leaked_test_images_are_set_aside(tmp_path):
+    """evaluate's set_aside leaves out the test images with a copy in train (issues.json leakage pairs)."""
+    import json
+
+    from pipeline.stages.evaluate import leaked_ids, set_aside
+
+    pairs = [{"train_id": 3, "eval_id": 105, "split": "test", "distance": 0.0},
+             {"train_id": 4, "eval_id": 107, "split": "test", "distance": 0.01},
+             {"train_id": 9, "eval_id": 107, "split": "test", "distance": 0.02}]
+    (tmp_path / "issues.json").write_text(json.dumps({"leakage": {"n": 3, "pairs": pairs}}))
+    flags = tmp_path / "flags.csv"
+    assert leaked_ids(flags).tolist() == [105, 107]
+    ids = np.arange(100, 110)
+    labels, keep, key = set_aside(ids, np.zeros(10, np.int64), flags)
+    assert keep.tolist() == [i not in (105, 107) for i in ids] and key == "accuracy_unflagged"
+    # no issues.json: nothing set aside, labels as given
+    labels, keep, key = set_aside(ids, np.zeros(10, np.int64), tmp_path / "none" / "flags.csv")
+    assert keep.all() and key is None
