@@ -75,18 +75,16 @@ def prepare(
 
     c = _config(params, data__source=source, data__root=root, data__val_frac=val_frac,
                 data__test_frac=test_frac, data__seed=seed, noise__rate=noise_rate, noise__kind=noise_kind)
-    d, nz = c.params["data"], c.params["noise"]
-    _io("prepare", [("data.root", d["root"])], [("--out", out)] + [("--out", out / f) for f in
-                                                                   ("manifest.csv", "classes.json", "problems.csv")], params=params)
+    pc = c.prepare
+    _io("prepare", [("data.root", pc.root)],
+        [("--out", out)] + [("--out", out / f) for f in ("manifest.csv", "classes.json", "problems.csv")], params=params)
     with RichProgress() as prog:
-        s = run(d["source"], d["root"], out, val_frac=d["val_frac"], test_frac=d["test_frac"], seed=d["seed"],
-                classes=d["classes"], noise_rate=nz["rate"], noise_kind=nz["kind"], noise_pairs=nz["pairs"],
-                noise_seed=nz["seed"], noise_splits=nz["splits"], progress=prog)
+        s = run(out, pc, progress=prog)
     rows = [(k, v) for k, v in s.get("counts", {}).items()]
     console.print(table(f"prepared {s.get('source')} → {out}/manifest.csv", ["split", "images"], rows))
     if s.get("n_noisy"):
-        console.print(f"injected label noise: {s['n_noisy']} labels changed in {', '.join(nz['splits'])} "
-                      f"({nz['kind']}, rate {nz['rate']})")
+        console.print(f"injected label noise: {s['n_noisy']} labels changed in {', '.join(pc.noise_splits)} "
+                      f"({pc.noise_kind}, rate {pc.noise_rate})")
     for w in s.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
     n_prob = s.get("n_problems", 0)
@@ -533,8 +531,9 @@ def sweep_collect(
 
 from .visual import compare, figures, report, show  # noqa: E402  (typer/rich/pathlib only)
 from .review import review  # noqa: E402  (typer/pathlib only)
+from .project import init  # noqa: E402  (typer/pathlib only)
 
-for _fn in (show, report, compare, figures, review):
+for _fn in (show, report, compare, figures, review, init):
     app.command()(_fn)
 
 

@@ -87,11 +87,12 @@ def leaked_ids(flags_csv) -> np.ndarray:
     return np.unique(np.asarray([p["eval_id"] for p in lk.get("pairs", [])], np.int64))
 
 
-def set_aside(ids, labels, flags_csv=None, decisions=None, classes=None):
+def set_aside(ids, labels, flags_csv=None, decisions=None, classes=None, paths=None, manifest="the manifest"):
     """The test split's label decisions → (labels int [M] to score against, keep bool [M], key).
 
     ids, labels: int [M] the split's images and given labels. decisions.csv rows about these ids
-    win: relabel → the reviewed label, drop → left out, keep → the given label. The images
+    win: relabel → the reviewed label, drop → left out, keep → the given label; a decision follows
+    its image (`paths`: {id: path} of the manifest evaluated, pipeline/decisions.py). The images
     flags.csv calls label issues (its val/test rows, `clean flag`) without a decision are left
     out, and so are the images with a copy in train (:func:`leaked_ids`: a leaked test image
     inflates whichever version trained on its copy, so versions are compared without them).
@@ -114,7 +115,7 @@ def set_aside(ids, labels, flags_csv=None, decisions=None, classes=None):
     if decisions is not None and classes is not None:
         from pipeline.decisions import read_decisions
 
-        decided = {i: d for i, d in read_decisions(decisions, classes).items()}
+        decided = read_decisions(decisions, classes, paths, manifest)
         pos = {int(i): k for k, i in enumerate(ids.tolist())}
         mine = [(pos[i], d) for i, d in decided.items() if i in pos]
         for k, d in mine:
@@ -166,7 +167,8 @@ def evaluate(model_dir: str | Path, manifest: str | Path, name: str, metrics_dir
     if progress:
         progress("end")
     metrics = summarize_runs(results, split)
-    metrics.update(_aside_accuracy(results, flags_csv, decisions, cfg["classes"]))
+    metrics.update(_aside_accuracy(results, flags_csv, decisions, cfg["classes"],
+                                   dict(zip(df["id"].tolist(), df["path"].tolist())), manifest))
     names = np.asarray(results[0]["classes"], dtype=object)
     write_frame(Path(plots_dir) / f"confusion_{name}.csv",
                 pd.DataFrame({"actual": names[results[0]["labels"]], "predicted": names[results[0]["pred"]]}))
@@ -179,11 +181,11 @@ def evaluate(model_dir: str | Path, manifest: str | Path, name: str, metrics_dir
     return metrics
 
 
-def _aside_accuracy(results: list[dict], flags_csv, decisions, classes) -> dict:
+def _aside_accuracy(results: list[dict], flags_csv, decisions, classes, paths, manifest) -> dict:
     """{accuracy_reviewed | accuracy_unflagged: mean over seeds, its _std and _runs, n_set_aside}
     (empty when neither flags nor decisions say anything about the split)."""
     first = results[0]
-    labels, keep, key = set_aside(first["ids"], first["labels"], flags_csv, decisions, classes)
+    labels, keep, key = set_aside(first["ids"], first["labels"], flags_csv, decisions, classes, paths, manifest)
     if key is None or not keep.any():
         return {}
     accs = np.array([float((r["pred"][keep] == labels[keep]).mean()) for r in results])
