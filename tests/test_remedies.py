@@ -1,5 +1,5 @@
 """Label remedies: relabel and relabel-or-drop write label overrides that retraining uses."""
-from pipeline.config import PruneConfig
+from pipeline.config import PrepareConfig, PruneConfig
 
 
 def test_relabel_strategies_write_label_overrides_and_retrain_uses_them(tmp_path):
@@ -65,7 +65,8 @@ def test_relabel_agree_relabels_only_where_the_two_views_agree_and_leaves_the_re
     from .helpers import make_imagefolder
 
     make_imagefolder(tmp_path / "imgs", n_per_class=10)
-    prepare("imagefolder", str(tmp_path / "imgs"), tmp_path / "data", 0.1, 0.2, 0)
+    prepare(tmp_path / "data", PrepareConfig(source="imagefolder", root=str(tmp_path / "imgs"), val_frac=0.1,
+                                             test_frac=0.2, seed=0))
     man = pd.read_csv(tmp_path / "data/manifest.csv")
     tr = man[man["split"] == "train"].reset_index(drop=True)
     n = len(tr)
