@@ -179,9 +179,10 @@ def _aside_rows(m: dict) -> list:
     """The accuracy with the test split's label decisions applied, when evaluate computed it."""
     from pipeline.stages.evaluate import ASIDE_KEYS
 
-    said = {"accuracy_reviewed": "accuracy (reviewed test labels; {n} set aside)",
-            "accuracy_unflagged": "accuracy (flagged test images left out: {n})"}
-    return [(said[k].format(n=m["n_set_aside"]), _pm(m, k)) for k in ASIDE_KEYS if k in said and k in m]
+    said = {"accuracy_reviewed": "accuracy (reviewed test labels; {n} set aside{leak})",
+            "accuracy_unflagged": "accuracy (flagged test images left out: {n}{leak})"}
+    leak = f", {m['n_leaked']} leaked copies of training images" if m.get("n_leaked") else ""
+    return [(said[k].format(n=m["n_set_aside"], leak=leak), _pm(m, k)) for k in ASIDE_KEYS if k in said and k in m]
 
 
 @app.command()
