@@ -407,3 +407,30 @@ def test_outlier_k_above_the_training_set_is_no_internal_error(proj):
     assert "outlier_k: 5000" in (proj / "params.yaml").read_text()
     res = invoke(proj, "flag")
     assert res.exit_code in (0, 2) and "internal error" not in res.output, res.output
+
+
+# --------------------------------------------------------------------------- 5. a linked model folder
+
+def test_train_into_a_symlinked_model_folder_is_refused_and_leaves_nothing(proj):
+    import os
+
+    os.symlink("base", proj / "models/link")
+    refused(proj, ["train", "--out", "models/link"],
+            "--out models/link is a symbolic link (to base); `clean train` replaces its model folder as a whole by "
+            "renaming, so give the folder itself (--out models/base) or a new folder")
+    assert not (proj / "models/.link.clean-new").exists() and not (proj / "models/.link.clean-new").is_symlink()
+    assert (proj / "models/link").is_symlink()
+
+
+def test_a_link_left_beside_a_model_folder_by_an_older_clean_is_no_obstacle(proj):
+    """What the old swap left: models/link a real model folder, the user's link as .link.clean-new."""
+    import os
+    import shutil
+
+    from .helpers import ok
+
+    shutil.copytree(proj / "models/base", proj / "models/link")
+    os.symlink("base", proj / "models/.link.clean-new")
+    ok(invoke(proj, "train", "--out", "models/link"))
+    assert not os.path.lexists(proj / "models/.link.clean-new")
+    assert (proj / "models/base/model.safetensors").is_file()  # the folder the link pointed to is kept

@@ -244,7 +244,8 @@ def _aside(m: dict) -> str:
     """The accuracy with the test split's label decisions applied (docs/methods.md §5.3), named."""
     for key, what in (("accuracy_reviewed", "reviewed labels"), ("accuracy_unflagged", "flagged left out")):
         if key in m:
-            return f"{m[key]:.4f} ({what}; {m.get('n_set_aside', 0)} set aside)"
+            leaked = f", {m['n_leaked']} of them copies of training images" if m.get("n_leaked") else ""
+            return f"{m[key]:.4f} ({what}; {m.get('n_set_aside', 0)} set aside{leaked})"
     return "–"
 
 
