@@ -533,9 +533,9 @@ def sweep_collect(
 
 from .visual import compare, figures, report, show  # noqa: E402  (typer/rich/pathlib only)
 from .review import review  # noqa: E402  (typer/pathlib only)
-from .project import init  # noqa: E402  (typer/pathlib only)
+from .project import demo, init, versions  # noqa: E402  (typer/pathlib only)
 
-for _fn in (show, report, compare, figures, review, init):
+for _fn in (show, report, compare, figures, review, init, versions, demo):
     app.command()(_fn)
 
 
