@@ -52,6 +52,15 @@ def _blur(t):
     return F.conv2d(t[:, None], k[None, None], padding=1)[:, 0]
 
 
+#: verification resolution: thumbnails are 2 × 2-averaged to this side first when larger (speed)
+VERIFY_SIDE = 32
+
+
+def _small(t):
+    """Blurred thumbnails at the verification resolution (VERIFY_SIDE)."""
+    return _half(t) if t.shape[-1] > VERIFY_SIDE else _blur(t)
+
+
 def _half(t):
     """[N, S, S] → [N, S/2, S/2] by 2 × 2 averaging (verification resolution)."""
     import torch.nn.functional as F
@@ -171,9 +180,9 @@ def verify(thumb: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray | N
     out = np.empty(len(a), np.float64)
     flips = [None] if flip is not None else [False, True]
     rows = np.unique(np.r_[a, b])
-    blurred = torch.empty((len(rows),) + _thumbs(thumb[:1]).shape[1:])
+    blurred = torch.empty((len(rows),) + _small(_thumbs(thumb[:1])).shape[1:])
     for s in range(0, len(rows), chunk):
-        blurred[s:s + chunk] = _blur(_thumbs(thumb[rows[s:s + chunk]]))
+        blurred[s:s + chunk] = _small(_thumbs(thumb[rows[s:s + chunk]]))
     ia, ib = np.searchsorted(rows, a), np.searchsorted(rows, b)
     for s in range(0, len(a), chunk):
         ta, tb = blurred[ia[s:s + chunk]], blurred[ib[s:s + chunk]]
@@ -201,7 +210,7 @@ def _rank_in_row(rows: np.ndarray, key: np.ndarray) -> np.ndarray:
     return out
 
 
-def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 5, top: int = 3, extra=None,
+def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 5, top: int = 2, extra=None,
                exact_max: int = 20_000, seed: int = 0) -> dict:
     """Verified copy pairs among the rows of `thumb` (uint8 [M, S·S]), each with a training row.
 
