@@ -308,6 +308,9 @@ def _check_free(p: dict, where: str) -> None:
     if classes is not None and (not isinstance(classes, list) or not classes
                                 or len(set(map(str, classes))) != len(classes)):
         raise CleanError(f"{where}: data.classes must be null or a non-empty list of distinct names, got {_short(classes)}")
+    if classes is not None and len(classes) < 2:
+        raise CleanError(f"{where}: data.classes lists {len(classes)} class ({_short(classes)}); a classifier needs at "
+                         "least 2: list every class to keep, or null for every class of the source")
     if p["data"]["val_frac"] + p["data"]["test_frac"] >= 1:
         raise CleanError(f"{where}: data.val_frac + data.test_frac must be < 1, got "
                          f"{p['data']['val_frac']} + {p['data']['test_frac']}")
