@@ -273,6 +273,8 @@ def test_issue_registry_entries_run_through_rule_inputs(tmp_path):
     assert set(dup.columns) == {"duplicate_group", "duplicate_of", "duplicate_conflict", "duplicate_leak"}
     leak = ISSUES["leakage"].fn(inputs, FlagConfig())
     assert set(scores["id"][leak.flagged]) == {int(f["ids"][r]) for r in (3, 4)} and leak.summary["n_pairs"] == 2
+    of = dict(zip(scores["id"].tolist(), leak.columns["leakage_of"].tolist()))
+    assert of[37] == 2047 and of[47] == 2057 and of[27] == -1  # the val/test copy named per training image
 
 
 def test_leaked_test_images_are_set_aside(tmp_path):
@@ -293,3 +295,16 @@ def test_leaked_test_images_are_set_aside(tmp_path):
     # no issues.json: nothing set aside, labels as given
     labels, keep, key = set_aside(ids, np.zeros(10, np.int64), tmp_path / "none" / "flags.csv")
     assert keep.all() and key is None
+
+
+def test_why_names_the_statistic_the_cut_and_the_neighbour():
+    from pipeline.views.why import why
+
+    assert why({"id": 5, "duplicate_of": 3, "duplicate_score": 0.99, "duplicate_conflict": 1}, "duplicate", {}) == \
+        "a copy of #3, the one kept (another label: a label conflict); distance 0.01"
+    assert why({"id": 3, "duplicate_of": 3}, "duplicate", {}) == "the copy kept in its set"
+    assert why({"id": 9, "leakage_of": 2047}, "leakage", {}) == "a copy of val/test image #2047"
+    out = why({"id": 5, "outlier_score": 0.31, "outlier_neighbour": 12}, "outlier", {"cut": 0.25, "fpr": 0.01})
+    assert out == "k-th neighbour distance 0.31 > cut 0.25, the 99.0% quantile of val images'; nearest training image #12"
+    out = why({"id": 5, "blurry_stat": -2.5}, "blurry", {"cut": 0.29, "statistic": "log sharpness", "fpr_max": 0.01})
+    assert out == "log sharpness = -2.5 < cut 0.29 (at most 1.0% of the set)"
