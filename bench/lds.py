@@ -53,11 +53,12 @@ def load_world(a):
 
     if a.data == "digits":
         from pipeline.data.stream import open_split
+        from pipeline.config import PrepareConfig
         from pipeline.stages.prepare import prepare
 
         d = Path(a.cache) / "digits_data"
         if not (d / "manifest.csv").exists():
-            prepare("digits", None, d, 0.1, 0.2, 0)
+            prepare(d, PrepareConfig(source="digits", val_frac=0.1, test_frac=0.2, seed=0))
         tr, va = open_split(d / "manifest.csv", "train"), open_split(d / "manifest.csv", "val")
         x, y, xv, yv = np.array(tr.images), tr.labels.astype(np.int64), np.array(va.images), va.labels.astype(np.int64)
     else:

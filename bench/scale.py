@@ -55,6 +55,7 @@ def make_data(work: Path, n: int) -> Path:
     """IDX files with n training images (+ 100 test) → prepared manifest; returns its path."""
     from pipeline.data.images import read_idx
     from pipeline.stages.prepare import prepare
+    from pipeline.config import PrepareConfig
 
     src = work / "fm"
     src.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,7 @@ def make_data(work: Path, n: int) -> Path:
     write_idx(src / "train-labels-idx1-ubyte.gz", y)
     write_idx(src / "t10k-images-idx3-ubyte.gz", xt)
     write_idx(src / "t10k-labels-idx1-ubyte.gz", yt)
-    prepare("fashion-mnist", str(src), work / "data", val_frac=0.0, test_frac=0.2, seed=0)
+    prepare(work / "data", PrepareConfig(source="fashion-mnist", root=str(src), val_frac=0.0, test_frac=0.2, seed=0))
     print(f"data: {n} {what} training images → {work / 'data/manifest.csv'}")
     return work / "data" / "manifest.csv"
 

@@ -50,9 +50,11 @@ def _classes(manifest: Path) -> tuple[str, Path]:
 
 
 def _check_out_dir(out: Path) -> None:
-    """A model folder option must not name an existing file."""
+    """A model folder option must not name an existing file, nor be a symbolic link (pipeline/ownership.py)."""
     from pipeline.errors import CleanError
+    from pipeline.ownership import not_a_link
 
+    not_a_link(out)
     if out.exists() and not out.is_dir():
         raise CleanError(f"--out {out} is a file; give a folder for the model (e.g. models/base)")
 
@@ -75,18 +77,16 @@ def prepare(
 
     c = _config(params, data__source=source, data__root=root, data__val_frac=val_frac,
                 data__test_frac=test_frac, data__seed=seed, noise__rate=noise_rate, noise__kind=noise_kind)
-    d, nz = c.params["data"], c.params["noise"]
-    _io("prepare", [("data.root", d["root"])], [("--out", out)] + [("--out", out / f) for f in
-                                                                   ("manifest.csv", "classes.json", "problems.csv")], params=params)
+    pc = c.prepare
+    _io("prepare", [("data.root", pc.root)],
+        [("--out", out)] + [("--out", out / f) for f in ("manifest.csv", "classes.json", "problems.csv")], params=params)
     with RichProgress() as prog:
-        s = run(d["source"], d["root"], out, val_frac=d["val_frac"], test_frac=d["test_frac"], seed=d["seed"],
-                classes=d["classes"], noise_rate=nz["rate"], noise_kind=nz["kind"], noise_pairs=nz["pairs"],
-                noise_seed=nz["seed"], noise_splits=nz["splits"], progress=prog)
+        s = run(out, pc, progress=prog)
     rows = [(k, v) for k, v in s.get("counts", {}).items()]
     console.print(table(f"prepared {s.get('source')} → {out}/manifest.csv", ["split", "images"], rows))
     if s.get("n_noisy"):
-        console.print(f"injected label noise: {s['n_noisy']} labels changed in {', '.join(nz['splits'])} "
-                      f"({nz['kind']}, rate {nz['rate']})")
+        console.print(f"injected label noise: {s['n_noisy']} labels changed in {', '.join(pc.noise_splits)} "
+                      f"({pc.noise_kind}, rate {pc.noise_rate})")
     for w in s.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
     n_prob = s.get("n_problems", 0)
@@ -164,11 +164,25 @@ def _versioned_outputs(command: str, name: str, inputs, manifest: Path, params: 
                           ("--name", opt.PLOTS / f"evaluate_{name}.json")], manifest, params)
 
 
-def _pm(m: dict) -> str:
-    """accuracy as 'mean ± std (n seeds)'."""
+FLAGS_ASIDE = typer.Option(None, help="flags.csv: its flagged test images are left out of accuracy_unflagged")
+DECISIONS_ASIDE = typer.Option(None, help="decisions.csv: reviewed test labels → accuracy_reviewed")
+
+
+def _pm(m: dict, key: str = "accuracy") -> str:
+    """accuracy (or `key`) as 'mean ± std (n seeds)'."""
     if m.get("n_seeds", 1) > 1:
-        return f"{m['accuracy']:.4f} ± {m['accuracy_std']:.4f} ({m['n_seeds']} seeds)"
-    return f"{m['accuracy']:.4f}"
+        return f"{m[key]:.4f} ± {m[key + '_std']:.4f} ({m['n_seeds']} seeds)"
+    return f"{m[key]:.4f}"
+
+
+def _aside_rows(m: dict) -> list:
+    """The accuracy with the test split's label decisions applied, when evaluate computed it."""
+    from pipeline.stages.evaluate import ASIDE_KEYS
+
+    said = {"accuracy_reviewed": "accuracy (reviewed test labels; {n} set aside{leak})",
+            "accuracy_unflagged": "accuracy (flagged test images left out: {n}{leak})"}
+    leak = f", {m['n_leaked']} leaked copies of training images" if m.get("n_leaked") else ""
+    return [(said[k].format(n=m["n_set_aside"], leak=leak), _pm(m, k)) for k in ASIDE_KEYS if k in said and k in m]
 
 
 @app.command()
@@ -180,17 +194,20 @@ def evaluate(
     split: str = typer.Option("test", help="split to evaluate on"),
     baseline: Optional[str] = typer.Option(None, help="another version (e.g. base): the verdict against it over the seeds"),
     device: Optional[str] = typer.Option(None, help=_one_of("train.device")),
+    flags: Optional[Path] = FLAGS_ASIDE,
+    decisions: Optional[Path] = DECISIONS_ASIDE,
     params: Path = PARAMS,
 ):
-    """Evaluate a model on the untouched test split → metrics/<name>.json for `dvc metrics diff`."""
+    """Evaluate a model on the untouched test split → metrics/<name>.json for `dvc metrics diff`;
+    with --flags / --decisions also the accuracy with the test split's label decisions applied."""
     from pipeline.stages.evaluate import evaluate as run
 
     c = _config(params, train__device=device)
     _versioned_outputs("evaluate", name, [("--model", model), ("--manifest", manifest)], manifest, params)
     with RichProgress() as prog:
         m = run(model, manifest, name, opt.METRICS, opt.PLOTS, split=split, device=c.train.device,
-                progress=prog, baseline=baseline)
-    rows = [("accuracy", _pm(m)), ("loss", m["loss"]), ("n", m["n"]), ("seeds", m["n_seeds"])]
+                progress=prog, baseline=baseline, flags_csv=flags, decisions=decisions)
+    rows = [("accuracy", _pm(m)), *_aside_rows(m), ("loss", m["loss"]), ("n", m["n"]), ("seeds", m["n_seeds"])]
     rows += [(f"accuracy[{k}]", v) for k, v in m["per_class_accuracy"].items()]
     console.print(table(f"{name}: {model} on {split}", ["metric", "value"], rows))
     _verdict(name, m)
@@ -419,6 +436,8 @@ def retrain(
     epochs: Optional[int] = typer.Option(None, help="epochs (params: train.epochs)"),
     seed: Optional[List[int]] = typer.Option(None, help="seed(s) (params: train.seeds)"),
     device: Optional[str] = typer.Option(None, help=_one_of("train.device")),
+    flags: Optional[Path] = FLAGS_ASIDE,
+    decisions: Optional[Path] = DECISIONS_ASIDE,
     params: Path = PARAMS,
 ):
     """Retrain from scratch on a pruned manifest and evaluate on the untouched test split → metrics/<name>.json.
@@ -434,9 +453,9 @@ def retrain(
     _versioned_outputs("retrain", name, inputs, test_manifest, params)
     with RichProgress() as prog:
         m = run(manifest, test_manifest, out, name, c.train, c.seeds, c.train.device,
-                opt.METRICS, opt.PLOTS, progress=prog, baseline=baseline, summary=summary)
+                opt.METRICS, opt.PLOTS, progress=prog, baseline=baseline, flags_csv=flags, decisions=decisions, summary=summary)
     console.print(table(f"{name}: retrained on {manifest}, tested on {test_manifest}", ["metric", "value"],
-                        [("n_train", m["n_train"]), ("accuracy", _pm(m)), ("loss", m["loss"])]))
+                        [("n_train", m["n_train"]), ("accuracy", _pm(m)), *_aside_rows(m), ("loss", m["loss"])]))
     _verdict(name, m)
     if "dval_loss" in m:
         from pipeline.effect import line
@@ -526,8 +545,9 @@ def sweep_collect(
 
 from .visual import compare, figures, report, show  # noqa: E402  (typer/rich/pathlib only)
 from .review import review  # noqa: E402  (typer/pathlib only)
+from .project import demo, init, versions  # noqa: E402  (typer/pathlib only)
 
-for _fn in (show, report, compare, figures, review):
+for _fn in (show, report, compare, figures, review, init, versions, demo):
     app.command()(_fn)
 
 

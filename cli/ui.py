@@ -76,9 +76,25 @@ def _is_cli_control(e: BaseException) -> bool:
     return type(e).__module__.split(".")[0] in ("typer", "click")
 
 
+def _users_problem(e: BaseException) -> str | None:
+    """The message for an OS error the user can fix (full disk, quota, read-only, permissions;
+    pipeline/io.py USER_ERRNOS), found in `e` or the exceptions it came from; else None."""
+    from pipeline.io import USER_ERRNOS, describe_os_error
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in USER_ERRNOS:
+            return describe_os_error(e)
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def handle_errors(fn):
     """Turn CleanError into one red line on stderr and exit code 2 (no traceback).
 
+    An OS error the user can fix (a full disk, a read-only folder: pipeline/io.py USER_ERRNOS) is
+    one such line too, naming the path, the free space and the fix (exit code 2).
     Any other exception is a bug in `clean`, not bad input: it is shown as one line
     (`internal error: <type>: <message>`) with exit code 1; set CLEAN_DEBUG=1 to get the
     traceback (the exception is re-raised).
@@ -101,6 +117,10 @@ def handle_errors(fn):
             err_console.print("[yellow]interrupted[/]: previous outputs are left as they were")
             sys.exit(130)
         except Exception as e:  # noqa: BLE001 - last resort: no raw traceback for users
+            mine = _users_problem(e)
+            if mine is not None:  # their disk or their permissions, not a bug: name the path and the fix
+                err_console.print(f"[bold red]error:[/] {escape(mine)}", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
             if _is_cli_control(e) or os.environ.get("CLEAN_DEBUG", "") not in ("", "0"):
                 raise
             msg = " ".join(str(e).split()) or "(no message)"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import os
 import tempfile
@@ -116,7 +117,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     group = _group_for(path)
     if group is None:
         settle(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        _name(e, path)
+        raise
     os.close(fd)
     os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; give outputs the usual permissions
     tmp = Path(tmp)
@@ -132,10 +137,52 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                 with contextlib.suppress(FileNotFoundError):
                     (path.parent / old[0]).unlink()
             group["pairs"].append([tmp.name, path.name])
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(e, OSError):
+            _name(e, path)
         raise
+
+
+def _name(e: OSError, path: Path) -> None:
+    """A failed write() or mkstemp names no file (or a temp one): name the output it was for."""
+    if e.filename is None or os.path.basename(str(e.filename)).startswith(f".{path.name}."):
+        e.filename = str(path)
+
+
+#: OS errors that are the user's to fix (their disk, their permissions), not a bug of `clean`
+USER_ERRNOS = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "the disk quota is used up",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted", errno.EFBIG: "the file is too large for the file system"}
+
+
+def describe_os_error(e: OSError, path: "str | os.PathLike | None" = None) -> str:
+    """One line for an OS error the user can fix: what failed, on which path, the free space
+    there (for a full disk) and the fix. `path`: the file meant when the error names none."""
+    where = e.filename if e.filename is not None else path
+    what = USER_ERRNOS.get(e.errno, e.strerror or str(e))
+    line = f"{where}: {what}" if where is not None else what
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) and where is not None:
+        free = _free_bytes(where)
+        if free is not None:
+            line += f" ({free / 2 ** 20:,.1f} MiB free there)"
+        return line + "; free some space (or write the output to another disk), then run the command again"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return line + "; make it writable (or give an output path you can write), then run the command again"
+    return line + "; fix that, then run the command again"
+
+
+def _free_bytes(path) -> int | None:
+    import shutil
+
+    p = Path(path)
+    for q in (p, *p.parents):
+        try:
+            return shutil.disk_usage(q).free
+        except OSError:
+            continue
+    return None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

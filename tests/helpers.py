@@ -129,7 +129,9 @@ def project_fixtures(prefix: str, params_text: str, symlinks: bool = False):
 def prepared_folder(root: Path, n_per_class: int) -> Path:
     """root/imgs (make_imagefolder) prepared into root/data with val 0.2, test 0.2, seed 0 → root."""
     from pipeline.stages.prepare import prepare
+    from pipeline.config import PrepareConfig
 
     make_imagefolder(root / "imgs", n_per_class=n_per_class)
-    prepare("imagefolder", str(root / "imgs"), root / "data", 0.2, 0.2, 0)
+    prepare(root / "data",
+            PrepareConfig(source="imagefolder", root=str(root / "imgs"), val_frac=0.2, test_frac=0.2, seed=0))
     return root

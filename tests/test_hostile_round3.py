@@ -190,3 +190,288 @@ def test_old_decisions_without_paths_work_until_the_manifest_changes(proj):
     got = refused(proj, ["prune"], starts=f"data/decisions.csv: row 2 (id {rid}) names no image (no path column) "
                                           "and data/manifest.csv was written after it")
     assert "touch data/decisions.csv" in got and "clean review" in got
+
+
+# --------------------------------------------------------------------------- 3. the review page and server
+
+HOSTILE_NOTE = "<!--<script>x</script><script>\u2028\u2029 & </SCRIPT"
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A review server on the tiny project of tests/test_review.py."""
+    from pipeline.views.review import Review, serve
+
+    from .test_review import project
+
+    P = project(tmp_path)
+    r = Review(tmp_path / "data/manifest.csv", tmp_path / "scores/flags.csv", tmp_path / "data/decisions.csv",
+               tmp_path / "scores/scores.csv")
+    server = serve(r, 0)
+    yield P, r, server
+    server.shutdown()
+    server.server_close()
+
+
+def _post(server, r, body):
+    import json
+
+    from .test_review import request
+
+    st, text, _ = request(server, "POST", f"/{r.token}/api/decision", body)
+    return st, json.loads(text)
+
+
+def test_page_data_cannot_end_or_comment_out_its_script(served):
+    """A note holding `<!--<script>` killed every later page load (the JSON escaped `</` only)."""
+    import json
+    import re
+
+    P, r, server = served
+    first = int(r.items[0]["id"])
+    assert _post(server, r, {"id": first, "action": "keep", "note": HOSTILE_NOTE})[0] == 200
+    page = r.page().decode()
+    m = re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S)
+    assert "<" not in m.group(1) and "\u2028" not in m.group(1)
+    assert json.loads(m.group(1))["decisions"][str(first)]["note"] == " ".join(HOSTILE_NOTE.split())
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromedriver").exists(), reason="chromium-driver not installed")
+def test_page_with_a_hostile_note_still_runs_in_a_browser(served):
+    pytest.importorskip("selenium")
+    from selenium.webdriver.common.by import By
+
+    from pipeline.views.review import url
+
+    from .test_review import browser, wait_for
+
+    P, r, server = served
+    assert _post(server, r, {"id": int(r.items[0]["id"]), "action": "drop", "note": HOSTILE_NOTE})[0] == 200
+    drv = browser(800, 600)
+    try:
+        drv.get(url(server))
+        wait_for(lambda: drv.find_element(By.ID, "progress").text == f"1 of {len(r.items)} reviewed",
+                 what="the page's script to run")
+    finally:
+        drv.quit()
+
+
+def test_server_answers_hostile_bodies_with_a_json_error(served, monkeypatch):
+    import errno
+
+    import pipeline.decisions
+
+    P, r, server = served
+    dec = r.decisions_csv
+    before = dec.read_bytes()
+    st, body = _post(server, r, b"[" * 16000)  # RecursionError in json.loads: no answer at all on main
+    assert st == 400 and "valid JSON" in body["error"]
+    first = int(r.items[0]["id"])
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline.decisions, "write_csv", full, raising=False)
+    monkeypatch.setattr("pipeline.io.write_csv", full)
+    st, body = _post(server, r, {"id": first, "action": "drop"})
+    assert st == 507 and body["error"].startswith(f"decision not saved: {dec}: no space left on the disk")
+    assert dec.read_bytes() == before and r.decisions == {}
+    monkeypatch.undo()
+    st, body = _post(server, r, b'{"id": %d, "action": "keep", "note": "a\\ud800b"}' % first)  # a lone surrogate
+    assert st == 200, body
+    assert "a\ufffdb" in dec.read_text(encoding="utf-8")
+
+
+def test_hand_edits_to_decisions_while_the_server_runs_are_kept(served):
+    P, r, server = served
+    dec = r.decisions_csv
+    a, b, c = (int(it["id"]) for it in r.items[:3])
+    assert _post(server, r, {"id": a, "action": "drop"})[0] == 200
+    with open(dec, "a", encoding="utf-8") as f:  # the person edits the file by hand
+        f.write(f"{b},{r.paths[b]},relabel,c,by hand\n")
+    assert _post(server, r, {"id": c, "action": "keep"})[0] == 200
+    from pipeline.decisions import read_decisions
+
+    got = read_decisions(dec, r.classes, r.paths)
+    assert {k: v["action"] for k, v in got.items()} == {a: "drop", b: "relabel", c: "keep"}
+    assert got[b]["note"] == "by hand"
+    dec.write_text(dec.read_text() + "garbage,row\n")  # a hand edit that does not read: refused, file kept
+    broken = dec.read_bytes()
+    st, body = _post(server, r, {"id": a, "action": "keep"})
+    assert st == 409 and "was changed outside the review" in body["error"] and "row" in body["error"]
+    assert dec.read_bytes() == broken
+
+
+# --------------------------------------------------------------------------- 6. the user's disk
+
+@pytest.mark.parametrize("code,says", [("ENOSPC", "no space left on the disk"), ("EDQUOT", "the disk quota is used up"),
+                                       ("EROFS", "the file system is read-only"), ("EACCES", "permission denied")])
+def test_a_full_or_read_only_disk_is_the_users_problem_named_with_its_path(proj, monkeypatch, code, says):
+    import errno
+
+    def fail(*a, **k):
+        raise OSError(getattr(errno, code), "from the OS")
+
+    monkeypatch.setattr("pipeline.io.tempfile.mkstemp", fail)
+    got = refused(proj, ["prune"], starts=f"data/pruned.csv: {says}")
+    assert ("MiB free there" in got) == (code in ("ENOSPC", "EDQUOT"))
+    assert got.endswith("then run the command again")
+
+
+@pytest.mark.parametrize("args,file", [(["prepare"], "data/"), (["flag"], "scores/"), (["score"], "scores/"),
+                                       (["train", "--out", "models/new"], "models/")])
+def test_a_full_disk_names_the_file_of_every_stage(proj, monkeypatch, args, file):
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("pipeline.io.tempfile.mkstemp", full)
+    got = refused(proj, args, starts=file)
+    assert "no space left on the disk" in got
+
+
+# --------------------------------------------------------------------------- 4. bounded reads
+
+BOMB = "".join(f"{c}: &{c} [" + ",".join([f"*{p}"] * 9 if p else ['"lol"'] * 9) + "]\n"
+               for p, c in zip([None, *"abcdefgh"], "abcdefghi")) + "train:\n  seeds: *i\n"
+
+
+@pytest.mark.parametrize("args", [["prepare"], ["flag"]])
+def test_a_yaml_alias_bomb_is_refused_at_once_with_a_short_message(proj, args):
+    (proj / "params.yaml").write_text(BOMB)
+    got = refused(proj, args, starts="params.yaml: the YAML expands to more than 100,000 values")
+    assert len(got) < 300 and "lol" not in got
+
+
+def _fifo(path: Path) -> Path:
+    import os
+
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+def test_an_image_that_is_a_fifo_is_a_problem_not_a_hang(proj):
+    _fifo(proj / "data/imgs/a/fifo.png")
+    res = invoke(proj, "prepare")
+    assert res.exit_code == 0, res.output
+    assert "imgs/a/fifo.png,\"not a regular file (a pipe, a device or a socket)\"" in (proj / "data/problems.csv").read_text()
+
+
+def test_review_of_an_image_replaced_by_a_fifo_answers_404(served):
+    from .test_review import request
+
+    P, r, server = served
+    rid = int(r.items[0]["id"])
+    _fifo(r.base / r.paths[rid])
+    st, body, _ = request(server, "GET", f"/{r.token}/img/{rid}.png")
+    assert st == 404 and "not a regular file" in body
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_decisions_that_are_a_fifo_or_dev_zero_are_refused(proj, kind):
+    import os
+
+    dec = proj / "data/decisions.csv"
+    if kind == "fifo":
+        _fifo(dec)
+    else:
+        dec.unlink(missing_ok=True)
+        os.symlink("/dev/zero", dec)
+    refused(proj, ["prune"], "data/decisions.csv is not a regular file (a pipe or a device); decisions must be a CSV file")
+
+
+# --------------------------------------------------------------------------- 6. values the machine can hold
+
+@pytest.mark.parametrize("yaml_text,args,message", [
+    ("train:\n  epochs: 1000000000000\n", ["train"], "train.epochs must be ≥ 1 and ≤ 100000, got 1000000000000"),
+    ("flag:\n  outlier_k: 1000000000\n", ["flag"], "flag.outlier_k must be ≥ 1 and ≤ 10000, got 1000000000"),
+    ("flag:\n  folds: 1000000\n  method: confident\n", ["flag"], "flag.folds must be ≥ 2 and ≤ 1000, got 1000000"),
+    ("data:\n  seed: " + "7" * 1_000_000 + "\n", ["prepare"],
+     "line 2: a number of 1,000,000 digits; no setting takes more than 30 (seeds take 10): write a smaller value"),
+], ids=["epochs", "outlier_k", "folds", "a million digits"])
+def test_values_beyond_what_the_machine_holds_are_refused_in_one_short_line(proj, yaml_text, args, message):
+    (proj / "params.yaml").write_text(yaml_text)
+    assert refused(proj, args, "params.yaml" + (" " if message.startswith("line") else ": ") + message)
+
+
+def test_more_folds_than_training_samples_is_refused_before_training(proj):
+    (proj / "params.yaml").write_text((proj / "params.yaml").read_text().replace(
+        "  method: quantile", "  method: confident\n  folds: 1000"))
+    refused(proj, ["flag"], starts="flag.folds = 1000 is more than the 18 training samples")
+
+
+def test_outlier_k_above_the_training_set_is_no_internal_error(proj):
+    (proj / "params.yaml").write_text((proj / "params.yaml").read_text() + "  outlier_k: 5000\n")
+    assert "outlier_k: 5000" in (proj / "params.yaml").read_text()
+    res = invoke(proj, "flag")
+    assert res.exit_code in (0, 2) and "internal error" not in res.output, res.output
+
+
+# --------------------------------------------------------------------------- 5. a linked model folder
+
+def test_train_into_a_symlinked_model_folder_is_refused_and_leaves_nothing(proj):
+    import os
+
+    os.symlink("base", proj / "models/link")
+    refused(proj, ["train", "--out", "models/link"],
+            "--out models/link is a symbolic link (to base); `clean train` replaces its model folder as a whole by "
+            "renaming, so give the folder itself (--out models/base) or a new folder")
+    assert not (proj / "models/.link.clean-new").exists() and not (proj / "models/.link.clean-new").is_symlink()
+    assert (proj / "models/link").is_symlink()
+
+
+def test_a_link_left_beside_a_model_folder_by_an_older_clean_is_no_obstacle(proj):
+    """What the old swap left: models/link a real model folder, the user's link as .link.clean-new."""
+    import os
+    import shutil
+
+    from .helpers import ok
+
+    shutil.copytree(proj / "models/base", proj / "models/link")
+    os.symlink("base", proj / "models/.link.clean-new")
+    ok(invoke(proj, "train", "--out", "models/link"))
+    assert not os.path.lexists(proj / "models/.link.clean-new")
+    assert (proj / "models/base/model.safetensors").is_file()  # the folder the link pointed to is kept
+
+
+# --------------------------------------------------------------------------- 7. late checks come early
+
+def _csv_project(proj: Path, split_of) -> None:
+    import pandas as pd
+
+    rows = [(f"imgs/{c}/{i:03d}.png", c, split_of(k)) for k, (c, i) in enumerate((c, i) for c in "abc" for i in range(10))]
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(proj / "data/labels.csv", index=False)
+    (proj / "params.yaml").write_text(TINY_PARAMS.replace("source: imagefolder", "source: csv")
+                                      .replace("root: data/imgs", "root: data/labels.csv"))
+
+
+def test_a_csv_whose_rows_are_all_test_is_refused_at_prepare(proj):
+    _csv_project(proj, lambda k: "test")
+    refused(proj, ["prepare"], starts="csv source data/labels.csv: the train split holds no image: the source's own "
+                                      "splits (a CSV `split` column, or train/val/test folders) put the rest in val/test")
+
+
+def test_a_csv_whose_train_rows_are_one_class_is_refused_at_prepare(proj):
+    _csv_project(proj, lambda k: "train" if k < 10 else "test")
+    refused(proj, ["prepare"], starts="csv source data/labels.csv: the train split holds images of class 'a' only")
+
+
+def test_one_class_in_data_classes_is_refused_with_the_fix(proj):
+    (proj / "params.yaml").write_text(TINY_PARAMS.replace("  root: data/imgs\n", "  root: data/imgs\n  classes: [a]\n"))
+    refused(proj, ["prepare"], "params.yaml: data.classes lists 1 class (['a']); a classifier needs at least 2: list "
+                               "every class to keep, or null for every class of the source")
+
+
+def test_decisions_saved_by_excel_with_a_bom_are_read(proj):
+    import pandas as pd
+
+    from .helpers import ok
+
+    m = _manifest(proj)
+    row = m[m["split"] == "train"].iloc[0]
+    (proj / "data/decisions.csv").write_bytes(
+        f"\ufeffid,path,action,label,note\r\n{row['id']},{row['path']},drop,,\r\n".encode("utf-8"))
+    ok(invoke(proj, "prune"))
+    assert row["path"] not in set(pd.read_csv(proj / "data/pruned.csv")["path"])

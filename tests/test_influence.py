@@ -112,12 +112,15 @@ def test_last_closed_form_equals_jvp_on_the_head():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from pipeline.stages.prepare import prepare
+    from pipeline.config import PrepareConfig
     from pipeline.stages.train import train
     from pipeline.training.recipe import Recipe
 
     root = tmp_path_factory.mktemp("influence")
     make_imagefolder(root / "imgs", n_per_class=10)
-    prepare("imagefolder", str(root / "imgs"), root / "data", 0.2, 0.2, 0, noise_rate=0.2)
+    prepare(root / "data",
+            PrepareConfig(source="imagefolder", root=str(root / "imgs"), val_frac=0.2, test_frac=0.2, seed=0,
+                          noise_rate=0.2))
     recipe = Recipe(model="small_cnn_bn", epochs=2, batch_size=8, lr=1e-2, device="cpu", seed=0, checkpoint_every=1)
     train(root / "data" / "manifest.csv", root / "models" / "base", recipe)
     return root
@@ -169,7 +172,8 @@ def test_a_manifest_without_val_is_a_clear_error(trained, tmp_path):
     from pipeline.stages.prepare import prepare
     from pipeline.stages.score import score
 
-    prepare("imagefolder", str(trained / "imgs"), tmp_path / "d", 0.0, 0.2, 0)
+    prepare(tmp_path / "d",
+            PrepareConfig(source="imagefolder", root=str(trained / "imgs"), val_frac=0.0, test_frac=0.2, seed=0))
     match = r"no 'val' rows.*data\.val_frac > 0.*score\.val_influence: false.*score\.importance: false"
     for vi, imp in ((True, False), (False, True)):
         with pytest.raises(CleanError, match=match):

@@ -9,6 +9,7 @@ from pipeline.formats.dynamics import load_dynamics
 from pipeline.rules.base import seed_mean_probs
 from pipeline.stages.flag import flag
 from pipeline.stages.prepare import prepare
+from pipeline.config import PrepareConfig
 from pipeline.stages.score import score
 from pipeline.stages.train import train
 from pipeline.training.recipe import Recipe
@@ -23,7 +24,9 @@ RECIPE = Recipe(epochs=8, batch_size=16, device="cpu", track=0, checkpoint_every
 def noisy(tmp_path_factory):
     root = tmp_path_factory.mktemp("labels")
     make_imagefolder(root / "imgs", n_per_class=30, classes=("a", "b", "c", "d"))
-    prepare("imagefolder", str(root / "imgs"), root / "data", 0.1, 0.2, 0, noise_rate=0.2)
+    prepare(root / "data",
+            PrepareConfig(source="imagefolder", root=str(root / "imgs"), val_frac=0.1, test_frac=0.2, seed=0,
+                          noise_rate=0.2))
     train(root / "data/manifest.csv", root / "models/base", RECIPE, seeds=[0, 1])
     score(root / "models/base", root / "data/manifest.csv", root / "scores",
           ScoreConfig(subset="last", device="cpu", self_influence=False, embeddings=False))

@@ -12,6 +12,7 @@ import pytest
 from pipeline.errors import CleanError
 from pipeline.data.images import load_images
 from pipeline.stages.prepare import prepare
+from pipeline.config import PrepareConfig
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -33,7 +34,7 @@ def test_prepare_imagefolder_writes_contract_files(tmp_path, save_image):
     root = tmp_path / "images"
     _folder(root, save_image)
     out = tmp_path / "data"
-    summary = prepare("imagefolder", root, out, val_frac=1 / 6, test_frac=1 / 6, seed=0)
+    summary = prepare(out, PrepareConfig(source="imagefolder", root=root, val_frac=1 / 6, test_frac=1 / 6, seed=0))
 
     rows = _rows(out / "manifest.csv")
     assert rows[0] == ["id", "path", "label", "split"]
@@ -68,9 +69,9 @@ def test_prepare_is_byte_identical_and_leaves_sources_alone(tmp_path, save_image
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     out = tmp_path / "data"
     args = dict(val_frac=0.2, test_frac=0.2, seed=1, noise_rate=0.3)
-    prepare("imagefolder", root, out, **args)
+    prepare(out, PrepareConfig(source="imagefolder", root=root, **args))
     first = {n: (out / n).read_bytes() for n in ("manifest.csv", "classes.json", "problems.csv")}
-    prepare("imagefolder", root, out, **args)
+    prepare(out, PrepareConfig(source="imagefolder", root=root, **args))
     assert first == {n: (out / n).read_bytes() for n in first}
     assert before == {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
@@ -79,8 +80,9 @@ def test_prepare_noise_only_touches_train(tmp_path, save_image):
     root = tmp_path / "images"
     _folder(root, save_image, per_class=20)
     out = tmp_path / "data"
-    summary = prepare("imagefolder", root, out, 0.2, 0.2, seed=0, noise_rate=0.25,
-                      noise_kind="pairs", noise_pairs={"ant": "bee", 1: 2})
+    summary = prepare(out,
+                      PrepareConfig(source="imagefolder", root=root, val_frac=0.2, test_frac=0.2, seed=0,
+                                    noise_rate=0.25, noise_kind="pairs", noise_pairs={"ant": "bee", 1: 2}))
     rows = _rows(out / "manifest.csv")
     assert rows[0] == ["id", "path", "label", "split", "orig_label", "noisy"]
     body = [dict(zip(rows[0], r)) for r in rows[1:]]
@@ -92,19 +94,24 @@ def test_prepare_noise_only_touches_train(tmp_path, save_image):
     assert all(r["label"] == r["orig_label"] for r in body if r["noisy"] == "0")
     assert {(r["orig_label"], r["label"]) for r in noisy} <= {("0", "1"), ("1", "2")}
     with pytest.raises(CleanError, match="noise.pairs: 'pig' is not a class"):
-        prepare("imagefolder", root, out, 0.2, 0.2, seed=0, noise_rate=0.25,
-                noise_kind="pairs", noise_pairs={"pig": 0})
+        prepare(out,
+                PrepareConfig(source="imagefolder", root=root, val_frac=0.2, test_frac=0.2, seed=0, noise_rate=0.25,
+                              noise_kind="pairs", noise_pairs={"pig": 0}))
 
 
 def test_prepare_noise_in_every_split_keeps_the_truth_and_the_train_only_default(tmp_path, save_image):
     root = tmp_path / "images"
     _folder(root, save_image, per_class=20)
-    prepare("imagefolder", root, tmp_path / "a", 0.2, 0.2, seed=0, noise_rate=0.3)
+    prepare(tmp_path / "a",
+            PrepareConfig(source="imagefolder", root=root, val_frac=0.2, test_frac=0.2, seed=0, noise_rate=0.3))
     default = _rows(tmp_path / "a/manifest.csv")
-    prepare("imagefolder", root, tmp_path / "b", 0.2, 0.2, seed=0, noise_rate=0.3, noise_splits=["train"])
+    prepare(tmp_path / "b",
+            PrepareConfig(source="imagefolder", root=root, val_frac=0.2, test_frac=0.2, seed=0, noise_rate=0.3,
+                          noise_splits=["train"]))
     assert _rows(tmp_path / "b/manifest.csv") == default  # naming the default changes nothing
-    s = prepare("imagefolder", root, tmp_path / "c", 0.2, 0.2, seed=0, noise_rate=0.3,
-                noise_splits=["train", "val", "test"])
+    s = prepare(tmp_path / "c",
+                PrepareConfig(source="imagefolder", root=root, val_frac=0.2, test_frac=0.2, seed=0, noise_rate=0.3,
+                              noise_splits=["train", "val", "test"]))
     rows = _rows(tmp_path / "c/manifest.csv")
     body = [dict(zip(rows[0], r)) for r in rows[1:]]
     assert s["n_noisy"] == sum(r["noisy"] == "1" for r in body) == round(0.3 * len(body))
@@ -114,7 +121,7 @@ def test_prepare_noise_in_every_split_keeps_the_truth_and_the_train_only_default
 
 def test_prepare_digits_paths_relative_to_manifest(tmp_path):
     out = tmp_path / "data"
-    summary = prepare("digits", None, out, val_frac=0.1, test_frac=0.2, seed=0)
+    summary = prepare(out, PrepareConfig(source="digits", root=None, val_frac=0.1, test_frac=0.2, seed=0))
     rows = _rows(out / "manifest.csv")[1:]
     assert len(rows) == 1797 and summary["num_classes"] == 10
     assert rows[0][1] == "images/digits/0/0000.png"
@@ -128,7 +135,8 @@ def test_prepare_digits_paths_relative_to_manifest(tmp_path):
 
 def test_prepare_idx_official_test_kept(tmp_path, fashion_dir):
     out = tmp_path / "data"
-    summary = prepare("fashion-mnist", fashion_dir, out, val_frac=0.25, test_frac=0.5, seed=0)
+    summary = prepare(out,
+                      PrepareConfig(source="fashion-mnist", root=fashion_dir, val_frac=0.25, test_frac=0.5, seed=0))
     assert summary["counts"] == {"train": 9, "val": 3, "test": 5}
     rows = _rows(out / "manifest.csv")[1:]
     tests = [r for r in rows if r[3] == "test"]
@@ -141,7 +149,7 @@ def test_prepare_idx_official_test_kept(tmp_path, fashion_dir):
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="dataset-fashion-mnist is not installed")
 def test_prepare_real_fashion_mnist(tmp_path):
-    summary = prepare("fashion-mnist", None, tmp_path, val_frac=0.1, test_frac=0.2, seed=0)
+    summary = prepare(tmp_path, PrepareConfig(source="fashion-mnist", root=None, val_frac=0.1, test_frac=0.2, seed=0))
     assert summary["counts"] == {"train": 54000, "val": 6000, "test": 10000}
     assert summary["n_problems"] == 0 and summary["image_size"] == [28, 28]
     meta = json.loads((tmp_path / "classes.json").read_text())
@@ -177,7 +185,9 @@ def test_prepare_opens_and_decodes_each_file_exactly_once(tmp_path, save_image, 
 
     monkeypatch.setattr(Image, "open", counting_open)
     monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
-    prepare(source, root if source == "imagefolder" else tmp_path / "list.csv", tmp_path / "data", 0.2, 0.2, 0)
+    prepare(tmp_path / "data",
+            PrepareConfig(source=source, root=root if source == "imagefolder" else tmp_path / "list.csv",
+                          val_frac=0.2, test_frac=0.2, seed=0))
     images = {str(p) for p in root.rglob("*.png")} | {str(p) for p in root.rglob("*.jpg")}
     assert set(opened) == images and set(opened.values()) == {1}, opened
     good = {f for f in images if "broken" not in f and "junk" not in f}
@@ -191,11 +201,11 @@ def test_prepare_with_worker_processes_writes_the_same_files(tmp_path, save_imag
 
     root = tmp_path / "images"
     _folder(root, save_image, per_class=40)
-    prepare("imagefolder", root, tmp_path / "serial", 0.2, 0.2, 0)
+    prepare(tmp_path / "serial", PrepareConfig(source="imagefolder", root=root, val_frac=0.2, test_frac=0.2, seed=0))
     monkeypatch.setattr(P, "PARALLEL_MIN", 1)
     monkeypatch.setattr(P, "CHUNK", 7)  # several chunks, several in flight
     monkeypatch.setattr(P, "workers", lambda: 2)  # two workers even on one CPU
-    prepare("imagefolder", root, tmp_path / "workers", 0.2, 0.2, 0)
+    prepare(tmp_path / "workers", PrepareConfig(source="imagefolder", root=root, val_frac=0.2, test_frac=0.2, seed=0))
     for f in ("manifest.csv", "classes.json", "problems.csv"):
         assert (tmp_path / "serial" / f).read_bytes() == (tmp_path / "workers" / f).read_bytes(), f
     assert len(_rows(tmp_path / "workers" / "problems.csv")) == 3  # header + the two broken files
@@ -252,7 +262,7 @@ def test_manifest_paths_relative_inside_the_repository(tmp_path, save_image, fas
     old = os.getcwd()
     os.chdir(repo)  # as DVC runs a stage: in the folder of dvc.yaml, data.root relative to it
     try:
-        s = prepare(source, root, Path("data"), val_frac=0.2, test_frac=0.2, seed=0)
+        s = prepare(Path("data"), PrepareConfig(source=source, root=root, val_frac=0.2, test_frac=0.2, seed=0))
     finally:
         os.chdir(old)
     assert not any("outside the repository" in w for w in s["warnings"])
@@ -274,7 +284,8 @@ def test_manifest_paths_outside_the_repository_absolute_with_a_note(tmp_path, sa
     (repo / "dvc.yaml").parent.mkdir()
     (repo / "dvc.yaml").write_text("stages: {}\n")
     _folder(tmp_path / "photos", save_image)
-    s = prepare("imagefolder", tmp_path / "photos", repo / "data", val_frac=0.2, test_frac=0.2, seed=0)
+    s = prepare(repo / "data",
+                PrepareConfig(source="imagefolder", root=tmp_path / "photos", val_frac=0.2, test_frac=0.2, seed=0))
     body = _rows(repo / "data" / "manifest.csv")[1:]
     assert all(os.path.isabs(r[1]) for r in body)
     note = [w for w in s["warnings"] if "outside the repository" in w]

@@ -20,6 +20,7 @@ from pipeline.decisions import HEADER, apply_decisions, read_decisions
 from pipeline.errors import CleanError
 from pipeline.formats.manifest import read_manifest
 from pipeline.stages.prepare import prepare
+from pipeline.config import PrepareConfig
 from pipeline.stages.prune import prune
 from pipeline.views.review import Review, serve, url
 
@@ -35,7 +36,9 @@ def project(root: Path, n_per_class: int = 12, n_flag: int | None = None, noise:
     (label issues with suggested labels, one duplicate group with a test-split member in
     issues.json). n_flag: how many training samples are flagged (None = every third)."""
     make_imagefolder(root / "imgs", n_per_class=n_per_class)
-    prepare("imagefolder", str(root / "imgs"), root / "data", 0.1, 0.2, 0, noise_rate=noise)
+    prepare(root / "data",
+            PrepareConfig(source="imagefolder", root=str(root / "imgs"), val_frac=0.1, test_frac=0.2, seed=0,
+                          noise_rate=noise))
     m = read_manifest(root / "data/manifest.csv")
     tr = m[m["split"] == "train"].reset_index(drop=True)
     n = len(tr)
@@ -162,11 +165,17 @@ def test_bad_decisions_are_refused_by_prune(tmp_path, rows, match):
     assert not (tmp_path / "data/pruned.csv").exists()
 
 
-def test_decisions_for_val_test_ids_are_refused(tmp_path):
+def test_decisions_for_test_ids_are_left_to_evaluate(tmp_path):
+    """A reviewed test image is evaluate's (accuracy_reviewed): prune keeps every val/test row as it was."""
+    import pandas as pd
+
     P = project(tmp_path)
     write_decisions(tmp_path, [(P["test_id"], "drop", "", "")])
-    with pytest.raises(CleanError, match="val/test stay untouched"):
-        run_prune(tmp_path)
+    s = run_prune(tmp_path)
+    before, after = pd.read_csv(tmp_path / "data/manifest.csv"), pd.read_csv(tmp_path / "data/pruned.csv")
+    pd.testing.assert_frame_equal(before[before["split"] != "train"].reset_index(drop=True),
+                                  after[after["split"] != "train"].reset_index(drop=True))
+    assert s["decisions"] is None  # no training decision
 
 
 def test_apply_decisions_unit():
@@ -258,7 +267,7 @@ def test_server_refuses_what_it_must_and_changes_nothing(served):
     # a good decision is saved at once
     st, body, _ = request(server, "POST", f"/{t}/api/decision", {"id": first, "action": "relabel", "label": "c"})
     assert st == 200 and json.loads(body)["reviewed"] == 1
-    assert read_decisions(dec, ["a", "b", "c"]) == {first: {"action": "relabel", "label": 2, "note": ""}}
+    assert read_decisions(dec, ["a", "b", "c"], r.paths) == {first: {"action": "relabel", "label": 2, "note": ""}}
 
 
 # --------------------------------------------------------------------------- the page in a browser
@@ -337,7 +346,7 @@ def test_review_in_a_headless_browser(tmp_path):
             body().send_keys("kd"[k % 2])
             wait_for(lambda: saves() == 5 + k, what=f"save {5 + k}")
         times = drv.execute_script("return window.__saveTimes")
-        on_disk = read_decisions(tmp_path / "data/decisions.csv", r.classes)
+        on_disk = read_decisions(tmp_path / "data/decisions.csv", r.classes, r.paths)
         assert len(on_disk) == 44
         # reload: the decisions are kept, and shown
         drv.refresh()

@@ -14,6 +14,7 @@ from pipeline.scores.engine import per_sample_grad_norms
 from pipeline.training.infer import normalize
 from pipeline.models import load_trained, load_weights
 from pipeline.stages.prepare import prepare
+from pipeline.config import PrepareConfig
 from pipeline.scores.compute import forward_scores
 from pipeline.stages.score import columns, score
 
@@ -43,7 +44,8 @@ def test_dynamics_scores_on_a_hand_made_history():
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("scores")
     make_imagefolder(root / "imgs", n_per_class=8)
-    prepare("imagefolder", str(root / "imgs"), root / "data", 0.2, 0.25, 0)
+    prepare(root / "data",
+            PrepareConfig(source="imagefolder", root=str(root / "imgs"), val_frac=0.2, test_frac=0.25, seed=0))
     recipe = Recipe(model="small_cnn_bn", epochs=3, batch_size=8, lr=1e-2, device="cpu", seed=0, checkpoint_every=1)
     train(root / "data" / "manifest.csv", root / "models" / "base", recipe)
     return root
@@ -118,7 +120,8 @@ def test_scores_do_not_depend_on_batch_size(trained):
 
 def test_score_rejects_a_model_from_other_classes(trained, tmp_path):
     make_imagefolder(tmp_path / "other", n_per_class=3, classes=("x", "y", "z"))
-    prepare("imagefolder", str(tmp_path / "other"), tmp_path / "d", 0.0, 0.0, 0)
+    prepare(tmp_path / "d",
+            PrepareConfig(source="imagefolder", root=str(tmp_path / "other"), val_frac=0.0, test_frac=0.0, seed=0))
     with pytest.raises(CleanError, match="was trained on classes"):
         score(trained / "models/base", tmp_path / "d/manifest.csv", tmp_path / "s", ScoreConfig(device="cpu"))
 
@@ -193,7 +196,8 @@ def test_native_sizes_come_from_prepare_when_uniform_else_from_each_file(tmp_pat
     for name, mixed in (("mixed", True), ("uniform", False)):
         if not mixed:
             Image.open(odd).resize((8, 8)).save(odd)
-        prepare("imagefolder", str(root), tmp_path / name, 0.2, 0.2, 0)
+        prepare(tmp_path / name,
+                PrepareConfig(source="imagefolder", root=str(root), val_frac=0.2, test_frac=0.2, seed=0))
         info = json.loads((tmp_path / name / "classes.json").read_text())
         assert info["uniform_size"] is (not mixed) and info["image_size"] == [8, 8]
         recipe = Recipe(model="small_cnn", epochs=1, batch_size=8, device="cpu", seed=0, checkpoint_every=1)

@@ -14,6 +14,7 @@ import pytest
 from pipeline.data.sources import load_source
 from pipeline.errors import CleanError
 from pipeline.stages.prepare import prepare
+from pipeline.config import PrepareConfig
 
 
 def _folder(root, save_image, layout: dict[str, dict[str, int]]):
@@ -42,7 +43,7 @@ def _by_path(out):
 def _run(root, out, source="imagefolder", **kw):
     args = dict(val_frac=0.25, test_frac=0.25, seed=0)
     args.update(kw)
-    return prepare(source, str(root), out, **args)
+    return prepare(out, PrepareConfig(source=source, root=str(root), **args))
 
 
 def test_flat_folder_is_carved_as_before(tmp_path, save_image):

@@ -13,6 +13,7 @@ from pipeline.errors import CleanError
 from pipeline.stages.evaluate import evaluate
 from pipeline.stages.flag import flag, gradient_features
 from pipeline.stages.prepare import prepare
+from pipeline.config import PrepareConfig
 from pipeline.stages.prune import prune
 from pipeline.stages.sweep import collect, sweep_point
 from pipeline.stages.train import train
@@ -25,7 +26,9 @@ from .helpers import make_imagefolder
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     make_imagefolder(root / "imgs", n_per_class=10)
-    prepare("imagefolder", str(root / "imgs"), root / "data", 0.1, 0.2, 0, noise_rate=0.2)
+    prepare(root / "data",
+            PrepareConfig(source="imagefolder", root=str(root / "imgs"), val_frac=0.1, test_frac=0.2, seed=0,
+                          noise_rate=0.2))
     return root
 
 

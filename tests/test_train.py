@@ -8,6 +8,7 @@ from pipeline.errors import CleanError
 from pipeline.stages.evaluate import evaluate
 from pipeline.models import create_model, load_trained, load_weights, save_weights
 from pipeline.stages.prepare import prepare
+from pipeline.config import PrepareConfig
 from pipeline.stages.train import train
 from pipeline.training.fit import fit
 from pipeline.training.recipe import Recipe, lr_at
@@ -68,7 +69,8 @@ def test_diverging_loss_stops_with_clear_error():
 
 def test_train_stage_writes_every_file_and_reloads(tmp_path):
     make_imagefolder(tmp_path / "imgs")
-    prepare("imagefolder", str(tmp_path / "imgs"), tmp_path / "data", 0.2, 0.2, 0)
+    prepare(tmp_path / "data",
+            PrepareConfig(source="imagefolder", root=str(tmp_path / "imgs"), val_frac=0.2, test_frac=0.2, seed=0))
     out = tmp_path / "models" / "base"
     m = train(tmp_path / "data" / "manifest.csv", out, recipe(epochs=3, checkpoint_every=2))
     for f in ("model.safetensors", "config.json", "metrics.json", "dynamics.npz",

@@ -42,6 +42,7 @@ def as_manifest(path: str | Path, work_dir: str | Path, classes: list[str] | Non
     Returns (manifest path, prepare summary or {}).
     """
     from pipeline.stages.prepare import prepare
+    from pipeline.config import PrepareConfig
 
     path = Path(path)
     if not path.exists():
@@ -51,5 +52,6 @@ def as_manifest(path: str | Path, work_dir: str | Path, classes: list[str] | Non
         return path, {}
     kind = "imagefolder" if path.is_dir() else "csv"
     work_dir = Path(work_dir)
-    summary = prepare(kind, str(path), work_dir, val_frac=0.0, test_frac=0.0, seed=0, classes=classes)
+    summary = prepare(work_dir, PrepareConfig(source=kind, root=str(path), val_frac=0.0, test_frac=0.0, seed=0,
+                                              classes=classes))
     return work_dir / "manifest.csv", summary

@@ -71,11 +71,12 @@ def read_scores(path: str | Path, need=()):
     return df
 
 
-def read_flags(path: str | Path, ids=None):
+def read_flags(path: str | Path, ids=None, heldout: bool = False):
     """Read flags.csv → DataFrame (id int, flagged bool, rule str, value float, ...).
 
     `flagged` accepts 0/1 and true/false. `ids`: the training ids it must cover exactly
-    (flags from another scores file or manifest → CleanError).
+    (flags from another scores file or manifest → CleanError). The training rows only, unless
+    `heldout`: then also the val/test rows (`split` column; their label issues).
     """
     import pandas as pd
 
@@ -104,7 +105,7 @@ def read_flags(path: str | Path, ids=None):
     df["rule"] = df["rule"].fillna("").astype(str) if "rule" in df.columns else ""
     if "value" not in df.columns:
         df["value"] = np.nan
-    for col in [c for c in df.columns if c == "value" or c.endswith("_score") or c.startswith(("suggested_", "duplicate_"))]:
+    for col in [c for c in df.columns if c == "value" or c.endswith("_score") or c.startswith(("suggested_", "duplicate_", "knn_"))]:
         vals = pd.to_numeric(df[col], errors="coerce")  # every such column is numeric (empty = NaN)
         bad = vals.isna() & df[col].notna()
         if bad.any():
@@ -112,6 +113,8 @@ def read_flags(path: str | Path, ids=None):
             raise CleanError(f"{path}: column '{col}' must hold numbers; row {row + 2} has {df[col].iloc[row]!r}; {fix}")
         df[col] = vals
     _unique_ids(df, path, fix)
+    if "split" in df.columns and not heldout:
+        df = df[df["split"].astype(str) == "train"].reset_index(drop=True)
     if ids is not None:
         have, want = set(df["id"].tolist()), set(np.asarray(ids).tolist())
         if have != want:

@@ -2,6 +2,8 @@
 confident-dynamics), with a suggested label per sample (docs/methods.md §2)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from pipeline.errors import CleanError
@@ -26,9 +28,41 @@ def label_issue(inputs, cfg: FlagConfig) -> IssueResult:
     else:
         suggested, p = inputs.scores["pred"].to_numpy(np.int64), np.full(len(inputs.ids), np.nan)
     same = int((res.flagged & (suggested == inputs.labels)).sum())
-    return IssueResult(res.flagged, np.asarray(res.value, np.float64), res.rule,
-                       columns={"suggested_label": suggested, "suggested_p": np.round(p, 6)},
-                       summary={"n_suggestion_equals_label": same})
+    columns = {"suggested_label": suggested, "suggested_p": np.round(p, 6)}
+    summary = {"n_suggestion_equals_label": same}
+    emb = Path(inputs.scores_csv).parent / "embeddings.npz"
+    if emb.exists():  # a second view: the labels of the image's nearest training neighbours
+        f = inputs.features()
+        vote, share = knn_vote(f["emb"][f["train_pos"]], inputs.labels, cfg.outlier_k)
+        columns.update(knn_label=vote, knn_share=np.round(share, 6))
+        summary["n_views_agree"] = int((res.flagged & (vote == suggested) & (suggested != inputs.labels)).sum())
+    return IssueResult(res.flagged, np.asarray(res.value, np.float64), res.rule, columns=columns, summary=summary)
+
+
+def knn_vote(emb, labels, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """kNN label voting (cleanlab Datalab's features path): each training image's k nearest other
+    training images by cosine similarity of the L2-normalised embeddings `emb` [N, D] (faiss,
+    pipeline/rules/knn.py) → (knn_label int [N] = their most common given label, lowest class on
+    ties; knn_share float [N] = its share of the k votes, in 0..1)."""
+    from pipeline.rules.knn import build_index, normalize, search
+
+    labels = np.asarray(labels, np.int64)
+    v = normalize(emb)
+    k = int(min(k, len(v) - 1))
+    if k < 1:
+        return labels.copy(), np.ones(len(labels))
+    index, _ = build_index(v)
+    _, nn = search(index, v, k + 1)
+    own = nn == np.arange(len(v))[:, None]  # drop the image itself (or, for exact copies, the last neighbour)
+    drop = np.where(own.any(1), own.argmax(1), k)
+    keep = np.ones_like(nn, bool)
+    keep[np.arange(len(v)), drop] = False
+    nn = nn[keep].reshape(len(v), k)
+    valid = nn >= 0
+    counts = np.zeros((len(v), int(labels.max()) + 1))
+    rows = np.repeat(np.arange(len(v)), k)[valid.ravel()]
+    np.add.at(counts, (rows, labels[nn[valid]]), 1.0)
+    return counts.argmax(1).astype(np.int64), counts.max(1) / np.maximum(valid.sum(1), 1)
 
 
 def heldout_label_issues(labels, probs, filter_by: str = "prune_by_noise_rate"):
@@ -45,3 +79,48 @@ def heldout_label_issues(labels, probs, filter_by: str = "prune_by_noise_rate"):
     res = flag_confident(probs, labels, filter_by=filter_by)
     suggested = np.asarray(probs, dtype=float).argmax(1).astype(np.int64)
     return res.flagged, suggested, 1.0 - res.value
+
+
+#: the splits the trained model never saw: their predictions are out-of-sample
+HELDOUT_SPLITS = ("val", "test")
+
+
+def heldout_probs(model_dir, manifest, split: str, device: str = "cpu", df=None):
+    """Eval-mode softmax on `split` of `manifest`, averaged over every seed's model of
+    `model_dir` (models/base and its seeds/) → (ids int [M], labels int [M], probs float64 [M, C])."""
+    import torch
+
+    from pipeline.data.dataset import load_split
+    from pipeline.models import load_trained
+    from pipeline.stages.evaluate import run_dirs
+    from pipeline.training.infer import predict_logits
+
+    dirs = run_dirs(model_dir)
+    _, cfg = load_trained(dirs[0], "cpu")
+    data = load_split(manifest, split, cfg["image_size"], in_chans=cfg["in_chans"], df=df, classes=cfg["classes"])
+    total = np.zeros((len(data.ids), cfg["num_classes"]))
+    for d in dirs:
+        model, c = load_trained(d, device)
+        total += torch.softmax(predict_logits(model, data.images, c["mean"], c["std"], device=device).double(), 1).numpy()
+    return data.ids, np.asarray(data.labels, np.int64), total / len(dirs)
+
+
+def heldout_issue_rows(model_dir, manifest, filter_by: str = "prune_by_noise_rate", device: str = "cpu"):
+    """flags.csv rows of the val and test images (docs/methods.md §2.3) → DataFrame: id, split,
+    is_label, label_score (1 − label quality), suggested_label, suggested_p, from
+    :func:`heldout_label_issues` on the base models' out-of-sample softmax; empty splits skipped."""
+    import pandas as pd
+
+    from pipeline.formats.manifest import read_manifest
+
+    df = read_manifest(manifest)
+    parts = []
+    for split in HELDOUT_SPLITS:
+        if not (df["split"] == split).any():
+            continue
+        ids, labels, probs = heldout_probs(model_dir, manifest, split, device, df=df)
+        is_issue, suggested, quality = heldout_label_issues(labels, probs, filter_by)
+        parts.append(pd.DataFrame({"id": ids, "split": split, "is_label": is_issue.astype(np.int64),
+                                   "label_score": np.round(1.0 - quality, 6), "suggested_label": suggested,
+                                   "suggested_p": np.round(probs.max(1), 6)}))
+    return pd.concat(parts, ignore_index=True) if parts else None

@@ -59,10 +59,14 @@ def flag(scores_csv: str | Path, out_dir: str | Path, config: FlagConfig = FlagC
         found[t] = ISSUES[t].fn(inputs, config)
         seconds[t] = round(time.perf_counter() - t1, 3)
     out_dir = Path(out_dir)
-    write_frame(out_dir / "flags.csv", _frame(inputs.ids, res, found))
+    held = _heldout(found, model_dir, manifest, config, inputs.device)
+    write_frame(out_dir / "flags.csv", _with_heldout(_frame(inputs.ids, res, found), held))
     summary = _summary(df, res, config.method, found, time.perf_counter() - t0)
-    write_json(out_dir / "issues.json", {**_details(inputs.ids, found, seconds),
-                                         **{t: {"skipped": why} for t, why in skipped.items()}})
+    details = _details(inputs.ids, found, seconds)
+    if held is not None:
+        summary.update(_heldout_summary(held, manifest))
+        details["label"]["heldout"] = _heldout_details(held)
+    write_json(out_dir / "issues.json", {**details, **{t: {"skipped": why} for t, why in skipped.items()}})
     if metrics_path is not None:
         write_json(metrics_path, summary)
     if config.grid and manifest is not None:
@@ -82,6 +86,64 @@ def _skipped(types: list, df, scores_csv) -> dict:
         if col and (col not in df.columns or df[col].isna().all()):
             skipped[t] = f"no {col} values in {scores_csv} (run `clean score` with score.{col}: true)"
     return skipped
+
+
+def _heldout(found: dict, model_dir, manifest, config, device: str):
+    """The val/test label issues (pipeline/rules/labels.py) when `label` is checked and the base
+    model and manifest are at hand, else None."""
+    if "label" not in found or model_dir is None or manifest is None or not Path(manifest).exists():
+        return None
+    from pipeline.rules.labels import heldout_issue_rows
+
+    return heldout_issue_rows(model_dir, manifest, config.heldout_filter_by, device)
+
+
+def _with_heldout(frame, held):
+    """flags.csv = the training rows (split "train") + the val/test rows: is_label, label_score,
+    suggested_label/_p; every other is_<type> 0, flagged 0 (the rule judges training images only),
+    the other columns empty."""
+    frame["split"] = "train"  # last: the columns before keep their places
+    if held is None:
+        return frame
+    rows = pd.DataFrame({c: (0 if c.startswith("is_") or c == "flagged" else np.nan) for c in frame.columns},
+                        index=range(len(held)))
+    for c in held.columns:
+        rows[c] = held[c].to_numpy()
+    rows["rule"] = "heldout confident-learning"
+    rows["value"] = held["label_score"].to_numpy()
+    out = pd.concat([frame, rows[frame.columns]], ignore_index=True)
+    for c in frame.columns:  # integer columns stay integers (empty where they do not apply)
+        if pd.api.types.is_integer_dtype(frame[c]) and out[c].isna().any():
+            out[c] = out[c].astype("Int64")
+        elif pd.api.types.is_integer_dtype(frame[c]):
+            out[c] = out[c].astype(np.int64)
+    return out
+
+
+def _heldout_summary(held, manifest) -> dict:
+    """n_label_<split> and, against injected noise in the manifest, precision_/recall_<split>."""
+    from pipeline.formats.manifest import read_manifest
+    from pipeline.rules.metrics import precision_recall
+
+    out = {}
+    man = read_manifest(manifest).set_index("id")
+    for split, part in held.groupby("split", sort=False):
+        flagged = part["is_label"].to_numpy(bool)
+        out[f"n_label_{split}"] = int(flagged.sum())
+        if "noisy" in man.columns:
+            truth = man["noisy"].reindex(part["id"]).fillna(0).to_numpy().astype(bool)
+            if truth.any():
+                out[f"precision_{split}"], out[f"recall_{split}"] = precision_recall(flagged, truth)
+    return out
+
+
+def _heldout_details(held, examples: int = 5) -> dict:
+    """issues.json label.heldout: per split n, examples (most likely wrong first)."""
+    out = {}
+    for split, part in held.groupby("split", sort=False):
+        hit = part[part["is_label"] == 1].sort_values(["label_score", "id"], ascending=[False, True])
+        out[split] = {"n": int(len(hit)), "of": int(len(part)), "examples": [int(i) for i in hit["id"][:examples]]}
+    return out
 
 
 def _frame(ids: np.ndarray, res, found: dict):

@@ -124,6 +124,8 @@ def _with_decisions(df, train, labels, kept_pos, decisions, classes, manifest):
     before = train["label"].to_numpy(np.int64)
     paths = dict(zip(df["id"].tolist(), df["path"].tolist()))  # decisions follow their image's path
     decided = read_decisions(decisions, classes, paths, manifest) if decisions is not None else {}
+    heldout = set(df.loc[df["split"] != "train", "id"].tolist())  # reviewed val/test labels: for evaluate
+    decided = {i: d for i, d in decided.items() if i not in heldout}
     facts = {"decisions": str(decisions) if decided else None}
     kept = np.zeros(len(train), bool)
     kept[kept_pos] = True

@@ -128,7 +128,7 @@ def _issues(ins: dict, flags_csv: Path | None, img: Path | None):
         sec = section("issues")
         sec.missing("no manifest to show the images of each issue type (pass --manifest)")
         return sec
-    flags = read_flags(flags_csv) if flags_csv is not None else None
+    flags = read_flags(flags_csv, heldout=True) if flags_csv is not None else None
     found = {}
     if flags_csv is not None and (flags_csv.parent / "issues.json").exists():
         found = read_json(flags_csv.parent / "issues.json", "not found", "re-run `clean flag`")

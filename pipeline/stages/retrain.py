@@ -14,16 +14,17 @@ from pipeline.training.recipe import Recipe
 
 def retrain(manifest: str | Path, test_manifest: str | Path, out_dir: str | Path, name: str, recipe: Recipe,
             seeds: list[int], device: str, metrics_dir: str | Path, plots_dir: str | Path, progress=None,
-            baseline: str | None = None, summary: str | Path | None = None) -> dict:
+            baseline: str | None = None, flags_csv=None, decisions=None, summary: str | Path | None = None) -> dict:
     """Stage: train `recipe` from scratch on `manifest`'s train split (one run per seed) into
     `out_dir`, then evaluate every run on `test_manifest`'s test split → the metrics dict
     (also in metrics_dir/<name>.json; the confusion data in plots_dir/confusion_<name>.csv).
     With `baseline` (e.g. "base", evaluated before into plots_dir) the metrics carry the
     verdict against it over the seeds (pipeline/verdict.py); a baseline never evaluated is
-    skipped with a log line. With `summary` (prune/summary.json holding a prediction, `effect`)
-    the metrics also carry the measured change of the mean validation loss beside the predicted
-    one: `dloss` in metrics_dir/<name>.json (prune's metrics/pred.json holds the predicted one), and
-    dval_loss, dval_loss_pred, dval_loss_pred_sd, val_loss_runs in the details (pipeline/effect.py)."""
+    skipped with a log line. `flags_csv` / `decisions`: the test split's label decisions
+    (pipeline/stages/evaluate.py set_aside). With `summary` (prune/summary.json holding a prediction,
+    `effect`) the metrics also carry the measured change of the mean validation loss beside the
+    predicted one: `dloss` in metrics_dir/<name>.json (prune's metrics/pred.json holds the predicted
+    one), and dval_loss, dval_loss_pred, dval_loss_pred_sd, val_loss_runs in the details (pipeline/effect.py)."""
     from pipeline.stages.evaluate import details_path, evaluate
     from pipeline.stages.train import train
 
@@ -34,7 +35,7 @@ def retrain(manifest: str | Path, test_manifest: str | Path, out_dir: str | Path
                                     f"(run `clean evaluate --name {baseline}` first)")
         baseline = None
     metrics = evaluate(out_dir, test_manifest, name, metrics_dir, plots_dir, device=device, progress=progress,
-                       baseline=baseline)
+                       baseline=baseline, flags_csv=flags_csv, decisions=decisions)
     return _with_effect(metrics, summary, out_dir, manifest, name, metrics_dir, plots_dir, device)
 
 

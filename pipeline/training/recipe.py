@@ -1,68 +1,14 @@
-"""The training recipe: `Recipe` (everything that defines a run), the learning-rate schedule
-`lr_at`, `make_optimizer` and the mixed-precision dtype `amp_dtype` (docs/methods.md §5.1).
-
-Defaults live once, in pipeline/params.py: a Recipe's field defaults are read from
-`DEFAULTS`, and `Recipe.from_params` takes the validated params with no defaults of its own.
+"""How a training recipe runs: the learning-rate schedule `lr_at`, `make_optimizer` and the
+mixed-precision dtype `amp_dtype` (docs/methods.md §5.1). The recipe itself, `Recipe`
+(everything that defines a run: the train stage's typed config), lives with the other stage
+configs in pipeline/config.py and is re-exported here.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
+from pipeline.config import AMP, RESULT_NEUTRAL, Recipe  # noqa: F401  (re-exported)
 from pipeline.errors import CleanError
-from pipeline.params import CHOICES, DEFAULTS
-
-#: Recipe fields that never change the numbers (a run may resume with other values)
-RESULT_NEUTRAL = ("workers", "cache_max_gb", "device")
-#: allowed `train.amp` modes
-AMP = CHOICES["train.amp"]
-
-_MODEL, _TRAIN, _DATA = DEFAULTS["model"], DEFAULTS["train"], DEFAULTS["data"]
-#: Recipe fields read from params.yaml `train` under the same name
-_TRAIN_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "step_size",
-               "gamma", "device", "checkpoint_every", "track", "amp", "workers", "probs_window", "augment")
-
-
-@dataclass
-class Recipe:
-    """Everything that defines a training run (params.yaml `model` + `train` + data.image_size)."""
-
-    model: str = _MODEL["name"]
-    pretrained: bool = _MODEL["pretrained"]
-    weights: str | None = _MODEL["weights"]
-    epochs: int = _TRAIN["epochs"]
-    batch_size: int = _TRAIN["batch_size"]
-    optimizer: str = _TRAIN["optimizer"]
-    lr: float = _TRAIN["lr"]
-    momentum: float = _TRAIN["momentum"]
-    weight_decay: float = _TRAIN["weight_decay"]
-    schedule: str = _TRAIN["schedule"]
-    step_size: int = _TRAIN["step_size"]
-    gamma: float = _TRAIN["gamma"]
-    seed: int = _TRAIN["seeds"][0]
-    device: str = _TRAIN["device"]
-    checkpoint_every: int = _TRAIN["checkpoint_every"]
-    track: int = _TRAIN["track"]
-    image_size: list | int | None = _DATA["image_size"]
-    amp: str = _TRAIN["amp"]                    # auto: bf16, else fp16, on CUDA; off on CPU
-    workers: int = _TRAIN["workers"]            # DataLoader worker processes decoding streamed images
-    cache_max_gb: float = _DATA["cache_max_gb"]  # a decoded training set larger than this is streamed
-    probs_window: float = _TRAIN["probs_window"]  # the first fraction of epochs whose pre-update softmax is averaged
-    augment: str = _TRAIN["augment"]            # auto | none | flip-crop (pipeline/training/augment.py)
-
-    @property
-    def probs_epochs(self) -> int:
-        """How many first epochs the mean pre-update softmax (dynamics `probs`) averages: ≥ 1."""
-        return max(1, math.ceil(self.probs_window * self.epochs - 1e-9))
-
-    @classmethod
-    def from_params(cls, p: dict) -> "Recipe":
-        """The recipe of validated params (pipeline.params.validate / load_params); seed = train.seeds[0]."""
-        t, m, d = p["train"], p["model"], p["data"]
-        return cls(model=m["name"], pretrained=m["pretrained"], weights=m["weights"],
-                   image_size=d["image_size"], seed=t["seeds"][0], cache_max_gb=d["cache_max_gb"],
-                   **{k: t[k] for k in _TRAIN_KEYS})
-
 
 def lr_at(recipe: Recipe, epoch: int) -> float:
     """Learning rate used during `epoch` (0-based), per the schedule."""

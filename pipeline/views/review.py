@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from pipeline.errors import CleanError
+from pipeline.views.why import why
 
 #: Extra score columns of scores.csv shown with each sample (when present): a display choice.
 SHOWN_SCORES = ("loss", "aum", "margin", "confidence", "grad_norm", "forgetting")
@@ -47,6 +48,20 @@ SHOWN_SCORES = ("loss", "aum", "margin", "confidence", "grad_norm", "forgetting"
 IMAGE_CACHE = 2048
 #: Largest POST body accepted (bytes).
 MAX_BODY = 16 * 1024
+
+
+def _stamp(path: Path) -> tuple | None:
+    """What tells a file changed: (inode, size, mtime in ns); None when it is missing."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _valid_text(text: str) -> str:
+    """`text` with lone surrogates (JSON allows "\\ud800", UTF-8 cannot hold it) as U+FFFD."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", text)
 
 
 def _num(v):
@@ -74,6 +89,11 @@ class Review:
         mdf = read_manifest(self.manifest, self.classes)
         train = mdf[mdf["split"] == "train"]
         fl = read_flags(self.flags_csv, train["id"].to_numpy())
+        held = read_flags(self.flags_csv, heldout=True)  # + val/test label issues: a person can correct a test label
+        if "split" in held.columns and (held["split"] != "train").any():
+            import pandas as pd
+
+            fl = pd.concat([fl, held[held["split"] != "train"]], ignore_index=True)
         issues = {}
         if (self.flags_csv.parent / "issues.json").exists():
             issues = read_json(self.flags_csv.parent / "issues.json", "not found", "re-run `clean flag`")
@@ -84,19 +104,20 @@ class Review:
         self.paths = dict(zip(mdf["id"].tolist(), mdf["path"].tolist()))
         self.types = [c[3:] for c in fl.columns if c.startswith("is_")]
         rows = mdf.set_index("id")
-        self.items = self._items(fl, rows, sc)
+        self.items = self._items(fl, rows, sc, issues)
         self.under_review = {it["id"] for it in self.items}
         self.groups = self._groups(fl, rows, issues)
         self.members = {m["id"]: m for ms in self.groups.values() for m in ms}
         ensure_file(self.decisions_csv)
         self.decisions = read_decisions(self.decisions_csv, self.classes, self.paths, self.manifest)
+        self._seen = _stamp(self.decisions_csv)  # a hand edit while serving is read back, never overwritten
         self.token = secrets.token_urlsafe(18)
         self.lock = threading.Lock()
         self._images: dict[int, bytes] = {}
 
     # ------------------------------------------------------------------ data
 
-    def _items(self, fl, rows, sc) -> list[dict]:
+    def _items(self, fl, rows, sc, issues=None) -> list[dict]:
         """One entry per flagged training sample (any issue type, or the driving rule), ordered by
         issue type (flags.csv order), then by that type's score (most severe first), then id."""
         types = self.types
@@ -119,6 +140,7 @@ class Review:
                   "sug_p": _num(r.get("suggested_p")),
                   "group": int(r["duplicate_group"]) if r.get("duplicate_group", -1) == r.get("duplicate_group", -1)
                   and r.get("duplicate_group", -1) >= 0 else None}
+            it["why"] = {t: why(r, t, (issues or {}).get(t)) for t in its}
             if "noisy" in rows.columns:
                 it["noisy"] = int(m["noisy"])
             if sc is not None and rid in sc.index:
@@ -189,17 +211,35 @@ class Review:
         note = body.get("note") or ""
         if not isinstance(note, str):
             raise CleanError("note must be text")
-        note = " ".join(note.split())[:MAX_NOTE]
+        note = " ".join(_valid_text(note).split())[:MAX_NOTE]
         with self.lock:
+            self._reread_if_edited()
             new = dict(self.decisions)
             if action == "clear":
                 new.pop(rid, None)
             else:
                 new[rid] = {"action": action, "label": label, "note": note}
             write_decisions(self.decisions_csv, new, self.classes, self.paths)
-            self.decisions = new
+            self.decisions, self._seen = new, _stamp(self.decisions_csv)
             return {"ok": True, "id": rid, "decision": new.get(rid), "reviewed": self.reviewed(),
                     "total": len(self.items)}
+
+    def _reread_if_edited(self) -> None:
+        """When decisions.csv changed on disk since this server last read or wrote it (a hand edit),
+        read it again, so the next write keeps those edits (merged: the new decision on top).
+        A file that no longer reads is refused (409) and left as the person made it."""
+        from pipeline.decisions import read_decisions
+
+        if _stamp(self.decisions_csv) == self._seen:
+            return
+        try:
+            self.decisions = read_decisions(self.decisions_csv, self.classes, self.paths, self.manifest)
+        except CleanError as e:
+            err = CleanError(f"{self.decisions_csv} was changed outside the review and cannot be read ({e}); "
+                             "nothing was saved: fix the file, then decide again")
+            err.conflict = True
+            raise err from None
+        self._seen = _stamp(self.decisions_csv)
 
     def image(self, rid: int) -> bytes:
         """PNG bytes of manifest sample `rid` (decoded with the project's reader)."""
@@ -220,115 +260,151 @@ class Review:
         return data
 
     def page(self) -> bytes:
-        data = json.dumps(self.state(), separators=(",", ":")).replace("</", "<\\/")
-        return PAGE.replace("__DATA__", data).encode("utf-8")
+        return PAGE.replace("__DATA__", script_json(self.state())).encode("utf-8")
 
 
 # ---------------------------------------------------------------------- server
 
 
+def script_json(obj) -> str:
+    """`obj` as JSON safe inside an HTML <script> element: `<`, `>`, `&` and U+2028/U+2029 are
+    written as \\u escapes (as Django's json_script does), so no value can end the element
+    (`</script`), open a comment (`<!--`) or a new script (`<script`), whatever it holds."""
+    text = json.dumps(obj, separators=(",", ":"))  # ensure_ascii: lone surrogates and U+2028/9 are escaped
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One request to the review server; `review` and `port_of` are set by :func:`make_handler`.
+    Every request gets an answer: an unexpected error is a 500 with a JSON/text message, never
+    a dropped connection."""
+
+    server_version = "clean-review"
+    sys_version = ""
+    review: Review
+    port_of = None
+
+    def log_message(self, fmt, *args):  # quiet: the command prints its own lines
+        pass
+
+    def do_GET(self):  # noqa: N802
+        self._answer(_get)
+
+    def do_POST(self):  # noqa: N802
+        self._answer(_post)
+
+    def _answer(self, fn) -> None:
+        try:
+            fn(self, self.review)
+        except Exception as e:  # noqa: BLE001 - a bug must still answer the page, not drop it
+            _refuse(self, 500, f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+
+
 def make_handler(review: Review, port_of):
     """The request handler class for `review`; port_of() → the port the server listens on."""
+    return type("Handler", (_Handler,), {"review": review, "port_of": staticmethod(port_of)})
 
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "clean-review"
-        sys_version = ""
 
-        def log_message(self, fmt, *args):  # quiet: the command prints its own lines
-            pass
+_CSP = ("default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+        "connect-src 'self'; frame-ancestors 'none'")
 
-        def _send(self, status: int, body: bytes, ctype: str, cache: str = "no-store") -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", cache)
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("Referrer-Policy", "no-referrer")
-            self.send_header("X-Frame-Options", "DENY")
-            self.send_header("Content-Security-Policy", "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
-                             "script-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
 
-        def _refuse(self, status: int, msg: str) -> None:
-            if "/api/" in self.path:
-                self._send(status, json.dumps({"ok": False, "error": msg}).encode(), "application/json")
-            else:
-                self._send(status, (msg + "\n").encode(), "text/plain; charset=utf-8")
+def _send(h: BaseHTTPRequestHandler, status: int, body: bytes, ctype: str, cache: str = "no-store") -> None:
+    h.send_response(status)
+    for k, v in (("Content-Type", ctype), ("Content-Length", str(len(body))), ("Cache-Control", cache),
+                 ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+                 ("X-Frame-Options", "DENY"), ("Content-Security-Policy", _CSP)):
+        h.send_header(k, v)
+    h.end_headers()
+    if h.command != "HEAD":
+        h.wfile.write(body)
 
-        def _route(self) -> list[str] | None:
-            """Checks shared by every request → the path segments after the token (None: refused)."""
-            port = port_of()
-            host = (self.headers.get("Host") or "").strip().lower()
-            if host not in {f"127.0.0.1:{port}", f"localhost:{port}"}:
-                self._refuse(403, f"forbidden: Host {host!r}; this review server answers 127.0.0.1:{port} only")
-                return None
-            raw = urlsplit(self.path).path
-            parts = raw.split("/")
-            if len(parts) < 2 or not hmac.compare_digest(parts[1].encode(), review.token.encode()):
-                self._refuse(403, "forbidden: missing or wrong token; open the address `clean review` printed")
-                return None
-            return parts[2:]
 
-        def do_GET(self):  # noqa: N802
-            parts = self._route()
-            if parts is None:
-                return
-            if parts in ([], [""]):
-                if not self.path.split("?")[0].endswith("/"):
-                    self.send_response(301)
-                    self.send_header("Location", f"/{review.token}/")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                return self._send(200, review.page(), "text/html; charset=utf-8")
-            if len(parts) == 2 and parts[0] == "img":
-                m = re.fullmatch(r"(\d{1,18})\.png", parts[1])
-                if not m or int(m.group(1)) not in review.paths:
-                    return self._refuse(404, f"not found: {'/'.join(parts)!r}; images are served by the id of a "
-                                             f"sample of {review.manifest} only (img/<id>.png)")
-                try:
-                    data = review.image(int(m.group(1)))
-                except CleanError as e:
-                    return self._refuse(404, f"image of id {m.group(1)} cannot be read: {e}")
-                return self._send(200, data, "image/png", "private, max-age=3600")
-            if parts == ["api", "state"]:
-                with review.lock:
-                    body = json.dumps(review.state()).encode()
-                return self._send(200, body, "application/json")
-            return self._refuse(404, f"not found: {'/'.join(parts)!r}; this server serves the review page and "
-                                     "the manifest's images only")
+def _refuse(h: BaseHTTPRequestHandler, status: int, msg: str) -> None:
+    if "/api/" in h.path:
+        _send(h, status, json.dumps({"ok": False, "error": msg}).encode(), "application/json")
+    else:
+        _send(h, status, (msg + "\n").encode("utf-8", "replace"), "text/plain; charset=utf-8")
 
-        def do_POST(self):  # noqa: N802
-            parts = self._route()
-            if parts is None:
-                return
-            if parts != ["api", "decision"]:
-                return self._refuse(404, f"not found: {'/'.join(parts)!r}; decisions go to api/decision")
-            origin = self.headers.get("Origin")
-            port = port_of()
-            if origin is not None and origin.lower() not in {f"http://127.0.0.1:{port}", f"http://localhost:{port}"}:
-                return self._refuse(403, f"forbidden: Origin {origin!r}")
-            try:
-                n = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                n = -1
-            if not 0 < n <= MAX_BODY:
-                return self._refuse(400, f"a decision is a JSON body of 1..{MAX_BODY} bytes")
-            if "application/json" not in (self.headers.get("Content-Type") or ""):
-                return self._refuse(415, "a decision must be sent as application/json")
-            try:
-                body = json.loads(self.rfile.read(n).decode("utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                return self._refuse(400, "a decision must be valid JSON {id, action, label, note}")
-            try:
-                res = review.decide(body)
-            except CleanError as e:
-                return self._refuse(400, str(e))
-            self._send(200, json.dumps(res).encode(), "application/json")
 
-    return Handler
+def _route(h: _Handler) -> list[str] | None:
+    """Checks shared by every request → the path segments after the token (None: refused)."""
+    port = h.port_of()
+    host = (h.headers.get("Host") or "").strip().lower()
+    if host not in {f"127.0.0.1:{port}", f"localhost:{port}"}:
+        _refuse(h, 403, f"forbidden: Host {host!r}; this review server answers 127.0.0.1:{port} only")
+        return None
+    parts = urlsplit(h.path).path.split("/")
+    if len(parts) < 2 or not hmac.compare_digest(parts[1].encode(), h.review.token.encode()):
+        _refuse(h, 403, "forbidden: missing or wrong token; open the address `clean review` printed")
+        return None
+    return parts[2:]
+
+
+def _get(h: _Handler, review: Review) -> None:
+    parts = _route(h)
+    if parts is None:
+        return
+    if parts in ([], [""]):
+        if not h.path.split("?")[0].endswith("/"):
+            h.send_response(301)
+            h.send_header("Location", f"/{review.token}/")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        return _send(h, 200, review.page(), "text/html; charset=utf-8")
+    if len(parts) == 2 and parts[0] == "img":
+        m = re.fullmatch(r"(\d{1,18})\.png", parts[1])
+        if not m or int(m.group(1)) not in review.paths:
+            return _refuse(h, 404, f"not found: {'/'.join(parts)!r}; images are served by the id of a "
+                                   f"sample of {review.manifest} only (img/<id>.png)")
+        try:
+            data = review.image(int(m.group(1)))
+        except CleanError as e:
+            return _refuse(h, 404, f"image of id {m.group(1)} cannot be read: {e}")
+        return _send(h, 200, data, "image/png", "private, max-age=3600")
+    if parts == ["api", "state"]:
+        with review.lock:
+            body = json.dumps(review.state()).encode()
+        return _send(h, 200, body, "application/json")
+    return _refuse(h, 404, f"not found: {'/'.join(parts)!r}; this server serves the review page and "
+                           "the manifest's images only")
+
+
+def _post(h: _Handler, review: Review) -> None:
+    parts = _route(h)
+    if parts is None:
+        return
+    if parts != ["api", "decision"]:
+        return _refuse(h, 404, f"not found: {'/'.join(parts)!r}; decisions go to api/decision")
+    origin, port = h.headers.get("Origin"), h.port_of()
+    if origin is not None and origin.lower() not in {f"http://127.0.0.1:{port}", f"http://localhost:{port}"}:
+        return _refuse(h, 403, f"forbidden: Origin {origin!r}")
+    try:
+        n = int(h.headers.get("Content-Length") or 0)
+    except ValueError:
+        n = -1
+    if not 0 < n <= MAX_BODY:
+        return _refuse(h, 400, f"a decision is a JSON body of 1..{MAX_BODY} bytes")
+    if "application/json" not in (h.headers.get("Content-Type") or ""):
+        return _refuse(h, 415, "a decision must be sent as application/json")
+    try:
+        body = json.loads(h.rfile.read(n).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: `[[[[...` nested too deep
+        return _refuse(h, 400, "a decision must be valid JSON {id, action, label, note}")
+    try:
+        res = review.decide(body)
+    except CleanError as e:
+        return _refuse(h, 409 if getattr(e, "conflict", False) else 400, str(e))
+    except OSError as e:  # a full disk, a read-only folder: the user's to fix; nothing was changed
+        from pipeline.io import describe_os_error
+
+        return _refuse(h, 507 if e.errno in _NO_SPACE else 500,
+                       f"decision not saved: {describe_os_error(e, review.decisions_csv)}")
+    _send(h, 200, json.dumps(res).encode(), "application/json")
+
+
+_NO_SPACE = {28, 122}  # ENOSPC, EDQUOT
 
 
 def serve(review: Review, port: int = 0) -> ThreadingHTTPServer:
@@ -502,6 +578,7 @@ function show() {
   const rows = [["given label", esc(name(it.label))],
     ["suggested label", it.sug !== null && it.sug !== undefined ? `<span class="sug">${esc(name(it.sug))}</span>` + (it.sug_p !== null ? ` (p ${fmt(it.sug_p)})` : "") : "—"],
     ["issues", it.types.map(t => `<span class="tag">${esc(t)} ${fmt(it.scores[t])}</span>`).join("")]];
+  for (const t of it.types) if (it.why && it.why[t]) rows.push([`why ${esc(t)}`, esc(it.why[t])]);
   if (it.rule) rows.push(["flag rule", `${esc(it.rule)} = ${fmt(it.value)}`]);
   if (it.pred !== undefined && it.pred !== null) rows.push(["model predicts", esc(name(it.pred))]);
   if (it.more) rows.push(["scores", Object.entries(it.more).map(([k, v]) => `${esc(k)} ${fmt(v)}`).join(" · ")]);
