@@ -159,7 +159,7 @@ def _feed(images_u8, labels, mean, std, device, batch_size):
 
     spans = list(batches(len(labels), batch_size))
     for (s, e), xb in zip(spans, iter_batches(images_u8, [slice(s, e) for s, e in spans])):
-        yield normalize(xb, mean, std, device), torch.as_tensor(np.asarray(labels[s:e], np.int64), device=device)
+        yield normalize(xb, mean, std, device), torch.as_tensor(np.array(labels[s:e], np.int64), device=device)
 
 
 def _model_features(model: nn.Module, images_u8, labels, mean, std, k: int, seed: int, batch_size: int,
