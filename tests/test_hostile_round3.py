@@ -114,7 +114,10 @@ def test_no_path_option_of_any_command_writes_into_the_source_images(proj, monke
     (["compare", "scores/scores.csv", "scores/scores.csv", "--out", "data/imgs/a/000.png"], "--out data/imgs/a/000.png"),
     (["review", "--decisions", "data/imgs/a/decisions.csv", "--no-browser"], "--decisions data/imgs/a/decisions.csv lies inside"),
 ])
-def test_the_reported_writes_into_the_images_are_refused(proj, args, starts):
+def test_the_reported_writes_into_the_images_are_refused(proj, monkeypatch, args, starts):
+    import pipeline.views.review as review_view
+
+    monkeypatch.setattr(review_view, "wait", lambda server: server.server_close())  # a served review returns
     got = refused(proj, args, starts=starts)
     assert "data/imgs" in got and "give" in got
 
@@ -475,3 +478,8 @@ def test_decisions_saved_by_excel_with_a_bom_are_read(proj):
         f"\ufeffid,path,action,label,note\r\n{row['id']},{row['path']},drop,,\r\n".encode("utf-8"))
     ok(invoke(proj, "prune"))
     assert row["path"] not in set(pd.read_csv(proj / "data/pruned.csv")["path"])
+
+
+def test_a_json_file_nested_too_deeply_is_refused_in_one_line(proj):
+    (proj / "data/classes.json").write_text("[" * 100_000 + "]" * 100_000)
+    refused(proj, ["prune"], starts="data/classes.json: not valid JSON (nested too deeply)")
