@@ -82,11 +82,14 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
         "grid": 36,           # images in the top-flagged grid (0 = none)
         "duplicate_tau": 0.13,  # duplicate: near copy when cosine distance < tau x median nearest-neighbour distance
+        "copy_ratio": 0.2,    # duplicate: aligned pixel distance <= this x the pair's ordinary-neighbour distance
         "outlier_k": 10,      # outlier (and duplicate search): nearest training embeddings
-        "outlier_mad": 6.0,   # outlier: robust z of the mean kNN distance above this
+        "outlier_mad": 6.0,   # outlier: robust z of the kNN distance above this (no val split)
+        "outlier_fpr": 0.01,  # outlier: beyond the (1 - this) quantile of the val images' kNN distance
         "dark": 0.37,         # dark: 99th brightness percentile below this (cleanvision)
         "light": 0.05,        # light: 5th brightness percentile above 1 - this (cleanvision)
-        "blurry_mad": 4.0,    # blurry: robust z of log(Laplacian variance / contrast^2) below minus this
+        "blurry_mad": 5.0,    # blurry: robust z of log(Laplacian^2 / gradient^2 energy) below minus this
+        "property_fpr": 0.01,  # blurry: at most this fraction of the set flagged (cut ≤ the set's own quantile)
         "low_information": 3.0,  # low_information: pixel entropy below this many bits
         "odd_size": 1.5,      # odd_size: sqrt(h*w) outside the 3 IQR fence and this factor from the median
         "odd_aspect_ratio": 0.5,  # odd_aspect_ratio: min(a/a0, a0/a) below this (a0 = the median w/h)
@@ -186,11 +189,14 @@ flag.projection_dim      [1, 65536]
 flag.folds               [2, 1000]
 flag.grid                [0, 10000]
 flag.duplicate_tau       (0.0, inf)
+flag.copy_ratio          [0.0, 100.0]
 flag.outlier_k           [1, 10000]
 flag.outlier_mad         (0.0, inf)
+flag.outlier_fpr         (0.0, 1.0)
 flag.dark                [0.0, 1.0]
 flag.light               [0.0, 1.0]
 flag.blurry_mad          (0.0, inf)
+flag.property_fpr        (0.0, 1.0)
 flag.low_information     [0.0, 8.0]
 flag.odd_size            (1.0, inf)
 flag.odd_aspect_ratio    [0.0, 1.0]
@@ -302,6 +308,9 @@ def _check_free(p: dict, where: str) -> None:
     if classes is not None and (not isinstance(classes, list) or not classes
                                 or len(set(map(str, classes))) != len(classes)):
         raise CleanError(f"{where}: data.classes must be null or a non-empty list of distinct names, got {_short(classes)}")
+    if classes is not None and len(classes) < 2:
+        raise CleanError(f"{where}: data.classes lists {len(classes)} class ({_short(classes)}); a classifier needs at "
+                         "least 2: list every class to keep, or null for every class of the source")
     if p["data"]["val_frac"] + p["data"]["test_frac"] >= 1:
         raise CleanError(f"{where}: data.val_frac + data.test_frac must be < 1, got "
                          f"{p['data']['val_frac']} + {p['data']['test_frac']}")

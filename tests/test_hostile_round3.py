@@ -407,3 +407,71 @@ def test_outlier_k_above_the_training_set_is_no_internal_error(proj):
     assert "outlier_k: 5000" in (proj / "params.yaml").read_text()
     res = invoke(proj, "flag")
     assert res.exit_code in (0, 2) and "internal error" not in res.output, res.output
+
+
+# --------------------------------------------------------------------------- 5. a linked model folder
+
+def test_train_into_a_symlinked_model_folder_is_refused_and_leaves_nothing(proj):
+    import os
+
+    os.symlink("base", proj / "models/link")
+    refused(proj, ["train", "--out", "models/link"],
+            "--out models/link is a symbolic link (to base); `clean train` replaces its model folder as a whole by "
+            "renaming, so give the folder itself (--out models/base) or a new folder")
+    assert not (proj / "models/.link.clean-new").exists() and not (proj / "models/.link.clean-new").is_symlink()
+    assert (proj / "models/link").is_symlink()
+
+
+def test_a_link_left_beside_a_model_folder_by_an_older_clean_is_no_obstacle(proj):
+    """What the old swap left: models/link a real model folder, the user's link as .link.clean-new."""
+    import os
+    import shutil
+
+    from .helpers import ok
+
+    shutil.copytree(proj / "models/base", proj / "models/link")
+    os.symlink("base", proj / "models/.link.clean-new")
+    ok(invoke(proj, "train", "--out", "models/link"))
+    assert not os.path.lexists(proj / "models/.link.clean-new")
+    assert (proj / "models/base/model.safetensors").is_file()  # the folder the link pointed to is kept
+
+
+# --------------------------------------------------------------------------- 7. late checks come early
+
+def _csv_project(proj: Path, split_of) -> None:
+    import pandas as pd
+
+    rows = [(f"imgs/{c}/{i:03d}.png", c, split_of(k)) for k, (c, i) in enumerate((c, i) for c in "abc" for i in range(10))]
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(proj / "data/labels.csv", index=False)
+    (proj / "params.yaml").write_text(TINY_PARAMS.replace("source: imagefolder", "source: csv")
+                                      .replace("root: data/imgs", "root: data/labels.csv"))
+
+
+def test_a_csv_whose_rows_are_all_test_is_refused_at_prepare(proj):
+    _csv_project(proj, lambda k: "test")
+    refused(proj, ["prepare"], starts="csv source data/labels.csv: the train split holds no image: the source's own "
+                                      "splits (a CSV `split` column, or train/val/test folders) put the rest in val/test")
+
+
+def test_a_csv_whose_train_rows_are_one_class_is_refused_at_prepare(proj):
+    _csv_project(proj, lambda k: "train" if k < 10 else "test")
+    refused(proj, ["prepare"], starts="csv source data/labels.csv: the train split holds images of class 'a' only")
+
+
+def test_one_class_in_data_classes_is_refused_with_the_fix(proj):
+    (proj / "params.yaml").write_text(TINY_PARAMS.replace("  root: data/imgs\n", "  root: data/imgs\n  classes: [a]\n"))
+    refused(proj, ["prepare"], "params.yaml: data.classes lists 1 class (['a']); a classifier needs at least 2: list "
+                               "every class to keep, or null for every class of the source")
+
+
+def test_decisions_saved_by_excel_with_a_bom_are_read(proj):
+    import pandas as pd
+
+    from .helpers import ok
+
+    m = _manifest(proj)
+    row = m[m["split"] == "train"].iloc[0]
+    (proj / "data/decisions.csv").write_bytes(
+        f"\ufeffid,path,action,label,note\r\n{row['id']},{row['path']},drop,,\r\n".encode("utf-8"))
+    ok(invoke(proj, "prune"))
+    assert row["path"] not in set(pd.read_csv(proj / "data/pruned.csv")["path"])

@@ -15,14 +15,14 @@ import pytest
 import yaml
 
 from pipeline.errors import CleanError
-from pipeline.project import TEMPLATES, init, user_pipeline
+from pipeline.project import DVC_TEMPLATE, PARAMS_TEMPLATE, TEMPLATES, init, user_pipeline
 from tests.helpers import make_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sh(*args, cwd, check=True):
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+def sh(*args, cwd, check=True, **extra):
+    env = {**os.environ, **extra, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
     r = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True)
     if check and r.returncode != 0:
@@ -49,15 +49,17 @@ def test_templates_are_this_repositorys_pipeline_without_code_deps():
     """pipeline/templates/ is generated from dvc.yaml, params.yaml, .dvc/plots/ (`python -m pipeline.project`)."""
     stale = "pipeline/templates/ is stale: run `python -m pipeline.project`"
     dev = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    assert yaml.safe_load((TEMPLATES / "dvc.yaml").read_text()) == user_pipeline(dev), stale
-    assert (TEMPLATES / "params.yaml").read_text() == (ROOT / "params.yaml").read_text(), stale
+    assert yaml.safe_load(DVC_TEMPLATE.read_text()) == user_pipeline(dev), stale
+    assert PARAMS_TEMPLATE.read_text() == (ROOT / "params.yaml").read_text(), stale
     for f in (TEMPLATES / "plots").iterdir():
         assert f.read_text() == (ROOT / ".dvc" / "plots" / f.name).read_text(), stale
-    user = yaml.safe_load((TEMPLATES / "dvc.yaml").read_text())
+    user = yaml.safe_load(DVC_TEMPLATE.read_text())
     deps = [d for st in user["stages"].values() for d in st.get("deps", [])]
     assert deps and not [d for d in deps if d.startswith(("pipeline", "cli"))]
     assert list(user["stages"]) == list(dev["stages"])
     assert all(st["cmd"].startswith("clean ") for st in user["stages"].values())
+    # DVC takes any dvc.yaml in the repository for a pipeline: the template must not be one
+    assert not [p for d in ("pipeline", "cli", "tests", "docs", "bench") for p in (ROOT / d).rglob("dvc.yaml")]
 
 
 def test_init_writes_the_pipeline_with_the_data_as_a_dependency(tmp_path):
@@ -190,6 +192,31 @@ def clone_and_pull(repo: Path, where: Path, full: bool = True) -> None:
         assert status(where, "prepare") == {}
 
 
+def versions_side_by_side(repo: Path) -> None:
+    """Two experiments with different prune strategies, compared by `clean versions` in 120 columns."""
+    from pipeline.versions import exp_show, version_rows
+
+    for strategy in ("random", "gradient-cdf"):
+        out = dvc("exp", "run", "retrain", "-S", f"prune.strategy={strategy}", "-S", "prune.keep=0.5", cwd=repo).stdout
+        assert ran(out) == ["prune", "retrain"], out
+    text = sh(sys.executable, "-m", "cli.main", "versions", cwd=repo, COLUMNS="120").stdout
+    assert max(len(line) for line in text.splitlines()) <= 120, text
+    rows = {r["version"]: r for r in version_rows(exp_show(repo))}
+    n = json.loads((repo / "metrics/base.json").read_text())["n_train"]
+    exps = [r for name, r in rows.items() if name != "workspace" and "@" not in name and len(name) > 7]
+    assert sorted(r["strategy"] for r in exps) == ["gradient-cdf 0.5", "random 0.5"], rows
+    head = next(r for name, r in rows.items() if "@" in name)
+    assert head["strategy"] == "drop-flagged" and head["kept"] is not None
+    for r in exps:
+        assert (r["kept"], r["of"]) == (round(0.5 * n), n) and r["accuracy"] is not None and r["verdict"]
+        line = next(line for line in text.splitlines() if line.strip().startswith(r["version"]))
+        for cell in (r["strategy"], f"{r['kept']}/{n}", f"{r['accuracy']:.4f} ± {r['sd']:.4f}", r["verdict"]):
+            assert cell in line, (cell, line)
+    sh("git", "checkout", "--", ".", cwd=repo)  # back to the committed version
+    dvc("checkout", "-q", cwd=repo)
+    assert status(repo) == {}
+
+
 @pytest.mark.slow
 def test_init_repro_push_clone_pull_then_images_change(tmp_path):
     repo = git_repo(tmp_path / "repo")
@@ -200,6 +227,7 @@ def test_init_repro_push_clone_pull_then_images_change(tmp_path):
     assert stages[0] == "prepare" and {"train", "score", "flag", "prune", "retrain", "report"} <= set(stages)
     assert json.loads((repo / "metrics" / "pruned.json").read_text())["n_train"] > 0
     clone_and_pull(repo, tmp_path / "elsewhere" / "clone")
+    versions_side_by_side(repo)
 
     # one image added, then one deleted: `dvc status` names prepare; after prepare re-runs, DVC names
     # every stage that follows it (what the next `dvc repro` re-runs; one full repro above is enough)
@@ -245,3 +273,42 @@ def test_init_csv_source_paths_relative_to_the_csv(tmp_path):
     assert ran(dvc("repro", "prepare", cwd=repo).stdout) == ["prepare"]
     assert manifest_resolves(repo) == 12
     assert "file not found" in (repo / "data/problems.csv").read_text()
+
+
+@pytest.mark.slow
+def test_demo_plants_look_alike_noise_and_reports_against_the_truth(tmp_path):
+    """`clean demo` in a digits project: the printed precision, recall, removals and accuracy change
+    are the planted truth (manifest) against flags.csv / pruned.csv, recomputed here."""
+    import pandas as pd
+
+    repo = git_repo(tmp_path / "repo")
+    sh(sys.executable, "-m", "cli.main", "init", "--source", "digits", cwd=repo)
+    trim(repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "clean init", cwd=repo)
+    out = sh(sys.executable, "-m", "cli.main", "demo", "--set", "train.epochs=4", cwd=repo, COLUMNS="120").stdout
+    man = pd.read_csv(repo / "data/manifest.csv")
+    train = man[man["split"] == "train"]
+    planted = set(train["id"][train["noisy"] == 1])
+    assert len(planted) == round(0.15 * len(train))
+    pairs = train[train["noisy"] == 1]
+    assert ((pairs["orig_label"] + 1) % 10 == pairs["label"]).all()  # look-alike pairs: c → c+1
+    flags = pd.read_csv(repo / "scores/flags.csv")
+    flagged = set(flags["id"][(flags["flagged"] == 1) & flags["id"].isin(train["id"])])
+    found = len(flagged & planted)
+    assert found > 0
+    kept = set(pd.read_csv(repo / "data/pruned.csv")["id"])
+    removed_planted = len(planted - kept)
+    base = json.loads((repo / "metrics/base.json").read_text())
+    pruned = json.loads((repo / "metrics/pruned.json").read_text())
+    lines = {line.split()[0]: " ".join(line.split()) for line in out.splitlines() if line.strip()}
+    assert lines["planted"].startswith(f"planted {len(planted)} wrong labels")
+    assert (f"found {found} of them among {len(flagged)} flagged: precision {found / len(flagged):.1%}, "
+            f"recall {found / len(planted):.1%}") == lines["found"]
+    assert f"removed {removed_planted} planted ({len(planted) - removed_planted} left)" in lines["fixed"]
+    assert lines["accuracy"].startswith(f"accuracy {base['accuracy']:.4f} → {pruned['accuracy']:.4f} "
+                                        f"(change {pruned['accuracy'] - base['accuracy']:+.4f}")
+    assert "demo" not in sh("git", "status", "--short", cwd=repo).stdout  # an experiment, not a commit
+    again = sh(sys.executable, "-m", "cli.main", "demo", "--no-run", cwd=repo, COLUMNS="120").stdout
+    assert [line for line in again.splitlines() if line.startswith("found")] == \
+        [line for line in out.splitlines() if line.startswith("found")]

@@ -75,6 +75,18 @@ FLAT_KEYS = ("accuracy", "accuracy_std", "n_train")
 ASIDE_KEYS = ("accuracy_reviewed", "accuracy_unflagged", "n_set_aside")
 
 
+def leaked_ids(flags_csv) -> np.ndarray:
+    """The val/test ids with a copy in train (issues.json beside flags.csv: leakage pairs) → int [L]."""
+    path = Path(flags_csv).parent / "issues.json" if flags_csv is not None else None
+    if path is None or not path.exists():
+        return np.zeros(0, np.int64)
+    from pipeline.formats.jsonfile import read_json
+
+    info = read_json(path, "not found", "re-run `clean flag`")
+    lk = info.get("leakage") or info.get("duplicate", {}).get("leakage") or {}
+    return np.unique(np.asarray([p["eval_id"] for p in lk.get("pairs", [])], np.int64))
+
+
 def set_aside(ids, labels, flags_csv=None, decisions=None, classes=None, paths=None, manifest="the manifest"):
     """The test split's label decisions → (labels int [M] to score against, keep bool [M], key).
 
@@ -82,13 +94,15 @@ def set_aside(ids, labels, flags_csv=None, decisions=None, classes=None, paths=N
     win: relabel → the reviewed label, drop → left out, keep → the given label; a decision follows
     its image (`paths`: {id: path} of the manifest evaluated, pipeline/decisions.py). The images
     flags.csv calls label issues (its val/test rows, `clean flag`) without a decision are left
-    out. key: "accuracy_reviewed" when a decision touched the split, "accuracy_unflagged" when
-    only flags did, None when neither file says anything about it (keep all, labels as given).
+    out, and so are the images with a copy in train (:func:`leaked_ids`: a leaked test image
+    inflates whichever version trained on its copy, so versions are compared without them).
+    key: "accuracy_reviewed" when a decision touched the split, "accuracy_unflagged" when only
+    flags / leakage did, None when no file says anything about it (keep all, labels as given).
     """
     ids = np.asarray(ids, np.int64)
     labels = np.asarray(labels, np.int64).copy()
-    keep = np.ones(len(ids), bool)
-    key = None
+    keep = ~np.isin(ids, leaked_ids(flags_csv))
+    key = None if keep.all() else "accuracy_unflagged"
     if flags_csv is not None and Path(flags_csv).exists():
         from pipeline.formats.tables import read_flags
 
@@ -96,7 +110,8 @@ def set_aside(ids, labels, flags_csv=None, decisions=None, classes=None, paths=N
         if "is_label" in fl.columns:
             flagged = set(fl.loc[fl["is_label"].astype(bool), "id"].tolist())
             keep &= ~np.isin(ids, list(flagged))
-            key = "accuracy_unflagged" if "split" in fl.columns else None  # a flags.csv with val/test rows
+            if "split" in fl.columns:  # a flags.csv with val/test rows
+                key = "accuracy_unflagged"
     if decisions is not None and classes is not None:
         from pipeline.decisions import read_decisions
 
@@ -175,7 +190,8 @@ def _aside_accuracy(results: list[dict], flags_csv, decisions, classes, paths, m
         return {}
     accs = np.array([float((r["pred"][keep] == labels[keep]).mean()) for r in results])
     return {key: float(accs.mean()), f"{key}_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
-            "n_set_aside": int((~keep).sum()), f"{key}_runs": [float(a) for a in accs]}
+            "n_set_aside": int((~keep).sum()), "n_leaked": int(np.isin(first["ids"], leaked_ids(flags_csv)).sum()),
+            f"{key}_runs": [float(a) for a in accs]}
 
 
 def _versus(plots_dir, baseline: str, metrics: dict) -> dict:
