@@ -422,6 +422,35 @@ def index_sweep(npz: Path, sizes=(10_000, 20_000, 40_000, 60_000), k: int = 10) 
         print(f"{n:8d} {t1 - t0:8.2f} {t2 - t1:8.2f} {rec:14.3f} {nn1:10.3f}   {kind}", flush=True)
 
 
+def clean_properties() -> None:
+    """Fraction of clean digits (1,797, 8 × 8) and clean Fashion-MNIST (70,000) flagged by any
+    image-property check at the defaults (statistics computed as `clean score` does)."""
+    from sklearn.datasets import load_digits
+
+    from pipeline.config import FlagConfig
+    from pipeline.rules import images as im
+    from pipeline.scores.features import image_stats
+
+    c = FlagConfig()
+    xtr, _, xte, _ = _load_fmnist()
+    sets = {"digits": np.rint(load_digits().images * 255 / 16).clip(0, 255).astype(np.uint8),
+            "fashion-mnist": np.concatenate([xtr, xte])}
+    checks = {"dark": lambda f: im.dark_issue(f, c.dark), "light": lambda f: im.light_issue(f, c.light),
+              "blurry": lambda f: im.blurry_issue(f, c.blurry_mad, c.property_fpr),
+              "low_information": lambda f: im.low_information_issue(f, c.low_information, c.dark, c.light),
+              "odd_size": lambda f: im.odd_size_issue(f, c.odd_size),
+              "odd_aspect_ratio": lambda f: im.odd_aspect_ratio_issue(f, c.odd_aspect_ratio),
+              "grayscale": im.grayscale_issue}
+    for name, x in sets.items():
+        parts = [image_stats(x[s:s + 8192, None]) for s in range(0, len(x), 8192)]
+        f = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        f.update(height=np.full(len(x), x.shape[1]), width=np.full(len(x), x.shape[2]), train_pos=np.arange(len(x)))
+        flags = {k: fn(f).flagged for k, fn in checks.items()}
+        anyf = np.any(list(flags.values()), axis=0)
+        print(f"{name:14s} n={len(x):6d}  any property check: {int(anyf.sum())} ({anyf.mean():.3%})  "
+              + ", ".join(f"{k} {int(v.sum())}" for k, v in flags.items()))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=6000, help="Fashion-MNIST images in the generated folder")
@@ -437,7 +466,12 @@ def main(argv=None) -> None:
     ap.add_argument("--index-sweep", action="store_true",
                     help="with --npz: flat vs IVF seconds and IVF recall@10 on subsets (sets knn.EXACT_MAX)")
     ap.add_argument("--json", type=Path, default=None, help="write the table and timings here")
+    ap.add_argument("--clean-properties", action="store_true",
+                    help="fraction of clean digits and clean Fashion-MNIST flagged by any image-property check")
     a = ap.parse_args(argv)
+    if a.clean_properties:
+        clean_properties()
+        return
 
     if a.synthetic:
         from pipeline.rules import knn

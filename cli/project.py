@@ -65,17 +65,21 @@ def versions(
     from pipeline.versions import exp_show, version_rows
 
     rows = version_rows(exp_show(dir, all_commits))
+    cells = [(r["version"], r["strategy"], r["changed"] or "", f"{_num(r['kept'], '{}')}/{_num(r['of'], '{}')}",
+              _num(r["base"]), "-" if r["accuracy"] is None else f"{_num(r['accuracy'])} ± {_num(r['sd'])}",
+              _num(r["diff"], "{:+.4f}"), _num(r["p"], "{:.3g}"), r["verdict"] or "-") for r in rows]
     t = Table(title="dataset versions (test accuracy, mean ± sd over train.seeds; diff and p against base)",
               title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
-    for name, kw in (("version", dict(max_width=18)), ("strategy", dict(max_width=18)),
-                     ("other params", dict(max_width=22)), ("kept", {}), ("base", {}), ("accuracy ± sd", {}),
-                     ("diff", {}), ("p", {}), ("verdict", {})):
-        t.add_column(name, no_wrap=True, overflow="ellipsis", **kw)
-    for r in rows:
-        style = {"better": "green", "worse": "red"}.get(r["verdict"] or "", None)
-        t.add_row(r["version"], r["strategy"], r["changed"] or "", f"{_num(r['kept'], '{}')}/{_num(r['of'], '{}')}",
-                  _num(r["base"]), f"{_num(r['accuracy'])} ± {_num(r['sd'])}", _num(r["diff"], "{:+.4f}"),
-                  _num(r["p"], "{:.3g}"), r["verdict"] or "-", style=style)
+    names = ("version", "strategy", "other params", "kept", "base", "accuracy ± sd", "diff", "p", "verdict")
+    widths = [max([len(name)] + [len(c[k]) for c in cells]) for k, name in enumerate(names)]
+    room = console.width - sum(widths[3:]) - 3 * len(names)  # the numbers keep their width; the names give way
+    widths[0], widths[1] = min(widths[0], 16), min(widths[1], 18)
+    widths[2] = max(min(widths[2], room - widths[0] - widths[1]), 5)
+    cells = [tuple(v if len(v) <= w else v[: w - 1] + "…" for v, w in zip(c, widths)) for c in cells]
+    for name, w in zip(names, widths):
+        t.add_column(name, no_wrap=True, width=w)
+    for r, c in zip(rows, cells):
+        t.add_row(*c, style={"better": "green", "worse": "red"}.get(r["verdict"] or ""))
     console.print(t)
 
 
@@ -99,7 +103,9 @@ def demo(
         run_experiment(dir, rate, kind, list(set_ or []))
     s = planted_summary(dir)
     pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
-    console.print(f"planted   {s['planted']} wrong labels (noise.rate, noise.kind)", highlight=False)
+    how = "class c → its paired class" if s["kind"] == "pairs" else "a random other class"
+    console.print(f"planted   {s['planted']} wrong labels in {s['total']} training images (noise.rate {s['rate']:g}, "
+                  f"{s['kind']}: {how})", highlight=False)
     console.print(f"found     {s['found']} of them among {s['flagged']} flagged: precision {pct(s['precision'])}, "
                   f"recall {pct(s['recall'])}", highlight=False)
     console.print(f"fixed     {s['strategy']} removed {s['removed_planted']} planted ({s['kept_planted']} left) and "

@@ -40,7 +40,7 @@ def run_experiment(project: str | Path, rate: float, kind: str, sets: list[str])
 def planted_summary(project: str | Path = ".") -> dict:
     """What the pipeline found and fixed against the planted noise, from the project's files.
 
-    Returns planted (noisy training labels), flagged, found (flagged ∩ planted), precision, recall
+    Returns planted (noisy training labels), rate / kind (params.yaml noise), flagged, found (flagged ∩ planted), precision, recall
     (label issues vs planted), removed_planted / kept_planted / removed_clean (the version, prune),
     base / pruned (test accuracy mean over seeds), diff (pruned − base), p and verdict.
     CleanError when a file is missing or the run planted no noise.
@@ -51,8 +51,11 @@ def planted_summary(project: str | Path = ".") -> dict:
     flags, prune, base, pruned = got["flags"], got["prune"], got["base"], got["pruned"]
     if "n_noisy" not in flags or "noisy_removed" not in prune:
         raise CleanError(f"{project / FILES['flags']} knows of no planted noise (noise.rate is 0): run `clean demo`")
+    from pipeline.params import load_params
+
+    noise = load_params(project / "params.yaml")["noise"]
     found = round(flags["precision"] * flags["n_flagged"]) if flags.get("precision") is not None else 0
-    return {"planted": flags["n_noisy"], "flagged": flags["n_flagged"], "found": int(found),
+    return {"planted": flags["n_noisy"], "rate": noise["rate"], "kind": noise["kind"], "flagged": flags["n_flagged"], "found": int(found),
             "precision": flags.get("precision"), "recall": flags.get("recall"), "auroc": flags.get("auroc"),
             "strategy": prune.get("strategy"), "kept": prune.get("n_kept"), "total": prune.get("n_total"),
             "removed_planted": prune["noisy_removed"], "kept_planted": prune["noisy_kept"],

@@ -23,6 +23,8 @@ import yaml
 from pipeline.errors import CleanError
 
 TEMPLATES = Path(__file__).parent / "templates"
+#: not named dvc.yaml / params.yaml: DVC would take a dvc.yaml anywhere in this repository for a pipeline of its own
+DVC_TEMPLATE, PARAMS_TEMPLATE = TEMPLATES / "dvc.template.yaml", TEMPLATES / "params.template.yaml"
 CODE_DIRS = ("pipeline/", "cli/", "pipeline", "cli")  # deps of this source tree, absent in a user's repo
 PLOT_TEMPLATES = ("heatmap.json", "sweep.json", "topk.json")
 DECISIONS = "data/decisions.csv"
@@ -54,8 +56,8 @@ def write_templates(repo: Path) -> list[Path]:
     from pipeline.io import write_text
 
     dev = yaml.safe_load((repo / "dvc.yaml").read_text())
-    written = {TEMPLATES / "dvc.yaml": _dump(user_pipeline(dev)),
-               TEMPLATES / "params.yaml": (repo / "params.yaml").read_text()}
+    written = {DVC_TEMPLATE: _dump(user_pipeline(dev)),
+               PARAMS_TEMPLATE: (repo / "params.yaml").read_text()}
     written.update({TEMPLATES / "plots" / n: (repo / ".dvc" / "plots" / n).read_text() for n in PLOT_TEMPLATES})
     for path, text in written.items():
         write_text(path, text)
@@ -182,7 +184,7 @@ def plan(target: str | Path, source: str, root: str | None, force: bool = False)
         p.notes.append(f"{source}: read from where it is installed (not a DVC dependency)" if source != "digits"
                        else "digits: the bundled scikit-learn digits (no data to track)")
         return p
-    pipeline = yaml.safe_load((TEMPLATES / "dvc.yaml").read_text())
+    pipeline = yaml.safe_load(DVC_TEMPLATE.read_text())
     path = Path(root) if Path(root).is_absolute() else target / root
     if not path.exists():
         kind = "a folder root/<class>/<image>" if source != "csv" else "a CSV with columns path,label"
@@ -202,7 +204,7 @@ def plan(target: str | Path, source: str, root: str | None, force: bool = False)
 
 
 def _params_text(source: str, root: str | None) -> str:
-    text = (TEMPLATES / "params.yaml").read_text()
+    text = PARAMS_TEMPLATE.read_text()
     value = "null" if root is None else (root if re.fullmatch(r"[\w./-]+", root) else yaml.safe_dump(root).split("\n")[0])
     text = re.sub(r"^(  source: )\S+", lambda m: m.group(1) + source, text, count=1, flags=re.M)
     text = re.sub(r"^(  root: )null", lambda m: m.group(1) + value, text, count=1, flags=re.M)
@@ -214,7 +216,7 @@ def _params_text(source: str, root: str | None) -> str:
 
 
 def _pipeline_text(deps: list[str]) -> str:
-    pipeline = yaml.safe_load((TEMPLATES / "dvc.yaml").read_text())
+    pipeline = yaml.safe_load(DVC_TEMPLATE.read_text())
     prepare = pipeline["stages"]["prepare"]
     staged = {}
     for k, v in prepare.items():  # deps right after cmd, as DVC writes them

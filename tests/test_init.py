@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.errors import CleanError
-from pipeline.project import TEMPLATES, init, user_pipeline
+from pipeline.project import DVC_TEMPLATE, PARAMS_TEMPLATE, TEMPLATES, init, user_pipeline
 from tests.helpers import make_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,15 +49,17 @@ def test_templates_are_this_repositorys_pipeline_without_code_deps():
     """pipeline/templates/ is generated from dvc.yaml, params.yaml, .dvc/plots/ (`python -m pipeline.project`)."""
     stale = "pipeline/templates/ is stale: run `python -m pipeline.project`"
     dev = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    assert yaml.safe_load((TEMPLATES / "dvc.yaml").read_text()) == user_pipeline(dev), stale
-    assert (TEMPLATES / "params.yaml").read_text() == (ROOT / "params.yaml").read_text(), stale
+    assert yaml.safe_load(DVC_TEMPLATE.read_text()) == user_pipeline(dev), stale
+    assert PARAMS_TEMPLATE.read_text() == (ROOT / "params.yaml").read_text(), stale
     for f in (TEMPLATES / "plots").iterdir():
         assert f.read_text() == (ROOT / ".dvc" / "plots" / f.name).read_text(), stale
-    user = yaml.safe_load((TEMPLATES / "dvc.yaml").read_text())
+    user = yaml.safe_load(DVC_TEMPLATE.read_text())
     deps = [d for st in user["stages"].values() for d in st.get("deps", [])]
     assert deps and not [d for d in deps if d.startswith(("pipeline", "cli"))]
     assert list(user["stages"]) == list(dev["stages"])
     assert all(st["cmd"].startswith("clean ") for st in user["stages"].values())
+    # DVC takes any dvc.yaml in the repository for a pipeline: the template must not be one
+    assert not [p for d in ("pipeline", "cli", "tests", "docs", "bench") for p in (ROOT / d).rglob("dvc.yaml")]
 
 
 def test_init_writes_the_pipeline_with_the_data_as_a_dependency(tmp_path):

@@ -273,6 +273,8 @@ def test_issue_registry_entries_run_through_rule_inputs(tmp_path):
     assert set(dup.columns) == {"duplicate_group", "duplicate_of", "duplicate_conflict", "duplicate_leak"}
     leak = ISSUES["leakage"].fn(inputs, FlagConfig())
     assert set(scores["id"][leak.flagged]) == {int(f["ids"][r]) for r in (3, 4)} and leak.summary["n_pairs"] == 2
+    of = dict(zip(scores["id"].tolist(), leak.columns["leakage_of"].tolist()))
+    assert of[37] == 2047 and of[47] == 2057 and of[27] == -1  # the val/test copy named per training image
 
 
 def test_leaked_test_images_are_set_aside(tmp_path):
@@ -293,3 +295,64 @@ def test_leaked_test_images_are_set_aside(tmp_path):
     # no issues.json: nothing set aside, labels as given
     labels, keep, key = set_aside(ids, np.zeros(10, np.int64), tmp_path / "none" / "flags.csv")
     assert keep.all() and key is None
+
+
+def test_why_names_the_statistic_the_cut_and_the_neighbour():
+    from pipeline.views.why import why
+
+    assert why({"id": 5, "duplicate_of": 3, "duplicate_score": 0.99, "duplicate_conflict": 1}, "duplicate", {}) == \
+        "a copy of #3, the one kept (another label: a label conflict); distance 0.01"
+    assert why({"id": 3, "duplicate_of": 3}, "duplicate", {}) == "the copy kept in its set"
+    assert why({"id": 9, "leakage_of": 2047}, "leakage", {}) == "a copy of val/test image #2047"
+    out = why({"id": 5, "outlier_score": 0.31, "outlier_neighbour": 12}, "outlier", {"cut": 0.25, "fpr": 0.01})
+    assert out == "k-th neighbour distance 0.31 > cut 0.25, the 99.0% quantile of val images'; nearest training image #12"
+    out = why({"id": 5, "blurry_stat": -2.5}, "blurry", {"cut": 0.29, "statistic": "log sharpness", "fpr_max": 0.01})
+    assert out == "log sharpness = -2.5 < cut 0.29 (at most 1.0% of the set)"
+
+
+def test_pixel_copies_survive_shift_flip_rotation_jpeg_and_brightness():
+    """Near copies verified on the thumbnails: each planted transformed copy lands in a set with its
+    original, nothing else is grouped, and a copy filed under another class is the one flagged."""
+    import io
+
+    from PIL import Image, ImageEnhance
+
+    from pipeline.scores.features import thumbnails
+
+    rng = np.random.default_rng(11)
+    n = 120
+    # textured blobs: smooth random fields, masked to an ellipse (distinct 'objects' on black)
+    yy, xx = np.mgrid[:28, :28]
+    imgs = []
+    for _ in range(n):
+        f = np.asarray(Image.fromarray((rng.random((7, 7)) * 255).astype(np.uint8)).resize((28, 28), Image.BICUBIC), float)
+        a, b = rng.uniform(8, 12, 2)
+        mask = ((yy - 14) / a) ** 2 + ((xx - 14) / b) ** 2 <= 1
+        imgs.append((f * mask).clip(0, 255).astype(np.uint8))
+
+    def jpeg(x):
+        buf = io.BytesIO()
+        Image.fromarray(x).save(buf, "JPEG", quality=60)
+        return np.asarray(Image.open(io.BytesIO(buf.getvalue())))
+
+    def shift(x):
+        return np.asarray(Image.fromarray(x).transform((28, 28), Image.AFFINE, (1, 0, 2, 0, 1, -1), fillcolor=0))
+
+    planted = {0: shift, 1: lambda x: np.ascontiguousarray(x[:, ::-1]), 2: jpeg,
+               3: lambda x: np.asarray(Image.fromarray(x).rotate(5, Image.BILINEAR, fillcolor=0)),
+               4: lambda x: np.asarray(ImageEnhance.Brightness(Image.fromarray(x)).enhance(1.2))}
+    copies_ = [fn(imgs[i]) for i, fn in planted.items()]
+    allimg = np.stack(imgs + copies_)[:, None]
+    m = len(allimg)
+    label = np.r_[rng.integers(0, 3, n), [0, 0, 0, 0, 0]]
+    label[list(planted)] = 0
+    label[n + 4] = 2  # the brightened copy filed under another class: a conflict, and the flagged one
+    emb = allimg.reshape(m, -1).astype(np.float32) + rng.normal(0, 1.0, (m, 784))
+    f = _feats(emb, label=label)
+    f["thumb"] = thumbnails(allimg)
+    res = find_duplicates(f, f["label"], f["ids"], k=10, ratio=0.2)
+    g = res.columns["duplicate_group"]
+    sets = sorted(sorted(np.flatnonzero(g == gi).tolist()) for gi in np.unique(g[g >= 0]))
+    assert sets == [[i, n + j] for j, i in enumerate(planted)]
+    assert res.flagged[n + 4] and not res.flagged[4]  # the odd label is flagged, the original kept
+    assert res.summary["method"] == "pixels"

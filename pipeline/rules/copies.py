@@ -18,6 +18,8 @@ Works on the 16 × 16 luminance thumbnails `clean score` keeps per image (embedd
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 #: descriptor side (candidate search) and verification views
@@ -50,6 +52,15 @@ def _blur(t):
     return F.conv2d(t[:, None], k[None, None], padding=1)[:, 0]
 
 
+#: verification resolution: thumbnails are 2 × 2-averaged to this side first when larger (speed)
+VERIFY_SIDE = 32
+
+
+def _small(t):
+    """Blurred thumbnails at the verification resolution (VERIFY_SIDE)."""
+    return _half(t) if t.shape[-1] > VERIFY_SIDE else _blur(t)
+
+
 def _half(t):
     """[N, S, S] → [N, S/2, S/2] by 2 × 2 averaging (verification resolution)."""
     import torch.nn.functional as F
@@ -57,10 +68,36 @@ def _half(t):
     return F.avg_pool2d(t[:, None], 2)[:, 0] if t.shape[-1] >= 16 else t
 
 
-def canonical(t, flip=False, angle: float = 0.0, zoom: float = 1.0, mask: bool = False):
+def centroid(t):
+    """Intensity centroid (above each image's minimum) of [N, S, S] → (cy, cx) [N] in [−1, 1] grid units."""
+    import torch
+
+    n, s = t.shape[0], t.shape[-1]
+    w = t - t.reshape(n, -1).amin(1)[:, None, None]
+    tot = w.reshape(n, -1).sum(1).clamp_min(1e-6)
+    ys = torch.linspace(-1, 1, s)
+    return (w.sum(2) * ys).sum(1) / tot, (w.sum(1) * ys).sum(1) / tot
+
+
+@functools.lru_cache(maxsize=64)
+def _view_grid(s: int, angle: float, zoom: float):
+    """Sampling grid [S, S, 2] (x, y) of a rotation by `angle` degrees and magnification `zoom` about
+    the centre (F.affine_grid's convention, align_corners=False), before the per-image shift."""
+    import torch
+
+    c = (2.0 * torch.arange(s, dtype=torch.float32) + 1.0) / s - 1.0
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    a = np.deg2rad(angle)
+    gx = (np.cos(a) * x - np.sin(a) * y) / zoom
+    gy = (np.sin(a) * x + np.cos(a) * y) / zoom
+    return torch.stack([gx, gy], -1)
+
+
+def canonical(t, flip=False, angle: float = 0.0, zoom: float = 1.0, mask: bool = False, centre=None):
     """Thumbnails [N, S, S] re-sampled with their intensity centroid at the centre, then rotated by
     `angle` degrees and magnified by `zoom` (mirrored where `flip`: bool or bool tensor [N]) →
-    float32 [N, S, S]; with `mask` also the pixels that fall inside the source ([N, S, S] 0/1)."""
+    float32 [N, S, S]; with `mask` also the pixels that fall inside the source ([N, S, S] 0/1).
+    centre: the (cy, cx) of the (mirrored) images when already known (:func:`centroid`)."""
     import torch
     import torch.nn.functional as F
 
@@ -68,22 +105,18 @@ def canonical(t, flip=False, angle: float = 0.0, zoom: float = 1.0, mask: bool =
         t = t.flip(-1) if flip else t
     else:
         t = torch.where(flip[:, None, None], t.flip(-1), t)
-    n, s = t.shape[0], t.shape[-1]
-    w = t - t.reshape(n, -1).amin(1)[:, None, None]
-    tot = w.reshape(n, -1).sum(1).clamp_min(1e-6)
-    ys = torch.linspace(-1, 1, s)
-    cy, cx = (w.sum(2) * ys).sum(1) / tot, (w.sum(1) * ys).sum(1) / tot
-    a = np.deg2rad(angle)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1] = np.cos(a) / zoom, -np.sin(a) / zoom
-    theta[:, 1, 0], theta[:, 1, 1] = np.sin(a) / zoom, np.cos(a) / zoom
-    theta[:, 0, 2], theta[:, 1, 2] = cx, cy
-    grid = F.affine_grid(theta, (n, 1, s, s), align_corners=False)
+    s = t.shape[-1]
+    cy, cx = centroid(t) if centre is None else centre
+    grid = _view_grid(s, float(angle), float(zoom))[None] + torch.stack([cx, cy], -1)[:, None, None, :]
     out = F.grid_sample(t[:, None], grid, padding_mode="zeros" if mask else "border", align_corners=False)[:, 0]
     if not mask:
         return out
+    # pixels whose source lies inside the image; the rotation's corners are ignored (separable, cheap)
     lim = 1.0 - 1.0 / s  # sample points at most half a pixel from the border centres stay inside
-    return out, (grid.abs() <= lim).all(-1).float()
+    c = (2.0 * torch.arange(s, dtype=torch.float32) + 1.0) / s - 1.0
+    mx = ((c[None] / zoom + cx[:, None]).abs() <= lim).float()
+    my = ((c[None] / zoom + cy[:, None]).abs() <= lim).float()
+    return out, my[:, :, None] * mx[:, None, :]
 
 
 def _unit(x):
@@ -92,21 +125,30 @@ def _unit(x):
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
-def descriptor(t, flip: bool = False) -> np.ndarray:
-    """The candidate-search descriptor of thumbnails [N, S, S] → float32 [N, DESC_SIDE²] (unit norm)."""
+def descriptor(thumb: np.ndarray, flip: bool = False, chunk: int = 8192) -> np.ndarray:
+    """The candidate-search descriptor of thumbnails uint8 [N, S·S] → float32 [N, DESC_SIDE²]
+    (unit norm; computed in chunks, so memory stays at the uint8 thumbnails)."""
     import torch.nn.functional as F
 
-    c = canonical(t, flip)
-    d = F.adaptive_avg_pool2d(c[:, None], DESC_SIDE).reshape(len(c), -1)
-    return _unit(d).numpy()
+    out = np.empty((len(thumb), DESC_SIDE * DESC_SIDE), np.float32)
+    for s in range(0, len(thumb), chunk):
+        c = canonical(_thumbs(thumb[s:s + chunk]), flip)
+        out[s:s + chunk] = _unit(F.adaptive_avg_pool2d(c[:, None], DESC_SIDE).reshape(len(c), -1)).numpy()
+    return out
 
 
-def candidates(t, train_pos: np.ndarray, k: int, exact_max: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Candidate pairs of the thumbnails t [M, S, S]: each row's k nearest training descriptors,
+def _spread(thumb: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Luminance std of each thumbnail uint8 [N, S·S] → float32 [N] in [0, 1]."""
+    return np.concatenate([np.asarray(thumb[s:s + chunk], np.float32).std(1) / 255.0
+                           for s in range(0, len(thumb), chunk)]) if len(thumb) else np.zeros(0, np.float32)
+
+
+def candidates(thumb, train_pos: np.ndarray, k: int, exact_max: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate pairs of the thumbnails uint8 [M, S·S]: each row's k nearest training descriptors,
     plain and mirrored (self excluded) → (a [P], b [P] rows, descriptor distance [P])."""
     from pipeline.rules import knn
 
-    d, dflip = descriptor(t), descriptor(t, flip=True)
+    d, dflip = descriptor(thumb), descriptor(thumb, flip=True)
     index, _ = knn.build_index(d[train_pos], exact_max, seed)
     kk = min(int(k) + 1, len(train_pos))
     rows, dist = [], []
@@ -115,7 +157,7 @@ def candidates(t, train_pos: np.ndarray, k: int, exact_max: int, seed: int) -> t
         rows.append(np.where(r >= 0, train_pos[np.clip(r, 0, None)], -1))
         dist.append(dd)
     r, dd = np.concatenate(rows, 1), np.concatenate(dist, 1)
-    a = np.repeat(np.arange(len(t)), r.shape[1])
+    a = np.repeat(np.arange(len(thumb)), r.shape[1])
     keep = (r.ravel() >= 0) & (r.ravel() != a)
     return a[keep], r.ravel()[keep], dd.ravel()[keep].astype(np.float64)
 
@@ -147,18 +189,21 @@ def verify(thumb: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray | N
     out = np.empty(len(a), np.float64)
     flips = [None] if flip is not None else [False, True]
     rows = np.unique(np.r_[a, b])
-    blurred = torch.empty((len(rows),) + _thumbs(thumb[:1]).shape[1:])
+    # the candidate rows, blurred, kept in float16 (2 bytes a pixel) and widened chunk by chunk
+    blurred = torch.empty((len(rows),) + _small(_thumbs(thumb[:1])).shape[1:], dtype=torch.float16)
     for s in range(0, len(rows), chunk):
-        blurred[s:s + chunk] = _blur(_thumbs(thumb[rows[s:s + chunk]]))
+        blurred[s:s + chunk] = _small(_thumbs(thumb[rows[s:s + chunk]])).half()
     ia, ib = np.searchsorted(rows, a), np.searchsorted(rows, b)
     for s in range(0, len(a), chunk):
-        ta, tb = blurred[ia[s:s + chunk]], blurred[ib[s:s + chunk]]
+        ta, tb = blurred[ia[s:s + chunk]].float(), blurred[ib[s:s + chunk]].float()
         va, ma = canonical(ta, mask=True)
         best = torch.full((len(ta),), -1.0)
         for fl in flips:
-            f = torch.as_tensor(flip[s:s + chunk]) if fl is None else fl
+            f = torch.as_tensor(flip[s:s + chunk]) if fl is None else torch.full((len(tb),), fl)
+            tbf = torch.where(f[:, None, None], tb.flip(-1), tb)
+            centre = centroid(tbf)
             for ang, zoom in VIEWS:
-                vb, mb = canonical(tb, f, ang, zoom, mask=True)
+                vb, mb = canonical(tbf, False, ang, zoom, mask=True, centre=centre)
                 best = torch.maximum(best, _masked_ncc(va, vb, ma * mb))
         out[s:s + chunk] = (1.0 - best.double()).clamp_min(0.0).numpy()
     return out
@@ -175,7 +220,7 @@ def _rank_in_row(rows: np.ndarray, key: np.ndarray) -> np.ndarray:
     return out
 
 
-def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 5, top: int = 3, extra=None,
+def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 5, top: int = 2, extra=None,
                exact_max: int = 20_000, seed: int = 0) -> dict:
     """Verified copy pairs among the rows of `thumb` (uint8 [M, S·S]), each with a training row.
 
@@ -187,15 +232,14 @@ def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 
     without one use the other row's) or d ≤ D_EXACT. Returns {"a", "b" [P] rows (a < b), "d" [P],
     "ref" [P], "flip" [P] bool (b mirrored), "n_candidates", "n_verified"}.
     """
-    t = _thumbs(thumb)
     pos = np.asarray(train_pos, np.int64)
-    a, b, _ = candidates(t, pos, k, exact_max, seed)
+    a, b, _ = candidates(thumb, pos, k, exact_max, seed)
     if extra is not None:
         a, b = np.r_[a, extra[0]], np.r_[b, extra[1]]
     a, b = _unique_pairs(a, b)
-    textured = (t.reshape(len(t), -1).std(1) >= MIN_STD).numpy()
+    textured = _spread(thumb) >= MIN_STD
     a, b = a[textured[a] & textured[b]], b[textured[a] & textured[b]]
-    d0, d0f = descriptor(t), descriptor(t, flip=True)
+    d0, d0f = descriptor(thumb), descriptor(thumb, flip=True)
     plain, mirr = (d0[a] * d0[b]).sum(1), (d0[a] * d0f[b]).sum(1)
     flip, dd = mirr > plain, 1.0 - np.maximum(plain, mirr)
     # per row (both ends): rank of each pair by descriptor distance
@@ -205,7 +249,7 @@ def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 
     sel = (ra < top) | (rb < top) | (ra == REF_RANK) | (rb == REF_RANK)
     a, b, flip, ra, rb = a[sel], b[sel], flip[sel], ra[sel], rb[sel]
     d = verify(thumb, a, b, flip)
-    ref = np.full(len(t), np.nan)
+    ref = np.full(len(thumb), np.nan)
     ref[a[ra == REF_RANK]] = d[ra == REF_RANK]
     ref[b[rb == REF_RANK]] = d[rb == REF_RANK]
     r = np.fmin(ref[a], ref[b])

@@ -278,6 +278,13 @@ def leakage(inputs, cfg: FlagConfig) -> IssueResult:
     res = cached_duplicates(inputs, cfg)
     leak = np.asarray(res.columns["duplicate_leak"], bool)
     lk = res.summary["leakage"]
+    tr = np.asarray([p["train_id"] for p in lk["pairs"]], np.int64)
+    ev = np.asarray([p["eval_id"] for p in lk["pairs"]], np.int64)
+    u, first = np.unique(tr, return_index=True)  # each training id → its first-listed val/test copy
+    at = np.clip(np.searchsorted(u, inputs.ids), 0, max(len(u) - 1, 0))
+    found = leak & (u[at] == inputs.ids) if len(u) else np.zeros(len(leak), bool)
+    leakage_of = np.where(found, ev[first][at] if len(u) else -1, -1).astype(np.int64)
     return IssueResult(flagged=leak, score=np.where(leak, res.score, 0.0), rule="a copy of a val/test image",
+                       columns={"leakage_of": leakage_of},
                        summary={"n_flagged": int(leak.sum()), "n_pairs": lk["n_pairs"], "pairs": lk["pairs"],
                                 "by_split": lk["by_split"]})
