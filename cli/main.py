@@ -260,7 +260,7 @@ def score(
 
 
 def _score_io(path: Path, model: Path, out: Path, params: Path) -> None:
-    from pipeline.data.standalone import is_manifest
+    from pipeline.stages.standalone import is_manifest
 
     inputs = [("PATH", path)] + ([("--model", model)] if model.is_dir() else [])
     manifest = path if is_manifest(path) else None

@@ -309,3 +309,11 @@ def load_trained(model_dir: str | Path, device: str = "cpu"):
 
 def write_config(model_dir: str | Path, cfg: dict) -> None:
     write_json(Path(model_dir) / "config.json", cfg)
+
+
+def run_dirs(model_dir: str | Path) -> list[Path]:
+    """The model folder plus its other-seed runs (model_dir/seeds/seed_<s>), in seed order."""
+    model_dir = Path(model_dir)
+    extra = sorted((model_dir / "seeds").glob("seed_*"), key=lambda p: int(p.name.split("_")[1])) \
+        if (model_dir / "seeds").exists() else []
+    return [model_dir] + [p for p in extra if (p / "config.json").exists()]

@@ -47,7 +47,7 @@ def test_heldout_label_issues_refuses_logits():
 @pytest.fixture(scope="module")
 def noisy_everywhere(tmp_path_factory):
     """A tiny folder with 25 % label noise in train, val and test alike, a 2-seed base model and its scores."""
-    from pipeline.config import ScoreConfig
+    from pipeline.config import PrepareConfig, ScoreConfig
     from pipeline.stages.prepare import prepare
     from pipeline.stages.score import score
     from pipeline.stages.train import train
@@ -57,8 +57,8 @@ def noisy_everywhere(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("heldout")
     make_imagefolder(root / "imgs", n_per_class=40, classes=("a", "b", "c", "d"))
-    prepare("imagefolder", str(root / "imgs"), root / "data", 0.25, 0.25, 0, noise_rate=0.25,
-            noise_splits=["train", "val", "test"])
+    prepare(root / "data", PrepareConfig(source="imagefolder", root=str(root / "imgs"), val_frac=0.25, test_frac=0.25,
+                                         seed=0, noise_rate=0.25, noise_splits=["train", "val", "test"]))
     recipe = Recipe(epochs=8, batch_size=16, device="cpu", track=0, checkpoint_every=8, lr=3e-3, schedule="constant")
     train(root / "data/manifest.csv", root / "models/base", recipe, seeds=[0, 1])
     score(root / "models/base", root / "data/manifest.csv", root / "scores",

@@ -57,8 +57,7 @@ def heldout_probs(model_dir, manifest, split: str, device: str = "cpu", df=None)
     import torch
 
     from pipeline.data.dataset import load_split
-    from pipeline.models import load_trained
-    from pipeline.stages.evaluate import run_dirs
+    from pipeline.models import load_trained, run_dirs
     from pipeline.training.infer import predict_logits
 
     dirs = run_dirs(model_dir)

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.errors import CleanError
-from pipeline.scores.head import _check_norm, _head, forward_logits_features, last_layer_norms
+from pipeline.head import _check_norm, _head, forward_logits_features, last_layer_norms
 from pipeline.scores.layers import (
     _Acc,
     _Ctx,

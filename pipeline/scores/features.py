@@ -102,12 +102,12 @@ def image_features(model, images_u8, mean, std, batch_size: int, device: str, pr
     """Embeddings, pixel hashes and image statistics of uint8 images [M,C,H,W] (array or streamed).
 
     Returns {emb float16 [M, D], hash uint64 [M], <STAT_KEYS minus height/width> float32 [M]}.
-    The embedding is the input of the classifier head in eval mode (pipeline/scores/head.py).
+    The embedding is the input of the classifier head in eval mode (pipeline/head.py).
     """
     import torch
 
     from pipeline.data.stream import iter_batches
-    from pipeline.scores.head import forward_logits_features
+    from pipeline.head import forward_logits_features
     from pipeline.training.infer import batches, normalize
 
     model.eval()

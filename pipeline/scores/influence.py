@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.scores.head import _head, forward_logits_features, last_layer_residual
+from pipeline.head import _head, forward_logits_features, last_layer_residual
 from pipeline.scores.layers import _LogitsWrapper, _layer_kind, param_subset
 
 __all__ = ["val_gradient", "grad_dots", "val_influence"]

@@ -1,21 +1,14 @@
 """The `evaluate` stage: a model folder (every seed's run) on the untouched test split →
 metrics_dir/<name>.json (for `dvc metrics diff`) and plots_dir/confusion_<name>.csv (for
 `dvc plots`); `evaluate_model` (one run), `summarize_runs` (mean ± std over seeds) and
-`run_dirs` serve the sweep too (docs/methods.md §5.3)."""
+`run_dirs` (pipeline/models.py) serve the sweep too (docs/methods.md §5.3)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-
-def run_dirs(model_dir: str | Path) -> list[Path]:
-    """The model folder plus its other-seed runs (model_dir/seeds/seed_<s>), in seed order."""
-    model_dir = Path(model_dir)
-    extra = sorted((model_dir / "seeds").glob("seed_*"), key=lambda p: int(p.name.split("_")[1])) \
-        if (model_dir / "seeds").exists() else []
-    return [model_dir] + [p for p in extra if (p / "config.json").exists()]
-
+from pipeline.models import run_dirs  # noqa: F401  (the sweep and the benches read it from here too)
 
 def evaluate_model(model_dir: str | Path, manifest: str | Path, split: str = "test", device: str = "cpu",
                    batch_size: int = 512, df=None, progress=None) -> dict:

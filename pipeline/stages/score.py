@@ -243,7 +243,7 @@ def score_input(path: str | Path, model: str, out_dir: str | Path, config, progr
     `on_input(summary, folder)` is called with that summary. Returns (scores DataFrame or
     None on non-zero torchrun ranks, model folder).
     """
-    from pipeline.data.standalone import as_manifest
+    from pipeline.stages.standalone import as_manifest
 
     path, out_dir, model_dir = Path(path), Path(out_dir), Path(model)
     if (model_dir / "config.json").exists():

@@ -454,7 +454,7 @@ def _track_norms(run: _Run, epoch: int, track_x) -> None:
     """Rank 0: the eval-mode last-layer gradient norm (l2) of each tracked sample after `epoch`."""
     import torch
 
-    from pipeline.scores.head import forward_logits_features, last_layer_norms
+    from pipeline.head import forward_logits_features, last_layer_norms
 
     run.core.eval()
     with torch.no_grad():
