@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.config import FlagConfig
 from pipeline.registry import ISSUES
+from pipeline.rules import knn
 from pipeline.rules.base import IssueResult
 
 #: example ids listed per finding in the summary
@@ -44,8 +45,6 @@ def find_duplicates(feats: dict, labels_train: np.ndarray, ids_train: np.ndarray
     """Duplicate sets of the training samples (feats: load_features' dict; ids/labels in train_pos order)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
-
-    from pipeline.rules import knn
 
     pos = np.asarray(feats["train_pos"], np.int64)
     m, n = len(feats["ids"]), len(pos)

@@ -11,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.images import load_images
 from pipeline.errors import CleanError
 from pipeline.config import FlagConfig
 from pipeline.registry import ISSUES, RULES
+from pipeline.rules import knn
 from pipeline.rules.base import FlagResult, IssueResult, rows_for, _as_float, _check_seed, _float_array, _fmt
+from pipeline.rules.threshold import MAD_SCALE
 
 
 def flag_isolation_forest(
@@ -67,7 +70,6 @@ def gradient_features(model_dir: str | Path, manifest: str | Path, ids: np.ndarr
     import torch
 
     from pipeline.head import forward_logits_features, grad_vectors_last, last_layer_residual, project_last_layer_grads
-    from pipeline.data.images import load_images
     from pipeline.training.infer import batches, normalize
     from pipeline.models import check_fits_data, load_trained
 
@@ -105,8 +107,6 @@ def knn_outliers(feats: dict, k: int = 10, c: float = 6.0, exact_max: int | None
     faiss search shared with the duplicate check, pipeline/rules/knn.py). Flagged when the
     score's robust z = (score − median) / (1.4826 · MAD) exceeds `c` (flag.outlier_mad).
     """
-    from pipeline.rules import knn
-    from pipeline.rules.threshold import MAD_SCALE
 
     pos = np.asarray(feats["train_pos"], np.int64)
     nn = knn.train_knn(feats, k, knn.EXACT_MAX if exact_max is None else exact_max, seed)

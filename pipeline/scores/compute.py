@@ -6,11 +6,16 @@ norms come from pipeline/scores/engine.py (closed form for the head, ghost norms
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.stream import iter_batches
+from pipeline.models import load_weights
 from pipeline.registry import SCORES
+from pipeline.scores.features import batch_features, empty_features
+from pipeline.training.infer import batches, normalize
 
 
 def forward_scores(model, images_u8, labels: np.ndarray, mean, std, norm: str = "l2",
@@ -26,8 +31,6 @@ def forward_scores(model, images_u8, labels: np.ndarray, mean, std, norm: str = 
     emb float16 [N, D], hash, image statistics), so `clean score` decodes and forwards the
     scored images once.
     """
-    from pipeline.training.infer import batches
-    from pipeline.data.stream import iter_batches
 
     model.eval()
     out = {k: np.empty(len(labels), np.float64) for k in ("loss", "grad_norm", "el2n", "margin")}
@@ -57,8 +60,6 @@ def _score_batches(model, spans, feed, labels, mean, std, norm, params, device, 
     import torch
 
     from pipeline.scores.engine import per_sample_grad_norms
-    from pipeline.scores.features import batch_features, empty_features
-    from pipeline.training.infer import normalize
 
     for (s, e), xb in zip(spans, feed):
         x = normalize(xb, mean, std, device)
@@ -91,9 +92,6 @@ def self_influence(model, checkpoints: list[tuple[Path, float]], images_u8, labe
 
     `model` is loaded with each checkpoint's weights in turn (its own weights are restored).
     """
-    import copy
-
-    from pipeline.models import load_weights
 
     total = np.zeros(len(labels), np.float64)
     work = copy.deepcopy(model)
