@@ -307,6 +307,7 @@ def load_trained(model_dir: str | Path, device: str = "cpu"):
 
 
 def write_config(model_dir: str | Path, cfg: dict) -> None:
+    """model_dir/config.json: what :func:`load_trained` / :func:`read_config` read back (atomic)."""
     write_json(Path(model_dir) / "config.json", cfg)
 
 

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.stream import iter_batches
-from pipeline.models import load_weights
 from pipeline.registry import SCORES
-from pipeline.scores.features import batch_features, empty_features
-from pipeline.training.infer import batches, normalize
+
+# The computing imports sit in the functions: this module registers SCORES entries, and every
+# stage that reads a score column's name or suspicious end imports it (dvc deps stay narrow).
 
 
 def forward_scores(model, images_u8, labels: np.ndarray, mean, std, norm: str = "l2",
-                   params: str = "last", batch_size: int = 256, device: str = "cpu",
+                   subset: str = "last", batch_size: int = 256, device: str = "cpu",
                    progress=None, features: bool = False) -> dict[str, np.ndarray]:
-    """Eval-mode per-sample scores of uint8 images [N,C,H,W] with int labels [N].
+    """Eval-mode per-sample scores of uint8 images [N,C,H,W] with int labels [N]; the gradient
+    norm `norm` over the parameter subset `subset` (score.params: last | weights | biases | all).
 
     `images_u8` is an array or streamed images (pipeline/stream.py: decoded batch by batch
     by worker processes; never the whole set). Returns {pred [N] int, loss [N] nats,
@@ -31,6 +31,8 @@ def forward_scores(model, images_u8, labels: np.ndarray, mean, std, norm: str = 
     emb float16 [N, D], hash, image statistics), so `clean score` decodes and forwards the
     scored images once.
     """
+    from pipeline.data.stream import iter_batches
+    from pipeline.training.infer import batches
 
     model.eval()
     out = {k: np.empty(len(labels), np.float64) for k in ("loss", "grad_norm", "el2n", "margin")}
@@ -38,7 +40,7 @@ def forward_scores(model, images_u8, labels: np.ndarray, mean, std, norm: str = 
     spans = list(batches(len(labels), batch_size))
     feed = iter_batches(images_u8, [slice(s, e) for s, e in spans], pin=str(device).startswith("cuda"))
     with _exact_fp32():
-        _score_batches(model, spans, feed, labels, mean, std, norm, params, device, out, progress, features)
+        _score_batches(model, spans, feed, labels, mean, std, norm, subset, device, out, progress, features)
     return out
 
 
@@ -55,16 +57,18 @@ def _exact_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _score_batches(model, spans, feed, labels, mean, std, norm, params, device, out, progress,
+def _score_batches(model, spans, feed, labels, mean, std, norm, subset, device, out, progress,
                    features: bool = False) -> None:
     import torch
 
     from pipeline.scores.engine import per_sample_grad_norms
+    from pipeline.scores.features import batch_features, empty_features
+    from pipeline.training.infer import normalize
 
     for (s, e), xb in zip(spans, feed):
         x = normalize(xb, mean, std, device)
         y = torch.as_tensor(np.array(labels[s:e], np.int64), device=device)
-        r = per_sample_grad_norms(model, x, y, norm=norm, params=params)
+        r = per_sample_grad_norms(model, x, y, norm=norm, params=subset)
         logits = r["logits"].detach().double()  # float64 from here: small losses keep their digits
         p = torch.softmax(logits, 1)
         onehot = torch.nn.functional.one_hot(y, logits.shape[1]).double()
@@ -86,19 +90,20 @@ def _score_batches(model, spans, feed, labels, mean, std, norm, params, device, 
 
 
 def self_influence(model, checkpoints: list[tuple[Path, float]], images_u8, labels, mean, std,
-                   params: str = "last", batch_size: int = 256, device: str = "cpu",
+                   subset: str = "last", batch_size: int = 256, device: str = "cpu",
                    progress=None) -> np.ndarray:
     """TracIn self-influence Σ_c lr_c · ‖∇_θ' L_i(θ_c)‖₂² over checkpoints [(file, lr_c)] → [N].
 
     `model` is loaded with each checkpoint's weights in turn (its own weights are restored).
     """
+    from pipeline.models import load_weights
 
     total = np.zeros(len(labels), np.float64)
     work = copy.deepcopy(model)
     for path, lr in checkpoints:
         load_weights(work, path)
         work.to(device).eval()
-        g = forward_scores(work, images_u8, labels, mean, std, "l2", params, batch_size, device, progress)
+        g = forward_scores(work, images_u8, labels, mean, std, "l2", subset, batch_size, device, progress)
         total += lr * g["grad_norm"] ** 2
     return total
 

@@ -30,7 +30,8 @@ from pipeline.data.stream import check_readable, decoded_bytes, is_streamed, ope
 from pipeline.device import resolve_device
 from pipeline.errors import CleanError
 from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
-from pipeline.models import save_weights
+from pipeline.io import atomic_path, write_json
+from pipeline.models import save_weights, write_config
 from pipeline.ownership import MARKER
 from pipeline.training.fit import fit
 from pipeline.training.recipe import RESULT_NEUTRAL, Recipe
@@ -181,8 +182,6 @@ def _publish(partial: Path, out_dir: Path, runs: list) -> dict:
     (the folder is complete); it is renamed beside out_dir and swapped in (the old version,
     with .partial, is then removed). A kill between any two leaves out_dir complete (old or
     new) and `ownership.recover` finishes the swap on the next run."""
-    from pipeline.io import write_json
-
     primary = partial / "primary"
     first = json.loads((primary / "metrics.json").read_text())
     first["runs"] = runs
@@ -216,8 +215,6 @@ def _fingerprint(recipe: Recipe, seeds: list[int], manifest: Path, out_dir: Path
 def _open_partial(partial: Path, fp: dict, seeds: list[int], resume: bool) -> dict:
     """Rank 0: reuse out_dir/.partial when resuming a run with the same settings, else start it
     afresh → {done: seeds already trained, note: a line for the user or None}."""
-    from pipeline.io import write_json
-
     run_json = partial / "run.json"
     if resume and run_json.exists():
         try:
@@ -281,8 +278,6 @@ def _write_run(res, tr, classes, recipe: Recipe, manifest: Path, run_dir: Path, 
 
     import torch
 
-    from pipeline.io import atomic_path, write_json
-
     _, c, h, w = tr.images.shape
     cfg = {"model": recipe.model, "num_classes": len(classes), "classes": classes,
            "in_chans": int(c), "image_size": [int(h), int(w)], "mean": res.mean, "std": res.std,
@@ -302,6 +297,6 @@ def _write_run(res, tr, classes, recipe: Recipe, manifest: Path, run_dir: Path, 
             with open(tmp, "wb") as f:
                 np.savez(f, ids=tr.ids, probs=probs)
     save_weights(res.model, run_dir / "model.safetensors", {"model": recipe.model, "seed": recipe.seed})
-    write_json(run_dir / "config.json", cfg)
+    write_config(run_dir, cfg)
     write_json(run_dir / "metrics.json", metrics)
     shutil.rmtree(run_dir / "resume", ignore_errors=True)

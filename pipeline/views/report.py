@@ -317,8 +317,10 @@ def _candidates(sec: Section, df, has_flags: bool, flags_path: Path, by: str, ma
     cand = df[df["flagged"]]
     value = cand["flag_value"].to_numpy(np.float64)
     key = np.where(np.isnan(value), cand[by].to_numpy(np.float64), value)
+    rules = sorted(set(df["rule"].dropna().astype(str)) - {""})  # every row carries the rule, flagged or not
+    rule = f"<code>{_e(', '.join(rules)[:300])}</code>" if rules else "the flag rule"
     sec.add(f"<p>{len(cand):,} of {len(df):,} training samples flagged "
-            f"({len(cand) / max(len(df), 1):.2%}) by <code>{_e(', '.join(sorted(set(cand['rule'])))[:300])}</code>."
+            f"({len(cand) / max(len(df), 1):.2%}) by {rule}."
             f" Red: the model predicts another class than the label.</p>")
     return cand.iloc[top_order(key, "", cand["id"].to_numpy())], "flag value (highest first)", "flagged"
 
