@@ -65,8 +65,9 @@ def _flip(y: np.ndarray, rate: float, kind: str, rng) -> np.ndarray:
 
 
 def make_folder(root: Path, gen_seed: int, kind: str, rate: float, n_train: int, n_test: int,
-                oos: float, conflict: float, leak: float) -> pd.DataFrame:
-    """Write root/{train,test}/<class>/<name>.png → truth frame (path, split_folder, true, given, kind)."""
+                oos: float, conflict: float, leak: float, write: bool = True) -> pd.DataFrame:
+    """Write root/{train,test}/<class>/<name>.png → truth frame (path, split_folder, true, given, kind);
+    `write` False: the same frame, no files (a resumed run)."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -103,8 +104,9 @@ def make_folder(root: Path, gen_seed: int, kind: str, rate: float, n_train: int,
     rows = []
     for i, (im, g) in enumerate(zip(imgs, given)):
         p = root / folder[i] / f"{g}-{CLASSES[g]}" / f"{i:06d}.png"  # sorted names = class index
-        p.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.asarray(im, np.uint8)).save(p)
+        if write:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.asarray(im, np.uint8)).save(p)
         rows.append(str(p.resolve()))
     return pd.DataFrame({"abspath": rows, "folder": folder, "true": true, "given": given, "kind": kinds})
 
@@ -220,9 +222,39 @@ def run(a, log) -> dict:
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    truth = make_folder(work / "folder", a.gen_seed, a.kind, a.rate, a.n_train, a.n_test, a.oos, a.conflict, a.leak)
-    log(f"folder written ({len(truth)} images, {time.perf_counter() - t0:.0f} s): "
+    resume = a.resume and (work / "data/pruned.csv").exists()
+    truth = make_folder(work / "folder", a.gen_seed, a.kind, a.rate, a.n_train, a.n_test, a.oos, a.conflict, a.leak,
+                        write=not resume)
+    log(f"folder {'(resumed)' if resume else 'written'} ({len(truth)} images, {time.perf_counter() - t0:.0f} s): "
         + json.dumps({"/".join(k): int(v) for k, v in truth.groupby(["folder", "kind"]).size().items()}))
+    if not resume:
+        _write_params(a, work)
+        stages(work, log)
+    man = joined(work, truth)
+    flags = pd.read_csv(work / "scores/flags.csv")
+    res = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+           "counts": {"/".join(k): int(v) for k, v in truth.groupby(["folder", "kind"]).size().items()}}
+    res["issues"] = issue_pr(man, flags)
+    log("label issues vs planted flips: " + json.dumps(res["issues"]))
+    versions = build_versions(work, man, flags, a.candidates, a.random_of, log)
+    res["issues"]["agree (train)"] = versions.pop("_agree_pr")
+    accs = {}
+    versions = {k: v for k, v in versions.items() if k not in a.skip.split(",")}
+    for name, path in versions.items():
+        if name != "base" and not (work / "models" / name / "config.json").exists():
+            seeds = [x for sd in (a.version_seeds or []) for x in ("--seed", str(sd))]
+            clean(work, "train", "--manifest", str(path.relative_to(work)), "--out", f"models/{name}", *seeds, log=log)
+        accs[name] = accuracies(work, name, man)
+        log(f"  {name}: true {np.mean(accs[name]['true']):.4f} given {np.mean(accs[name]['given']):.4f}")
+        res["versions"] = summarise(accs, versions, work, man)
+        if a.json:  # after every version: a run stopped early keeps what it measured
+            a.json.write_text(json.dumps(res, indent=1, default=float))
+    res["seconds"] = round(time.perf_counter() - t0)
+    return res
+
+
+def _write_params(a, work: Path) -> None:
+    """work/params.yaml: the repository's defaults, the folder as an imagefolder source, --seeds, --set."""
     import yaml
 
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
@@ -234,31 +266,17 @@ def run(a, log) -> dict:
         sec, k = key.split(".")
         params[sec][k] = yaml.safe_load(val)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def stages(work: Path, log) -> None:
+    """clean prepare, train, score, flag, prune: the dvc.yaml commands."""
     clean(work, "prepare", "--out", "data", log=log)
-    man = joined(work, truth)
     clean(work, "train", "--manifest", "data/manifest.csv", "--out", "models/base", log=log)
     clean(work, "score", "data/manifest.csv", "--model", "models/base", "--out", "scores", log=log)
     clean(work, "flag", "--scores", "scores/scores.csv", "--out", "scores", "--model", "models/base",
           "--manifest", "data/manifest.csv", log=log)
     clean(work, "prune", "--manifest", "data/manifest.csv", "--scores", "scores/scores.csv", "--flags",
           "scores/flags.csv", "--out", "data/pruned.csv", "--summary", "prune/summary.json", log=log)
-    flags = pd.read_csv(work / "scores/flags.csv")
-    res = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-           "counts": {"/".join(k): int(v) for k, v in truth.groupby(["folder", "kind"]).size().items()}}
-    res["issues"] = issue_pr(man, flags)
-    log("label issues vs planted flips: " + json.dumps(res["issues"]))
-    versions = build_versions(work, man, flags, a.candidates, a.random_of, log)
-    res["issues"]["agree (train)"] = versions.pop("_agree_pr")
-    accs = {}
-    versions = {k: v for k, v in versions.items() if k not in a.skip.split(",")}
-    for name, path in versions.items():
-        if name != "base":
-            clean(work, "train", "--manifest", str(path.relative_to(work)), "--out", f"models/{name}", log=log)
-        accs[name] = accuracies(work, name, man)
-        log(f"  {name}: true {np.mean(accs[name]['true']):.4f} given {np.mean(accs[name]['given']):.4f}")
-    res["versions"] = summarise(accs, versions, work, man)
-    res["seconds"] = round(time.perf_counter() - t0)
-    return res
 
 
 def issue_pr(man: pd.DataFrame, flags: pd.DataFrame) -> dict:
@@ -375,6 +393,9 @@ def main() -> None:
     ap.add_argument("--candidates", default="relabel-agree,drop-agree")
     ap.add_argument("--random-of", default="default", help="random removal of as many as this version changes")
     ap.add_argument("--skip", default="", help="versions not trained, e.g. random,oracle")
+    ap.add_argument("--version-seeds", type=int, nargs="*", default=None,
+                    help="seeds of the retrained versions (default: train.seeds); base keeps its own")
+    ap.add_argument("--resume", action="store_true", help="reuse --work's folder, base model, scores and flags")
     ap.add_argument("--set", nargs="*", default=[], help="params overrides, e.g. train.epochs=5")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--json", type=Path, default=None)

@@ -50,9 +50,11 @@ def _classes(manifest: Path) -> tuple[str, Path]:
 
 
 def _check_out_dir(out: Path) -> None:
-    """A model folder option must not name an existing file."""
+    """A model folder option must not name an existing file, nor be a symbolic link (pipeline/ownership.py)."""
     from pipeline.errors import CleanError
+    from pipeline.ownership import not_a_link
 
+    not_a_link(out)
     if out.exists() and not out.is_dir():
         raise CleanError(f"--out {out} is a file; give a folder for the model (e.g. models/base)")
 
@@ -177,9 +179,10 @@ def _aside_rows(m: dict) -> list:
     """The accuracy with the test split's label decisions applied, when evaluate computed it."""
     from pipeline.stages.evaluate import ASIDE_KEYS
 
-    said = {"accuracy_reviewed": "accuracy (reviewed test labels; {n} set aside)",
-            "accuracy_unflagged": "accuracy (flagged test images left out: {n})"}
-    return [(said[k].format(n=m["n_set_aside"]), _pm(m, k)) for k in ASIDE_KEYS if k in said and k in m]
+    said = {"accuracy_reviewed": "accuracy (reviewed test labels; {n} set aside{leak})",
+            "accuracy_unflagged": "accuracy (flagged test images left out: {n}{leak})"}
+    leak = f", {m['n_leaked']} leaked copies of training images" if m.get("n_leaked") else ""
+    return [(said[k].format(n=m["n_set_aside"], leak=leak), _pm(m, k)) for k in ASIDE_KEYS if k in said and k in m]
 
 
 @app.command()
@@ -531,8 +534,9 @@ def sweep_collect(
 
 from .visual import compare, figures, report, show  # noqa: E402  (typer/rich/pathlib only)
 from .review import review  # noqa: E402  (typer/pathlib only)
+from .project import demo, init, versions  # noqa: E402  (typer/pathlib only)
 
-for _fn in (show, report, compare, figures, review):
+for _fn in (show, report, compare, figures, review, init, versions, demo):
     app.command()(_fn)
 
 

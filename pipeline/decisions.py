@@ -51,12 +51,13 @@ def class_index(label, classes: list[str]) -> int | None:
     return i if 0 <= i < len(classes) and str(i) == s else None
 
 
-def read_decisions(path: str | Path, classes: list[str], paths: dict[int, str] | None = None,
+def read_decisions(path: str | Path, classes: list[str], paths: dict[int, str] | None,
                    manifest: str | Path = "the manifest") -> dict[int, dict]:
     """Read decisions.csv → {id: {"action", "label" (class index or None), "note"}}, keyed by the
     manifest's current ids.
 
-    `paths`: {id: path as written in the manifest} of every manifest row. A decision follows its
+    `paths`: {id: path as written in the manifest} of every manifest row (None: ids as written,
+    for a file known to belong to the manifest). A decision follows its
     image: a row's `path` names it, and its id is re-pointed when the path moved to another id
     (prepare after images were added); a path that is no longer in the manifest is refused. A row
     without a path (a file from before the path column) is taken by its id only when the file is

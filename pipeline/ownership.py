@@ -109,12 +109,24 @@ def _made_by_clean(folder: Path) -> bool:
     return isinstance(cfg, dict) and "recipe" in cfg and "classes" in cfg
 
 
+def not_a_link(folder: Path, option: str = "--out", command: str = "clean train") -> None:
+    """CleanError when `folder` itself is a symbolic link: a model folder is replaced by renaming
+    a new folder onto its path, which would replace the link, not the folder it points to."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        target = os.readlink(folder)
+        raise CleanError(f"{option} {folder} is a symbolic link (to {target}); `{command}` replaces its model folder "
+                         f"as a whole by renaming, so give the folder itself (--out {os.path.relpath(os.path.realpath(folder))}) "
+                         "or a new folder")
+
+
 def claim(folder: Path, option: str = "--out", command: str = "clean train") -> None:
     """Make `folder` a model folder `command` may replace as a whole: create it (with the
     marker) when missing, take it when empty; when it holds files, every one must be a file
     `clean train` writes and the folder must be `clean`'s (marked, or made by an older
     version); else CleanError naming what is in the way."""
     folder = Path(folder)
+    not_a_link(folder, option, command)
     if folder.exists() and not folder.is_dir():
         raise CleanError(f"{option} {folder} is a file; give a folder for the model (e.g. models/base)")
     if folder.is_dir() and any(folder.iterdir()):
@@ -211,7 +223,11 @@ def recover(folder: Path, work: str | None = None) -> None:
     are removed; a folder by those names that is not ours is reported, never removed.
     """
     folder = Path(folder)
+    not_a_link(folder)
     new, aside = staging_path(folder), aside_path(folder)
+    for p in (new, aside):
+        if p.is_symlink():  # an older `clean` swapped a linked model folder: the user's link ended up here
+            p.unlink()  # a link only: the folder it points to is kept
     if not folder.exists():
         if new.is_dir() and is_marked(new):
             os.rename(new, folder)

@@ -82,11 +82,14 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
         "grid": 36,           # images in the top-flagged grid (0 = none)
         "duplicate_tau": 0.13,  # duplicate: near copy when cosine distance < tau x median nearest-neighbour distance
+        "copy_ratio": 0.2,    # duplicate: aligned pixel distance <= this x the pair's ordinary-neighbour distance
         "outlier_k": 10,      # outlier (and duplicate search): nearest training embeddings
-        "outlier_mad": 6.0,   # outlier: robust z of the mean kNN distance above this
+        "outlier_mad": 6.0,   # outlier: robust z of the kNN distance above this (no val split)
+        "outlier_fpr": 0.01,  # outlier: beyond the (1 - this) quantile of the val images' kNN distance
         "dark": 0.37,         # dark: 99th brightness percentile below this (cleanvision)
         "light": 0.05,        # light: 5th brightness percentile above 1 - this (cleanvision)
-        "blurry_mad": 4.0,    # blurry: robust z of log(Laplacian variance / contrast^2) below minus this
+        "blurry_mad": 5.0,    # blurry: robust z of log(Laplacian^2 / gradient^2 energy) below minus this
+        "property_fpr": 0.01,  # blurry: at most this fraction of the set flagged (cut ≤ the set's own quantile)
         "low_information": 3.0,  # low_information: pixel entropy below this many bits
         "odd_size": 1.5,      # odd_size: sqrt(h*w) outside the 3 IQR fence and this factor from the median
         "odd_aspect_ratio": 0.5,  # odd_aspect_ratio: min(a/a0, a0/a) below this (a0 = the median w/h)
@@ -160,36 +163,40 @@ def _intervals(table: str) -> dict:
     return out
 
 #: Numeric ranges, in interval notation ("[" / "]" inclusive, "(" / ")" exclusive); every seed feeds
-#: numpy / torch generators, which take 0 .. 2**32 − 1. Parsed into (low, high, low_inclusive, high_inclusive).
+#: numpy / torch generators, which take 0 .. 2**32 − 1. Every count has an upper bound the machine
+#: can hold (arrays of that many epochs, neighbours, folds, tiles), far above any useful value. Parsed into (low, high, low_inclusive, high_inclusive).
 RANGES = _intervals("""
 data.val_frac            [0.0, 1.0)
 data.test_frac           [0.0, 1.0)
 noise.rate               [0.0, 1.0)
-train.epochs             [1, inf)
-train.batch_size         [1, inf)
+train.epochs             [1, 100000]
+train.batch_size         [1, 1048576]
 train.lr                 (0.0, inf)
 train.momentum           [0.0, 1.0)
 train.weight_decay       [0.0, inf)
-train.step_size          [1, inf)
+train.step_size          [1, 100000]
 train.gamma              (0.0, 1.0]
-train.checkpoint_every   [1, inf)
-train.track              [0, inf)
+train.checkpoint_every   [1, 100000]
+train.track              [0, 10000000]
 train.probs_window       (0.0, 1.0]
-train.workers            [0, inf)
-data.cache_max_gb        [0.0, inf)
-score.batch_size         [1, inf)
+train.workers            [0, 1024]
+data.cache_max_gb        [0.0, 1000000.0]
+score.batch_size         [1, 1048576]
 flag.quantile            (0.0, 1.0)
 flag.threshold           (0.0, inf)
 flag.contamination       (0.0, 0.5]
-flag.projection_dim      [1, inf)
-flag.folds               [2, inf)
-flag.grid                [0, inf)
+flag.projection_dim      [1, 65536]
+flag.folds               [2, 1000]
+flag.grid                [0, 10000]
 flag.duplicate_tau       (0.0, inf)
-flag.outlier_k           [1, inf)
+flag.copy_ratio          [0.0, 100.0]
+flag.outlier_k           [1, 10000]
 flag.outlier_mad         (0.0, inf)
+flag.outlier_fpr         (0.0, 1.0)
 flag.dark                [0.0, 1.0]
 flag.light               [0.0, 1.0]
 flag.blurry_mad          (0.0, inf)
+flag.property_fpr        (0.0, 1.0)
 flag.low_information     [0.0, 8.0]
 flag.odd_size            (1.0, inf)
 flag.odd_aspect_ratio    [0.0, 1.0]
@@ -222,30 +229,30 @@ def _check_value(key: str, value: Any, default: Any, where: str) -> Any:
     if key in CHOICES:
         if value not in CHOICES[key]:
             raise CleanError(
-                f"{where}: {key} = {value!r} is not allowed; use one of: {', '.join(CHOICES[key])}"
+                f"{where}: {key} = {_short(value)} is not allowed; use one of: {', '.join(CHOICES[key])}"
             )
         return value
     if key in FREE:
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise CleanError(f"{where}: {key} must be true or false, got {value!r}")
+            raise CleanError(f"{where}: {key} must be true or false, got {_short(value)}")
         return value
     if isinstance(default, int) and not isinstance(default, bool):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise CleanError(f"{where}: {key} must be an integer, got {value!r}")
+            raise CleanError(f"{where}: {key} must be an integer, got {_short(value)}")
     elif isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise CleanError(f"{where}: {key} must be a number, got {value!r}")
+            raise CleanError(f"{where}: {key} must be a number, got {_short(value)}")
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
-            raise CleanError(f"{where}: {key} must be a finite number, got {value!r}")
+            raise CleanError(f"{where}: {key} must be a finite number, got {_short(value)}")
     elif isinstance(default, str):
         if not isinstance(value, str):
-            raise CleanError(f"{where}: {key} must be a string, got {value!r}")
+            raise CleanError(f"{where}: {key} must be a string, got {_short(value)}")
     elif isinstance(default, list):
         if not isinstance(value, list):
-            raise CleanError(f"{where}: {key} must be a list, got {value!r}")
+            raise CleanError(f"{where}: {key} must be a list, got {_short(value)}")
     if key in RANGES:
         lo, hi, lo_inc, hi_inc = RANGES[key]
         bad = (lo is not None and (value < lo or (value == lo and not lo_inc))) or (
@@ -255,7 +262,7 @@ def _check_value(key: str, value: Any, default: Any, where: str) -> Any:
             lo_s = "" if lo is None else f"{'≥' if lo_inc else '>'} {lo}"
             hi_s = "" if hi is None else f"{'≤' if hi_inc else '<'} {hi}"
             rng = " and ".join(s for s in (lo_s, hi_s) if s)
-            raise CleanError(f"{where}: {key} must be {rng}, got {value!r}")
+            raise CleanError(f"{where}: {key} must be {rng}, got {_short(value)}")
     return value
 
 
@@ -275,7 +282,7 @@ def validate(params: dict, where: str = "params.yaml") -> dict:
         if body is None:
             continue
         if not isinstance(body, dict):
-            raise CleanError(f"{where}: section '{section}' must be a mapping of keys, got {body!r}")
+            raise CleanError(f"{where}: section '{section}' must be a mapping of keys, got {_short(body)}")
         for k, v in body.items():
             key = f"{section}.{k}"
             if key not in known:
@@ -296,53 +303,56 @@ def _check_free(p: dict, where: str) -> None:
             and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
         )
         if not ok:
-            raise CleanError(f"{where}: data.image_size must be null, a positive integer or [H, W], got {size!r}")
+            raise CleanError(f"{where}: data.image_size must be null, a positive integer or [H, W], got {_short(size)}")
     classes = p["data"]["classes"]
     if classes is not None and (not isinstance(classes, list) or not classes
                                 or len(set(map(str, classes))) != len(classes)):
-        raise CleanError(f"{where}: data.classes must be null or a non-empty list of distinct names, got {classes!r}")
+        raise CleanError(f"{where}: data.classes must be null or a non-empty list of distinct names, got {_short(classes)}")
+    if classes is not None and len(classes) < 2:
+        raise CleanError(f"{where}: data.classes lists {len(classes)} class ({_short(classes)}); a classifier needs at "
+                         "least 2: list every class to keep, or null for every class of the source")
     if p["data"]["val_frac"] + p["data"]["test_frac"] >= 1:
         raise CleanError(f"{where}: data.val_frac + data.test_frac must be < 1, got "
                          f"{p['data']['val_frac']} + {p['data']['test_frac']}")
     root = p["data"]["root"]
     if root is not None and not isinstance(root, str):
-        raise CleanError(f"{where}: data.root must be null or a path string, got {root!r}")
+        raise CleanError(f"{where}: data.root must be null or a path string, got {_short(root)}")
     if "root" in SOURCES[p["data"]["source"]].needs and root is None:
         raise CleanError(f"{where}: data.source = {p['data']['source']} needs data.root "
                          f"(the {'image folder' if p['data']['source'] == 'imagefolder' else 'CSV file'})")
     pairs = p["noise"]["pairs"]
     if pairs is not None and (not isinstance(pairs, dict) or not all(
             isinstance(a, int) and isinstance(b, int) for a, b in pairs.items())):
-        raise CleanError(f"{where}: noise.pairs must be null or a mapping {{class_index: class_index}}, got {pairs!r}")
+        raise CleanError(f"{where}: noise.pairs must be null or a mapping {{class_index: class_index}}, got {_short(pairs)}")
     splits = p["noise"]["splits"]
     if not (isinstance(splits, list) and splits and all(s in ("train", "val", "test") for s in splits)):
-        raise CleanError(f"{where}: noise.splits must be a non-empty list from: train, val, test; got {splits!r}")
+        raise CleanError(f"{where}: noise.splits must be a non-empty list from: train, val, test; got {_short(splits)}")
     seeds = p["train"]["seeds"]
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                                       for s in seeds) and len(set(seeds)) == len(seeds)):
-        raise CleanError(f"{where}: train.seeds must be a non-empty list of distinct integers ≥ 0, got {seeds!r}")
+        raise CleanError(f"{where}: train.seeds must be a non-empty list of distinct integers ≥ 0, got {_short(seeds)}")
     if max(seeds) > SEED_MAX:
         raise CleanError(f"{where}: train.seeds: seed {max(seeds)} is too large; seeds must be integers from 0 to "
                          f"{SEED_MAX} (2**32 - 1)")
     strategies = p["sweep"]["strategies"]
     if not (isinstance(strategies, list) and strategies and all(s in STRATEGIES for s in strategies)):
         raise CleanError(f"{where}: sweep.strategies must be a non-empty list from: {', '.join(STRATEGIES.names())}; "
-                         f"got {strategies!r}")
+                         f"got {_short(strategies)}")
     keeps = p["sweep"]["keeps"]
     if not (isinstance(keeps, list) and all(
             isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k <= 1 for k in keeps)):
-        raise CleanError(f"{where}: sweep.keeps must be a list of fractions in (0, 1] (empty: no sweep), got {keeps!r}")
+        raise CleanError(f"{where}: sweep.keeps must be a list of fractions in (0, 1] (empty: no sweep), got {_short(keeps)}")
     aum_max = p["flag"]["aum_max"]
     if aum_max is not None and (isinstance(aum_max, bool) or not isinstance(aum_max, (int, float))):
-        raise CleanError(f"{where}: flag.aum_max must be null or a number, got {aum_max!r}")
+        raise CleanError(f"{where}: flag.aum_max must be null or a number, got {_short(aum_max)}")
     for key, value in (("flag.issues", p["flag"]["issues"]), ("prune.drop", p["prune"]["drop"])):
         if value is None and key == "flag.issues":
             continue
         if not (isinstance(value, list) and all(isinstance(t, str) and t in ISSUES for t in value)):
-            raise CleanError(f"{where}: {key} must be a list of issue types from: {', '.join(ISSUES)}; got {value!r}")
+            raise CleanError(f"{where}: {key} must be a list of issue types from: {', '.join(ISSUES)}; got {_short(value)}")
     w = p["model"]["weights"]
     if w is not None and not isinstance(w, str):
-        raise CleanError(f"{where}: model.weights must be null or a path string, got {w!r}")
+        raise CleanError(f"{where}: model.weights must be null or a path string, got {_short(w)}")
 
 
 class _Loader(yaml.SafeLoader):
@@ -350,28 +360,96 @@ class _Loader(yaml.SafeLoader):
     PyYAML, wants a dot: `1.0e-3`; without this `lr: 1e-3` would be the string '1e-3')."""
 
 
+def _bounded_int(loader, node):
+    digits = sum(ch.isdigit() for ch in node.value)
+    if digits > MAX_DIGITS:
+        raise CleanError(f"{getattr(loader, 'where', 'params.yaml')} line {node.start_mark.line + 1}: a number of {digits:,} digits; no setting takes "
+                         f"more than {MAX_DIGITS} (seeds take 10): write a smaller value")
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _bounded_int)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"))
 
 
-def _yaml(text: str):
-    """Parse YAML text with the safe loader (+ YAML 1.2 floats)."""
-    loader = _Loader(text)
+#: the most values a params.yaml may expand to (anchors/aliases counted at every use): a few hundred are used
+MAX_VALUES = 100_000
+#: the largest params.yaml read (bytes)
+MAX_BYTES = 2 ** 20
+#: the most digits of an integer in params.yaml (seeds take 10)
+MAX_DIGITS = 30
+
+
+def _short(value, width: int = 80) -> str:
+    """repr(value), cut to `width` characters (an expanded YAML value can be gigabytes)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxtuple, r.maxset = 2, 6, 6, 6, 6
+    r.maxstring = r.maxother = r.maxlong = width
     try:
-        return loader.get_single_data()
+        text = r.repr(value)
+    except ValueError:  # an int too long for str()
+        text = f"<an integer of {int(value.bit_length() * 0.30103):,} digits>"
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _expanded(node, memo: dict) -> int:
+    """How many values `node` stands for once every alias is expanded (memoised: a shared node is
+    counted at each use without being walked again)."""
+    key = id(node)
+    if key not in memo:
+        if isinstance(node, yaml.MappingNode):
+            memo[key] = 1 + sum(_expanded(k, memo) + _expanded(v, memo) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            memo[key] = 1 + sum(_expanded(v, memo) for v in node.value)
+        else:
+            memo[key] = 1
+    return memo[key]
+
+
+def _yaml(text: str, where: str = "params.yaml"):
+    """Parse YAML text with the safe loader (+ YAML 1.2 floats), bounded: at most MAX_VALUES values
+    after alias expansion ("billion laughs"), integers of at most MAX_DIGITS digits."""
+    loader = _Loader(text)
+    loader.where = where
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        n = _expanded(node, {})
+        if n > MAX_VALUES:
+            raise CleanError(f"{where}: the YAML expands to more than {MAX_VALUES:,} values ({n:.3g}) through "
+                             "anchors and aliases (&name / *name) used inside each other; params.yaml holds a few "
+                             "hundred settings: write the values out")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise CleanError(f"{where}: the YAML is nested too deeply; params.yaml is two levels (section: key: value)") from None
     finally:
         loader.dispose()
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:
     """Read `path` (YAML, safe loader) and return validated params; DEFAULTS if it is absent."""
+    import os
+    import stat
+
     path = Path(path)
-    if not path.exists():
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
         return validate({}, where=str(path))
-    if path.is_dir():
+    except OSError as e:
+        raise CleanError(f"cannot read {path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
         raise CleanError(f"{path} is a folder; --params needs a params.yaml file")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
+        raise CleanError(f"{path} is not a regular file (a pipe or a device); --params needs a params.yaml file")
+    if st.st_size > MAX_BYTES:
+        raise CleanError(f"{path}: {st.st_size:,} bytes; a params.yaml is a few KiB (at most {MAX_BYTES:,} bytes)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -380,7 +458,7 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     except OSError as e:
         raise CleanError(f"cannot read {path}: {e.strerror or e}") from None
     try:
-        raw = _yaml(text)
+        raw = _yaml(text, str(path))
     except yaml.YAMLError as e:
         raise CleanError(f"{path}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]}); fix the syntax") from None
     return validate(raw, where=str(path))

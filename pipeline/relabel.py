@@ -56,3 +56,22 @@ def relabel_or_drop(inputs: PruneInputs) -> PruneResult:
     is_label, suggested, p = _suggestions(inputs)
     sure = is_label & (np.nan_to_num(p, nan=-1.0) >= inputs.config.relabel_min_p)
     return _result(inputs, ~(_others(inputs) | (is_label & ~sure)), np.where(sure, suggested, inputs.labels))
+
+
+@STRATEGIES.register("relabel-agree", needs=("flags",),
+                     doc="relabel a label issue only where two views agree (the rule's suggestion = the kNN "
+                         "vote of its embedding neighbours) and p̄ ≥ prune.relabel_min_p; leave the other label "
+                         "issues as they are; drop the other prune.drop types")
+def relabel_agree(inputs: PruneInputs) -> PruneResult:
+    """A label issue is relabelled to suggested_label when flags.csv's knn_label (the majority label
+    of its nearest training embeddings) says the same class and suggested_p ≥ prune.relabel_min_p;
+    every other label issue keeps its given label (an uncertain, hard image is left alone); samples
+    with the other issue types of prune.drop are dropped (docs/methods.md §3)."""
+    is_label, suggested, p = _suggestions(inputs)
+    flags = inputs.flags()
+    if "knn_label" not in flags.columns:
+        raise CleanError(f"{inputs.flags_csv} has no knn_label column: relabel-agree needs the embeddings view "
+                         "(score.embeddings: true, then `clean flag`)")
+    agree = is_label & (flags["knn_label"].to_numpy(np.float64) == suggested) & (suggested != inputs.labels)
+    sure = agree & (np.nan_to_num(p, nan=-1.0) >= inputs.config.relabel_min_p)
+    return _result(inputs, ~_others(inputs), np.where(sure, suggested, inputs.labels))

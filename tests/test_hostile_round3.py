@@ -329,3 +329,149 @@ def test_a_full_disk_names_the_file_of_every_stage(proj, monkeypatch, args, file
     monkeypatch.setattr("pipeline.io.tempfile.mkstemp", full)
     got = refused(proj, args, starts=file)
     assert "no space left on the disk" in got
+
+
+# --------------------------------------------------------------------------- 4. bounded reads
+
+BOMB = "".join(f"{c}: &{c} [" + ",".join([f"*{p}"] * 9 if p else ['"lol"'] * 9) + "]\n"
+               for p, c in zip([None, *"abcdefgh"], "abcdefghi")) + "train:\n  seeds: *i\n"
+
+
+@pytest.mark.parametrize("args", [["prepare"], ["flag"]])
+def test_a_yaml_alias_bomb_is_refused_at_once_with_a_short_message(proj, args):
+    (proj / "params.yaml").write_text(BOMB)
+    got = refused(proj, args, starts="params.yaml: the YAML expands to more than 100,000 values")
+    assert len(got) < 300 and "lol" not in got
+
+
+def _fifo(path: Path) -> Path:
+    import os
+
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+def test_an_image_that_is_a_fifo_is_a_problem_not_a_hang(proj):
+    _fifo(proj / "data/imgs/a/fifo.png")
+    res = invoke(proj, "prepare")
+    assert res.exit_code == 0, res.output
+    assert "imgs/a/fifo.png,\"not a regular file (a pipe, a device or a socket)\"" in (proj / "data/problems.csv").read_text()
+
+
+def test_review_of_an_image_replaced_by_a_fifo_answers_404(served):
+    from .test_review import request
+
+    P, r, server = served
+    rid = int(r.items[0]["id"])
+    _fifo(r.base / r.paths[rid])
+    st, body, _ = request(server, "GET", f"/{r.token}/img/{rid}.png")
+    assert st == 404 and "not a regular file" in body
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_decisions_that_are_a_fifo_or_dev_zero_are_refused(proj, kind):
+    import os
+
+    dec = proj / "data/decisions.csv"
+    if kind == "fifo":
+        _fifo(dec)
+    else:
+        dec.unlink(missing_ok=True)
+        os.symlink("/dev/zero", dec)
+    refused(proj, ["prune"], "data/decisions.csv is not a regular file (a pipe or a device); decisions must be a CSV file")
+
+
+# --------------------------------------------------------------------------- 6. values the machine can hold
+
+@pytest.mark.parametrize("yaml_text,args,message", [
+    ("train:\n  epochs: 1000000000000\n", ["train"], "train.epochs must be ≥ 1 and ≤ 100000, got 1000000000000"),
+    ("flag:\n  outlier_k: 1000000000\n", ["flag"], "flag.outlier_k must be ≥ 1 and ≤ 10000, got 1000000000"),
+    ("flag:\n  folds: 1000000\n  method: confident\n", ["flag"], "flag.folds must be ≥ 2 and ≤ 1000, got 1000000"),
+    ("data:\n  seed: " + "7" * 1_000_000 + "\n", ["prepare"],
+     "line 2: a number of 1,000,000 digits; no setting takes more than 30 (seeds take 10): write a smaller value"),
+], ids=["epochs", "outlier_k", "folds", "a million digits"])
+def test_values_beyond_what_the_machine_holds_are_refused_in_one_short_line(proj, yaml_text, args, message):
+    (proj / "params.yaml").write_text(yaml_text)
+    assert refused(proj, args, "params.yaml" + (" " if message.startswith("line") else ": ") + message)
+
+
+def test_more_folds_than_training_samples_is_refused_before_training(proj):
+    (proj / "params.yaml").write_text((proj / "params.yaml").read_text().replace(
+        "  method: quantile", "  method: confident\n  folds: 1000"))
+    refused(proj, ["flag"], starts="flag.folds = 1000 is more than the 18 training samples")
+
+
+def test_outlier_k_above_the_training_set_is_no_internal_error(proj):
+    (proj / "params.yaml").write_text((proj / "params.yaml").read_text() + "  outlier_k: 5000\n")
+    assert "outlier_k: 5000" in (proj / "params.yaml").read_text()
+    res = invoke(proj, "flag")
+    assert res.exit_code in (0, 2) and "internal error" not in res.output, res.output
+
+
+# --------------------------------------------------------------------------- 5. a linked model folder
+
+def test_train_into_a_symlinked_model_folder_is_refused_and_leaves_nothing(proj):
+    import os
+
+    os.symlink("base", proj / "models/link")
+    refused(proj, ["train", "--out", "models/link"],
+            "--out models/link is a symbolic link (to base); `clean train` replaces its model folder as a whole by "
+            "renaming, so give the folder itself (--out models/base) or a new folder")
+    assert not (proj / "models/.link.clean-new").exists() and not (proj / "models/.link.clean-new").is_symlink()
+    assert (proj / "models/link").is_symlink()
+
+
+def test_a_link_left_beside_a_model_folder_by_an_older_clean_is_no_obstacle(proj):
+    """What the old swap left: models/link a real model folder, the user's link as .link.clean-new."""
+    import os
+    import shutil
+
+    from .helpers import ok
+
+    shutil.copytree(proj / "models/base", proj / "models/link")
+    os.symlink("base", proj / "models/.link.clean-new")
+    ok(invoke(proj, "train", "--out", "models/link"))
+    assert not os.path.lexists(proj / "models/.link.clean-new")
+    assert (proj / "models/base/model.safetensors").is_file()  # the folder the link pointed to is kept
+
+
+# --------------------------------------------------------------------------- 7. late checks come early
+
+def _csv_project(proj: Path, split_of) -> None:
+    import pandas as pd
+
+    rows = [(f"imgs/{c}/{i:03d}.png", c, split_of(k)) for k, (c, i) in enumerate((c, i) for c in "abc" for i in range(10))]
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(proj / "data/labels.csv", index=False)
+    (proj / "params.yaml").write_text(TINY_PARAMS.replace("source: imagefolder", "source: csv")
+                                      .replace("root: data/imgs", "root: data/labels.csv"))
+
+
+def test_a_csv_whose_rows_are_all_test_is_refused_at_prepare(proj):
+    _csv_project(proj, lambda k: "test")
+    refused(proj, ["prepare"], starts="csv source data/labels.csv: the train split holds no image: the source's own "
+                                      "splits (a CSV `split` column, or train/val/test folders) put the rest in val/test")
+
+
+def test_a_csv_whose_train_rows_are_one_class_is_refused_at_prepare(proj):
+    _csv_project(proj, lambda k: "train" if k < 10 else "test")
+    refused(proj, ["prepare"], starts="csv source data/labels.csv: the train split holds images of class 'a' only")
+
+
+def test_one_class_in_data_classes_is_refused_with_the_fix(proj):
+    (proj / "params.yaml").write_text(TINY_PARAMS.replace("  root: data/imgs\n", "  root: data/imgs\n  classes: [a]\n"))
+    refused(proj, ["prepare"], "params.yaml: data.classes lists 1 class (['a']); a classifier needs at least 2: list "
+                               "every class to keep, or null for every class of the source")
+
+
+def test_decisions_saved_by_excel_with_a_bom_are_read(proj):
+    import pandas as pd
+
+    from .helpers import ok
+
+    m = _manifest(proj)
+    row = m[m["split"] == "train"].iloc[0]
+    (proj / "data/decisions.csv").write_bytes(
+        f"\ufeffid,path,action,label,note\r\n{row['id']},{row['path']},drop,,\r\n".encode("utf-8"))
+    ok(invoke(proj, "prune"))
+    assert row["path"] not in set(pd.read_csv(proj / "data/pruned.csv")["path"])

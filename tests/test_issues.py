@@ -45,9 +45,9 @@ def test_knn_exact_matches_brute_force():
     # neighbours are training rows and never the row itself
     assert np.isin(got["rows"], f["train_pos"]).all()
     assert not (got["rows"] == np.arange(300)[:, None]).any()
-    # the outlier score is the mean of those k distances, on the training rows
+    # the outlier score is the k-th of those distances, on the training rows
     out = knn_outliers(f, k=5)
-    np.testing.assert_allclose(out.score, ref[f["train_pos"]].mean(axis=1), atol=2e-5)
+    np.testing.assert_allclose(out.score, ref[f["train_pos"], 4], atol=2e-5)
 
 
 def test_knn_approximate_index_finds_close_neighbours():
@@ -111,10 +111,12 @@ def test_duplicate_groups_conflicts_leakage():
     assert sorted(map(sorted, groups.values())) == [[0, 200], [1, 201], [2, 202, 203], [3], [4]]
     s = res.summary
     assert s["n_groups"] == 5 and s["n_exact_groups"] == 2 and s["n_near_groups"] == 3  # {0,200}, {4,205}
-    # one copy kept per set without leakage; every train copy of a leaking set flagged
+    # one copy kept per set; {2, 202, 203}: row 2 kept (majority label, lowest id); {3}+test, {4}+val:
+    # the training image is the set's only training copy: kept as a duplicate, marked as leakage
     flagged_rows = sorted(int(pos[i]) for i in np.flatnonzero(res.flagged))
-    # {2, 202, 203}: row 2 kept (majority label, lowest id); {3}+test, {4}+val: leakage, flagged
-    assert flagged_rows == [3, 4, 200, 201, 202, 203]
+    assert flagged_rows == [200, 201, 202, 203]
+    kept = {int(pos[i]): int(res.columns["duplicate_of"][i]) for i in np.flatnonzero(g >= 0)}
+    assert kept[202] == kept[203] == 27 and kept[201] == 17  # ids = 10 · row + 7
     conflict = {int(pos[i]) for i in np.flatnonzero(res.columns["duplicate_conflict"])}
     leak = {int(pos[i]) for i in np.flatnonzero(res.columns["duplicate_leak"])}
     assert conflict == {2, 202, 203} and leak == {3, 4}
@@ -122,6 +124,9 @@ def test_duplicate_groups_conflicts_leakage():
     assert s["leakage"]["n_groups"] == 2 and s["leakage"]["n_eval_images"] == 2
     assert s["leakage"]["by_split"] == {"test": 1, "val": 1}
     assert sorted(e["eval_ids"][0] for e in s["leakage"]["examples"]) == [2047, 2057]
+    # leakage per pair: (train id, val/test id, split)
+    assert sorted((p["train_id"], p["eval_id"], p["split"]) for p in s["leakage"]["pairs"]) == [
+        (37, 2047, "test"), (47, 2057, "val")]
     # score: 1 for exact copies, 1 − (small distance) for near ones, lower elsewhere
     assert res.score[row[200]] == 1.0 and res.score[row[0]] == 1.0
     assert 0.99 < res.score[row[201]] < 1.0
@@ -153,6 +158,29 @@ def test_outlier_flags_planted_far_points():
     res = knn_outliers(f, k=10, c=6.0)
     assert np.flatnonzero(res.flagged).tolist() == [600, 601, 602, 603]
     assert res.summary["n_flagged"] == 4
+
+
+def test_outlier_cut_is_a_quantile_of_the_val_images():
+    """With a val split the cut is its (1 − fpr) quantile: clean training images pass at about that
+    rate, far points are flagged, and issues.json states the rate and the reference."""
+    rng = np.random.default_rng(9)
+    d = 16
+    centres = rng.normal(size=(8, d)) * 4
+    n_tr, n_val = 3000, 600
+    inl = centres[rng.integers(0, 8, n_tr + n_val)] + rng.normal(size=(n_tr + n_val, d))
+    far = rng.normal(size=(6, d)) * 6
+    split = ["train"] * n_tr + ["val"] * n_val + ["train"] * 6
+    f = _feats(np.r_[inl, far], split)
+    res = knn_outliers(f, k=10, fpr=0.01)
+    pos = f["train_pos"]
+    ref = _brute(np.r_[inl, far], pos, 10)[:, 9]
+    cut = np.quantile(ref[n_tr:n_tr + n_val], 0.99)
+    assert res.summary["cut"] == pytest.approx(cut, rel=2e-3) and res.summary["reference"] == "val"
+    assert res.summary["fpr"] == 0.01 and res.summary["n_reference"] == n_val
+    assert res.flagged[-6:].all()
+    assert 0.002 <= res.flagged[:n_tr].mean() <= 0.025  # clean training images: ≈ the stated rate
+    # the nearest training neighbour is named for the reviewer
+    assert res.columns["outlier_neighbour"].shape == (len(pos),) and (res.columns["outlier_neighbour"] >= 0).all()
 
 
 def _stats(n=50, **over):
@@ -232,7 +260,7 @@ def test_issue_registry_entries_run_through_rule_inputs(tmp_path):
     pos = f["train_pos"][::-1]  # scores.csv in another order than embeddings.npz
     scores = pd.DataFrame({"id": f["ids"][pos], "label": f["label"][pos]})
     inputs = RuleInputs(scores, tmp_path / "scores.csv")
-    names = ["duplicate", "outlier", "dark", "light", "blurry", "low_information", "odd_size", "odd_aspect_ratio",
+    names = ["duplicate", "leakage", "outlier", "dark", "light", "blurry", "low_information", "odd_size", "odd_aspect_ratio",
              "grayscale"]
     for name in names:
         assert name in ISSUES
@@ -241,5 +269,42 @@ def test_issue_registry_entries_run_through_rule_inputs(tmp_path):
         assert res.rule
     dup = ISSUES["duplicate"].fn(inputs, FlagConfig())
     flagged_ids = set(scores["id"][dup.flagged])
-    assert flagged_ids == {int(f["ids"][r]) for r in (3, 4, 200, 201, 202, 203)}
-    assert set(dup.columns) == {"duplicate_group", "duplicate_conflict", "duplicate_leak"}
+    assert flagged_ids == {int(f["ids"][r]) for r in (200, 201, 202, 203)}
+    assert set(dup.columns) == {"duplicate_group", "duplicate_of", "duplicate_conflict", "duplicate_leak"}
+    leak = ISSUES["leakage"].fn(inputs, FlagConfig())
+    assert set(scores["id"][leak.flagged]) == {int(f["ids"][r]) for r in (3, 4)} and leak.summary["n_pairs"] == 2
+    of = dict(zip(scores["id"].tolist(), leak.columns["leakage_of"].tolist()))
+    assert of[37] == 2047 and of[47] == 2057 and of[27] == -1  # the val/test copy named per training image
+
+
+def test_leaked_test_images_are_set_aside(tmp_path):
+    """evaluate's set_aside leaves out the test images with a copy in train (issues.json leakage pairs)."""
+    import json
+
+    from pipeline.stages.evaluate import leaked_ids, set_aside
+
+    pairs = [{"train_id": 3, "eval_id": 105, "split": "test", "distance": 0.0},
+             {"train_id": 4, "eval_id": 107, "split": "test", "distance": 0.01},
+             {"train_id": 9, "eval_id": 107, "split": "test", "distance": 0.02}]
+    (tmp_path / "issues.json").write_text(json.dumps({"leakage": {"n": 3, "pairs": pairs}}))
+    flags = tmp_path / "flags.csv"
+    assert leaked_ids(flags).tolist() == [105, 107]
+    ids = np.arange(100, 110)
+    labels, keep, key = set_aside(ids, np.zeros(10, np.int64), flags)
+    assert keep.tolist() == [i not in (105, 107) for i in ids] and key == "accuracy_unflagged"
+    # no issues.json: nothing set aside, labels as given
+    labels, keep, key = set_aside(ids, np.zeros(10, np.int64), tmp_path / "none" / "flags.csv")
+    assert keep.all() and key is None
+
+
+def test_why_names_the_statistic_the_cut_and_the_neighbour():
+    from pipeline.views.why import why
+
+    assert why({"id": 5, "duplicate_of": 3, "duplicate_score": 0.99, "duplicate_conflict": 1}, "duplicate", {}) == \
+        "a copy of #3, the one kept (another label: a label conflict); distance 0.01"
+    assert why({"id": 3, "duplicate_of": 3}, "duplicate", {}) == "the copy kept in its set"
+    assert why({"id": 9, "leakage_of": 2047}, "leakage", {}) == "a copy of val/test image #2047"
+    out = why({"id": 5, "outlier_score": 0.31, "outlier_neighbour": 12}, "outlier", {"cut": 0.25, "fpr": 0.01})
+    assert out == "k-th neighbour distance 0.31 > cut 0.25, the 99.0% quantile of val images'; nearest training image #12"
+    out = why({"id": 5, "blurry_stat": -2.5}, "blurry", {"cut": 0.29, "statistic": "log sharpness", "fpr_max": 0.01})
+    assert out == "log sharpness = -2.5 < cut 0.29 (at most 1.0% of the set)"

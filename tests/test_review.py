@@ -266,7 +266,7 @@ def test_server_refuses_what_it_must_and_changes_nothing(served):
     # a good decision is saved at once
     st, body, _ = request(server, "POST", f"/{t}/api/decision", {"id": first, "action": "relabel", "label": "c"})
     assert st == 200 and json.loads(body)["reviewed"] == 1
-    assert read_decisions(dec, ["a", "b", "c"]) == {first: {"action": "relabel", "label": 2, "note": ""}}
+    assert read_decisions(dec, ["a", "b", "c"], r.paths) == {first: {"action": "relabel", "label": 2, "note": ""}}
 
 
 # --------------------------------------------------------------------------- the page in a browser
@@ -345,7 +345,7 @@ def test_review_in_a_headless_browser(tmp_path):
             body().send_keys("kd"[k % 2])
             wait_for(lambda: saves() == 5 + k, what=f"save {5 + k}")
         times = drv.execute_script("return window.__saveTimes")
-        on_disk = read_decisions(tmp_path / "data/decisions.csv", r.classes)
+        on_disk = read_decisions(tmp_path / "data/decisions.csv", r.classes, r.paths)
         assert len(on_disk) == 44
         # reload: the decisions are kept, and shown
         drv.refresh()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import stat
 import struct
 import threading
 import zlib
@@ -61,6 +62,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         st = p.stat()
     except OSError:
         raise CleanError(f"IDX file not found: {p}") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
+        raise CleanError(f"IDX file {p} is not a regular file (a pipe or a device); give the IDX file itself")
     key = (os.path.abspath(p), st.st_mtime_ns, st.st_size)
     with _IDX_LOCK:
         if key in _IDX_CACHE:
@@ -106,13 +109,24 @@ def _parse_idx(p: Path) -> np.ndarray:
     return arr
 
 
+class NotRegularFile(OSError):
+    """An image path that is a FIFO, a device or a socket: never opened (a read could block forever)."""
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """PIL.Image.open, for regular files only (checked before opening: a FIFO would hang the read)."""
+    if not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path):
+        raise NotRegularFile(f"{path} is not a regular file")
+    return Image.open(path)
+
+
 def probe_image(path: str | os.PathLike) -> tuple[str, tuple[int, int]]:
     """Open and fully decode one image file; return (PIL mode, (H, W)).
 
     Raises the underlying exception (OSError, UnidentifiedImageError, ...) on failure;
     see :func:`describe_failure` for a human reason.
     """
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im.load()
         return im.mode, (im.height, im.width)
 
@@ -125,7 +139,7 @@ def probe_size(file: str, shown: str) -> tuple[int, int]:
     try:
         if idx is not None:
             return tuple(int(d) for d in _idx_images(file, shown).shape[1:3])
-        with Image.open(file) as im:
+        with open_image(file) as im:
             return im.height, im.width
     except CleanError:
         raise
@@ -137,6 +151,8 @@ def describe_failure(path: str | os.PathLike, exc: BaseException) -> str:
     """A short human reason for why `path` could not be decoded (for problems.csv)."""
     if isinstance(exc, FileNotFoundError):
         return "file not found"
+    if isinstance(exc, NotRegularFile):
+        return "not a regular file (a pipe, a device or a socket)"
     if isinstance(exc, IsADirectoryError):
         return "not a file (a directory)"
     if isinstance(exc, PermissionError):
@@ -168,7 +184,7 @@ def _to_pil(im: Image.Image, chans: int) -> Image.Image:
 
 def _decode(path: str, shown: str, chans: int, hw: tuple[int, int]) -> np.ndarray:
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.load()
             im = _to_pil(im, chans)
     except Exception as e:  # noqa: BLE001 - any decoder failure is a user-data problem

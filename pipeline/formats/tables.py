@@ -105,7 +105,7 @@ def read_flags(path: str | Path, ids=None, heldout: bool = False):
     df["rule"] = df["rule"].fillna("").astype(str) if "rule" in df.columns else ""
     if "value" not in df.columns:
         df["value"] = np.nan
-    for col in [c for c in df.columns if c == "value" or c.endswith("_score") or c.startswith(("suggested_", "duplicate_"))]:
+    for col in [c for c in df.columns if c == "value" or c.endswith("_score") or c.startswith(("suggested_", "duplicate_", "knn_"))]:
         vals = pd.to_numeric(df[col], errors="coerce")  # every such column is numeric (empty = NaN)
         bad = vals.isna() & df[col].notna()
         if bad.any():

@@ -2,6 +2,8 @@
 confident-dynamics), with a suggested label per sample (docs/methods.md §2)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from pipeline.errors import CleanError
@@ -28,9 +30,41 @@ def label_issue(inputs, cfg: FlagConfig) -> IssueResult:
     else:
         suggested, p = inputs.scores["pred"].to_numpy(np.int64), np.full(len(inputs.ids), np.nan)
     same = int((res.flagged & (suggested == inputs.labels)).sum())
-    return IssueResult(res.flagged, np.asarray(res.value, np.float64), res.rule,
-                       columns={"suggested_label": suggested, "suggested_p": np.round(p, 6)},
-                       summary={"n_suggestion_equals_label": same})
+    columns = {"suggested_label": suggested, "suggested_p": np.round(p, 6)}
+    summary = {"n_suggestion_equals_label": same}
+    emb = Path(inputs.scores_csv).parent / "embeddings.npz"
+    if emb.exists():  # a second view: the labels of the image's nearest training neighbours
+        f = inputs.features()
+        vote, share = knn_vote(f["emb"][f["train_pos"]], inputs.labels, cfg.outlier_k)
+        columns.update(knn_label=vote, knn_share=np.round(share, 6))
+        summary["n_views_agree"] = int((res.flagged & (vote == suggested) & (suggested != inputs.labels)).sum())
+    return IssueResult(res.flagged, np.asarray(res.value, np.float64), res.rule, columns=columns, summary=summary)
+
+
+def knn_vote(emb, labels, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """kNN label voting (cleanlab Datalab's features path): each training image's k nearest other
+    training images by cosine similarity of the L2-normalised embeddings `emb` [N, D] (faiss,
+    pipeline/rules/knn.py) → (knn_label int [N] = their most common given label, lowest class on
+    ties; knn_share float [N] = its share of the k votes, in 0..1)."""
+    from pipeline.rules.knn import build_index, normalize, search
+
+    labels = np.asarray(labels, np.int64)
+    v = normalize(emb)
+    k = int(min(k, len(v) - 1))
+    if k < 1:
+        return labels.copy(), np.ones(len(labels))
+    index, _ = build_index(v)
+    _, nn = search(index, v, k + 1)
+    own = nn == np.arange(len(v))[:, None]  # drop the image itself (or, for exact copies, the last neighbour)
+    drop = np.where(own.any(1), own.argmax(1), k)
+    keep = np.ones_like(nn, bool)
+    keep[np.arange(len(v)), drop] = False
+    nn = nn[keep].reshape(len(v), k)
+    valid = nn >= 0
+    counts = np.zeros((len(v), int(labels.max()) + 1))
+    rows = np.repeat(np.arange(len(v)), k)[valid.ravel()]
+    np.add.at(counts, (rows, labels[nn[valid]]), 1.0)
+    return counts.argmax(1).astype(np.int64), counts.max(1) / np.maximum(valid.sum(1), 1)
 
 
 def heldout_label_issues(labels, probs, filter_by: str = "prune_by_noise_rate"):

@@ -11,13 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.images import load_images
 from pipeline.errors import CleanError
 from pipeline.config import FlagConfig
 from pipeline.registry import ISSUES, RULES
-from pipeline.rules import knn
 from pipeline.rules.base import FlagResult, IssueResult, rows_for, _as_float, _check_seed, _float_array, _fmt
-from pipeline.rules.threshold import MAD_SCALE
 
 
 def flag_isolation_forest(
@@ -70,6 +67,7 @@ def gradient_features(model_dir: str | Path, manifest: str | Path, ids: np.ndarr
     import torch
 
     from pipeline.head import forward_logits_features, grad_vectors_last, last_layer_residual, project_last_layer_grads
+    from pipeline.data.images import load_images
     from pipeline.training.infer import batches, normalize
     from pipeline.models import check_fits_data, load_trained
 
@@ -100,38 +98,67 @@ def isolation_forest_rule(inputs, cfg: FlagConfig) -> FlagResult:
     return flag_isolation_forest(feats, cfg.contamination, cfg.seed)
 
 
-def knn_outliers(feats: dict, k: int = 10, c: float = 6.0, exact_max: int | None = None, seed: int = 0) -> IssueResult:
+#: fewest val images for the reference cut (fewer: the robust-z fallback on the training scores)
+MIN_REFERENCE = 50
+
+
+def knn_outliers(feats: dict, k: int = 10, c: float = 6.0, exact_max: int | None = None, seed: int = 0,
+                 fpr: float = 0.01) -> IssueResult:
     """kNN out-of-distribution score of the training samples (feats: load_features' dict).
 
-    score = mean cosine distance to the k nearest *training* embeddings (itself excluded;
-    faiss search shared with the duplicate check, pipeline/rules/knn.py). Flagged when the
-    score's robust z = (score − median) / (1.4826 · MAD) exceeds `c` (flag.outlier_mad).
+    score = cosine distance (L2-normalised embeddings) to the k-th nearest *training* embedding
+    (itself excluded; Sun et al. 2022; faiss search shared with the duplicate check). The cut
+    is the (1 − fpr) quantile of the same score of the **val** images (held out, searched
+    against the same training index): a training image is flagged when it is farther from the
+    training set than all but a fraction `fpr` of held-out images of the user's own data —
+    the false-positive rate is set by construction. With fewer than MIN_REFERENCE val images:
+    robust z = (score − median) / (1.4826 · MAD) > `c` (flag.outlier_mad) on the training scores.
+    Columns: outlier_neighbour = the id of the nearest training image.
     """
+    from pipeline.rules import knn
 
     pos = np.asarray(feats["train_pos"], np.int64)
     nn = knn.train_knn(feats, k, knn.EXACT_MAX if exact_max is None else exact_max, seed)
-    d = nn["dist"][pos]
-    d = np.where(np.isfinite(d), d, np.nan)
-    with np.errstate(invalid="ignore"):
-        score = np.nanmean(d, axis=1) if d.shape[1] else np.full(len(pos), np.nan)
+    kth = nn["dist"][:, k - 1] if nn["dist"].shape[1] >= k else np.full(len(nn["dist"]), np.nan)
+    kth = np.where(np.isfinite(kth), kth, np.nan).astype(np.float64)
+    score = kth[pos]
+    ids_all = np.asarray(feats["ids"], np.int64)
+    first = nn["rows"][pos, 0] if nn["rows"].shape[1] else np.full(len(pos), -1)
+    cols = {"outlier_neighbour": np.where(first >= 0, ids_all[np.clip(first, 0, None)], -1)}
     ok = np.isfinite(score)
     if ok.sum() < 2:
-        return IssueResult(np.zeros(len(pos), bool), score.astype(np.float64),
-                           "outlier: too few training samples, nothing flagged", summary={"n_flagged": 0})
-    med = float(np.median(score[ok]))
-    mad = float(np.median(np.abs(score[ok] - med)))
-    scale = MAD_SCALE * mad if mad > 0 else 1.2533 * float(np.mean(np.abs(score[ok] - med)))
-    thr = med + float(c) * scale if scale > 0 else np.inf
+        return IssueResult(np.zeros(len(pos), bool), score, "outlier: too few training samples, nothing flagged",
+                           columns=cols, summary={"n_flagged": 0})
+    val = np.flatnonzero(np.asarray(feats["split"]).astype(str) == "val") if "split" in feats else np.zeros(0, int)
+    ref = kth[val][np.isfinite(kth[val])]
+    if len(ref) >= MIN_REFERENCE:
+        thr = float(np.quantile(ref, 1.0 - fpr))
+        rule = (f"cosine distance to the {k}-th nearest training embedding > {thr:.4g}, the {1 - fpr:.1%} quantile "
+                f"of the {len(ref)} val images' (false-positive rate {fpr:g} by construction)")
+        facts = {"reference": "val", "n_reference": int(len(ref)), "fpr": float(fpr)}
+    else:
+        thr, facts = _mad_cut(score[ok], c)
+        rule = f"cosine distance to the {k}-th nearest training embedding > median + {c:g}·1.4826·MAD ({thr:.4g})"
     flagged = ok & (score > thr)
-    rule = f"mean cosine distance to {k} nearest training embeddings > median + {c:g}·1.4826·MAD ({thr:.4g})"
-    summary = {"n_flagged": int(flagged.sum()), "k": int(k), "threshold": float(thr), "median": med,
-               "mad": mad, "c": float(c), "index": nn["kind"]}
-    return IssueResult(flagged=flagged, score=score.astype(np.float64), rule=rule, summary=summary)
+    summary = {"n_flagged": int(flagged.sum()), "k": int(k), "threshold": float(thr), "cut": float(thr),
+               "fraction_flagged": float(flagged.mean()), "index": nn["kind"], **facts}
+    return IssueResult(flagged=flagged, score=score, rule=rule, columns=cols, summary=summary)
+
+
+def _mad_cut(x: np.ndarray, c: float) -> tuple[float, dict]:
+    """median + c · 1.4826 · MAD of x (mean-absolute-deviation fallback) → (cut, facts)."""
+    from pipeline.rules.threshold import MAD_SCALE
+
+    med = float(np.median(x))
+    mad = float(np.median(np.abs(x - med)))
+    scale = MAD_SCALE * mad if mad > 0 else 1.2533 * float(np.mean(np.abs(x - med)))
+    thr = med + float(c) * scale if scale > 0 else np.inf
+    return thr, {"reference": "training scores (robust z: fewer than 50 val images)", "median": med, "mad": mad,
+                 "c": float(c)}
 
 
 @ISSUES.register("outlier", needs=("embeddings",),
-                 doc="mean cosine distance to the flag.outlier_k nearest training embeddings above "
-                     "median + flag.outlier_mad · MAD (kNN out-of-distribution score)")
+                 doc="cosine distance to the flag.outlier_k-th nearest training embedding above the (1 − "
+                     "flag.outlier_fpr) quantile of the val images' (robust z > flag.outlier_mad without val)")
 def outlier(inputs, cfg: FlagConfig) -> IssueResult:
-    return knn_outliers(inputs.features(), k=cfg.outlier_k, c=cfg.outlier_mad,
-                        seed=cfg.seed)
+    return knn_outliers(inputs.features(), k=cfg.outlier_k, c=cfg.outlier_mad, seed=cfg.seed, fpr=cfg.outlier_fpr)

@@ -72,19 +72,34 @@ FLAT_KEYS = ("accuracy", "accuracy_std", "n_train")
 ASIDE_KEYS = ("accuracy_reviewed", "accuracy_unflagged", "n_set_aside")
 
 
-def set_aside(ids, labels, flags_csv=None, decisions=None, classes=None):
+def leaked_ids(flags_csv) -> np.ndarray:
+    """The val/test ids with a copy in train (issues.json beside flags.csv: leakage pairs) → int [L]."""
+    path = Path(flags_csv).parent / "issues.json" if flags_csv is not None else None
+    if path is None or not path.exists():
+        return np.zeros(0, np.int64)
+    from pipeline.formats.jsonfile import read_json
+
+    info = read_json(path, "not found", "re-run `clean flag`")
+    lk = info.get("leakage") or info.get("duplicate", {}).get("leakage") or {}
+    return np.unique(np.asarray([p["eval_id"] for p in lk.get("pairs", [])], np.int64))
+
+
+def set_aside(ids, labels, flags_csv=None, decisions=None, classes=None, paths=None, manifest="the manifest"):
     """The test split's label decisions → (labels int [M] to score against, keep bool [M], key).
 
     ids, labels: int [M] the split's images and given labels. decisions.csv rows about these ids
-    win: relabel → the reviewed label, drop → left out, keep → the given label. The images
+    win: relabel → the reviewed label, drop → left out, keep → the given label; a decision follows
+    its image (`paths`: {id: path} of the manifest evaluated, pipeline/decisions.py). The images
     flags.csv calls label issues (its val/test rows, `clean flag`) without a decision are left
-    out. key: "accuracy_reviewed" when a decision touched the split, "accuracy_unflagged" when
-    only flags did, None when neither file says anything about it (keep all, labels as given).
+    out, and so are the images with a copy in train (:func:`leaked_ids`: a leaked test image
+    inflates whichever version trained on its copy, so versions are compared without them).
+    key: "accuracy_reviewed" when a decision touched the split, "accuracy_unflagged" when only
+    flags / leakage did, None when no file says anything about it (keep all, labels as given).
     """
     ids = np.asarray(ids, np.int64)
     labels = np.asarray(labels, np.int64).copy()
-    keep = np.ones(len(ids), bool)
-    key = None
+    keep = ~np.isin(ids, leaked_ids(flags_csv))
+    key = None if keep.all() else "accuracy_unflagged"
     if flags_csv is not None and Path(flags_csv).exists():
         from pipeline.formats.tables import read_flags
 
@@ -92,11 +107,12 @@ def set_aside(ids, labels, flags_csv=None, decisions=None, classes=None):
         if "is_label" in fl.columns:
             flagged = set(fl.loc[fl["is_label"].astype(bool), "id"].tolist())
             keep &= ~np.isin(ids, list(flagged))
-            key = "accuracy_unflagged" if "split" in fl.columns else None  # a flags.csv with val/test rows
+            if "split" in fl.columns:  # a flags.csv with val/test rows
+                key = "accuracy_unflagged"
     if decisions is not None and classes is not None:
         from pipeline.decisions import read_decisions
 
-        decided = {i: d for i, d in read_decisions(decisions, classes).items()}
+        decided = read_decisions(decisions, classes, paths, manifest)
         pos = {int(i): k for k, i in enumerate(ids.tolist())}
         mine = [(pos[i], d) for i, d in decided.items() if i in pos]
         for k, d in mine:
@@ -145,7 +161,8 @@ def evaluate(model_dir: str | Path, manifest: str | Path, name: str, metrics_dir
     if progress:
         progress("end")
     metrics = summarize_runs(results, split)
-    metrics.update(_aside_accuracy(results, flags_csv, decisions, cfg["classes"]))
+    metrics.update(_aside_accuracy(results, flags_csv, decisions, cfg["classes"],
+                                   dict(zip(df["id"].tolist(), df["path"].tolist())), manifest))
     names = np.asarray(results[0]["classes"], dtype=object)
     write_frame(Path(plots_dir) / f"confusion_{name}.csv",
                 pd.DataFrame({"actual": names[results[0]["labels"]], "predicted": names[results[0]["pred"]]}))
@@ -158,16 +175,17 @@ def evaluate(model_dir: str | Path, manifest: str | Path, name: str, metrics_dir
     return metrics
 
 
-def _aside_accuracy(results: list[dict], flags_csv, decisions, classes) -> dict:
+def _aside_accuracy(results: list[dict], flags_csv, decisions, classes, paths, manifest) -> dict:
     """{accuracy_reviewed | accuracy_unflagged: mean over seeds, its _std and _runs, n_set_aside}
     (empty when neither flags nor decisions say anything about the split)."""
     first = results[0]
-    labels, keep, key = set_aside(first["ids"], first["labels"], flags_csv, decisions, classes)
+    labels, keep, key = set_aside(first["ids"], first["labels"], flags_csv, decisions, classes, paths, manifest)
     if key is None or not keep.any():
         return {}
     accs = np.array([float((r["pred"][keep] == labels[keep]).mean()) for r in results])
     return {key: float(accs.mean()), f"{key}_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
-            "n_set_aside": int((~keep).sum()), f"{key}_runs": [float(a) for a in accs]}
+            "n_set_aside": int((~keep).sum()), "n_leaked": int(np.isin(first["ids"], leaked_ids(flags_csv)).sum()),
+            f"{key}_runs": [float(a) for a in accs]}
 
 
 def _versus(plots_dir, baseline: str, metrics: dict) -> dict:

@@ -169,9 +169,10 @@ def _splits(recs: list[Record], labels: np.ndarray, names: list[str], source_not
     """(split per record [N] str, notes for the summary); CleanError when fewer than 2 classes
     (of a source without a fixed class list) have readable images."""
     present = np.bincount(labels, minlength=len(names))
-    if c.classes is None and int((present > 0).sum()) < 2:
+    if int((present > 0).sum()) < 2:
         raise CleanError(f"{c.source} source {c.root}: only class {names[int(np.argmax(present))]!r} has readable "
-                         "images; a classifier needs at least 2 classes (check data.root; unreadable files are in "
+                         "images; a classifier needs at least 2 classes (check data.root"
+                         + (" and data.classes" if c.classes is not None else "") + "; unreadable files are in "
                          "problems.csv)")
     empty_classes = [n for n, k in zip(names, present) if k == 0]
     with warnings.catch_warnings(record=True) as caught:
@@ -184,7 +185,21 @@ def _splits(recs: list[Record], labels: np.ndarray, names: list[str], source_not
     for w in caught:
         if not issubclass(w.category, SplitWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    _check_train(labels[splits == "train"], names, c)
     return splits, notes
+
+
+def _check_train(train_labels: np.ndarray, names: list[str], c: PrepareConfig) -> None:
+    """CleanError now, at prepare, when the train split cannot train a classifier (no image, or
+    one class only: every row of the source's own split column says val/test), not at train/score."""
+    held = sorted({names[int(k)] for k in np.unique(train_labels)})
+    if len(held) >= 2:
+        return
+    what = "no image" if not held else f"images of class {held[0]!r} only"
+    raise CleanError(f"{c.source} source {c.root}: the train split holds {what}: the source's own splits (a CSV "
+                     "`split` column, or train/val/test folders) put the rest in val/test; give at least 2 classes "
+                     "of images the split train (or an empty split: data.val_frac / data.test_frac then carve "
+                     "val and test from them)")
 
 
 def _manifest_rows(paths: list[str], labels: np.ndarray, splits: np.ndarray, noisy_labels: np.ndarray | None):

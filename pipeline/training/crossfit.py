@@ -21,6 +21,11 @@ def out_of_sample_probs(images: np.ndarray, labels: np.ndarray, num_classes: int
     from sklearn.model_selection import KFold, StratifiedKFold
 
     n = len(labels)
+    if folds > n:
+        from pipeline.errors import CleanError
+
+        raise CleanError(f"flag.folds = {folds} is more than the {n} training samples: each fold needs at least one; "
+                         f"set flag.folds to 2..{n} (5 is usual)")
     counts = np.bincount(labels, minlength=num_classes)
     strat = counts[counts > 0].min() >= folds
     splitter = (StratifiedKFold if strat else KFold)(n_splits=folds, shuffle=True, random_state=seed)

@@ -246,7 +246,8 @@ def _aside(m: dict) -> str:
     """The accuracy with the test split's label decisions applied (docs/methods.md §5.3), named."""
     for key, what in (("accuracy_reviewed", "reviewed labels"), ("accuracy_unflagged", "flagged left out")):
         if key in m:
-            return f"{m[key]:.4f} ({what}; {m.get('n_set_aside', 0)} set aside)"
+            leaked = f", {m['n_leaked']} of them copies of training images" if m.get("n_leaked") else ""
+            return f"{m[key]:.4f} ({what}; {m.get('n_set_aside', 0)} set aside{leaked})"
     return "–"
 
 
@@ -533,8 +534,10 @@ def confusion_section(plots_dir: Path, classes, figs: Path) -> Section:
 # --------------------------------------------------------------------------- page
 
 
-def _issue_card(r, names, uri: str | None, kind: str) -> str:
-    """One card of the issue sections: image, id, label (→ suggested label for label issues), score."""
+def _issue_card(r, names, uri: str | None, kind: str, facts: dict | None = None) -> str:
+    """One card of the issue sections: image, id, label (→ suggested label for label issues), score,
+    and why it was flagged (pipeline/views/why.py: the statistic, the cut, the neighbour)."""
+    from pipeline.views.why import why
     img = f"<img alt='id {_e(r['id'])}' src='{uri}'>" if uri else "<div class='noimg'>no image</div>"
     lab = _e(names(r["label"]))
     if kind == "label" and "suggested_label" in r and r["suggested_label"] == r["suggested_label"]:
@@ -544,7 +547,8 @@ def _issue_card(r, names, uri: str | None, kind: str) -> str:
     return (f"<figure class='card{' leak' if split else ''}' data-sample='{_e(r['id'])}' data-issue='{_e(kind)}'>"
             f"{img}<figcaption><span class='id' title='decide on it: clean review --at {_e(r['id'])}'>#{_e(r['id'])}</span>"
             f"{split} <span class='lp'>{lab}</span>"
-            f"<div>{_e(kind)} {_num(score, 3) if score is not None else ''}</div></figcaption></figure>")
+            f"<div>{_e(kind)} {_num(score, 3) if score is not None else ''}</div>"
+            f"<div class='small'>{_e(why(r, kind, facts))}</div></figcaption></figure>")
 
 
 def issues_section(flags, issues: dict, rows, names, base: Path | None, per_type: int = 24) -> Section:
@@ -589,7 +593,7 @@ def issues_section(flags, issues: dict, rows, names, base: Path | None, per_type
         top = hit.sort_values([f"{t}_score", "id"], ascending=[False, True]).head(per_type)
         shown = rows.loc[rows["id"].isin(top["id"])].merge(top, on=["id"], how="right", suffixes=("", "_f"))
         uris = _thumbnails(sec, shown, base)
-        sec.add("<div class='cards'>" + "".join(_issue_card(r, names, uris.get(r["id"]), t)
+        sec.add("<div class='cards'>" + "".join(_issue_card(r, names, uris.get(r["id"]), t, issues.get(t))
                                                  for r in shown.to_dict("records")) + "</div>")
         if len(hit) > per_type:
             sec.add(_note(f"{len(hit) - per_type} more in flags.csv (is_{t} = 1)"))
@@ -602,7 +606,8 @@ def _groups(sec: Section, flags, rows, names, base: Path | None, max_groups: int
     order = (g.groupby("duplicate_group")["duplicate_score"].max().sort_values(ascending=False).index[:max_groups])
     members = rows[rows["duplicate_group"].isin(order)] if "duplicate_group" in rows.columns else \
         rows.merge(g[["id", "duplicate_group"]], on="id")
-    members = members.merge(flags[["id", "duplicate_score"]], on="id", how="left")
+    extra = [c for c in ("duplicate_score", "duplicate_of", "duplicate_conflict") if c in flags.columns]
+    members = members.merge(flags[["id", *extra]], on="id", how="left")
     uris = _thumbnails(sec, members, base)
     out = []
     for gid in order:

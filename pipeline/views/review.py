@@ -47,6 +47,7 @@ from pipeline.formats.jsonfile import read_json
 from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
 from pipeline.formats.tables import read_flags, read_scores
 from pipeline.views.grid import to_pil
+from pipeline.views.why import why
 
 #: Extra score columns of scores.csv shown with each sample (when present): a display choice.
 SHOWN_SCORES = ("loss", "aum", "margin", "confidence", "grad_norm", "forgetting")
@@ -107,7 +108,7 @@ class Review:
         self.paths = dict(zip(mdf["id"].tolist(), mdf["path"].tolist()))
         self.types = [c[3:] for c in fl.columns if c.startswith("is_")]
         rows = mdf.set_index("id")
-        self.items = self._items(fl, rows, sc)
+        self.items = self._items(fl, rows, sc, issues)
         self.under_review = {it["id"] for it in self.items}
         self.groups = self._groups(fl, rows, issues)
         self.members = {m["id"]: m for ms in self.groups.values() for m in ms}
@@ -120,7 +121,7 @@ class Review:
 
     # ------------------------------------------------------------------ data
 
-    def _items(self, fl, rows, sc) -> list[dict]:
+    def _items(self, fl, rows, sc, issues=None) -> list[dict]:
         """One entry per flagged training sample (any issue type, or the driving rule), ordered by
         issue type (flags.csv order), then by that type's score (most severe first), then id."""
         types = self.types
@@ -143,6 +144,7 @@ class Review:
                   "sug_p": _num(r.get("suggested_p")),
                   "group": int(r["duplicate_group"]) if r.get("duplicate_group", -1) == r.get("duplicate_group", -1)
                   and r.get("duplicate_group", -1) >= 0 else None}
+            it["why"] = {t: why(r, t, (issues or {}).get(t)) for t in its}
             if "noisy" in rows.columns:
                 it["noisy"] = int(m["noisy"])
             if sc is not None and rid in sc.index:
@@ -576,6 +578,7 @@ function show() {
   const rows = [["given label", esc(name(it.label))],
     ["suggested label", it.sug !== null && it.sug !== undefined ? `<span class="sug">${esc(name(it.sug))}</span>` + (it.sug_p !== null ? ` (p ${fmt(it.sug_p)})` : "") : "—"],
     ["issues", it.types.map(t => `<span class="tag">${esc(t)} ${fmt(it.scores[t])}</span>`).join("")]];
+  for (const t of it.types) if (it.why && it.why[t]) rows.push([`why ${esc(t)}`, esc(it.why[t])]);
   if (it.rule) rows.push(["flag rule", `${esc(it.rule)} = ${fmt(it.value)}`]);
   if (it.pred !== undefined && it.pred !== null) rows.push(["model predicts", esc(name(it.pred))]);
   if (it.more) rows.push(["scores", Object.entries(it.more).map(([k, v]) => `${esc(k)} ${fmt(v)}`).join(" · ")]);

@@ -1,0 +1,51 @@
+"""Why an image was flagged, in one line per issue type: the statistic, the cut, the neighbour.
+
+Shared by the report (pipeline/views/report.py) and `clean review` (pipeline/views/review.py).
+`row` is a flags.csv row (dict), `facts` the type's entry of issues.json (its cut and rule).
+"""
+from __future__ import annotations
+
+
+def _num(v, digits: int = 3) -> str:
+    try:
+        return f"{float(v):.{digits}g}"
+    except (TypeError, ValueError):
+        return "?"
+
+
+def _id(v) -> int | None:
+    try:
+        i = int(v)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return i if i >= 0 else None
+
+
+def why(row: dict, kind: str, facts: dict | None) -> str:
+    """One human-readable reason for `kind` on this flags.csv row ('' when there is nothing to add)."""
+    facts = facts if isinstance(facts, dict) else {}
+    cut = facts.get("cut", facts.get("threshold"))
+    if kind == "duplicate":
+        if str(row.get("split", "train")) not in ("train", "nan"):
+            return f"a {row.get('split')} image of the set (leakage)"
+        of = _id(row.get("duplicate_of"))
+        if of is None or of == _id(row.get("id")):
+            return "the copy kept in its set"
+        conflict = " (another label: a label conflict)" if row.get("duplicate_conflict") else ""
+        return f"a copy of #{of}, the one kept{conflict}; distance {_num(1 - float(row.get('duplicate_score', 1)))}"
+    if kind == "leakage":
+        ev = _id(row.get("leakage_of"))
+        return f"a copy of val/test image #{ev}" if ev is not None else "a copy of a val/test image"
+    if kind == "outlier":
+        nb = _id(row.get("outlier_neighbour"))
+        ref = f", the {1 - float(facts['fpr']):.1%} quantile of val images'" if "fpr" in facts else ""
+        return (f"k-th neighbour distance {_num(row.get('outlier_score'))} > cut {_num(cut)}{ref}"
+                + (f"; nearest training image #{nb}" if nb is not None else ""))
+    if kind == "blurry":
+        return (f"{facts.get('statistic', 'sharpness')} = {_num(row.get('blurry_stat'))} < cut {_num(cut)} "
+                f"(at most {float(facts.get('fpr_max', 0)):.1%} of the set)")
+    if kind == "dark":
+        return f"99th brightness percentile {_num(1 - float(row.get('dark_score', 1)))} < {_num(cut)}"
+    if kind == "light":
+        return f"5th brightness percentile {_num(row.get('light_score'))} > {_num(1 - float(cut or 0))}"
+    return str(facts.get("rule", ""))
