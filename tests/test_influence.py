@@ -208,6 +208,7 @@ def test_drop_harmful_and_drop_flagged_harmful(scored, tmp_path):
     rng = np.random.default_rng(0)
     fl["is_label"] = rng.integers(0, 2, len(fl))  # a known label-issue set for the intersection
     fl.to_csv(tmp_path / "flags.csv", index=False)
+    fl = fl[fl["split"] == "train"] if "split" in fl.columns else fl  # prune reads the training rows
     harmful = fl["is_harmful"].to_numpy().astype(bool)
     both = harmful & fl["is_label"].to_numpy().astype(bool)
     assert harmful.any() and 0 < both.sum() < harmful.sum()
