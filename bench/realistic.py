@@ -183,7 +183,10 @@ def candidates(work: Path, man: pd.DataFrame, flags: pd.DataFrame, wanted: list[
     emb = np.load(work / "scores/embeddings.npz")
     pos = pd.Series(np.arange(len(emb["ids"])), index=emb["ids"]).reindex(ids).to_numpy()
     y = man["label"].to_numpy()
-    vote, share = knn_vote(emb["emb"][pos].astype(np.float32)[train], y[train])
+    if "knn_label" in f:  # the label issue's own second view (flags.csv)
+        vote = f["knn_label"].to_numpy()[train]
+    else:
+        vote, _ = knn_vote(emb["emb"][pos].astype(np.float32)[train], y[train])
     tr_ids = ids[train]
     p = seed_mean_probs(work / "models/base", tr_ids)
     sug, sp = p.argmax(1), p.max(1)
