@@ -5,11 +5,11 @@ import json
 from pathlib import Path
 
 from pipeline.errors import CleanError
+from pipeline.io import settled
 
 
 def read_json(path: str | Path, missing: str, fix: str):
     """json.loads of `path`; CleanError "`path` `missing`" when absent, "not valid JSON ...; `fix`" when broken."""
-    from pipeline.io import settled
 
     path = settled(path)  # a commit of several files that a kill interrupted is finished first
     if not path.is_file():
