@@ -308,3 +308,51 @@ def test_why_names_the_statistic_the_cut_and_the_neighbour():
     assert out == "k-th neighbour distance 0.31 > cut 0.25, the 99.0% quantile of val images'; nearest training image #12"
     out = why({"id": 5, "blurry_stat": -2.5}, "blurry", {"cut": 0.29, "statistic": "log sharpness", "fpr_max": 0.01})
     assert out == "log sharpness = -2.5 < cut 0.29 (at most 1.0% of the set)"
+
+
+def test_pixel_copies_survive_shift_flip_rotation_jpeg_and_brightness():
+    """Near copies verified on the thumbnails: each planted transformed copy lands in a set with its
+    original, nothing else is grouped, and a copy filed under another class is the one flagged."""
+    import io
+
+    from PIL import Image, ImageEnhance
+
+    from pipeline.scores.features import thumbnails
+
+    rng = np.random.default_rng(11)
+    n = 120
+    # textured blobs: smooth random fields, masked to an ellipse (distinct 'objects' on black)
+    yy, xx = np.mgrid[:28, :28]
+    imgs = []
+    for _ in range(n):
+        f = np.asarray(Image.fromarray((rng.random((7, 7)) * 255).astype(np.uint8)).resize((28, 28), Image.BICUBIC), float)
+        a, b = rng.uniform(8, 12, 2)
+        mask = ((yy - 14) / a) ** 2 + ((xx - 14) / b) ** 2 <= 1
+        imgs.append((f * mask).clip(0, 255).astype(np.uint8))
+
+    def jpeg(x):
+        buf = io.BytesIO()
+        Image.fromarray(x).save(buf, "JPEG", quality=60)
+        return np.asarray(Image.open(io.BytesIO(buf.getvalue())))
+
+    def shift(x):
+        return np.asarray(Image.fromarray(x).transform((28, 28), Image.AFFINE, (1, 0, 2, 0, 1, -1), fillcolor=0))
+
+    planted = {0: shift, 1: lambda x: np.ascontiguousarray(x[:, ::-1]), 2: jpeg,
+               3: lambda x: np.asarray(Image.fromarray(x).rotate(5, Image.BILINEAR, fillcolor=0)),
+               4: lambda x: np.asarray(ImageEnhance.Brightness(Image.fromarray(x)).enhance(1.2))}
+    copies_ = [fn(imgs[i]) for i, fn in planted.items()]
+    allimg = np.stack(imgs + copies_)[:, None]
+    m = len(allimg)
+    label = np.r_[rng.integers(0, 3, n), [0, 0, 0, 0, 0]]
+    label[list(planted)] = 0
+    label[n + 4] = 2  # the brightened copy filed under another class: a conflict, and the flagged one
+    emb = allimg.reshape(m, -1).astype(np.float32) + rng.normal(0, 1.0, (m, 784))
+    f = _feats(emb, label=label)
+    f["thumb"] = thumbnails(allimg)
+    res = find_duplicates(f, f["label"], f["ids"], k=10, ratio=0.2)
+    g = res.columns["duplicate_group"]
+    sets = sorted(sorted(np.flatnonzero(g == gi).tolist()) for gi in np.unique(g[g >= 0]))
+    assert sets == [[i, n + j] for j, i in enumerate(planted)]
+    assert res.flagged[n + 4] and not res.flagged[4]  # the odd label is flagged, the original kept
+    assert res.summary["method"] == "pixels"

@@ -125,21 +125,30 @@ def _unit(x):
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
-def descriptor(t, flip: bool = False) -> np.ndarray:
-    """The candidate-search descriptor of thumbnails [N, S, S] → float32 [N, DESC_SIDE²] (unit norm)."""
+def descriptor(thumb: np.ndarray, flip: bool = False, chunk: int = 8192) -> np.ndarray:
+    """The candidate-search descriptor of thumbnails uint8 [N, S·S] → float32 [N, DESC_SIDE²]
+    (unit norm; computed in chunks, so memory stays at the uint8 thumbnails)."""
     import torch.nn.functional as F
 
-    c = canonical(t, flip)
-    d = F.adaptive_avg_pool2d(c[:, None], DESC_SIDE).reshape(len(c), -1)
-    return _unit(d).numpy()
+    out = np.empty((len(thumb), DESC_SIDE * DESC_SIDE), np.float32)
+    for s in range(0, len(thumb), chunk):
+        c = canonical(_thumbs(thumb[s:s + chunk]), flip)
+        out[s:s + chunk] = _unit(F.adaptive_avg_pool2d(c[:, None], DESC_SIDE).reshape(len(c), -1)).numpy()
+    return out
 
 
-def candidates(t, train_pos: np.ndarray, k: int, exact_max: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Candidate pairs of the thumbnails t [M, S, S]: each row's k nearest training descriptors,
+def _spread(thumb: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Luminance std of each thumbnail uint8 [N, S·S] → float32 [N] in [0, 1]."""
+    return np.concatenate([np.asarray(thumb[s:s + chunk], np.float32).std(1) / 255.0
+                           for s in range(0, len(thumb), chunk)]) if len(thumb) else np.zeros(0, np.float32)
+
+
+def candidates(thumb, train_pos: np.ndarray, k: int, exact_max: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate pairs of the thumbnails uint8 [M, S·S]: each row's k nearest training descriptors,
     plain and mirrored (self excluded) → (a [P], b [P] rows, descriptor distance [P])."""
     from pipeline.rules import knn
 
-    d, dflip = descriptor(t), descriptor(t, flip=True)
+    d, dflip = descriptor(thumb), descriptor(thumb, flip=True)
     index, _ = knn.build_index(d[train_pos], exact_max, seed)
     kk = min(int(k) + 1, len(train_pos))
     rows, dist = [], []
@@ -148,7 +157,7 @@ def candidates(t, train_pos: np.ndarray, k: int, exact_max: int, seed: int) -> t
         rows.append(np.where(r >= 0, train_pos[np.clip(r, 0, None)], -1))
         dist.append(dd)
     r, dd = np.concatenate(rows, 1), np.concatenate(dist, 1)
-    a = np.repeat(np.arange(len(t)), r.shape[1])
+    a = np.repeat(np.arange(len(thumb)), r.shape[1])
     keep = (r.ravel() >= 0) & (r.ravel() != a)
     return a[keep], r.ravel()[keep], dd.ravel()[keep].astype(np.float64)
 
@@ -180,12 +189,13 @@ def verify(thumb: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray | N
     out = np.empty(len(a), np.float64)
     flips = [None] if flip is not None else [False, True]
     rows = np.unique(np.r_[a, b])
-    blurred = torch.empty((len(rows),) + _small(_thumbs(thumb[:1])).shape[1:])
+    # the candidate rows, blurred, kept in float16 (2 bytes a pixel) and widened chunk by chunk
+    blurred = torch.empty((len(rows),) + _small(_thumbs(thumb[:1])).shape[1:], dtype=torch.float16)
     for s in range(0, len(rows), chunk):
-        blurred[s:s + chunk] = _small(_thumbs(thumb[rows[s:s + chunk]]))
+        blurred[s:s + chunk] = _small(_thumbs(thumb[rows[s:s + chunk]])).half()
     ia, ib = np.searchsorted(rows, a), np.searchsorted(rows, b)
     for s in range(0, len(a), chunk):
-        ta, tb = blurred[ia[s:s + chunk]], blurred[ib[s:s + chunk]]
+        ta, tb = blurred[ia[s:s + chunk]].float(), blurred[ib[s:s + chunk]].float()
         va, ma = canonical(ta, mask=True)
         best = torch.full((len(ta),), -1.0)
         for fl in flips:
@@ -222,15 +232,14 @@ def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 
     without one use the other row's) or d ≤ D_EXACT. Returns {"a", "b" [P] rows (a < b), "d" [P],
     "ref" [P], "flip" [P] bool (b mirrored), "n_candidates", "n_verified"}.
     """
-    t = _thumbs(thumb)
     pos = np.asarray(train_pos, np.int64)
-    a, b, _ = candidates(t, pos, k, exact_max, seed)
+    a, b, _ = candidates(thumb, pos, k, exact_max, seed)
     if extra is not None:
         a, b = np.r_[a, extra[0]], np.r_[b, extra[1]]
     a, b = _unique_pairs(a, b)
-    textured = (t.reshape(len(t), -1).std(1) >= MIN_STD).numpy()
+    textured = _spread(thumb) >= MIN_STD
     a, b = a[textured[a] & textured[b]], b[textured[a] & textured[b]]
-    d0, d0f = descriptor(t), descriptor(t, flip=True)
+    d0, d0f = descriptor(thumb), descriptor(thumb, flip=True)
     plain, mirr = (d0[a] * d0[b]).sum(1), (d0[a] * d0f[b]).sum(1)
     flip, dd = mirr > plain, 1.0 - np.maximum(plain, mirr)
     # per row (both ends): rank of each pair by descriptor distance
@@ -240,7 +249,7 @@ def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 
     sel = (ra < top) | (rb < top) | (ra == REF_RANK) | (rb == REF_RANK)
     a, b, flip, ra, rb = a[sel], b[sel], flip[sel], ra[sel], rb[sel]
     d = verify(thumb, a, b, flip)
-    ref = np.full(len(t), np.nan)
+    ref = np.full(len(thumb), np.nan)
     ref[a[ra == REF_RANK]] = d[ra == REF_RANK]
     ref[b[rb == REF_RANK]] = d[rb == REF_RANK]
     r = np.fmin(ref[a], ref[b])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.stages.evaluate import details_path, evaluate
+from pipeline.stages.train import train
 from pipeline.training.recipe import Recipe
 
 
@@ -25,9 +27,6 @@ def retrain(manifest: str | Path, test_manifest: str | Path, out_dir: str | Path
     `effect`) the metrics also carry the measured change of the mean validation loss beside the
     predicted one: `dloss` in metrics_dir/<name>.json (prune's metrics/pred.json holds the predicted
     one), and dval_loss, dval_loss_pred, dval_loss_pred_sd, val_loss_runs in the details (pipeline/effect.py)."""
-    from pipeline.stages.evaluate import details_path, evaluate
-    from pipeline.stages.train import train
-
     train(manifest, out_dir, recipe, seeds=seeds, progress=progress)
     if baseline is not None and not details_path(plots_dir, baseline).exists():
         if progress:
@@ -46,7 +45,6 @@ def _with_effect(metrics: dict, summary, out_dir, manifest, name: str, metrics_d
     from pipeline.device import resolve_device
     from pipeline.effect import flat, measured_change
     from pipeline.io import write_json
-    from pipeline.stages.evaluate import details_path
 
     if summary is None or not Path(summary).exists():
         return metrics
