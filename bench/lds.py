@@ -405,7 +405,9 @@ def main() -> None:
     for name, d in sets:
         keep = np.ones(N, bool)
         keep[d] = False
-        tag = name.replace(" ", "_")
+        import hashlib
+
+        tag = name.replace(" ", "_") + "_" + hashlib.sha1(np.sort(d).tobytes()).hexdigest()[:8]  # the set itself
         rs = [train_cached(cache / "groups" / f"{a.default}_{tag}_s{s}", x[keep], y[keep], recipe, s, xv, yv)
               for s in gseeds]
         meas.append(np.mean([r["loss"].mean() for r in rs]) - full_g)

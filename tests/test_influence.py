@@ -241,7 +241,7 @@ def test_drop_harmful_and_drop_flagged_harmful(scored, tmp_path):
         assert summ["n_kept"] == int((~drop).sum())
     # flags without is_harmful (harmful skipped): a clear error
     fl.drop(columns=["is_harmful", "harmful_score"]).to_csv(tmp_path / "old.csv", index=False)
-    with pytest.raises(CleanError, match="needs is_harmful.*val_influence"):
+    with pytest.raises(CleanError, match="needs is_harmful.*score.importance: true"):
         prune(root / "data/manifest.csv", root / "scores/scores.csv", tmp_path / "x.csv", tmp_path / "x.json",
               PruneConfig(strategy="drop-harmful"), flags_csv=tmp_path / "old.csv")
 

@@ -77,7 +77,7 @@ def margin_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names=None)
 def head_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ∇_{W,b} f_i of a linear head, (∂f/∂z) ⊗ [h, 1] → ([B, C·(D+1)], f [B]): forward only.
     ∂f/∂z_k = δ_ky − [k≠y]·p_k/(1 − p_y)."""
-    from pipeline.scores.head import forward_logits_features
+    from pipeline.head import forward_logits_features
 
     with torch.no_grad():
         logits, h = forward_logits_features(model, x)
