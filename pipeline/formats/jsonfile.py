@@ -18,5 +18,7 @@ def read_json(path: str | Path, missing: str, fix: str):
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CleanError(f"{path}: not valid JSON ({e}); {fix}") from None
+    except RecursionError:  # `[[[[...` thousands deep
+        raise CleanError(f"{path}: not valid JSON (nested too deeply); {fix}") from None
     except OSError as e:
         raise CleanError(f"cannot read {path}: {e.strerror or e}") from None
