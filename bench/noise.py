@@ -112,7 +112,7 @@ def one_rate(rate, x, y_clean, xt, yt, recipe, seeds, folds, methods, log, conta
         elif m == "isolation-forest":
             import torch
 
-            from pipeline.scores.head import forward_logits_features, last_layer_residual, project_last_layer_grads
+            from pipeline.head import forward_logits_features, last_layer_residual, project_last_layer_grads
             from pipeline.training.infer import normalize
 
             feats = []

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.data.dataset import load_split  # noqa: E402
 from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest  # noqa: E402
 from pipeline.training.infer import predict_logits  # noqa: E402
-from pipeline.stages.score import forward_scores  # noqa: E402
+from pipeline.scores.compute import forward_scores  # noqa: E402
 from pipeline.strategies import label_entropy, select  # noqa: E402
 from pipeline.training.fit import fit  # noqa: E402
 from pipeline.training.recipe import Recipe  # noqa: E402

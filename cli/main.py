@@ -263,7 +263,7 @@ def score(
 
 
 def _score_io(path: Path, model: Path, out: Path, params: Path) -> None:
-    from pipeline.data.standalone import is_manifest
+    from pipeline.stages.standalone import is_manifest
 
     inputs = [("PATH", path)] + ([("--model", model)] if model.is_dir() else [])
     manifest = path if is_manifest(path) else None
@@ -379,7 +379,8 @@ def prune(
     out: Path = typer.Option(Path("data/pruned.csv"), help="the new dataset version (a manifest)"),
     summary: Path = typer.Option(Path("prune/summary.json"), help="kept per class, label entropy"),
     strategy: Optional[str] = typer.Option(None, help=_one_of("prune.strategy")),
-    by: Optional[str] = typer.Option(None, help="score column driving the selection (params: prune.by)"),
+    by: Optional[str] = typer.Option(None, help="any score column: max-gradient / non-extreme keep its largest values, "
+                                                "gradient-cdf samples ∝ it (params: prune.by)"),
     keep: Optional[float] = typer.Option(None, help="fraction of training samples to keep (params: prune.keep)"),
     skip: Optional[float] = typer.Option(None, help="non-extreme: top fraction skipped (params: prune.skip)"),
     balanced: Optional[bool] = typer.Option(None, "--balanced/--unbalanced", help="select per class (params: prune.balanced)"),

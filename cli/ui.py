@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import typer
@@ -11,8 +12,19 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+
+
+def _console(stderr: bool) -> Console:
+    """A rich console. Where the stream is no terminal (`dvc repro` logs, pipes) and COLUMNS is
+    unset, rich would wrap at 80 columns, putting a progress line's value on a line of its own:
+    there lines get 160 columns."""
+    stream = sys.stderr if stderr else sys.stdout
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return Console(stderr=stderr, width=None if tty or "COLUMNS" in os.environ else 160)
+
+
+console = _console(stderr=False)
+err_console = _console(stderr=True)
 
 
 class RateColumn(ProgressColumn):
@@ -48,7 +60,7 @@ class RichProgress:
         elif event == "advance" and self.task is not None:
             self.progress.update(self.task, advance=kw.get("n", 1))
         elif event == "log":
-            self.progress.console.print(f"  {kw['message']}", style="dim", highlight=False)
+            self.progress.console.print(f"  {kw['message']}", style="dim", highlight=False, soft_wrap=True)
         elif event == "end" and self.task is not None:
             self.progress.stop_task(self.task)
             self.task = None
@@ -102,8 +114,6 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        import os
-
         from rich.markup import escape
 
         from pipeline.errors import CleanError

@@ -18,11 +18,16 @@ on top of whichever strategy selected the subset — a person's decision always 
 """
 from __future__ import annotations
 
+import csv
+import io
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import CleanError
+from pipeline.io import settled
 
 #: The columns of decisions.csv, in order.
 HEADER = ["id", "path", "action", "label", "note"]
@@ -84,12 +89,6 @@ MAX_BYTES = 256 * 2 ** 20
 
 def _rows(path) -> list[list[str]]:
     """The non-empty CSV rows of a regular file (a UTF-8 BOM, as Excel writes, is no part of the header)."""
-    import csv
-    import io
-    import os
-    import stat
-
-    from pipeline.io import settled
 
     path = settled(path)
     try:
@@ -141,7 +140,6 @@ def _parse(path, n: int, r: list[str], col: dict, classes: list[str]) -> tuple[i
 
 def _follow(path, parsed: list, paths: dict[int, str], manifest) -> list:
     """Re-key each parsed row by the manifest id of its image path (see :func:`read_decisions`)."""
-    import os
 
     by_path = {p: i for i, p in paths.items()}
     out = []

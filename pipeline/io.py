@@ -17,6 +17,7 @@ import csv
 import errno
 import json
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -174,8 +175,6 @@ def describe_os_error(e: OSError, path: "str | os.PathLike | None" = None) -> st
 
 
 def _free_bytes(path) -> int | None:
-    import shutil
-
     p = Path(path)
     for q in (p, *p.parents):
         try:

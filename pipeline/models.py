@@ -2,9 +2,17 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import socket
+import struct
+import threading
 from pathlib import Path
+from urllib.parse import urlparse
 
 from pipeline.errors import CleanError
+from pipeline.formats.jsonfile import read_json
+from pipeline.formats.manifest import classes_path_for, read_classes
 from pipeline.io import atomic_path, write_json
 
 
@@ -106,9 +114,6 @@ def _check_loaded(model, name: str, weights) -> None:
 
 def _reachable(host: str, timeout: float = 3.0) -> bool:
     """Whether `host` resolves within `timeout` s (a quick offline test, before a hub's slow retries)."""
-    import os
-    import socket
-    import threading
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
@@ -131,8 +136,6 @@ def _cached_or_offline(name: str) -> str | None:
     """`model.pretrained: true` without model.weights: the weights file already in the hub /
     torch cache (no network needed), None to let timm download it, or a CleanError when they
     are not cached and the hub cannot be reached (instead of a minute of retries)."""
-    import os
-    from urllib.parse import urlparse
 
     from timm.models import get_pretrained_cfg
 
@@ -183,7 +186,6 @@ def canonical_header(path: str | Path) -> None:
     would give different bytes; sorted keys make the file a function of its content. The header
     keeps its length (same keys and values), so tensor offsets are untouched.
     """
-    import struct
 
     with open(path, "r+b") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -235,7 +237,6 @@ def read_config(model_dir: str | Path) -> dict:
     model_dir = Path(model_dir)
     cfg_path = model_dir / "config.json"
     fix = f"retrain it: clean train --out {model_dir}"
-    from pipeline.formats.jsonfile import read_json
 
     cfg = read_json(cfg_path, f"not found; train a model first: clean train --out {model_dir}", fix)
     if not isinstance(cfg, dict):
@@ -256,7 +257,6 @@ def read_config(model_dir: str | Path) -> dict:
 def _check_numbers(cfg: dict, cfg_path: Path, fix: str) -> None:
     """The numbers every prediction divides or resizes by: image_size positive integers, mean
     finite, std finite and > 0 (a std of 0 or NaN makes every input, hence every score, NaN)."""
-    import math
 
     def number(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -275,7 +275,6 @@ def check_fits_data(cfg: dict, manifest: str | Path, model_dir: str | Path) -> N
 
     The data's are in classes.json next to the manifest (skipped when there is none).
     """
-    from pipeline.formats.manifest import classes_path_for, read_classes
 
     cpath = classes_path_for(manifest)
     if not cpath.exists():
@@ -308,4 +307,13 @@ def load_trained(model_dir: str | Path, device: str = "cpu"):
 
 
 def write_config(model_dir: str | Path, cfg: dict) -> None:
+    """model_dir/config.json: what :func:`load_trained` / :func:`read_config` read back (atomic)."""
     write_json(Path(model_dir) / "config.json", cfg)
+
+
+def run_dirs(model_dir: str | Path) -> list[Path]:
+    """The model folder plus its other-seed runs (model_dir/seeds/seed_<s>), in seed order."""
+    model_dir = Path(model_dir)
+    extra = sorted((model_dir / "seeds").glob("seed_*"), key=lambda p: int(p.name.split("_")[1])) \
+        if (model_dir / "seeds").exists() else []
+    return [model_dir] + [p for p in extra if (p / "config.json").exists()]

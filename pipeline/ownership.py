@@ -19,15 +19,19 @@ A model folder is replaced as a whole, so `clean` must never replace one it did 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import fcntl
 import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterator
 
 from pipeline.errors import CleanError
+from pipeline.io import write_text
 
 MARKER = ".clean-model"
 #: what the marker holds (constant: a model folder's bytes depend only on the model)
@@ -60,7 +64,6 @@ def is_marked(folder: Path) -> bool:
 
 def mark(folder: Path) -> None:
     """Write the marker into `folder` (atomically)."""
-    from pipeline.io import write_text
 
     write_text(Path(folder) / MARKER, MARKER_TEXT)
 
@@ -143,7 +146,6 @@ def claim(folder: Path, option: str = "--out", command: str = "clean train") -> 
 def locked(folder: Path, option: str = "--out") -> Iterator[None]:
     """Hold an exclusive lock on `folder` (`.<name>.lock` beside it); CleanError at once when
     another process holds it."""
-    import fcntl
 
     folder = Path(folder)
     path = lock_path(folder)
@@ -179,8 +181,6 @@ def locked(folder: Path, option: str = "--out") -> Iterator[None]:
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE) → False where unsupported."""
-    import ctypes
-    import sys
 
     if not sys.platform.startswith("linux"):
         return False

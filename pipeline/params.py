@@ -98,7 +98,7 @@ DEFAULTS: dict[str, Any] = {
         "strategy": "drop-flagged",  # a prune strategy (registry: pipeline/strategies.py)
         "drop": ["label"],    # drop-flagged: the issue types it drops (flags.csv is_<type>)
         "relabel_min_p": 0.5,  # relabel-or-drop: relabel a label issue when p̄ of its suggestion is at least this
-        "by": "grad_norm",    # score column that orders / weights the selection
+        "by": "grad_norm",    # any score column: max-gradient / non-extreme rank by it, gradient-cdf samples ∝ it
         "keep": 0.8,          # fraction of the training set to keep (not drop-flagged)
         "skip": 0.05,         # non-extreme: top fraction skipped
         "balanced": False,    # select per class in proportion to its size

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+from pipeline.data.images import split_ref
 from pipeline.errors import CleanError
 
 Labelled = Iterable[tuple[str, "str | os.PathLike | None"]]
@@ -125,7 +126,6 @@ def image_dirs(manifest: str | os.PathLike | None, limit: int = 5_000_000) -> li
     """The folders holding a manifest's images (an IDX file itself for `file#i` refs), as
     ("the images of <manifest>", folder) pairs for :func:`check_io`; [] when the manifest is
     missing or unreadable (the command then reports that itself)."""
-    from pipeline.data.images import split_ref
 
     if manifest is None:
         return []

@@ -18,6 +18,7 @@ order users see is the order of ``modules``, then the order of the decorators in
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -195,7 +196,6 @@ def markdown_table(name: str) -> str:
 
 def rewrite_readme(text: str) -> str:
     """README text with every registry table regenerated from the registries."""
-    import re
 
     def one(m):
         return f"<!-- registry:{m.group(1)} -->\n{markdown_table(m.group(1))}\n<!-- /registry -->"

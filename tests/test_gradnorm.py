@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import CleanError
 from pipeline.scores.engine import per_sample_grad_norms
-from pipeline.scores.head import (
+from pipeline.head import (
     forward_logits_features,
     grad_vectors_last,
     last_layer_norms,
@@ -402,14 +402,14 @@ def test_random_projection_deterministic_and_exact():
     # batch independence
     torch.testing.assert_close(project_last_layer_grads(r[:3], h[:3], dim=20, seed=3), p1[:3])
     # equals projecting the explicitly materialised vec(r ⊗ h) ⊕ r
-    from pipeline.scores.head import _projection
+    from pipeline.head import _projection
 
     P, Pb = _projection(5, 6, 20, 3, torch.float64, r.device)
     full = torch.cat([P.reshape(20, -1), Pb], 1)
     explicit = torch.cat([(r[:, :, None] * h[:, None, :]).reshape(7, -1), r], 1)
     torch.testing.assert_close(p1, explicit @ full.T, rtol=1e-10, atol=1e-12)
     # the streaming path (projection too big to cache) gives the same numbers
-    import pipeline.scores.head as gn
+    import pipeline.head as gn
 
     old = gn._PROJ_CACHE_MAX_ELEMS
     try:

@@ -3,6 +3,7 @@ against cleanlab called directly."""
 import numpy as np
 import pytest
 
+from pipeline.config import PrepareConfig
 from pipeline.errors import CleanError
 from pipeline.rules.labels import heldout_label_issues
 

@@ -748,7 +748,7 @@ def test_model_config_with_std_zero_or_nan_is_refused(proj, value, command):
 
 def test_model_giving_nan_losses_never_writes_scores(proj, monkeypatch):
     """A model whose outputs are NaN (config numbers that pass, weights that blow up): score refuses."""
-    import pipeline.scores.compute as S
+    import pipeline.scores.compute as S  # the forward family (pipeline/scores/compute.py) runs it
 
     real = S.forward_scores
 

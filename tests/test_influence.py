@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import FlagConfig, PruneConfig, ScoreConfig
+from pipeline.config import FlagConfig, PrepareConfig, PruneConfig, ScoreConfig
 from pipeline.errors import CleanError
 from pipeline.scores.influence import grad_dots, val_gradient, val_influence
 from pipeline.scores.layers import param_subset
@@ -112,7 +112,6 @@ def test_last_closed_form_equals_jvp_on_the_head():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from pipeline.stages.prepare import prepare
-    from pipeline.config import PrepareConfig
     from pipeline.stages.train import train
     from pipeline.training.recipe import Recipe
 
@@ -209,6 +208,7 @@ def test_drop_harmful_and_drop_flagged_harmful(scored, tmp_path):
     rng = np.random.default_rng(0)
     fl["is_label"] = rng.integers(0, 2, len(fl))  # a known label-issue set for the intersection
     fl.to_csv(tmp_path / "flags.csv", index=False)
+    fl = fl[fl["split"] == "train"] if "split" in fl.columns else fl  # prune reads the training rows
     harmful = fl["is_harmful"].to_numpy().astype(bool)
     both = harmful & fl["is_label"].to_numpy().astype(bool)
     assert harmful.any() and 0 < both.sum() < harmful.sum()

@@ -4,12 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import FlagConfig, ScoreConfig
+from pipeline.config import FlagConfig, PrepareConfig, ScoreConfig
 from pipeline.formats.dynamics import load_dynamics
 from pipeline.rules.base import seed_mean_probs
 from pipeline.stages.flag import flag
 from pipeline.stages.prepare import prepare
-from pipeline.config import PrepareConfig
 from pipeline.stages.score import score
 from pipeline.stages.train import train
 from pipeline.training.recipe import Recipe

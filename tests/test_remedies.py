@@ -10,7 +10,6 @@ def test_relabel_strategies_write_label_overrides_and_retrain_uses_them(tmp_path
 
     from pipeline.data.dataset import load_split
     from pipeline.stages.prepare import prepare
-    from pipeline.config import PrepareConfig
     from pipeline.stages.prune import prune
 
     from .helpers import make_imagefolder

@@ -14,13 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import PruneConfig
+from pipeline.config import PrepareConfig, PruneConfig
 from pipeline.data.dataset import load_split
 from pipeline.decisions import HEADER, apply_decisions, read_decisions
 from pipeline.errors import CleanError
 from pipeline.formats.manifest import read_manifest
 from pipeline.stages.prepare import prepare
-from pipeline.config import PrepareConfig
 from pipeline.stages.prune import prune
 from pipeline.views.review import Review, serve, url
 

@@ -7,14 +7,13 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import ScoreConfig
+from pipeline.config import PrepareConfig, ScoreConfig
 from pipeline.scores.dynamics import aum, confidence, dynamics_scores, forgetting, variability
 from pipeline.errors import CleanError
 from pipeline.scores.engine import per_sample_grad_norms
 from pipeline.training.infer import normalize
 from pipeline.models import load_trained, load_weights
 from pipeline.stages.prepare import prepare
-from pipeline.config import PrepareConfig
 from pipeline.scores.compute import forward_scores
 from pipeline.stages.score import columns, score
 

@@ -6,14 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import FlagConfig, PruneConfig
+from pipeline.config import FlagConfig, PrepareConfig, PruneConfig
 from pipeline.data.dataset import load_split
 from pipeline.formats.manifest import read_manifest
 from pipeline.errors import CleanError
 from pipeline.stages.evaluate import evaluate
 from pipeline.stages.flag import flag, gradient_features
 from pipeline.stages.prepare import prepare
-from pipeline.config import PrepareConfig
 from pipeline.stages.prune import prune
 from pipeline.stages.sweep import collect, sweep_point
 from pipeline.stages.train import train

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.images import load_images
 from pipeline.errors import CleanError
 from pipeline.formats.manifest import SPLITS, classes_path_for, read_classes, read_manifest
 
@@ -38,7 +39,6 @@ def load_split(manifest: str | Path, split: str, image_size=None, in_chans: int 
     `in_chans` defaults to the dataset's (classes.json `in_chans`), so every split of a
     dataset with mixed grayscale/color files decodes to the same channel count.
     """
-    from pipeline.data.images import load_images
 
     manifest = Path(manifest)
     if df is None:

@@ -7,8 +7,11 @@ they save.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterator, Sequence
 
 from pipeline.errors import CleanError
@@ -22,7 +25,6 @@ CHUNK = 512
 def workers() -> int:
     """Worker processes to use: the CPUs this process may run on, at most 8; 1 inside a daemonic
     process (a DataLoader worker), which may not start processes of its own."""
-    import multiprocessing
 
     if multiprocessing.current_process().daemon:
         return 1
@@ -42,8 +44,6 @@ def map_chunks(fn: Callable[[list], list], items: Sequence, what: str = "files",
         for lo in range(0, len(items), CHUNK):
             yield from fn(list(items[lo:lo + CHUNK]))
         return
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
 
     pending: deque = deque()
     try:

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.dataset import Split, image_size_of, load_split
+from pipeline.data.images import load_images
 from pipeline.errors import CleanError
+from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
 
 GB = 2**30
 
@@ -42,8 +45,6 @@ class StreamImages:
         return len(self.paths)
 
     def __getitem__(self, key) -> np.ndarray:
-        from pipeline.data.images import load_images
-
         scalar = isinstance(key, (int, np.integer))
         paths = [self.paths[key]] if scalar else list(self.paths[key])
         c, h, w = self.chw
@@ -128,9 +129,6 @@ def open_split(manifest: str | Path, split: str, image_size=None, in_chans: int 
 
     `rows` (a manifest DataFrame slice) replaces the split selection (e.g. split 'all').
     """
-    from pipeline.data.dataset import Split, image_size_of, load_split
-    from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
-    from pipeline.data.images import load_images
 
     manifest = Path(manifest)
     if df is None and rows is None:

@@ -8,11 +8,14 @@ classes.json (beside the manifest) holds the class names in label order.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import CleanError
+from pipeline.io import atomic_path, settled, write_frame
 
 REQUIRED = ["id", "path", "label", "split"]
 SPLITS = ["train", "val", "test"]
@@ -25,8 +28,6 @@ def read_manifest(path: str | Path, classes: list[str] | None = None):
     [0, len(classes)), known split names. Raises CleanError naming the problem.
     """
     import pandas as pd
-
-    from pipeline.io import settled
 
     path = settled(path)  # a commit of several files that a kill interrupted is finished first
     if not path.exists():
@@ -108,7 +109,6 @@ REPO_MARKERS = ("dvc.yaml", ".dvc", ".git")
 
 def repository_root(out_dir: str | Path) -> Path | None:
     """The nearest folder at or above `out_dir` holding dvc.yaml, .dvc or .git (absolute), else None."""
-    import os
 
     here = Path(os.path.abspath(out_dir))
     for d in (here, *here.parents):
@@ -120,7 +120,6 @@ def repository_root(out_dir: str | Path) -> Path | None:
 def relative_ref(file: str, out_dir: str | Path, root: str | Path | None) -> str:
     """`file` as a manifest in `out_dir` lists it: relative to `out_dir` (posix, `../` allowed)
     when it lies under `root` (under `out_dir` when `root` is None), else absolute."""
-    import os
 
     a = os.path.abspath(file)
     out = os.path.abspath(out_dir).rstrip("/") + "/"
@@ -140,7 +139,6 @@ def rebase_paths(df, src_dir: str | Path, dst_dir: str | Path):
 
     Absolute paths and `<idx file>#<index>` suffixes are kept; returns a new DataFrame.
     """
-    import os
 
     src, dst = Path(src_dir).resolve(), Path(dst_dir).resolve()
     if src == dst:
@@ -158,9 +156,6 @@ def rebase_paths(df, src_dir: str | Path, dst_dir: str | Path):
 
 def write_manifest(df, path: str | Path, src_manifest: str | Path) -> None:
     """Write a manifest derived from `src_manifest` (paths rebased; classes.json copied beside it)."""
-    import shutil
-
-    from pipeline.io import atomic_path, write_frame
 
     path, src_manifest = Path(path), Path(src_manifest)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,12 +5,16 @@ file, the row and the fix; no other module parses these files.
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import CleanError
-from pipeline.formats.manifest import integer_column
+from pipeline.formats.manifest import classes_path_for, integer_column, read_classes, read_manifest
+from pipeline.io import settled
+from pipeline.registry import SCORES
 
 #: pandas options shared by every CSV read here ("NA" in a path stays a string).
 _CSV = dict(keep_default_na=False, na_values=["", "nan", "NaN"])
@@ -19,8 +23,6 @@ _CSV = dict(keep_default_na=False, na_values=["", "nan", "NaN"])
 def read_csv(path: str | Path, what: str, fix: str, **kw):
     """pandas.read_csv with one clear CleanError for a missing or unparsable file."""
     import pandas as pd
-
-    from pipeline.io import settled
 
     path = settled(path)  # a commit of several files that a kill interrupted is finished first
     if not path.exists():
@@ -46,8 +48,6 @@ def read_scores(path: str | Path, need=()):
     pred and noisy; numeric score columns (float64; NaN = a score that was not computed).
     """
     import pandas as pd
-
-    from pipeline.registry import SCORES
 
     path = Path(path)
     fix = "regenerate it with `clean score`"
@@ -130,10 +130,6 @@ def check_scores_fit(scores, scores_path: str | Path, manifest: str | Path) -> N
     same label and the same image (scores of another dataset, or of an older version of this
     one, are refused). Image paths are compared as files: a scores path is read from the folder
     of the manifest its meta.json names (else from `manifest`'s)."""
-    import json
-    import os
-
-    from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
 
     manifest = Path(manifest)
     m = read_manifest(manifest, read_classes(classes_path_for(manifest))["classes"]).set_index("id")

@@ -7,6 +7,7 @@ where ``inputs`` is a :class:`RuleInputs` (lazy: a rule pays only for what it as
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from pipeline.checks import as_float as _as_float
 from pipeline.checks import check_seed as _check_seed  # noqa: F401  (re-exported to the rules)
 from pipeline.checks import fmt as _fmt
 from pipeline.errors import CleanError
+from pipeline.formats.manifest import read_manifest
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,6 @@ class IssueResult:
 
 def rows_for(manifest, ids: np.ndarray, classes):
     """The manifest rows of the scored samples `ids` [N], in that order (CleanError if one is missing)."""
-    from pipeline.formats.manifest import read_manifest
 
     df = read_manifest(manifest, classes).set_index("id")
     missing = np.setdiff1d(ids, df.index.to_numpy())
@@ -119,7 +120,6 @@ def rows_for(manifest, ids: np.ndarray, classes):
 
 def load_features(path: Path, train_ids: np.ndarray) -> dict:
     """Read embeddings.npz; CleanError when missing or not from the scored manifest."""
-    import zipfile
 
     if not path.exists():
         raise CleanError(f"{path} not found: the duplicate / outlier / image checks need it; run `clean score` "

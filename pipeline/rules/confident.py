@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.images import load_images
 from pipeline.errors import CleanError
 from pipeline.config import FlagConfig
+from pipeline.formats.manifest import classes_path_for, read_classes
 from pipeline.registry import RULES
 from pipeline.rules.base import FlagResult, rows_for, _float_array, _fmt, _labels_1d
 
@@ -76,8 +78,6 @@ def flag_confident(pred_probs, labels, filter_by: str = "prune_by_noise_rate") -
 
 def _crossfit_probs(manifest, ids, recipe, folds, seed, progress):
     from pipeline.training.crossfit import out_of_sample_probs
-    from pipeline.formats.manifest import classes_path_for, read_classes
-    from pipeline.data.images import load_images
     from pipeline.data.dataset import image_size_of
 
     classes = read_classes(classes_path_for(manifest))["classes"]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.errors import CleanError
 from pipeline.registry import ISSUES
 from pipeline.rules.base import IssueResult
 
@@ -47,8 +48,6 @@ IQR_FACTOR = 3.0
 
 
 def _stat(feats: dict, key: str) -> np.ndarray:
-    from pipeline.errors import CleanError
-
     if key not in feats:
         raise CleanError(f"embeddings.npz has no '{key}' (written by an older `clean score`): re-run `clean score`")
     return np.asarray(feats[key], np.float64)[np.asarray(feats["train_pos"], np.int64)]

@@ -10,6 +10,7 @@ Never an N × N matrix: memory is the index (N·D float32) plus the [Q, k] answe
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -88,7 +89,6 @@ def train_knn(feats: dict, k: int, exact_max: int = EXACT_MAX, seed: int = 0) ->
     Returns {"dist" [M, k], "rows" [M, k] (rows of embeddings.npz), "kind", "seconds"}: a training
     row's answers exclude itself; a val/test row searches the training index as it is.
     """
-    import time
 
     key = ("_knn", int(k), int(exact_max), int(seed))
     cache = feats.setdefault("_cache", {})

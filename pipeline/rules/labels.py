@@ -8,8 +8,10 @@ import numpy as np
 
 from pipeline.errors import CleanError
 from pipeline.config import FlagConfig
+from pipeline.formats.manifest import read_manifest
 from pipeline.registry import ISSUES
 from pipeline.rules.base import IssueResult
+from pipeline.rules.confident import flag_confident
 
 
 @ISSUES.register("label", doc="label errors: the flag.method rule; suggested_label = argmax of p̄ "
@@ -74,7 +76,6 @@ def heldout_label_issues(labels, probs, filter_by: str = "prune_by_noise_rate"):
     suggested int [N] = argmax of probs, quality float [N] in 0..1 = cleanlab's self-confidence
     label quality; low = likely wrong). CleanError on bad shapes / non-probabilities.
     """
-    from pipeline.rules.confident import flag_confident  # here: the RULES registry order stays as on import
 
     res = flag_confident(probs, labels, filter_by=filter_by)
     suggested = np.asarray(probs, dtype=float).argmax(1).astype(np.int64)
@@ -91,8 +92,7 @@ def heldout_probs(model_dir, manifest, split: str, device: str = "cpu", df=None)
     import torch
 
     from pipeline.data.dataset import load_split
-    from pipeline.models import load_trained
-    from pipeline.stages.evaluate import run_dirs
+    from pipeline.models import load_trained, run_dirs
     from pipeline.training.infer import predict_logits
 
     dirs = run_dirs(model_dir)
@@ -110,8 +110,6 @@ def heldout_issue_rows(model_dir, manifest, filter_by: str = "prune_by_noise_rat
     is_label, label_score (1 − label quality), suggested_label, suggested_p, from
     :func:`heldout_label_issues` on the base models' out-of-sample softmax; empty splits skipped."""
     import pandas as pd
-
-    from pipeline.formats.manifest import read_manifest
 
     df = read_manifest(manifest)
     parts = []

@@ -66,7 +66,7 @@ def gradient_features(model_dir: str | Path, manifest: str | Path, ids: np.ndarr
     """
     import torch
 
-    from pipeline.scores.head import forward_logits_features, grad_vectors_last, last_layer_residual, project_last_layer_grads
+    from pipeline.head import forward_logits_features, grad_vectors_last, last_layer_residual, project_last_layer_grads
     from pipeline.data.images import load_images
     from pipeline.training.infer import batches, normalize
     from pipeline.models import check_fits_data, load_trained

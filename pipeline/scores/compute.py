@@ -6,17 +6,22 @@ norms come from pipeline/scores/engine.py (closed form for the head, ghost norms
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.registry import SCORES
 
+# The computing imports sit in the functions: this module registers SCORES entries, and every
+# stage that reads a score column's name or suspicious end imports it (dvc deps stay narrow).
+
 
 def forward_scores(model, images_u8, labels: np.ndarray, mean, std, norm: str = "l2",
-                   params: str = "last", batch_size: int = 256, device: str = "cpu",
+                   subset: str = "last", batch_size: int = 256, device: str = "cpu",
                    progress=None, features: bool = False) -> dict[str, np.ndarray]:
-    """Eval-mode per-sample scores of uint8 images [N,C,H,W] with int labels [N].
+    """Eval-mode per-sample scores of uint8 images [N,C,H,W] with int labels [N]; the gradient
+    norm `norm` over the parameter subset `subset` (score.params: last | weights | biases | all).
 
     `images_u8` is an array or streamed images (pipeline/stream.py: decoded batch by batch
     by worker processes; never the whole set). Returns {pred [N] int, loss [N] nats,
@@ -26,8 +31,8 @@ def forward_scores(model, images_u8, labels: np.ndarray, mean, std, norm: str = 
     emb float16 [N, D], hash, image statistics), so `clean score` decodes and forwards the
     scored images once.
     """
-    from pipeline.training.infer import batches
     from pipeline.data.stream import iter_batches
+    from pipeline.training.infer import batches
 
     model.eval()
     out = {k: np.empty(len(labels), np.float64) for k in ("loss", "grad_norm", "el2n", "margin")}
@@ -35,7 +40,7 @@ def forward_scores(model, images_u8, labels: np.ndarray, mean, std, norm: str = 
     spans = list(batches(len(labels), batch_size))
     feed = iter_batches(images_u8, [slice(s, e) for s, e in spans], pin=str(device).startswith("cuda"))
     with _exact_fp32():
-        _score_batches(model, spans, feed, labels, mean, std, norm, params, device, out, progress, features)
+        _score_batches(model, spans, feed, labels, mean, std, norm, subset, device, out, progress, features)
     return out
 
 
@@ -52,7 +57,7 @@ def _exact_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _score_batches(model, spans, feed, labels, mean, std, norm, params, device, out, progress,
+def _score_batches(model, spans, feed, labels, mean, std, norm, subset, device, out, progress,
                    features: bool = False) -> None:
     import torch
 
@@ -63,7 +68,7 @@ def _score_batches(model, spans, feed, labels, mean, std, norm, params, device, 
     for (s, e), xb in zip(spans, feed):
         x = normalize(xb, mean, std, device)
         y = torch.as_tensor(np.array(labels[s:e], np.int64), device=device)
-        r = per_sample_grad_norms(model, x, y, norm=norm, params=params)
+        r = per_sample_grad_norms(model, x, y, norm=norm, params=subset)
         logits = r["logits"].detach().double()  # float64 from here: small losses keep their digits
         p = torch.softmax(logits, 1)
         onehot = torch.nn.functional.one_hot(y, logits.shape[1]).double()
@@ -85,14 +90,12 @@ def _score_batches(model, spans, feed, labels, mean, std, norm, params, device, 
 
 
 def self_influence(model, checkpoints: list[tuple[Path, float]], images_u8, labels, mean, std,
-                   params: str = "last", batch_size: int = 256, device: str = "cpu",
+                   subset: str = "last", batch_size: int = 256, device: str = "cpu",
                    progress=None) -> np.ndarray:
     """TracIn self-influence Σ_c lr_c · ‖∇_θ' L_i(θ_c)‖₂² over checkpoints [(file, lr_c)] → [N].
 
     `model` is loaded with each checkpoint's weights in turn (its own weights are restored).
     """
-    import copy
-
     from pipeline.models import load_weights
 
     total = np.zeros(len(labels), np.float64)
@@ -100,7 +103,7 @@ def self_influence(model, checkpoints: list[tuple[Path, float]], images_u8, labe
     for path, lr in checkpoints:
         load_weights(work, path)
         work.to(device).eval()
-        g = forward_scores(work, images_u8, labels, mean, std, "l2", params, batch_size, device, progress)
+        g = forward_scores(work, images_u8, labels, mean, std, "l2", subset, batch_size, device, progress)
         total += lr * g["grad_norm"] ** 2
     return total
 

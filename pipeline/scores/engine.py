@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.errors import CleanError
-from pipeline.scores.head import _check_norm, _head, forward_logits_features, last_layer_norms
+from pipeline.head import _check_norm, _head, forward_logits_features, last_layer_norms
 from pipeline.scores.layers import (
     _Acc,
     _Ctx,
@@ -327,23 +327,11 @@ def per_sample_grad_norms(
         raise CleanError(f"labels must have shape [{x.shape[0]}], got {list(y.shape)}")
     y = y.to(device=x.device, dtype=torch.long)
     head = _head(model)
-
     if params == "last" and _layer_kind(head) == "linear":
-        with torch.no_grad():
-            logits, h = forward_logits_features(model, x)
-            loss = F.cross_entropy(logits, y, reduction="none")
-        if h.dim() == 2:
-            w = head.weight.requires_grad
-            b = head.bias is not None and head.bias.requires_grad
-            gn = last_layer_norms(logits, h, y, norm, weight=w, bias=b) if (w or b) else torch.zeros_like(loss)
-            out = {"loss": loss, "logits": logits, "h": h, "grad_norm": gn}
-            if details:
-                out["paths"] = {"": "last-closed-form"}
-                out["per_param"] = {}
+        out = _closed_form_last(model, head, x, y, norm, details)
+        if out is not None:
             return out
-
     dtype = x.dtype if x.is_floating_point() else torch.float32
-    paths: Optional[Dict[str, str]] = {} if details else None
     if not wanted:  # e.g. "biases" of a model without biases: all gradients are empty
         with torch.no_grad():
             logits, h = forward_logits_features(model, x)
@@ -352,34 +340,14 @@ def per_sample_grad_norms(
         if details:
             out["per_param"], out["paths"] = {}, {}
         return out
-    budget = int(mem_budget_mb * 2**20)
+    paths: Optional[Dict[str, str]] = {} if details else None
     all_params = [p for p in model.parameters()]
     flags = [p.requires_grad for p in all_params]
-    clone_mods: set = set()
     try:
         for p in all_params:
             p.requires_grad_(False)
-        root_mode = model not in _NO_ROOT
-        for attempt in range(5):
-            acc = _Acc(norm, x.shape[0], dtype, x.device, details)
-            ctx = _Ctx(norm, acc, budget, paths)
-            eng = _Engine(model, wanted, ctx, clone_mods, func_chunk, root_mode)
-            try:
-                res = eng.run(x, y)
-            finally:
-                eng.remove()
-            if res is None:  # retry: root mode with copies, or the input requiring grad
-                if root_mode and not eng.roots_seen:
-                    _NO_ROOT.add(model)  # no leaf module sees the raw input: skip root mode next time
-                root_mode = root_mode and eng.root_clone is False and model in _ROOT_CLONE
-                continue
-            loss, logits, h, global_names = res
-            if not eng.stale:
-                break
-            clone_mods = clone_mods | eng.stale
-        else:  # pragma: no cover - inputs still mutated after cloning
-            raise CleanError(f"layers {sorted(eng.stale)} see inputs modified in place; cannot score")
-        _do_global(ctx, model, x, y, global_names, func_chunk)
+        loss, logits, h, acc = _hooked_pass(model, wanted, x, y, norm, dtype, int(mem_budget_mb * 2**20), paths,
+                                            func_chunk, details)
     finally:
         for p, f in zip(all_params, flags):
             p.requires_grad_(f)
@@ -388,3 +356,53 @@ def per_sample_grad_norms(
         out["per_param"] = acc.finish_per_param()
         out["paths"] = paths
     return out
+
+
+def _closed_form_last(model: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str,
+                      details: bool) -> Optional[Dict[str, Any]]:
+    """params = "last" with a linear head on flat features: one no-grad forward and the closed
+    form (pipeline/head.py) → the result of :func:`per_sample_grad_norms`; None when the head's
+    input is not flat (the hooked pass handles it)."""
+    with torch.no_grad():
+        logits, h = forward_logits_features(model, x)
+        loss = F.cross_entropy(logits, y, reduction="none")
+    if h.dim() != 2:
+        return None
+    w = head.weight.requires_grad
+    b = head.bias is not None and head.bias.requires_grad
+    gn = last_layer_norms(logits, h, y, norm, weight=w, bias=b) if (w or b) else torch.zeros_like(loss)
+    out = {"loss": loss, "logits": logits, "h": h, "grad_norm": gn}
+    if details:
+        out["paths"] = {"": "last-closed-form"}
+        out["per_param"] = {}
+    return out
+
+
+def _hooked_pass(model: nn.Module, wanted, x: torch.Tensor, y: torch.Tensor, norm: str, dtype, budget: int,
+                 paths, func_chunk: int, details: bool):
+    """The hooked forward + one backward (the parameters' requires_grad already off) →
+    (loss [B], logits [B, C], h [B, D], the norm accumulator). Retries in root mode with
+    copies, or with cloned inputs for layers that see inputs modified in place."""
+    clone_mods: set = set()
+    root_mode = model not in _NO_ROOT
+    for attempt in range(5):
+        acc = _Acc(norm, x.shape[0], dtype, x.device, details)
+        ctx = _Ctx(norm, acc, budget, paths)
+        eng = _Engine(model, wanted, ctx, clone_mods, func_chunk, root_mode)
+        try:
+            res = eng.run(x, y)
+        finally:
+            eng.remove()
+        if res is None:  # retry: root mode with copies, or the input requiring grad
+            if root_mode and not eng.roots_seen:
+                _NO_ROOT.add(model)  # no leaf module sees the raw input: skip root mode next time
+            root_mode = root_mode and eng.root_clone is False and model in _ROOT_CLONE
+            continue
+        loss, logits, h, global_names = res
+        if not eng.stale:
+            break
+        clone_mods = clone_mods | eng.stale
+    else:  # pragma: no cover - inputs still mutated after cloning
+        raise CleanError(f"layers {sorted(eng.stale)} see inputs modified in place; cannot score")
+    _do_global(ctx, model, x, y, global_names, func_chunk)
+    return loss, logits, h, acc

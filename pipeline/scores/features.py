@@ -14,9 +14,16 @@ torch math; no loop over samples except hashing each image's bytes.
 from __future__ import annotations
 
 import hashlib
+import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.data.images import probe_size, split_ref
+from pipeline.data.pool import map_chunks
+from pipeline.data.stream import iter_batches
+from pipeline.training.infer import batches, normalize
 
 #: the arrays of embeddings.npz besides ids / split / emb / hash
 STAT_KEYS = ("brightness_p05", "brightness_p99", "blur", "sharpness", "entropy", "colour_spread", "height", "width")
@@ -85,9 +92,6 @@ def thumbnails(batch_u8: np.ndarray, side: int = THUMB) -> np.ndarray:
 
 def native_sizes(paths: list[str], base_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """(height [M], width [M]) of each file as stored (header read only; IDX images: the file's H, W)."""
-    from functools import partial
-
-    from pipeline.data.pool import map_chunks
 
     hw = list(map_chunks(partial(_sizes_chunk, base_dir=str(base_dir)), [str(p) for p in paths], "image headers"))
     arr = np.asarray(hw, np.int64).reshape(-1, 2)
@@ -96,9 +100,6 @@ def native_sizes(paths: list[str], base_dir: Path) -> tuple[np.ndarray, np.ndarr
 
 def _sizes_chunk(paths: list[str], base_dir: str) -> list[tuple[int, int]]:
     """(H, W) as stored of each manifest path (one worker task of :func:`native_sizes`)."""
-    import os
-
-    from pipeline.data.images import probe_size, split_ref
 
     out = []
     for p in paths:
@@ -125,13 +126,11 @@ def image_features(model, images_u8, mean, std, batch_size: int, device: str, pr
     """Embeddings, pixel hashes and image statistics of uint8 images [M,C,H,W] (array or streamed).
 
     Returns {emb float16 [M, D], hash uint64 [M], thumb uint8 [M, THUMB²], <STAT_KEYS minus height/width> float32 [M]}.
-    The embedding is the input of the classifier head in eval mode (pipeline/scores/head.py).
+    The embedding is the input of the classifier head in eval mode (pipeline/head.py).
     """
     import torch
 
-    from pipeline.data.stream import iter_batches
-    from pipeline.scores.head import forward_logits_features
-    from pipeline.training.infer import batches, normalize
+    from pipeline.head import forward_logits_features
 
     model.eval()
     spans = list(batches(len(images_u8), batch_size))

@@ -29,8 +29,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.scores.head import _head, forward_logits_features, last_layer_residual
+from pipeline.data.stream import iter_batches
+from pipeline.head import _head, forward_logits_features, last_layer_residual
+from pipeline.models import load_weights
+from pipeline.scores.compute import _exact_fp32
+from pipeline.scores.engine import _check_eval
 from pipeline.scores.layers import _LogitsWrapper, _layer_kind, param_subset
+from pipeline.training.infer import batches, normalize
 
 __all__ = ["val_gradient", "grad_dots", "val_influence"]
 
@@ -46,7 +51,6 @@ def val_gradient(model: nn.Module, batches, params: str = "all") -> Dict[str, to
     ``last`` with a linear head uses the closed form (forward passes only); otherwise one
     backward per batch of the summed loss, restricted to the subset's parameters.
     """
-    from pipeline.scores.engine import _check_eval
 
     _check_eval(model)
     wanted = param_subset(model, params)
@@ -133,10 +137,6 @@ def val_influence(model: nn.Module, checkpoints: list[tuple[Path, float]], image
     samples scored and the validation split); `model` is loaded with each checkpoint's weights
     in turn (its own weights are not touched). Independent of batch_size (eval mode).
     """
-    from pipeline.data.stream import iter_batches
-    from pipeline.models import load_weights
-    from pipeline.scores.compute import _exact_fp32
-    from pipeline.training.infer import batches, normalize
 
     pin = str(device).startswith("cuda")
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.errors import CleanError
-from pipeline.scores.head import SUBSETS, _head, forward_logits_features
+from pipeline.head import SUBSETS, _head, forward_logits_features
 
 __all__ = ["param_subset"]
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.registry import SCORES
+
 
 def low_is_suspicious(by: str) -> bool:
     """True when a *low* value of score `by` marks a suspicious sample (registry entry)."""
-    from pipeline.registry import SCORES
 
     entry = SCORES.get(by)
     return entry is not None and entry.suspicious == "low"

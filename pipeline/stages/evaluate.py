@@ -1,21 +1,21 @@
 """The `evaluate` stage: a model folder (every seed's run) on the untouched test split →
 metrics_dir/<name>.json (for `dvc metrics diff`) and plots_dir/confusion_<name>.csv (for
 `dvc plots`); `evaluate_model` (one run), `summarize_runs` (mean ± std over seeds) and
-`run_dirs` serve the sweep too (docs/methods.md §5.3)."""
+`run_dirs` (pipeline/models.py) serve the sweep too (docs/methods.md §5.3)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-
-def run_dirs(model_dir: str | Path) -> list[Path]:
-    """The model folder plus its other-seed runs (model_dir/seeds/seed_<s>), in seed order."""
-    model_dir = Path(model_dir)
-    extra = sorted((model_dir / "seeds").glob("seed_*"), key=lambda p: int(p.name.split("_")[1])) \
-        if (model_dir / "seeds").exists() else []
-    return [model_dir] + [p for p in extra if (p / "config.json").exists()]
-
+from pipeline.data.dataset import load_split
+from pipeline.device import resolve_device
+from pipeline.errors import CleanError
+from pipeline.formats.jsonfile import read_json
+from pipeline.io import write_frame, write_json
+from pipeline.models import run_dirs  # noqa: F401  (the sweep and the benches read it from here too)
+from pipeline.training.infer import predict_logits
+from pipeline.verdict import compare_runs
 
 def evaluate_model(model_dir: str | Path, manifest: str | Path, split: str = "test", device: str = "cpu",
                    batch_size: int = 512, df=None, progress=None) -> dict:
@@ -23,10 +23,7 @@ def evaluate_model(model_dir: str | Path, manifest: str | Path, split: str = "te
     import torch
     import torch.nn.functional as F
 
-    from pipeline.data.dataset import load_split
     from pipeline.formats.manifest import read_manifest
-    from pipeline.errors import CleanError
-    from pipeline.training.infer import predict_logits
     from pipeline.models import load_trained
 
     model, cfg = load_trained(model_dir, device)
@@ -148,9 +145,6 @@ def evaluate(model_dir: str | Path, manifest: str | Path, name: str, metrics_dir
     import pandas as pd
 
     from pipeline.formats.manifest import SPLITS, read_manifest
-    from pipeline.device import resolve_device
-    from pipeline.errors import CleanError
-    from pipeline.io import write_frame, write_json
     from pipeline.models import check_fits_data, load_trained
 
     if split not in SPLITS:
@@ -196,9 +190,6 @@ def _aside_accuracy(results: list[dict], flags_csv, decisions, classes, paths, m
 
 def _versus(plots_dir, baseline: str, metrics: dict) -> dict:
     """The verdict of this version against `baseline` over the seeds (its runs in plots_dir)."""
-    from pipeline.errors import CleanError
-    from pipeline.formats.jsonfile import read_json
-    from pipeline.verdict import compare_runs
 
     base = read_json(details_path(plots_dir, baseline), f"not found; evaluate the {baseline} version first "
                      f"(clean evaluate --name {baseline})", f"re-run `clean evaluate --name {baseline}`")

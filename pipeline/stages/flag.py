@@ -14,10 +14,12 @@ import pandas as pd
 from pipeline.config import FlagConfig
 from pipeline.device import resolve_device
 from pipeline.errors import CleanError
+from pipeline.formats.manifest import read_manifest
 from pipeline.formats.tables import check_scores_fit, read_scores
 from pipeline.io import write_frame, write_json
 from pipeline.registry import ISSUES, RULES
 from pipeline.rules.base import RuleInputs
+from pipeline.rules.labels import heldout_issue_rows
 from pipeline.rules.metrics import auroc, precision_recall
 from pipeline.rules.outliers import gradient_features  # noqa: F401  (part of the stage's public API)
 from pipeline.views.grid import top_grid
@@ -93,7 +95,6 @@ def _heldout(found: dict, model_dir, manifest, config, device: str):
     model and manifest are at hand, else None."""
     if "label" not in found or model_dir is None or manifest is None or not Path(manifest).exists():
         return None
-    from pipeline.rules.labels import heldout_issue_rows
 
     return heldout_issue_rows(model_dir, manifest, config.heldout_filter_by, device)
 
@@ -122,7 +123,6 @@ def _with_heldout(frame, held):
 
 def _heldout_summary(held, manifest) -> dict:
     """n_label_<split> and, against injected noise in the manifest, precision_/recall_<split>."""
-    from pipeline.formats.manifest import read_manifest
     from pipeline.rules.metrics import precision_recall
 
     out = {}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import numpy as np
 from pipeline.config import PrepareConfig
 from pipeline.errors import CleanError
 from pipeline.formats.manifest import REQUIRED, relative_ref, repository_root
+from pipeline.paths import check_io
 from pipeline.progress import Progress
 from pipeline.data.images import channels_of, split_ref
 from pipeline.io import together, write_csv, write_json
@@ -49,7 +51,6 @@ def _outside_note(paths: list[str], root) -> str | None:
 def _check_outputs_beside_images(records: list[Record], out_dir: Path) -> None:
     """CleanError when a file prepare writes would land in a folder of source images (or be
     an IDX file it reads): the source is never written to (pipeline/paths.py)."""
-    from pipeline.paths import check_io
 
     held = {}
     for r in records:
@@ -65,7 +66,6 @@ def _common_size(recs: list[Record]) -> tuple[list[int] | None, str | None]:
 
     classes.json records it and `clean train` resizes every image of every split to it
     (unless data.image_size is set), so mixed sizes are legitimate input."""
-    from collections import Counter
 
     sizes = Counter(tuple(int(v) for v in r.size) for r in recs if r.size)
     if not sizes:

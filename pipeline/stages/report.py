@@ -14,9 +14,18 @@ import time
 from pathlib import Path
 
 from pipeline.errors import CleanError
+from pipeline.formats.jsonfile import read_json
+from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
+from pipeline.io import write_text
+from pipeline.params import load_params
+from pipeline.registry import SCORES
+from pipeline.stages.evaluate import details_path
+from pipeline.views.grid import class_names, namer, resolve_manifest
+from pipeline.views.plots import find_sweep_summary
 from pipeline.views.report import (confusion_section, entropy_section, flagged_section, heatmap_section,
                                    overlap_section, render_page, scores_section, section, summary_section,
                                    sweep_section, top_section)
+from pipeline.views.report import issues_section
 
 _NO_FLAGS = {"n_flagged": 0, "n_shown": 0, "ids": []}
 
@@ -25,14 +34,11 @@ _NO_FLAGS = {"n_flagged": 0, "n_shown": 0, "ids": []}
 
 
 def _read_json(path: Path):
-    from pipeline.formats.jsonfile import read_json
-
     return read_json(path, "not found", "re-run the stage that writes it")
 
 
 def _load_params(path: Path) -> tuple[dict | None, str | None]:
     """params.yaml validated → (params, None); invalid → (its raw mapping or None, the error)."""
-    from pipeline.params import load_params
 
     if not path.exists():
         return None, f"{path} not found; the header shows defaults only"
@@ -51,7 +57,6 @@ def _load_params(path: Path) -> tuple[dict | None, str | None]:
 def _metrics(metrics_dir: Path, plots_dir: Path | None = None) -> dict[str, dict]:
     """metrics_dir/<version>.json with an accuracy → {version: metrics}, base first; each merged
     with its details (per-class accuracy, runs) from plots_dir/evaluate_<version>.json."""
-    from pipeline.stages.evaluate import details_path
 
     out = {}
     if not metrics_dir.is_dir():
@@ -69,8 +74,6 @@ def _metrics(metrics_dir: Path, plots_dir: Path | None = None) -> dict[str, dict
 def _dataset(scores_csv: Path, manifest: Path) -> dict:
     """The manifest that resolves image paths (the scores' meta.json's, else `manifest`), the one
     the header describes (`manifest`, else that one), its rows and the class names."""
-    from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
-    from pipeline.views.grid import class_names, namer, resolve_manifest
 
     img_manifest = resolve_manifest(scores_csv, None, fallback=manifest)
     head = manifest if manifest.exists() else img_manifest
@@ -99,7 +102,6 @@ def _read_scored(scores_csv: Path, flags_csv: Path, by: str):
     import numpy as np
 
     from pipeline.formats.tables import join_flags, read_flags, read_scores
-    from pipeline.registry import SCORES
 
     df = read_scores(scores_csv, ["path", "pred"])
     if by not in df.columns or df[by].isna().all():
@@ -118,9 +120,7 @@ def _read_scored(scores_csv: Path, flags_csv: Path, by: str):
 
 def _issues(ins: dict, flags_csv: Path | None, img: Path | None):
     """The issue-type section: flags.csv's is_<type> columns, scores/issues.json beside it, the manifest rows."""
-    from pipeline.formats.jsonfile import read_json
     from pipeline.formats.tables import read_flags
-    from pipeline.views.report import issues_section
 
     if ins["mdf"] is None:
         from pipeline.views.report import section
@@ -138,7 +138,6 @@ def _issues(ins: dict, flags_csv: Path | None, img: Path | None):
 def _score_sections(ins: dict, scores_csv: Path, flags_csv: Path, by: str, k: int, figs: Path,
                     max_per_class: int, max_table_rows: int, log):
     """Flagged cards, top-k grid, score distributions, figure 2 → ([flagged, top, scores], entropy, df, info)."""
-    from pipeline.registry import SCORES
 
     if not scores_csv.exists():
         secs = [section(key, k=k, by=by) for key in ("flagged", "issues", "top", "scores", "entropy")]
@@ -177,8 +176,6 @@ def report(out_dir: str | Path, *, manifest: str | Path, scores_csv: str | Path,
     for the top-k overlap figure (else `plots_dir`/overlap.png from `clean compare` is shown
     if present). Returns {"path", "bytes", "seconds", "n_flagged", "n_shown", "shown_ids", "sections"}.
     """
-    from pipeline.io import write_text
-    from pipeline.views.plots import find_sweep_summary
 
     t0 = time.perf_counter()
     if isinstance(max_per_class, bool) or not isinstance(max_per_class, int) or max_per_class < 1:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.stages.evaluate import details_path, evaluate
+from pipeline.stages.train import train
 from pipeline.training.recipe import Recipe
 
 
@@ -22,8 +24,6 @@ def retrain(manifest: str | Path, test_manifest: str | Path, out_dir: str | Path
     verdict against it over the seeds (pipeline/verdict.py); a baseline never evaluated is
     skipped with a log line. `flags_csv` / `decisions`: the test split's label decisions
     (pipeline/stages/evaluate.py set_aside)."""
-    from pipeline.stages.evaluate import details_path, evaluate
-    from pipeline.stages.train import train
 
     train(manifest, out_dir, recipe, seeds=seeds, progress=progress)
     if baseline is not None and not details_path(plots_dir, baseline).exists():

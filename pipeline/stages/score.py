@@ -28,6 +28,7 @@ from pipeline.registry import SCORES
 from pipeline.scores import features
 from pipeline.scores.features import FEATURE_KEYS, empty_features, image_features
 from pipeline.scores.inputs import ScoreInputs
+from pipeline.stages.standalone import as_manifest
 
 
 def score_columns() -> list[str]:
@@ -243,7 +244,6 @@ def score_input(path: str | Path, model: str, out_dir: str | Path, config, progr
     `on_input(summary, folder)` is called with that summary. Returns (scores DataFrame or
     None on non-zero torchrun ranks, model folder).
     """
-    from pipeline.data.standalone import as_manifest
 
     path, out_dir, model_dir = Path(path), Path(out_dir), Path(model)
     if (model_dir / "config.json").exists():

@@ -13,16 +13,29 @@ new model.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import distributed as D
+from pipeline import ownership
+from pipeline.data.stream import check_readable, decoded_bytes, is_streamed, open_split
+from pipeline.device import resolve_device
 from pipeline.errors import CleanError
+from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
+from pipeline.io import atomic_path, write_json
+from pipeline.models import save_weights, write_config
+from pipeline.ownership import MARKER
+from pipeline.training.fit import fit
 from pipeline.training.recipe import RESULT_NEUTRAL, Recipe
+from pipeline.training.resume import STATE_JSON
 
 #: where `train` keeps the unfinished work (per-epoch state for --resume) inside out_dir
 PARTIAL = ".partial"
@@ -42,10 +55,6 @@ def train(manifest: str | Path, out_dir: str | Path, recipe: Recipe, seeds: list
     training state of the unfinished one); `resume=True` continues it (same settings
     required), a run without `resume` starts over. Under torchrun only rank 0 writes.
     """
-    import contextlib
-
-    from pipeline import distributed as D
-    from pipeline.device import resolve_device
 
     manifest, out_dir = Path(manifest), Path(out_dir)
     if not manifest.exists():
@@ -78,7 +87,6 @@ def train(manifest: str | Path, out_dir: str | Path, recipe: Recipe, seeds: list
 def _owned(out_dir: Path, hold) -> None:
     """Rank 0: lock out_dir (held by `hold`), finish or undo a swap a kill interrupted, and
     claim the folder (refused when it holds files `clean train` did not write)."""
-    from pipeline import ownership
 
     hold.enter_context(ownership.locked(out_dir))
     ownership.recover(out_dir, work=PARTIAL)
@@ -87,7 +95,6 @@ def _owned(out_dir: Path, hold) -> None:
 
 def _remove_if_only_marker(out_dir: Path, created: bool) -> None:
     """A folder this run created and left with nothing but its marker is removed again."""
-    from pipeline.ownership import MARKER
 
     if created and out_dir.is_dir() and [p.name for p in out_dir.iterdir()] == [MARKER]:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -95,8 +102,6 @@ def _remove_if_only_marker(out_dir: Path, created: bool) -> None:
 
 def _open_data(manifest: Path, recipe: Recipe, progress) -> tuple:
     """→ (class names, train split, val split or None), in memory or streamed per data.cache_max_gb."""
-    from pipeline.data.stream import check_readable, decoded_bytes, is_streamed, open_split
-    from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
 
     info = read_classes(classes_path_for(manifest))
     classes = info["classes"]
@@ -130,7 +135,6 @@ def _agree_on_partial(partial: Path, recipe: Recipe, seeds: list[int], manifest:
                       progress, hold) -> list[int]:
     """Rank 0 takes out_dir (`_owned`) and opens out_dir/.partial (`_open_partial`); every rank
     gets its decision → the seeds already trained (or the same CleanError on every rank)."""
-    from pipeline import distributed as D
 
     decision = None
     if D.is_main():
@@ -151,9 +155,6 @@ def _train_seeds(tr, val, classes, recipe: Recipe, seeds: list[int], done: list[
                  partial: Path, progress, resume: bool) -> tuple[list, dict]:
     """Each seed's run into partial/ (skipping those in `done`) → (one summary per seed, the
     first run's metrics)."""
-    from dataclasses import replace
-
-    from pipeline import distributed as D
 
     main = D.is_main()
     runs, first = [], {}
@@ -181,9 +182,6 @@ def _publish(partial: Path, out_dir: Path, runs: list) -> dict:
     (the folder is complete); it is renamed beside out_dir and swapped in (the old version,
     with .partial, is then removed). A kill between any two leaves out_dir complete (old or
     new) and `ownership.recover` finishes the swap on the next run."""
-    from pipeline import ownership
-    from pipeline.io import write_json
-
     primary = partial / "primary"
     first = json.loads((primary / "metrics.json").read_text())
     first["runs"] = runs
@@ -206,8 +204,6 @@ def _fingerprint(recipe: Recipe, seeds: list[int], manifest: Path, out_dir: Path
     """What a resumed run must share with the interrupted one (JSON-normalised). The manifest
     is named relative to the model folder, so a project that was moved or copied as a whole
     (a `dvc exp run` workspace, another mount point) still resumes."""
-    import hashlib
-    import os
 
     r = {k: v for k, v in asdict(recipe).items() if k not in RESULT_NEUTRAL and k != "seed"}
     where = Path(os.path.relpath(manifest.resolve(), out_dir.resolve())).as_posix()
@@ -219,8 +215,6 @@ def _fingerprint(recipe: Recipe, seeds: list[int], manifest: Path, out_dir: Path
 def _open_partial(partial: Path, fp: dict, seeds: list[int], resume: bool) -> dict:
     """Rank 0: reuse out_dir/.partial when resuming a run with the same settings, else start it
     afresh → {done: seeds already trained, note: a line for the user or None}."""
-    from pipeline.io import write_json
-
     run_json = partial / "run.json"
     if resume and run_json.exists():
         try:
@@ -244,8 +238,6 @@ def _open_partial(partial: Path, fp: dict, seeds: list[int], resume: bool) -> di
 
 
 def _resumable(partial: Path) -> bool:
-    from pipeline.training.resume import STATE_JSON
-
     return partial.exists() and (any(partial.rglob(STATE_JSON)) or any(partial.rglob("metrics.json")))
 
 
@@ -255,8 +247,6 @@ def _train_one(tr, val, classes, recipe: Recipe, manifest: Path, run_dir: Path, 
 
     The run's training state goes to run_dir/resume/ at every checkpoint epoch (removed
     once the run's files are written)."""
-    from pipeline import distributed as D
-    from pipeline.training.fit import fit
 
     if D.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -285,12 +275,8 @@ def mean_probs(probs_sum: np.ndarray, epochs: int) -> np.ndarray:
 
 def _write_run(res, tr, classes, recipe: Recipe, manifest: Path, run_dir: Path, full: bool, metrics: dict) -> None:
     """Rank 0: a finished run's files (weights, config, metrics; dynamics when `full`) into run_dir."""
-    from importlib.metadata import version
 
     import torch
-
-    from pipeline.io import atomic_path, write_json
-    from pipeline.models import save_weights
 
     _, c, h, w = tr.images.shape
     cfg = {"model": recipe.model, "num_classes": len(classes), "classes": classes,
@@ -311,6 +297,6 @@ def _write_run(res, tr, classes, recipe: Recipe, manifest: Path, run_dir: Path, 
             with open(tmp, "wb") as f:
                 np.savez(f, ids=tr.ids, probs=probs)
     save_weights(res.model, run_dir / "model.safetensors", {"model": recipe.model, "seed": recipe.seed})
-    write_json(run_dir / "config.json", cfg)
+    write_config(run_dir, cfg)
     write_json(run_dir / "metrics.json", metrics)
     shutil.rmtree(run_dir / "resume", ignore_errors=True)

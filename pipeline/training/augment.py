@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from pipeline.distributed import even_split
+
 #: the crop scale and aspect-ratio ranges of timm's train transforms (RandomResizedCropAndInterpolation)
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
@@ -70,7 +72,6 @@ def batch_params(gen, size: int, h: int, w: int, world: int = 1, rank: int = 0):
     p = draw(gen, size, h, w)
     if world == 1:
         return p
-    from pipeline.distributed import even_split
 
     a, b = even_split(size, world, rank)
     return p[a:b] if b > a else p[:1]

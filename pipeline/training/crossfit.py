@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.training.fit import fit
+from pipeline.training.infer import predict_logits
+
 
 def out_of_sample_probs(images: np.ndarray, labels: np.ndarray, num_classes: int, recipe, folds: int,
                         seed: int = 0, progress=None) -> np.ndarray:
@@ -16,9 +19,6 @@ def out_of_sample_probs(images: np.ndarray, labels: np.ndarray, num_classes: int
     """
     import torch
     from sklearn.model_selection import KFold, StratifiedKFold
-
-    from pipeline.training.infer import predict_logits
-    from pipeline.training.fit import fit
 
     n = len(labels)
     if folds > n:

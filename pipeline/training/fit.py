@@ -24,7 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import distributed as D
+from pipeline.device import resolve_device
+from pipeline.distributed import even_split
 from pipeline.errors import CleanError
+from pipeline.models import create_model, save_weights
+from pipeline.training import resume as R
+from pipeline.training.augment import batch_params, resolve
+from pipeline.training.infer import normalize
 from pipeline.training.recipe import Recipe, amp_dtype, lr_at, make_optimizer
 
 
@@ -50,7 +57,6 @@ def _local_slice(batch: np.ndarray, world: int, rank: int) -> tuple[np.ndarray, 
     """
     if world == 1:
         return batch, 1.0
-    from pipeline.distributed import even_split
 
     a, b = even_split(len(batch), world, rank)
     return (batch[a:b], 1.0) if b > a else (batch[:1], 0.0)
@@ -62,7 +68,6 @@ def channel_histogram(images, chunk: int = 1024) -> np.ndarray:
     Streamed images are read in batches by the decode workers (and sharded across ranks
     under torchrun, the counts summed).
     """
-    from pipeline import distributed as D
     from pipeline.data.stream import is_streamed, iter_batches
 
     n, c = images.shape[0], images.shape[1]
@@ -129,8 +134,6 @@ def _to_input(xb, mean, std, device: str, channels_last: bool):
     """uint8 images → normalised float inputs on `device` (NHWC when `channels_last`)."""
     import torch
 
-    from pipeline.training.infer import normalize
-
     x = normalize(xb, mean, std, device)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -140,7 +143,6 @@ def _predict(core, images, mean, std, device: str, channels_last: bool, batch_si
     (None elsewhere). One process: identical to `infer.predict_logits`."""
     import torch
 
-    from pipeline import distributed as D
     from pipeline.data.stream import iter_batches
 
     core.eval()
@@ -224,7 +226,6 @@ def fit(images, labels: np.ndarray, num_classes: int, recipe: Recipe,
     state (weights, optimizer, RNGs, dynamics so far) too, and `resume` continues from it.
     Under torchrun: data-parallel; dynamics only on rank 0, which alone writes files.
     """
-    from pipeline import distributed as D
 
     n = len(labels)
     if n < 2:
@@ -265,10 +266,6 @@ def _setup(images, labels: np.ndarray, num_classes: int, recipe: Recipe) -> _Run
     permutation generator and the tracked samples, in this order (it fixes the RNG draws)."""
     import torch
 
-    from pipeline import distributed as D
-    from pipeline.device import resolve_device
-    from pipeline.models import create_model
-
     device = D.setup(resolve_device(recipe.device))
     world, rank = D.world_size(), D.rank()
     amp = amp_dtype(recipe.amp, device)
@@ -297,7 +294,6 @@ def _setup(images, labels: np.ndarray, num_classes: int, recipe: Recipe) -> _Run
         dyn["track_pos"] = track_pos
         dyn["track_grad_norm"] = np.zeros((E, k), np.float32)
         dyn["probs_sum"] = np.zeros((n, num_classes), np.float32)  # Σ over the first epochs of the pre-update softmax
-    from pipeline.training.augment import resolve
 
     return _Run(recipe, device, world, rank, amp, core, model, nhwc, mean, std, feed, y_all, opt, scaler, gen,
                 track_pos, dyn, augment=resolve(recipe.augment, c, (h, w)))
@@ -320,8 +316,6 @@ def _parallel(core, device: str, world: int) -> tuple:
 def _restore(run: _Run, state_dir: Path, progress) -> None:
     """Continue from the newest training state in `state_dir`, if any: rank 0 reads it, every
     rank restores weights, optimizer, RNGs (and rank 0 the dynamics so far)."""
-    from pipeline import distributed as D
-    from pipeline.training import resume as R
 
     got = R.load(state_dir) if run.main else None
     shared = D.broadcast(None if got is None else ({a: b for a, b in got[0].items() if not a.startswith("dyn/")},
@@ -344,8 +338,6 @@ def _train_epoch(run: _Run, epoch: int, lr: float, bounds: list, progress) -> li
     records from each batch's forward pass, before its update. A non-finite loss raises (on
     CUDA checked every 32 batches: a check costs a GPU sync)."""
     import torch
-
-    from pipeline.training.augment import batch_params
 
     for g in run.opt.param_groups:
         g["lr"] = lr
@@ -422,7 +414,6 @@ def _record(idx: np.ndarray, yb, logits, loss_i) -> tuple:
 def _gather_dynamics(run: _Run, epoch: int, lr: float, recs: list) -> dict | None:
     """Every rank's records of the epoch into rank 0's dynamics → the epoch's history row
     (rank 0; None elsewhere)."""
-    from pipeline import distributed as D
 
     part = _records(recs)
     parts = D.gather(part) if run.world > 1 else [part]
@@ -454,7 +445,7 @@ def _track_norms(run: _Run, epoch: int, track_x) -> None:
     """Rank 0: the eval-mode last-layer gradient norm (l2) of each tracked sample after `epoch`."""
     import torch
 
-    from pipeline.scores.head import forward_logits_features, last_layer_norms
+    from pipeline.head import forward_logits_features, last_layer_norms
 
     run.core.eval()
     with torch.no_grad():
@@ -465,9 +456,6 @@ def _track_norms(run: _Run, epoch: int, track_x) -> None:
 
 def _checkpoint(run: _Run, epoch: int, lr: float, checkpoint_dir: Path | None, state_dir: Path | None) -> None:
     """The epoch's checkpoint (safetensors) and then its full training state (for --resume)."""
-    from pipeline import distributed as D
-    from pipeline.models import save_weights
-    from pipeline.training import resume as R
 
     if checkpoint_dir is not None:
         name = f"epoch_{epoch + 1:03d}.safetensors"

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import CleanError
+from pipeline.io import atomic_path, write_json
+from pipeline.models import canonical_header
 
 STATE_JSON = "state.json"
 FORMAT = 1
@@ -75,10 +77,6 @@ def capture(model, opt, scaler, gen, dyn: dict | None, epoch: int, history: list
 def save(state_dir: str | Path, tensors: dict, meta: dict) -> None:
     """Write one state atomically: tensors first, then state.json naming them; drop older tensors."""
     from safetensors.torch import save_file
-
-    from pipeline.models import canonical_header
-
-    from pipeline.io import atomic_path, write_json
 
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)

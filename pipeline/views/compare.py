@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import CleanError
+from pipeline.formats.tables import read_scores
 from pipeline.scores.order import ranks, top_order  # noqa: F401  (re-used by callers of compare)
 
 def _aligned(a, b) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -67,8 +68,6 @@ def k_grid(n: int, points: int = 200) -> np.ndarray:
 def read_score(path: str | Path, by: str):
     """Column `by` of a scores CSV as a pandas Series indexed by id (float)."""
     import pandas as pd
-
-    from pipeline.formats.tables import read_scores
 
     df = read_scores(path, need=[by])
     vals = df[by]

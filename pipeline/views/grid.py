@@ -15,9 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.images import load_images
 from pipeline.errors import CleanError
+from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
 from pipeline.formats.tables import join_flags, read_flags, read_scores
-from pipeline.scores.order import low_is_suspicious
+from pipeline.io import atomic_path
+from pipeline.scores.order import low_is_suspicious, top_order
 
 #: Upscaled small images aim for about this many pixels on their longer side.
 TILE_PX = 112
@@ -93,8 +96,6 @@ def image_grid(images_u8: np.ndarray, titles: list[str], path: str | Path, cols:
     small PNG saying there is nothing to show.
     """
     from PIL import Image, ImageDraw
-
-    from pipeline.io import atomic_path
 
     imgs = np.asarray(images_u8)
     k = 0 if imgs.size == 0 and imgs.ndim != 4 else len(imgs)
@@ -188,7 +189,6 @@ def class_names(manifest: Path | None, classes: list[str] | None = None) -> list
         return list(classes)
     if manifest is None:
         return None
-    from pipeline.formats.manifest import classes_path_for, read_classes
 
     p = classes_path_for(manifest)
     return read_classes(p)["classes"] if p.exists() else None
@@ -207,7 +207,6 @@ def namer(classes: list[str] | None):
 
 def pick_top(df, by: str, k: int, only_flagged: bool = False):
     """The k most suspicious rows of `df` by column `by` (see compare.top_order) → DataFrame."""
-    from pipeline.scores.order import top_order
 
     if only_flagged:
         df = df[df["flagged"]]
@@ -271,7 +270,6 @@ def _ranked_issue(scores_csv, issue: str, k: int, flags_csv):
 def _draw_top(top, by: str, path: str | Path, names, base: Path, only_flagged: bool, framed: bool,
               cols: int | None) -> None:
     """The grid PNG of the ranked rows `top`: captions id · label→pred · by=value, red when wrong."""
-    from pipeline.data.images import load_images
 
     imgs = load_images(top["path"].tolist(), base) if len(top) else np.zeros((0, 1, 1, 1), np.uint8)
     titles, colors, frames = [], [], []
@@ -290,7 +288,6 @@ def manifest_paths(df, manifest: str | Path, strict: bool = True):
     """`df` with each row's `path` replaced by the image the manifest lists for its id: a scores
     file names paths too, but only the manifest's (the prepared source) are ever opened. An id
     the manifest lacks: CleanError (`strict`), else path None (no image)."""
-    from pipeline.formats.manifest import read_manifest
 
     m = read_manifest(manifest).set_index("id")["path"]
     known = df["id"].isin(m.index).to_numpy()

@@ -21,6 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import CleanError
+from pipeline.formats.dynamics import load_dynamics
+from pipeline.formats.tables import read_csv, read_scores
+from pipeline.io import atomic_path, write_frame
+from pipeline.scores.order import top_order
+from pipeline.views.compare import compare_files, k_grid
 
 #: Smallest gradient norm on the log scale; exact zeros show as the smallest positive norm seen.
 LOG_FLOOR = 1e-12
@@ -41,7 +46,6 @@ def new_figure(w: float = 7.0, h: float = 4.2, dpi: int = 100):
 
 def save_png(fig, out_png: str | Path) -> Path:
     """Write `fig` to `out_png` atomically (PNG)."""
-    from pipeline.io import atomic_path
 
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
@@ -68,9 +72,6 @@ def grad_heatmap(dynamics_npz: str | Path, out_csv: str | Path, out_png: str | P
     quantiles over all K tracked samples per epoch (the spread widens as training goes on).
     """
     import pandas as pd
-
-    from pipeline.formats.dynamics import load_dynamics
-    from pipeline.io import write_frame
 
     dyn = load_dynamics(dynamics_npz, need=())  # the track arrays are checked below, with their own fix
     if "track_grad_norm" not in dyn or "track_ids" not in dyn or dyn["track_grad_norm"].size == 0:
@@ -139,7 +140,6 @@ def entropy_curve(scores, labels, num_classes: int, ks, by: str = "") -> np.ndar
 
     labels: int [N] in [0, num_classes). Top = largest score (smallest for margin/aum/confidence).
     """
-    from pipeline.scores.order import top_order
 
     y = np.asarray(labels, np.int64)
     if y.size and (y.min() < 0 or y.max() >= num_classes):
@@ -170,10 +170,6 @@ def entropy_topk(scores_csv: str | Path, by, num_classes: int | None, out_csv: s
     approaches), [entropy_<score> ...]. Entropies in nats, matching `clean prune`'s summary.
     """
     import pandas as pd
-
-    from pipeline.views.compare import k_grid
-    from pipeline.formats.tables import read_scores
-    from pipeline.io import write_frame
 
     bys = [by] if isinstance(by, str) else list(by)
     if not bys:
@@ -240,10 +236,6 @@ def sweep_plot(summary_csv: str | Path, out_csv: str | Path | None, out_png: str
     """
     import pandas as pd
 
-    from pipeline.io import write_frame
-
-    from pipeline.formats.tables import read_csv
-
     fix = "it is written by the sweep stage (`dvc repro sweep`)"
     df = read_csv(summary_csv, "sweep summary", fix)
     _need(df, ["strategy", "keep", "accuracy_mean"], summary_csv, fix)
@@ -294,9 +286,6 @@ def overlap_topk(scores_a: str | Path, scores_b: str | Path, by: str, out_csv: s
     """
     import pandas as pd
 
-    from pipeline.views.compare import compare_files
-    from pipeline.io import write_frame
-
     r = compare_files(scores_a, scores_b, by, ks)
     out = pd.DataFrame({"k": r["k"], "fraction": r["k"] / r["n"], "overlap": r["overlap"],
                         "random_baseline": r["random"]})
@@ -328,7 +317,6 @@ def compare_topk(scores_a: str | Path, scores_b: str | Path, by: str, out_csv: s
     Returns {"curve": overlap_topk's DataFrame, "n": N, "k": [k at each fraction (distinct)],
     "overlap": [overlap at each of those k], "mean_excess": mean of overlap − k/N on the k grid}.
     """
-    from pipeline.views.compare import compare_files
 
     curve = overlap_topk(scores_a, scores_b, by, out_csv, out_png)
     n = int(round(curve["k"].iloc[-1] / curve["fraction"].iloc[-1]))
@@ -346,7 +334,6 @@ def confusion_counts(confusion_csv: str | Path, classes: list[str] | None = None
 
     Class order: `classes` (names not in it are appended), else sorted names.
     """
-    from pipeline.formats.tables import read_csv
 
     fix = "it is written by `clean evaluate` (plots/confusion_<name>.csv)"
     df = read_csv(confusion_csv, "confusion data", fix)

@@ -24,7 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.images import load_images
 from pipeline.errors import CleanError
+from pipeline.scores.order import top_order
+from pipeline.verdict import sentence
+from pipeline.views import plots
+from pipeline.views.grid import to_pil, top_grid
 
 #: Thumbnails larger than this (longer side, px) are shrunk; smaller ones are scaled by CSS.
 THUMB_PX = 96
@@ -105,8 +110,6 @@ def _img_file(path: Path, alt: str) -> str:
 def thumbnail_png(img_u8: np.ndarray) -> bytes:
     """One uint8 image [C,H,W] → PNG bytes (native size; shrunk to THUMB_PX if larger)."""
     from PIL import Image
-
-    from pipeline.views.grid import to_pil
 
     im = to_pil(img_u8)
     if max(im.size) > THUMB_PX:
@@ -226,7 +229,6 @@ def _accuracy(metrics: dict, classes) -> str:
                       len(m.get("runs") or []) or 1, m.get("loss"), m.get("n"), m.get("n_train"), _aside(m)))
     out = _table(["version", "model", "accuracy", "± std", "seeds", "loss (nats)", "n test", "n train",
                   "test label decisions applied"], trows, left=2)
-    from pipeline.verdict import sentence
 
     for n, m in metrics.items():
         if "verdict" in m and "baseline" in m:
@@ -308,7 +310,6 @@ def _card(r, names, img_uri: str | None, has_flags: bool) -> str:
 def _candidates(sec: Section, df, has_flags: bool, flags_path: Path, by: str, max_per_class: int):
     """The samples to show, most suspicious first: the flagged ones by flag value, else all by `by`
     → (rows, what they are ordered by, what they are)."""
-    from pipeline.scores.order import top_order
 
     if not has_flags:
         sec.add(_note(f"no flags file ({flags_path}); run `clean flag`. Showing the top {max_per_class} samples "
@@ -317,8 +318,10 @@ def _candidates(sec: Section, df, has_flags: bool, flags_path: Path, by: str, ma
     cand = df[df["flagged"]]
     value = cand["flag_value"].to_numpy(np.float64)
     key = np.where(np.isnan(value), cand[by].to_numpy(np.float64), value)
+    rules = sorted(set(df["rule"].dropna().astype(str)) - {""})  # every row carries the rule, flagged or not
+    rule = f"<code>{_e(', '.join(rules)[:300])}</code>" if rules else "the flag rule"
     sec.add(f"<p>{len(cand):,} of {len(df):,} training samples flagged "
-            f"({len(cand) / max(len(df), 1):.2%}) by <code>{_e(', '.join(sorted(set(cand['rule'])))[:300])}</code>."
+            f"({len(cand) / max(len(df), 1):.2%}) by {rule}."
             f" Red: the model predicts another class than the label.</p>")
     return cand.iloc[top_order(key, "", cand["id"].to_numpy())], "flag value (highest first)", "flagged"
 
@@ -353,7 +356,6 @@ def _noise_recall(df) -> str:
 
 def _thumbnails(sec: Section, shown, base: Path | None) -> dict:
     """id → thumbnail data: URI for the rows `shown`, within THUMB_BUDGET (a note says what is left out)."""
-    from pipeline.data.images import load_images
 
     uris: dict = {}
     img_note = None
@@ -437,7 +439,6 @@ def flagged_section(df, has_flags: bool, flags_path: Path, names, base: Path | N
 def top_section(scores_csv: Path, by: str, k: int, figs: Path, flags_csv: Path | None, classes,
                 manifest: Path | None) -> Section:
     """The top-k grid (the same picture as `clean show`); `manifest` resolves the image paths."""
-    from pipeline.views.grid import top_grid
 
     sec = section("top", k=k, by=by)
     if manifest is None:
@@ -455,7 +456,6 @@ def top_section(scores_csv: Path, by: str, k: int, figs: Path, flags_csv: Path |
 
 def scores_section(df, cols: list[str], has_flags: bool, figs: Path) -> Section:
     """Quantiles of each score column `cols` (and the flagged median), and their histograms."""
-    from pipeline.views import plots
 
     sec = section("scores")
     qs = df[cols].quantile([0.0, 0.25, 0.5, 0.75, 0.95, 1.0])
@@ -469,7 +469,6 @@ def scores_section(df, cols: list[str], has_flags: bool, figs: Path) -> Section:
 
 def entropy_section(scores_csv: Path, cols: list[str], classes, figs: Path) -> Section:
     """Figure 2 for the ENTROPY_SCORES among the score columns `cols`."""
-    from pipeline.views import plots
 
     sec = section("entropy")
     bys = [b for b in ENTROPY_SCORES if b in cols]
@@ -480,7 +479,6 @@ def entropy_section(scores_csv: Path, cols: list[str], classes, figs: Path) -> S
 
 def heatmap_section(dynamics: Path, figs: Path) -> Section:
     """Figure 1 from a dynamics.npz."""
-    from pipeline.views import plots
 
     sec = section("heatmap")
     _figure(sec, plots.grad_heatmap, dynamics, figs / "grad_heatmap.csv", figs / "grad_heatmap.png",
@@ -490,7 +488,6 @@ def heatmap_section(dynamics: Path, figs: Path) -> Section:
 
 def sweep_section(summary: Path | None, figs: Path) -> Section:
     """Figure 3 from a sweep summary (None: none given)."""
-    from pipeline.views import plots
 
     sec = section("sweep")
     if summary is not None and summary.exists():
@@ -503,7 +500,6 @@ def sweep_section(summary: Path | None, figs: Path) -> Section:
 def overlap_section(scores_csv: Path, compare_scores: Path | None, have_scores: bool, plots_dir: Path,
                     figs: Path) -> Section:
     """Figure 4: drawn from a second score file, else the one `clean compare` left in `plots_dir`."""
-    from pipeline.views import plots
 
     sec = section("overlap")
     if compare_scores is not None and have_scores:
@@ -520,7 +516,6 @@ def overlap_section(scores_csv: Path, compare_scores: Path | None, have_scores: 
 
 def confusion_section(plots_dir: Path, classes, figs: Path) -> Section:
     """Figure 5 for every confusion_<version>.csv in `plots_dir`."""
-    from pipeline.views import plots
 
     sec = section("confusion")
     cfiles = sorted(plots_dir.glob("confusion_*.csv")) if plots_dir.is_dir() else []

@@ -31,6 +31,7 @@ import io
 import json
 import re
 import secrets
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,7 +40,13 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from pipeline.data.images import load_images
+from pipeline.decisions import ACTIONS, MAX_NOTE, class_index, write_decisions
 from pipeline.errors import CleanError
+from pipeline.formats.jsonfile import read_json
+from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
+from pipeline.formats.tables import read_flags, read_scores
+from pipeline.views.grid import to_pil
 from pipeline.views.why import why
 
 #: Extra score columns of scores.csv shown with each sample (when present): a display choice.
@@ -80,9 +87,6 @@ class Review:
     def __init__(self, manifest: str | Path, flags_csv: str | Path, decisions_csv: str | Path,
                  scores_csv: str | Path | None = None):
         from pipeline.decisions import ensure_file, read_decisions
-        from pipeline.formats.jsonfile import read_json
-        from pipeline.formats.manifest import classes_path_for, read_classes, read_manifest
-        from pipeline.formats.tables import read_flags, read_scores
 
         self.manifest, self.flags_csv, self.decisions_csv = Path(manifest), Path(flags_csv), Path(decisions_csv)
         self.classes = read_classes(classes_path_for(self.manifest))["classes"]
@@ -190,7 +194,6 @@ class Review:
     def decide(self, body: dict) -> dict:
         """Validate one decision {id, action keep|drop|relabel|clear, label (class name or index),
         note}, apply it and write decisions.csv atomically. CleanError (→ 400) changes nothing."""
-        from pipeline.decisions import ACTIONS, MAX_NOTE, class_index, write_decisions
 
         if not isinstance(body, dict):
             raise CleanError("a decision is a JSON object {id, action, label, note}")
@@ -243,8 +246,6 @@ class Review:
 
     def image(self, rid: int) -> bytes:
         """PNG bytes of manifest sample `rid` (decoded with the project's reader)."""
-        from pipeline.data.images import load_images
-        from pipeline.views.grid import to_pil
 
         with self.lock:
             if rid in self._images:
@@ -426,7 +427,6 @@ def url(server, at: int | None = None) -> str:
 
 def wait(server) -> None:
     """Block until Ctrl-C or SIGTERM, then shut the server down (every decision is already saved)."""
-    import signal
 
     def stop(*_):
         raise KeyboardInterrupt

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from pipeline.config import PrepareConfig
 from pipeline.formats.manifest import REQUIRED, classes_path_for, read_manifest
 from pipeline.errors import CleanError
 
@@ -42,7 +43,6 @@ def as_manifest(path: str | Path, work_dir: str | Path, classes: list[str] | Non
     Returns (manifest path, prepare summary or {}).
     """
     from pipeline.stages.prepare import prepare
-    from pipeline.config import PrepareConfig
 
     path = Path(path)
     if not path.exists():
