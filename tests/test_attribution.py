@@ -117,3 +117,28 @@ def test_dropping_half_of_a_class_is_predicted_to_raise_that_class_loss_and_does
     measured = class3_loss(runs(~half)) - class3_loss(base)
     assert measured > 0
     assert 0.5 <= pred_half.mean() / measured <= 2.0, (pred_half.mean(), measured, CALIBRATION)
+
+
+def test_predicted_change_sums_the_removed_and_relabelled_images_per_model(tmp_path):
+    """pipeline.effect.predicted_change: per model Σ over removed ∪ relabelled of the effects (matched
+    by id, in any order), mean and sd over the models; an id the file lacks is a clear error."""
+    from pipeline.effect import flat, predicted_change
+    from pipeline.errors import CleanError
+
+    ids = np.array([7, 3, 9, 1, 5])
+    eff = np.array([[0.1, -0.2, 0.3, 0.0, 0.05], [0.2, -0.1, 0.1, 0.0, 0.15]])  # [M=2, N]
+    np.savez(tmp_path / "a.npz", ids=ids, effects=eff, val_ids=np.array([100, 101]),
+             val_loss=np.array([[0.5, 0.7], [0.6, 0.8]]), calibration=np.float64(4.0))
+    train_ids = np.array([1, 3, 5, 7, 9])  # manifest order differs from the file's
+    removed = np.array([False, True, False, True, False])  # ids 3 and 7
+    relabeled = np.array([False, False, True, False, False])  # id 5
+    out = predicted_change(tmp_path / "a.npz", train_ids, removed, relabeled)
+    per = [-0.2 + 0.1 + 0.05, -0.1 + 0.2 + 0.15]
+    np.testing.assert_allclose(out["per_model"], per)
+    assert out["predicted_dval_loss"] == pytest.approx(np.mean(per))
+    assert out["predicted_dval_loss_sd"] == pytest.approx(np.std(per, ddof=1))
+    assert out["val_loss_base"] == pytest.approx(0.65) and out["n_reference_val"] == 2
+    assert (out["n_removed"], out["n_relabeled"]) == (2, 1)
+    assert flat(out["predicted_dval_loss"]) == {"dloss": round(np.mean(per), 4)}
+    with pytest.raises(CleanError, match="no attribution for training id 4.*rerun `clean score`"):
+        predicted_change(tmp_path / "a.npz", np.array([1, 3, 4, 7, 9]), removed)
