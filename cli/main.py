@@ -234,6 +234,7 @@ def score(
     self_influence: Optional[bool] = typer.Option(None, "--self-influence/--no-self-influence", help="TracIn over checkpoints (params: score.self_influence)"),
     val_influence: Optional[bool] = typer.Option(None, "--val-influence/--no-val-influence", help="TracIn train→validation over checkpoints (params: score.val_influence)"),
     embeddings: Optional[bool] = typer.Option(None, "--embeddings/--no-embeddings", help="embeddings.npz for duplicates / outliers / image checks (params: score.embeddings)"),
+    importance: Optional[bool] = typer.Option(None, "--importance/--no-importance", help="predicted effect of removing each image on the mean val loss, TRAK over the seeds (params: score.importance)"),
     epochs: Optional[int] = typer.Option(None, help="epochs when --model is a name to train (params: train.epochs)"),
     device: Optional[str] = typer.Option(None, help=_one_of("train.device")),
     workers: Optional[int] = typer.Option(None, help="processes decoding streamed images (params: train.workers)"),
@@ -250,7 +251,7 @@ def score(
 
     c = _config(params, score__norm=norm, score__params=subset, score__batch_size=batch_size,
                 score__split=split, score__self_influence=self_influence, score__val_influence=val_influence,
-                score__embeddings=embeddings, train__epochs=epochs,
+                score__embeddings=embeddings, score__importance=importance, train__epochs=epochs,
                 train__device=device, train__workers=workers, data__cache_max_gb=cache_max_gb)
     _score_io(path, Path(model), out, params)
     with _progress() as prog:
@@ -267,7 +268,8 @@ def _score_io(path: Path, model: Path, out: Path, params: Path) -> None:
 
     inputs = [("PATH", path)] + ([("--model", model)] if model.is_dir() else [])
     manifest = path if is_manifest(path) else None
-    outputs = [("--out", out)] + [("--out", out / f) for f in ("scores.csv", "meta.json", "embeddings.npz")]
+    outputs = [("--out", out)] + [("--out", out / f) for f in ("scores.csv", "meta.json", "embeddings.npz",
+                                                                 "attribution.npz")]
     _io("score", inputs + ([_classes(path)] if manifest else []), outputs + ([] if manifest else [("--out", out / "input")]),
         manifest, params)
 
@@ -387,6 +389,7 @@ def prune(
     seed: Optional[int] = typer.Option(None, help="seed for random / gradient-cdf (params: prune.seed)"),
     drop: Optional[List[str]] = typer.Option(None, help="drop-flagged: an issue type to drop; repeat for several (params: prune.drop)"),
     decisions: Path = typer.Option(Path("data/decisions.csv"), help="a person's decisions from `clean review`, applied on top of the strategy (used when the file exists)"),
+    metrics: Optional[Path] = typer.Option(None, help="also write the predicted change of the mean val loss here as {\"dloss\": nats} (a DVC metric, e.g. metrics/pred.json)"),
     params: Path = PARAMS,
 ):
     """Select a subset of the training set → data/pruned.csv (ids + label overrides; images never copied or deleted)."""
@@ -396,15 +399,18 @@ def prune(
                 prune__balanced=balanced, prune__seed=seed, prune__drop=list(drop) if drop else None)
     q = c.prune
     _io("prune", [("--manifest", manifest), ("--scores", scores), ("--flags", flags), ("--decisions", decisions),
-                  _classes(manifest)], [("--out", out), ("--summary", summary)] + _classes_beside(out, manifest), manifest, params)
-    s = run(manifest, scores, out, summary, q, flags_csv=flags, decisions=decisions)
+                  _classes(manifest)], [("--out", out), ("--summary", summary)] + ([("--metrics", metrics)] if metrics else [])
+        + _classes_beside(out, manifest), manifest, params)
+    s = run(manifest, scores, out, summary, q, flags_csv=flags, decisions=decisions, metrics=metrics)
     ent = s["label_entropy"]
     console.print(table(f"prune: {q.strategy} → {out}", ["", "value"], [
         ("kept", f"{s['n_kept']} of {s['n_total']} ({s['n_kept'] / s['n_total']:.1%})"),
         ("label entropy kept / all / uniform", f"{ent['kept']:.4f} / {ent['all']:.4f} / {ent['uniform']:.4f} nats"),
         *[(k.replace("_", " "), s[k]) for k in ("noisy_removed", "noisy_kept", "clean_removed") if k in s],
         *([(f"review ({decisions})", f"{s['n_review_dropped']} dropped, {s['n_review_kept']} kept, "
-            f"{s['n_relabeled']} relabeled; {s['n_review_overrode']} overrode the strategy")] if s.get("decisions") else [])]))
+            f"{s['n_relabeled']} relabeled; {s['n_review_overrode']} overrode the strategy")] if s.get("decisions") else []),
+        *([("predicted change of the mean val loss", f"{s['effect']['predicted_dval_loss']:+.4f} ± "
+            f"{s['effect']['predicted_dval_loss_sd']:.4f} nats")] if s.get("effect") else [])]))
     console.print(table("kept per class", ["class", "kept", "fraction"],
                         [(c, s["kept_per_class"][c], s["fraction_kept_per_class"][c]) for c in s["kept_per_class"]]))
 
@@ -427,6 +433,7 @@ def retrain(
     out: Path = typer.Option(Path("models/pruned"), help="model folder to write"),
     name: str = typer.Option("pruned", help="version name: metrics/<name>.json"),
     baseline: str = typer.Option("base", help="the version to compare with over the seeds (its plots/evaluate_<name>.json)"),
+    summary: Optional[Path] = typer.Option(None, help="prune's summary.json: its predicted change of the validation loss is put beside the measured one"),
     epochs: Optional[int] = typer.Option(None, help="epochs (params: train.epochs)"),
     seed: Optional[List[int]] = typer.Option(None, help="seed(s) (params: train.seeds)"),
     device: Optional[str] = typer.Option(None, help=_one_of("train.device")),
@@ -442,14 +449,19 @@ def retrain(
     c = _config(params, train__epochs=epochs, train__seeds=list(seed) if seed else None, train__device=device)
     _check_out_dir(out)
     inputs = [("--manifest", manifest), _classes(manifest), ("--test-manifest", test_manifest)]
+    inputs += [("--summary", summary)] if summary is not None else []
     _io("retrain", inputs, [("--out", out)], manifest, params)
     _versioned_outputs("retrain", name, inputs, test_manifest, params)
     with RichProgress() as prog:
         m = run(manifest, test_manifest, out, name, c.train, c.seeds, c.train.device,
-                opt.METRICS, opt.PLOTS, progress=prog, baseline=baseline, flags_csv=flags, decisions=decisions)
+                opt.METRICS, opt.PLOTS, progress=prog, baseline=baseline, flags_csv=flags, decisions=decisions, summary=summary)
     console.print(table(f"{name}: retrained on {manifest}, tested on {test_manifest}", ["metric", "value"],
                         [("n_train", m["n_train"]), ("accuracy", _pm(m)), *_aside_rows(m), ("loss", m["loss"])]))
     _verdict(name, m)
+    if "dval_loss" in m:
+        from pipeline.effect import line
+
+        console.print(line(name, m), highlight=False)
 
 
 sweep_app = typer.Typer(help="The paper's experiment: strategy × keep fraction, retrain, evaluate.", no_args_is_help=True)

@@ -73,6 +73,8 @@ class ScoreConfig(_Section):
     self_influence: bool = _key("score.self_influence")
     val_influence: bool = _key("score.val_influence")
     embeddings: bool = _key("score.embeddings")
+    importance: bool = _key("score.importance")
+    importance_dim: int = _key("score.importance_dim")
     device: str = _key("train.device")
     workers: int = _key("train.workers")
     cache_max_gb: float = _key("data.cache_max_gb")

@@ -7,12 +7,11 @@ an ordinary dataset version: `clean versions` lists it, `dvc exp apply` brings i
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from pipeline.errors import CleanError
 from pipeline.formats.jsonfile import read_json
+from pipeline.tools import run
 
 #: the files the summary reads, relative to the project (written by flag, prune, evaluate, retrain)
 FILES = {"flags": "metrics/flags.json", "prune": "prune/summary.json", "base": "metrics/base.json",
@@ -24,12 +23,12 @@ def run_experiment(project: str | Path, rate: float, kind: str, sets: list[str])
     (prepare → ... → retrain; figures/report/sweep are left for `dvc repro`). Returns its output."""
     if not 0 < rate < 1:
         raise CleanError(f"--rate {rate}: the planted fraction of training labels must be in (0, 1), e.g. 0.15")
-    args = [sys.executable, "-m", "dvc", "exp", "run", "retrain", "-S", f"noise.rate={rate}", "-S", f"noise.kind={kind}"]
+    args = ["exp", "run", "retrain", "-S", f"noise.rate={rate}", "-S", f"noise.kind={kind}"]
     for s in sets:
         if "=" not in s:
             raise CleanError(f"--set {s!r}: give KEY=VALUE, e.g. --set train.epochs=5")
         args += ["-S", s]
-    r = subprocess.run(args, cwd=project, capture_output=True, text=True)
+    r = run("dvc", args, project)
     if r.returncode != 0:
         tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
         raise CleanError(f"`dvc exp run` failed in {project} (a DVC project with clean's dvc.yaml: this repository, "

@@ -66,6 +66,8 @@ DEFAULTS: dict[str, Any] = {
         "self_influence": True,  # TracIn over the epoch checkpoints (one pass per checkpoint)
         "val_influence": True,   # TracIn train→validation over the checkpoints (needs a val split: data.val_frac > 0)
         "embeddings": True,   # scores/embeddings.npz: every split's penultimate features + image stats (flag's checks)
+        "importance": True,   # predicted change of the mean val loss when each image is removed (TRAK over the seeds' models)
+        "importance_dim": 1024,  # count-sketch size k of the per-sample gradients (importance)
     },
     "flag": {
         "method": "confident-dynamics",  # the label rule that drives `flagged` (registry: pipeline/rules/)
@@ -182,6 +184,7 @@ train.probs_window       (0.0, 1.0]
 train.workers            [0, 1024]
 data.cache_max_gb        [0.0, 1000000.0]
 score.batch_size         [1, 1048576]
+score.importance_dim     [8, 65536]
 flag.quantile            (0.0, 1.0)
 flag.threshold           (0.0, inf)
 flag.contamination       (0.0, 0.5]

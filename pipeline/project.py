@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import os
 import re
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import CleanError
+from pipeline.tools import run
 
 TEMPLATES = Path(__file__).parent / "templates"
 #: not named dvc.yaml / params.yaml: DVC would take a dvc.yaml anywhere in this repository for a pipeline of its own
@@ -80,17 +80,8 @@ class Plan:
     dvc_init: bool = False
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-
-
-def _dvc(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dvc", *args]
-
-
 def _git_top(target: Path) -> Path:
-    r = _run(["git", "rev-parse", "--show-toplevel"], target)
+    r = run("git", ["rev-parse", "--show-toplevel"], target)
     if r.returncode != 0:
         raise CleanError(f"{target} is not inside a git repository: clean init sets up DVC in a git repository; "
                          f"run `git init` there first (or cd into your project)")
@@ -150,7 +141,7 @@ def _tracked(rel: str, target: Path) -> bool:
     parts = Path(rel).parts
     if any((target / (Path(*parts[:k]).as_posix() + ".dvc")).is_file() for k in range(1, len(parts) + 1)):
         return True
-    r = _run(["git", "ls-files", "--", rel], target)
+    r = run("git", ["ls-files", "--", rel], target)
     if r.stdout.strip():
         raise CleanError(f"{rel} is tracked by git: DVC tracks it instead (git keeps a small {rel}.dvc). Run "
                          f"`git rm -r --cached {rel} && git commit -m 'move {rel} to DVC'`, then clean init again")
@@ -238,11 +229,11 @@ def init(target: str | Path, source: str, root: str | None, force: bool = False)
 
     p = plan(target, source, root, force)
     if p.dvc_init:
-        r = _run(_dvc("init", "-q"), p.target) if p.target == _git_top(p.target) else _run(_dvc("init", "-q", "--subdir"), p.target)
+        r = run("dvc", ["init", "-q"] + ([] if p.target == _git_top(p.target) else ["--subdir"]), p.target)
         if r.returncode != 0:
             raise CleanError(f"`dvc init` failed in {p.target}: {(r.stderr or r.stdout).strip()}")
     if p.track:
-        r = _run(_dvc("add", "-q", p.track), p.target)
+        r = run("dvc", ["add", "-q", p.track], p.target)
         if r.returncode != 0:
             raise CleanError(f"`dvc add {p.track}` failed: {(r.stderr or r.stdout).strip()}")
     plots = next(d for d in (p.target, *p.target.parents) if (d / ".dvc").is_dir()) / ".dvc" / "plots"

@@ -160,7 +160,8 @@ _RULE_MODULES = tuple(f"pipeline.rules.{m}" for m in (
 
 #: Per-sample scores (columns of scores/scores.csv, in this order): score families
 #: ``fn(inputs: ScoreInputs, config: ScoreConfig) -> {column: float [N]}`` (pipeline/scores/inputs.py).
-SCORES = Registry("score", ("pipeline.scores.compute", "pipeline.scores.dynamics", "pipeline.scores.tracin"))
+SCORES = Registry("score", ("pipeline.scores.compute", "pipeline.scores.dynamics", "pipeline.scores.tracin",
+                            "pipeline.scores.importance"))
 #: Flag rules (the label rule that drives `flagged`): ``fn(inputs: RuleInputs, config: FlagConfig) -> FlagResult``.
 RULES = Registry("flag rule", _RULE_MODULES)
 #: Issue types (label, duplicate, outlier, image properties, ...): each one `is_<type>` / `<type>_score`

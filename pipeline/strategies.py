@@ -34,7 +34,8 @@ Strategies (``prune.strategy``):
 - ``drop-flagged``  drop the samples with any issue type of ``prune.drop`` (flags.csv
                     ``is_<type>``; ``flagged`` for a flags.csv without issue columns); ``keep``
                     (and ``balanced``, ``seed``, ``by``) have no effect. Keeping nothing is an error.
-- ``drop-harmful``  drop the samples flags.csv marks ``is_harmful`` (val_influence < 0: a step on
+- ``drop-harmful``  drop the samples flags.csv marks ``is_harmful`` (removing them is predicted to lower
+                    the validation loss, by every seed's model; before: val_influence < 0: a step on
                     them raises the validation loss); like drop-flagged otherwise.
 - ``drop-flagged-harmful``  drop the samples that are both a label issue and harmful
                     (``is_label`` ∧ ``is_harmful``): hard but helpful flagged images stay.
@@ -195,8 +196,8 @@ class PruneInputs:
             return fl["flagged"].to_numpy().astype(bool)
         missing = [t for t in types if f"is_{t}" not in fl.columns]
         if missing and every:
-            why = (" (the flag stage skips harmful when scores.csv has no val_influence: score with "
-                   "score.val_influence: true and a val split)" if "harmful" in missing else "")
+            why = (" (the flag stage skips harmful when scores.csv has no importance: score with "
+                   "score.importance: true and a val split)" if "harmful" in missing else "")
             raise CleanError(f"prune.strategy = {self.config.strategy} needs is_{missing[0]} in {self.flags_csv}, "
                              f"which has none{why}; re-run `clean flag` with that issue type")
         if missing:
@@ -321,7 +322,7 @@ def drop_flagged(inputs: PruneInputs) -> PruneResult:
 
 
 @STRATEGIES.register("drop-harmful", needs=("flags",),
-                     doc="drop the images with val_influence < 0 (flags.csv is_harmful)")
+                     doc="drop the images flags.csv marks is_harmful (removal predicted to lower the val loss)")
 def drop_harmful(inputs: PruneInputs) -> PruneResult:
     """Keep the samples that are not harmful (is_harmful)."""
     return drop_marked(inputs, ("harmful",), "harmful", every=True)

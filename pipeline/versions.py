@@ -8,11 +8,10 @@ verdict (metrics/pruned.json, pipeline/verdict.py).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from pipeline.errors import CleanError
+from pipeline.tools import run
 
 #: params shown in their own column, never among the "changed" ones
 OWN = ("prune.strategy", "prune.keep")
@@ -22,8 +21,8 @@ QUIET = ("train.device", "train.workers", "train.amp", "data.cache_max_gb", "sco
 
 def exp_show(repo: str | Path = ".", all_commits: bool = False) -> list:
     """Run `dvc exp show --json` in `repo` → its parsed list (one entry per commit shown)."""
-    args = [sys.executable, "-m", "dvc", "exp", "show", "--json"] + (["--all-commits"] if all_commits else [])
-    r = subprocess.run(args, cwd=repo, capture_output=True, text=True)
+    args = ["exp", "show", "--json"] + (["--all-commits"] if all_commits else [])
+    r = run("dvc", args, repo)
     if r.returncode != 0:
         raise CleanError(f"`dvc exp show --json` failed in {repo}: {(r.stderr or r.stdout).strip()[:400]}; "
                          "run `clean versions` in a DVC project (clean init, then dvc repro)")

@@ -204,20 +204,7 @@ def test_old_decisions_without_paths_work_until_the_manifest_changes(proj):
 HOSTILE_NOTE = "<!--<script>x</script><script>\u2028\u2029 & </SCRIPT"
 
 
-@pytest.fixture
-def served(tmp_path):
-    """A review server on the tiny project of tests/test_review.py."""
-    from pipeline.views.review import Review, serve
-
-    from .test_review import project
-
-    P = project(tmp_path)
-    r = Review(tmp_path / "data/manifest.csv", tmp_path / "scores/flags.csv", tmp_path / "data/decisions.csv",
-               tmp_path / "scores/scores.csv")
-    server = serve(r, 0)
-    yield P, r, server
-    server.shutdown()
-    server.server_close()
+from .test_review import served  # noqa: E402,F401  (the review server fixture on test_review's tiny project)
 
 
 def _post(server, r, body):

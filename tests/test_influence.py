@@ -153,7 +153,15 @@ def test_score_stage_writes_the_val_influence_column(scored):
     tr = load_split(root / "data/manifest.csv", "train", cfg["image_size"])
     va = load_split(root / "data/manifest.csv", "val", cfg["image_size"])
     ckpts = [(root / "models/base/checkpoints" / c["file"], c["lr"]) for c in cfg["checkpoints"]]
-    direct = val_influence(model, ckpts, tr.images, tr.labels, va.images, va.labels, cfg["mean"], cfg["std"],
+    # against the trusted reference: the validation rows that are not label issues (heldout_label_issues)
+    from pipeline.rules.labels import heldout_label_issues
+    from pipeline.scores.attribution import val_probs
+
+    issue, _, _ = heldout_label_issues(va.labels, val_probs(model, va.images, va.labels, cfg["mean"], cfg["std"], 64,
+                                                            "cpu"))
+    ref = ~issue
+    assert meta["val_influence"]["n_reference"] == int(ref.sum()) and meta["val_influence"]["n_val"] == len(ref)
+    direct = val_influence(model, ckpts, tr.images, tr.labels, va.images[ref], va.labels[ref], cfg["mean"], cfg["std"],
                            "all", batch_size=64)
     order = pd.Series(np.arange(len(tr.ids)), index=tr.ids).loc[df["id"]].to_numpy()
     np.testing.assert_allclose(df["val_influence"], direct[order], rtol=1e-4, atol=1e-7)
@@ -165,12 +173,17 @@ def test_a_manifest_without_val_is_a_clear_error(trained, tmp_path):
 
     prepare(tmp_path / "d",
             PrepareConfig(source="imagefolder", root=str(trained / "imgs"), val_frac=0.0, test_frac=0.2, seed=0))
-    with pytest.raises(CleanError, match=r"no 'val' rows.*data\.val_frac > 0.*score\.val_influence: false"):
-        score(trained / "models/base", tmp_path / "d/manifest.csv", tmp_path / "s",
-              ScoreConfig(subset="last", self_influence=False, device="cpu", embeddings=False))
+    match = r"no 'val' rows.*data\.val_frac > 0.*score\.val_influence: false.*score\.importance: false"
+    for vi, imp in ((True, False), (False, True)):
+        with pytest.raises(CleanError, match=match):
+            score(trained / "models/base", tmp_path / "d/manifest.csv", tmp_path / "s",
+                  ScoreConfig(subset="last", self_influence=False, val_influence=vi, importance=imp, device="cpu",
+                              embeddings=False))
     df = score(trained / "models/base", tmp_path / "d/manifest.csv", tmp_path / "s",
-               ScoreConfig(subset="last", self_influence=False, val_influence=False, device="cpu", embeddings=False))
-    assert df["val_influence"].isna().all()
+               ScoreConfig(subset="last", self_influence=False, val_influence=False, importance=False, device="cpu",
+                           embeddings=False))
+    assert df["val_influence"].isna().all() and df["importance"].isna().all()
+    assert np.load(tmp_path / "s/attribution.npz")["effects"].shape == (0, len(df))
 
 
 def test_harmful_issue_type_and_its_skip(scored, tmp_path):
@@ -180,20 +193,24 @@ def test_harmful_issue_type_and_its_skip(scored, tmp_path):
     flag(root / "scores/scores.csv", root / "scores", model_dir=root / "models/base",
          manifest=root / "data/manifest.csv")
     fl = pd.read_csv(root / "scores/flags.csv").set_index("id").loc[df["id"]]
-    v = df["val_influence"].to_numpy()
-    assert fl["is_harmful"].tolist() == (v < 0).astype(int).tolist()
-    np.testing.assert_allclose(fl["harmful_score"], np.round(-v, 6), atol=1e-6)
+    a = np.load(root / "scores/attribution.npz")
+    eff = a["effects"][:, pd.Series(np.arange(len(a["ids"])), index=a["ids"]).loc[df["id"]].to_numpy()]
+    ratio = -eff.mean(0) * eff.shape[1] / a["val_loss"].mean()  # × the image's share L̄/N
+    want = (eff < 0).all(0) & (ratio > 2.0)
+    assert fl["is_harmful"].tolist() == want.astype(int).tolist()
+    np.testing.assert_allclose(fl["harmful_score"], np.round(ratio, 6), atol=1e-6)
+    np.testing.assert_allclose(df["importance"], eff.mean(0), rtol=1e-6)
     issues = json.loads((root / "scores/issues.json").read_text())
-    assert issues["harmful"]["rule"] == "val_influence < 0" and issues["harmful"]["n"] == int((v < 0).sum())
-    # scores without val_influence values: the type is skipped, and said so
+    assert issues["harmful"]["n"] == int(want.sum()) and "harm ratio > 2" in issues["harmful"]["rule"]
+    # scores without importance values: the type is skipped, and said so
     nov = tmp_path / "s"
     nov.mkdir()
-    df.assign(val_influence=np.nan).to_csv(nov / "scores.csv", index=False)
+    df.assign(importance=np.nan).to_csv(nov / "scores.csv", index=False)
     flag(nov / "scores.csv", nov, model_dir=root / "models/base", manifest=root / "data/manifest.csv")
     assert "is_harmful" not in pd.read_csv(nov / "flags.csv").columns
-    assert "val_influence" in json.loads((nov / "issues.json").read_text())["harmful"]["skipped"]
-    # asked for explicitly: a clear error
-    with pytest.raises(CleanError, match="no val_influence values"):
+    assert "importance" in json.loads((nov / "issues.json").read_text())["harmful"]["skipped"]
+    # asked for explicitly: a clear error naming the missing attribution
+    with pytest.raises(CleanError, match="no attribution.*score.importance: true"):
         flag(nov / "scores.csv", nov, FlagConfig(issues=["harmful"]), model_dir=root / "models/base",
              manifest=root / "data/manifest.csv")
 
@@ -207,6 +224,7 @@ def test_drop_harmful_and_drop_flagged_harmful(scored, tmp_path):
     fl = pd.read_csv(tmp_path / "flags.csv")
     rng = np.random.default_rng(0)
     fl["is_label"] = rng.integers(0, 2, len(fl))  # a known label-issue set for the intersection
+    fl["is_harmful"] = rng.integers(0, 2, len(fl))  # and a known harmful set (the rule is tested above)
     fl.to_csv(tmp_path / "flags.csv", index=False)
     fl = fl[fl["split"] == "train"] if "split" in fl.columns else fl  # prune reads the training rows
     harmful = fl["is_harmful"].to_numpy().astype(bool)
@@ -223,7 +241,7 @@ def test_drop_harmful_and_drop_flagged_harmful(scored, tmp_path):
         assert summ["n_kept"] == int((~drop).sum())
     # flags without is_harmful (harmful skipped): a clear error
     fl.drop(columns=["is_harmful", "harmful_score"]).to_csv(tmp_path / "old.csv", index=False)
-    with pytest.raises(CleanError, match="needs is_harmful.*val_influence"):
+    with pytest.raises(CleanError, match="needs is_harmful.*score.importance: true"):
         prune(root / "data/manifest.csv", root / "scores/scores.csv", tmp_path / "x.csv", tmp_path / "x.json",
               PruneConfig(strategy="drop-harmful"), flags_csv=tmp_path / "old.csv")
 

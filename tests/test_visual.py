@@ -13,7 +13,7 @@ from pipeline.errors import CleanError
 
 CLASSES = ["zero", "one", "two"]
 SCORE_COLS = ["loss", "grad_norm", "el2n", "margin", "aum", "forgetting", "confidence", "variability",
-              "self_influence"]
+              "self_influence", "importance"]
 
 
 def make_project(root: Path, n: int = 30, classes=CLASSES, hw=(8, 8), epochs: int = 4, track: int = 12,

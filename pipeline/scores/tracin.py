@@ -22,8 +22,9 @@ def self_influence_family(inputs, config) -> dict[str, np.ndarray]:
 @SCORES.register("val_influence", needs=("checkpoints", "val", "backward"), suspicious="low",
                  doc="TracIn train→validation: Σ over checkpoints of lr·⟨∇L_i, ∇L̄_val⟩ (< 0: harmful)")
 def val_influence_family(inputs, config) -> dict[str, np.ndarray]:
-    """val_influence [N] against inputs.val over inputs.val_checkpoints (NaN without a val split)."""
-    if inputs.val is None:
+    """val_influence [N] against inputs.val (the validation rows that are not label issues) over
+    inputs.val_checkpoints (NaN without a val split or with score.val_influence: false)."""
+    if inputs.val is None or not config.val_influence:
         return {"val_influence": inputs.nan()}
     from pipeline.scores.influence import val_influence  # imports torch: only when it runs
 

@@ -20,14 +20,18 @@ from pipeline.strategies import PruneInputs, summary
 
 def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path, summary_path: str | Path,
           config: PruneConfig = PruneConfig(), flags_csv: str | Path | None = None,
-          decisions: str | Path | None = None) -> dict:
+          decisions: str | Path | None = None, metrics: str | Path | None = None) -> dict:
     """Select training samples → out_manifest (same columns, kept train rows + all val/test rows)
     and summary_path (JSON: strategy, kept per class, label entropy of kept vs all vs uniform).
     The strategy `config.strategy` (STRATEGIES registry) decides what is kept and with which label;
     `flags_csv`: flags.csv for the strategies that read it. `decisions`: a review's decisions.csv
     (pipeline/decisions.py; used when the file exists), applied on top of the strategy — a
     person's decision always wins; relabels become label overrides (`label` = the label trained
-    on, `orig_label` = the source's label). Returns the summary dict."""
+    on, `orig_label` = the source's label). With scores/attribution.npz beside `scores_csv` the
+    summary's `effect` is the predicted change of the mean validation loss (pipeline/effect.py);
+    `metrics` (e.g. metrics/pred.json) gets it as {"dloss": nats} — the column `clean retrain` fills
+    with the measured change in metrics/<version>.json, so `dvc metrics show` puts them one under
+    the other ({} without a prediction). Returns the summary dict."""
     manifest = Path(manifest)
     _check_outputs(manifest, scores_csv, out_manifest, summary_path, flags_csv, decisions)
     if config.strategy not in STRATEGIES:
@@ -53,8 +57,26 @@ def prune(manifest: str | Path, scores_csv: str | Path, out_manifest: str | Path
         summ["noisy_removed"] = int((noisy & ~kept).sum())
         summ["noisy_kept"] = int((noisy & kept).sum())
         summ["clean_removed"] = int((~noisy & ~kept).sum())
+    summ["effect"] = _effect(Path(scores_csv).parent / "attribution.npz", train, labels, kept_pos)
     write_json(summary_path, summ)
+    if metrics is not None:
+        from pipeline.effect import flat
+
+        write_json(metrics, flat(summ["effect"]["predicted_dval_loss"]) if summ["effect"] else {})
     return summ
+
+
+def _effect(path: Path, train, labels, kept_pos) -> dict | None:
+    """The predicted change of the mean validation loss of this version (pipeline/effect.py), or
+    None without an attribution (no file, or score.importance: false)."""
+    from pipeline.effect import predicted_change, read_attribution
+
+    if not path.exists() or read_attribution(path)["effects"].shape[0] == 0:
+        return None
+    kept = np.zeros(len(train), bool)
+    kept[kept_pos] = True
+    relabeled = kept & (np.asarray(labels, np.int64) != train["label"].to_numpy(np.int64))
+    return predicted_change(path, train["id"].to_numpy(np.int64), ~kept, relabeled)
 
 
 def _check_outputs(manifest: Path, scores_csv, out_manifest, summary_path, flags_csv, decisions) -> None:

@@ -24,7 +24,7 @@ from pipeline.views.grid import class_names, namer, resolve_manifest
 from pipeline.views.plots import find_sweep_summary
 from pipeline.views.report import (confusion_section, entropy_section, flagged_section, heatmap_section,
                                    overlap_section, render_page, scores_section, section, summary_section,
-                                   sweep_section, top_section)
+                                   sweep_section, top_section, importance_section)
 from pipeline.views.report import issues_section
 
 _NO_FLAGS = {"n_flagged": 0, "n_shown": 0, "ids": []}
@@ -140,10 +140,10 @@ def _score_sections(ins: dict, scores_csv: Path, flags_csv: Path, by: str, k: in
     """Flagged cards, top-k grid, score distributions, figure 2 → ([flagged, top, scores], entropy, df, info)."""
 
     if not scores_csv.exists():
-        secs = [section(key, k=k, by=by) for key in ("flagged", "issues", "top", "scores", "entropy")]
+        secs = [section(key, k=k, by=by) for key in ("flagged", "issues", "top", "importance", "scores", "entropy")]
         for s in secs:
             s.missing(f"no scores file ({scores_csv}); run `clean score` (dvc repro score)")
-        return secs[:4], secs[4], None, _NO_FLAGS
+        return secs[:5], secs[5], None, _NO_FLAGS
     df, has_flags = _read_scored(scores_csv, flags_csv, by)
     img = ins["img_manifest"]
     if img is not None:  # the images shown are the manifest's, never a path written in scores.csv
@@ -159,7 +159,7 @@ def _score_sections(ins: dict, scores_csv: Path, flags_csv: Path, by: str, k: in
     dist = scores_section(df, cols, has_flags, figs)
     ent = entropy_section(scores_csv, cols, ins["classes"], figs)
     log("report: score distributions, entropy")
-    return [flagged, issues, top, dist], ent, df, info
+    return [flagged, issues, top, importance_section(df, ins["names"]), dist], ent, df, info
 
 
 def report(out_dir: str | Path, *, manifest: str | Path, scores_csv: str | Path, flags_csv: str | Path,

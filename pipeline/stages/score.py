@@ -91,8 +91,9 @@ def _inputs(model, cfg: dict, manifest: Path, df, rows, model_dir: Path, device:
     if config.self_influence and not ckpts:
         raise CleanError(f"{model_dir}/checkpoints has no epoch checkpoints for self-influence; retrain "
                          "with `clean train` (train.checkpoint_every) or set score.self_influence: false")
-    vckpts, val = (_val_inputs(manifest, df, cfg, model_dir, config.cache_max_gb, config.workers)
-                   if config.val_influence else ([], None))
+    vckpts, val = (_val_inputs(manifest, df, cfg, model_dir, config.cache_max_gb, config.workers,
+                               config.val_influence) if config.val_influence or config.importance else ([], None))
+    val = _reference(model, val, cfg, config.batch_size, device) if val is not None else None
     return ScoreInputs(model, images, labels, rows["id"].to_numpy(np.int64)[lo:hi], cfg["mean"], cfg["std"], model_dir,
                        device, progress, ckpts, vckpts, val)
 
@@ -101,11 +102,13 @@ def _write(out_dir: Path, s: dict, model, cfg: dict, manifest: Path, df, rows, i
            config: ScoreConfig, device: str, progress, t0: float):
     """scores.csv, meta.json (and embeddings.npz) as one change → the scores DataFrame."""
     scored = {k: s.pop(k) for k in FEATURE_KEYS if k in s}  # the scored rows' features, from the same pass
+    s_ids = rows["id"].to_numpy(np.int64)
     n_dyn = int(s.pop("with_dynamics").sum())
     with together(out_dir):  # scores.csv, meta.json (and embeddings.npz) change as one
         if config.embeddings:
             _write_features(out_dir / "embeddings.npz", model, manifest, df, df["id"].isin(rows["id"]).to_numpy(),
                             scored, cfg, config, device, progress)
+        attribution = _write_attribution(out_dir / "attribution.npz", s, s_ids)
         out = _frame(rows, s)
         write_frame(out_dir / "scores.csv", out)
         write_json(out_dir / "meta.json", {
@@ -115,9 +118,11 @@ def _write(out_dir: Path, s: dict, model, cfg: dict, manifest: Path, df, rows, i
             "dynamics_source": "each sample's minibatch forward pass during training, before the update",
             "self_influence": {"computed": bool(config.self_influence), "norm": "l2 squared", "params": config.subset,
                                "checkpoints": [{"file": p.name, "lr": lr} for p, lr in inputs.checkpoints]},
-            "val_influence": {"computed": inputs.val is not None, "params": config.subset,
-                              "n_val": 0 if inputs.val is None else len(inputs.val.labels),
+            "val_influence": {"computed": inputs.val is not None and config.val_influence, "params": config.subset,
+                              "n_val": 0 if inputs.val is None else inputs.val.n_val,
+                              "n_reference": 0 if inputs.val is None else len(inputs.val.labels),
                               "checkpoints": [{"file": p.name, "lr": lr} for p, lr in inputs.val_checkpoints]},
+            "importance": attribution,
             "seconds": round(time.perf_counter() - t0, 3), "columns": list(out.columns),
             "processes": D.world_size(), "streamed": bool(is_streamed(inputs.images)),
         })
@@ -204,18 +209,60 @@ def _open_block(manifest: Path, df, rows, cfg: dict, split: str, lo: int, hi: in
     return data.images, data.labels
 
 
-def _val_inputs(manifest: Path, df, cfg: dict, model_dir: Path, cache_max_gb: float, workers: int):
-    """(checkpoints, validation Split) for val_influence; CleanError without either."""
+def _val_inputs(manifest: Path, df, cfg: dict, model_dir: Path, cache_max_gb: float, workers: int,
+                with_checkpoints: bool = True):
+    """(checkpoints, validation Split) for val_influence and importance; CleanError without either
+    (checkpoints only `with_checkpoints`: val_influence)."""
     if not (df["split"] == "val").any():
         raise CleanError(f"{manifest} has no 'val' rows, and val_influence measures each training image's effect on "
                          "the validation loss: re-run `clean prepare` with data.val_frac > 0, or set "
-                         "score.val_influence: false")
-    ckpts = _checkpoints(model_dir, cfg)
-    if not ckpts:
+                         "score.val_influence: false and score.importance: false")
+    ckpts = _checkpoints(model_dir, cfg) if with_checkpoints else []
+    if with_checkpoints and not ckpts:
         raise CleanError(f"{model_dir}/checkpoints has no epoch checkpoints for val_influence; retrain with "
                          "`clean train` (train.checkpoint_every) or set score.val_influence: false")
     return ckpts, open_split(manifest, "val", cfg["image_size"], cfg["in_chans"], df=df, cache_max_gb=cache_max_gb,
                              workers=workers)
+
+
+def _reference(model, val, cfg: dict, batch_size: int, device: str):
+    """The validation rows trusted as the target of val_influence and importance: those that are
+    not label issues per pipeline.rules.labels.heldout_label_issues on the model's out-of-sample
+    softmax → a Split-like namespace: images, labels, ids (those rows), mask [V] bool, n_val."""
+    from types import SimpleNamespace
+
+    from pipeline.scores.attribution import reference_rows, val_probs
+
+    mask = reference_rows(val.labels, val_probs(model, val.images, val.labels, cfg["mean"], cfg["std"], batch_size,
+                                                device))
+    pos = np.flatnonzero(mask)
+    if is_streamed(val.images):
+        from pipeline.data.stream import StreamImages
+
+        v = val.images
+        images = StreamImages(v.paths[pos], v.base_dir, v.chw, v.workers)
+    else:
+        images = val.images[pos]
+    return SimpleNamespace(images=images, labels=np.asarray(val.labels)[pos], ids=np.asarray(val.ids)[pos], mask=mask,
+                           n_val=len(mask))
+
+
+def _write_attribution(path: Path, s: dict, ids: np.ndarray) -> dict | None:
+    """attribution.npz from the importance family's extras (popped from `s`): ids [N], effects
+    [M, N] (nats, calibrated), val_ids [V], val_loss [M, V] (each seed model's loss of each
+    reference validation row), calibration. Without them (score.importance: false, torchrun)
+    M = V = 0, so the file the DVC stage declares exists. → the meta.json entry."""
+    from pipeline.scores.importance import EXTRAS
+
+    got = {k: s.pop(k) for k in EXTRAS if k in s}
+    n = len(ids)
+    eff = got["attribution_effects"].T if got else np.zeros((0, n))
+    vl = got["attribution_val_loss"].T if got else np.zeros((0, 0))
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, ids=ids, effects=eff, val_ids=got.get("attribution_val_ids", np.zeros(0, np.int64)),
+                     val_loss=vl, calibration=np.float64(got["attribution_calibration"][0] if got else np.nan))
+    return {"file": path.name, "models": int(eff.shape[0]), "n_reference_val": int(vl.shape[1])} if got else None
 
 
 def _checkpoints(model_dir: Path, cfg: dict) -> list[tuple[Path, float]]:

@@ -39,7 +39,7 @@ THUMB_BUDGET = 12_000_000
 MAX_CARDS = 1500
 #: Score columns shown on each card (and in the flagged table) when present: a display choice,
 #: not a list of the scores (that is pipeline.registry.SCORES).
-CARD_SCORES = ("loss", "grad_norm", "margin", "self_influence")
+CARD_SCORES = ("loss", "grad_norm", "margin", "self_influence", "importance")
 #: The lines of figure 2, when present (the first fills the `entropy` column): the paper's choice.
 ENTROPY_SCORES = ("grad_norm", "loss", "el2n", "forgetting", "self_influence")
 
@@ -142,6 +142,7 @@ TITLES = {
     "flagged": "Flagged samples per class",
     "issues": "Issues by type (label, duplicates and leakage, outliers, image defects)",
     "top": "Top {k} by {by}",
+    "importance": "Importance: what removing each image is predicted to do",
     "scores": "Score distributions",
     "heatmap": "Per-sample gradient magnitude over training (figure 1)",
     "entropy": "Label entropy of the top-k samples (figure 2)",
@@ -230,10 +231,14 @@ def _accuracy(metrics: dict, classes) -> str:
     out = _table(["version", "model", "accuracy", "± std", "seeds", "loss (nats)", "n test", "n train",
                   "test label decisions applied"], trows, left=2)
 
+    from pipeline.effect import line
+
     for n, m in metrics.items():
         if "verdict" in m and "baseline" in m:
             cls = "good" if m["verdict"] == "better" else ("bad" if m["verdict"] == "worse" else "same")
             out += f"<p class='verdict {cls}'>{_e(sentence(n, m['baseline'], m))}</p>"
+        if "dval_loss" in m and "dval_loss_pred" in m:
+            out += f"<p class='verdict same'>{_e(line(n, m))}</p>"
     per = {n: m.get("per_class_accuracy") or {} for n, m in metrics.items()}
     names = list(classes) if classes else sorted({c for d in per.values() for c in d})
     if any(per.values()) and names:
@@ -257,9 +262,12 @@ def _pruned(prune: dict | None, prune_path: Path) -> str:
         return f"<p class='small'>no prune summary ({_e(prune_path)}) yet.</p>"
     le = prune.get("label_entropy") or {}
     frac = prune.get("fraction_kept", (prune.get("n_kept") or 0) / max(prune.get("n_total") or 1, 1))
+    eff = prune.get("effect") or {}
+    pred = (f"{eff['predicted_dval_loss']:+.4f} ± {eff['predicted_dval_loss_sd']:.4f}"
+            if "predicted_dval_loss" in eff else "–")
     return "<h3>Pruned dataset</h3>" + _table(
-        ["n total", "n kept", "fraction", "label entropy kept", "all", "uniform"],
-        [(prune.get("n_total"), prune.get("n_kept"), frac, le.get("kept"), le.get("all"), le.get("uniform"))],
+        ["n total", "n kept", "fraction", "label entropy kept", "all", "uniform", "predicted Δ val loss (nats)"],
+        [(prune.get("n_total"), prune.get("n_kept"), frac, le.get("kept"), le.get("all"), le.get("uniform"), pred)],
         left=0)
 
 
@@ -451,6 +459,28 @@ def top_section(scores_csv: Path, by: str, k: int, figs: Path, flags_csv: Path |
         sec.add(f"<p class='small'>ids, in order: {_e(', '.join(map(str, shown['id'].tolist())))}</p>")
     except CleanError as e:
         sec.missing(str(e))
+    return sec
+
+
+def importance_section(df, names, k: int = 20) -> Section:
+    """The k most important and the k most harmful training images by `importance` (nats: the
+    predicted rise of the mean validation loss if the image is removed; docs/methods.md §1.6)."""
+    sec = section("importance")
+    if "importance" not in df.columns or not df["importance"].notna().any():
+        sec.missing("no importance values; run `clean score` with score.importance: true (needs a val split)")
+        return sec
+    sec.add(_note("importance = the predicted change of the mean validation loss, in nats, if the image is removed "
+                  "(TRAK over the trained seeds' models, calibrated): > 0 it helps the model, < 0 it hurts. "
+                  "`clean show --by importance` shows the images, lowest (most harmful) first; "
+                  "`harmful` marks those whose harm every seed's model agrees on and exceeds twice their share."))
+    d = df[df["importance"].notna()]
+    harm = d["is_harmful"].astype(bool) if "is_harmful" in d.columns else None
+    for title, part in (("most important", d.nlargest(k, "importance")),
+                        ("most harmful", d.nsmallest(k, "importance"))):
+        rows = [(int(r["id"]), names(r["label"]), names(r["pred"]), r["importance"],
+                 ("yes" if harm[i] else "") if harm is not None else "–") for i, r in part.iterrows()]
+        sec.add(f"<h3>{title}</h3>" + _table(["id", "label", "predicted", "importance (nats)", "harmful"], rows,
+                                              left=3))
     return sec
 
 

@@ -1,0 +1,230 @@
+"""Training-data attribution: how much each training image moves each validation output
+(formulas: docs/methods.md §1.6; measured by bench/lds.py).
+
+τ(z)_i > 0: training image i lowers the loss of validation image z (helpful). Three estimators,
+each a function of per-sample gradients of the *margin* f = log p_y − log(1 − p_y) (TRAK's
+output function; ∇L = −(1 − p)·∇f):
+
+* ``trak``: TRAK (Park et al. 2023) with a count sketch (sparse JL: each parameter lands in one of
+  k buckets with a random sign, O(P) per sample, no dense k × P matrix) of the per-sample
+  gradients, τ(z) = φ_z (ΦᵀΦ + λI)⁻¹ Φᵀ diag(1 − p), averaged over the trained seeds' models;
+* ``trak_last``: the same estimator on the exact classifier-head gradients (∂f/∂z) ⊗ [h, 1]
+  (forward passes only, no projection);
+* ``tracin``: Σ_c lr_c ⟨∇L_i, ∇L_z⟩ over checkpoints (val_influence per validation image).
+
+Per-sample gradients come from ``torch.func.vmap(grad(·))`` over a batch (no Python loop over
+samples). Model in eval mode, float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = ["Sketch", "margins", "margin_grads", "sketched_grads", "head_grads", "Features", "features",
+           "trak_scores", "trak_mean_effect",
+           "reference_rows", "removal_effects", "val_probs"]
+
+
+def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """f = log p_y − log(1 − p_y) = z_y − logsumexp_{k≠y} z_k → [B] (TRAK's model output)."""
+    zy = logits.gather(1, y[:, None])[:, 0]
+    other = logits.scatter(1, y[:, None], float("-inf"))
+    return zy - torch.logsumexp(other, 1)
+
+
+@dataclass
+class Sketch:
+    """A count sketch ℝ^P → ℝ^k: coordinate j goes to bucket idx[j] with sign sign[j]."""
+
+    idx: torch.Tensor   # int64 [P]
+    sign: torch.Tensor  # float32 [P], ±1
+    k: int
+
+    @classmethod
+    def make(cls, p: int, k: int, seed: int = 0) -> "Sketch":
+        g = torch.Generator().manual_seed(int(seed))
+        idx = torch.randint(0, k, (p,), generator=g)
+        sign = torch.randint(0, 2, (p,), generator=g).float() * 2 - 1
+        return cls(idx, sign, k)
+
+    def __call__(self, grads: torch.Tensor) -> torch.Tensor:
+        """[B, P] → [B, k] (E‖Sx‖² = ‖x‖²)."""
+        out = torch.zeros(grads.shape[0], self.k, dtype=grads.dtype, device=grads.device)
+        return out.index_add_(1, self.idx.to(grads.device), grads * self.sign.to(grads.device))
+
+
+def margin_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names=None) -> torch.Tensor:
+    """Per-sample ∇_θ f_i for a batch, flattened over the parameters `names` (default: all
+    trainable, in named_parameters order) → ([B, P], f [B]). One vmap(grad) call, no loop."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and (names is None or n in names)}
+    fixed = {n: b for n, b in model.named_buffers()}
+
+    def f(pv, xi, yi):
+        out = functional_call(model, {**pv, **fixed}, (xi[None],), strict=False)
+        return margins(out, yi[None])[0]
+
+    g = vmap(grad(f), in_dims=(None, 0, 0))(params, x, y)
+    with torch.no_grad():
+        fz = margins(model(x), y)
+    return torch.cat([g[n].reshape(x.shape[0], -1) for n in params], 1), fz
+
+
+def head_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact ∇_{W,b} f_i of a linear head, (∂f/∂z) ⊗ [h, 1] → ([B, C·(D+1)], f [B]): forward only.
+    ∂f/∂z_k = δ_ky − [k≠y]·p_k/(1 − p_y)."""
+    from pipeline.head import forward_logits_features
+
+    with torch.no_grad():
+        logits, h = forward_logits_features(model, x)
+        p = torch.softmax(logits.double(), 1)
+        py = p.gather(1, y[:, None])
+        d = -p / (1 - py).clamp_min(1e-12)
+        d.scatter_(1, y[:, None], 1.0)
+        h1 = torch.cat([h.double(), torch.ones(len(h), 1, dtype=torch.double, device=h.device)], 1)
+        return (d[:, :, None] * h1[:, None, :]).reshape(len(x), -1).float(), margins(logits, y)
+
+
+@dataclass
+class Features:
+    """One model's attribution features of a set: φ [N, k] and p(label) [N]."""
+
+    phi: torch.Tensor
+    p: torch.Tensor
+
+
+def features(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str = "trak", k: int = 2048,
+             seed: int = 0, batch_size: int = 256) -> Features:
+    """φ of normalised images `x` [N, C, H, W] with labels `y` [N] under `model` (eval mode):
+    ``trak`` = count-sketched per-sample margin gradients over all parameters (k columns);
+    ``trak_last`` = the exact head gradients. Batched; float32."""
+    model.eval()
+    sk = None
+    if kind == "trak":
+        sk = Sketch.make(sum(p.numel() for p in model.parameters() if p.requires_grad), k, seed)
+    phis, ps = [], []
+    for s in range(0, len(y), batch_size):
+        xb, yb = x[s:s + batch_size], y[s:s + batch_size]
+        if sk is None:
+            g, f = head_grads(model, xb, yb)
+        else:
+            g, f = margin_grads(model, xb, yb)
+            g = sk(g)
+        phis.append(g)
+        ps.append(torch.sigmoid(f.double()))
+    return Features(torch.cat(phis), torch.cat(ps))
+
+
+def _inverse(phi: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(ΦᵀΦ + λI)⁻¹ in float64, λ = ridge · trace(ΦᵀΦ)/k."""
+    a = phi.double().T @ phi.double()
+    lam = ridge * float(torch.diagonal(a).mean())
+    return torch.linalg.inv(a + lam * torch.eye(a.shape[0], dtype=a.dtype))
+
+
+def trak_scores(train: list[Features], target: list[Features], ridge: float = 0.1) -> np.ndarray:
+    """τ [V, N]: TRAK averaged over the models (one `Features` pair per model):
+    φ_z (ΦᵀΦ + λI)⁻¹ Φᵀ diag(1 − p), in units of the margin f_z (> 0: i raises f_z, lowers L_z)."""
+    out = None
+    for tr, tg in zip(train, target):
+        t = (tg.phi.double() @ _inverse(tr.phi, ridge)) @ (tr.phi.double() * (1 - tr.p)[:, None]).T
+        out = t if out is None else out + t
+    return (out / len(train)).numpy()
+
+
+def trak_mean_effect(train: list[Features], target: list[Features], ridge: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Per training image, the predicted effect of its removal on the mean target loss, in nats
+    (before calibration): e_i = mean_z (1 − p_z) τ(z)_i (dL/df = −(1 − p)), → (mean over models
+    [N], per model [M, N]). Never forms the [V, N] matrix: u = (ΦᵀΦ + λI)⁻¹ Φ_zᵀ (1 − p_z)/V."""
+    per = []
+    for tr, tg in zip(train, target):
+        u = _inverse(tr.phi, ridge) @ (tg.phi.double().T @ (1 - tg.p)) / len(tg.p)
+        per.append(((tr.phi.double() @ u) * (1 - tr.p)).numpy())
+    per = np.stack(per)
+    return per.mean(0), per
+
+
+#: measured nats of mean validation loss per nat of uncalibrated TRAK effect (bench/lds.py): set below
+CALIBRATION = 4.0
+
+
+def _feed(images_u8, labels, mean, std, device, batch_size):
+    """(normalised x, y) batches of uint8 images (an array or streamed), in order."""
+    from pipeline.data.stream import iter_batches
+    from pipeline.training.infer import batches, normalize
+
+    spans = list(batches(len(labels), batch_size))
+    for (s, e), xb in zip(spans, iter_batches(images_u8, [slice(s, e) for s, e in spans])):
+        yield normalize(xb, mean, std, device), torch.as_tensor(np.array(labels[s:e], np.int64), device=device)
+
+
+def _model_features(model: nn.Module, images_u8, labels, mean, std, k: int, seed: int, batch_size: int,
+                    device: str, progress=None) -> Features:
+    """Count-sketched per-sample margin gradients (all trainable parameters) of a uint8 set under
+    `model`, in chunks small enough that a chunk's gradients stay under ~128 MiB."""
+    model.eval()
+    p = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    sk = Sketch.make(p, k, seed)
+    chunk = max(1, min(batch_size, (1 << 25) // max(p, 1)))
+    phis, ps = [], []
+    for x, y in _feed(images_u8, labels, mean, std, device, chunk):
+        g, f = margin_grads(model, x, y)
+        phis.append(sk(g).cpu())
+        ps.append(torch.sigmoid(f.double()).cpu())
+        if progress:
+            progress("advance", n=len(y))
+    return Features(torch.cat(phis), torch.cat(ps))
+
+
+def reference_rows(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """bool [V]: the validation rows trusted as the target of attribution — those that are not
+    label issues per pipeline.rules.labels.heldout_label_issues (out-of-sample probabilities)."""
+    from pipeline.rules.labels import heldout_label_issues
+
+    if len(np.unique(labels)) < 2:  # confident learning needs two classes: every row is trusted
+        return np.ones(len(labels), bool)
+    is_issue, _, _ = heldout_label_issues(np.asarray(labels, np.int64), np.asarray(probs, np.float64))
+    keep = ~np.asarray(is_issue, bool)
+    return keep if keep.any() else np.ones(len(keep), bool)
+
+
+def removal_effects(models: list, images_u8, labels, val_images_u8, val_labels, mean, std, k: int = 1024,
+                    batch_size: int = 256, device: str = "cpu", progress=None, reference=None) -> dict:
+    """Per model m and training image i, the predicted change of the mean validation loss (nats,
+    calibrated by CALIBRATION) when i is removed: TRAK with count-sketched gradients (module doc).
+
+    `models`: the trained seeds' models (eval mode). The target is the mean loss over the
+    reference validation rows (`reference` bool [V], default :func:`reference_rows` on the
+    seed-averaged softmax). Returns
+    {effects [M, N] float64, val_loss [M, V] float64 (per model, every val row), reference [V] bool}.
+    """
+    from pipeline.scores.compute import _exact_fp32
+
+    val_labels = np.asarray(val_labels, np.int64)
+    with _exact_fp32():
+        vals = [_model_features(m, val_images_u8, val_labels, mean, std, k, j, batch_size, device)
+                for j, m in enumerate(models)]
+        if reference is None:
+            probs = [val_probs(m, val_images_u8, val_labels, mean, std, batch_size, device) for m in models]
+            reference = reference_rows(val_labels, np.mean(probs, 0))
+        ref = np.asarray(reference, bool)
+        val_loss = -np.log(np.clip(np.stack([v.p.numpy() for v in vals]), 1e-300, None))  # p = p(label)
+        effects = []
+        for j, m in enumerate(models):
+            tr = _model_features(m, images_u8, labels, mean, std, k, j, batch_size, device, progress)
+            tg = Features(vals[j].phi[torch.as_tensor(ref)], vals[j].p[torch.as_tensor(ref)])
+            effects.append(trak_mean_effect([tr], [tg])[0])
+    return {"effects": CALIBRATION * np.stack(effects), "val_loss": val_loss, "reference": ref}
+
+
+def val_probs(model, images_u8, labels, mean, std, batch_size, device) -> np.ndarray:
+    """softmax [V, C] of `model` (eval mode) on uint8 images."""
+    out = []
+    with torch.no_grad():
+        for x, _ in _feed(images_u8, labels, mean, std, device, batch_size):
+            out.append(torch.softmax(model(x).double(), 1).cpu().numpy())
+    return np.concatenate(out)
