@@ -70,6 +70,9 @@ FLAT_KEYS = ("accuracy", "accuracy_std", "n_train")
 #: the accuracy with the test split's label decisions applied (docs/methods.md §5.3): a person's
 #: reviewed labels where decided, flagged test images left out otherwise
 ASIDE_KEYS = ("accuracy_reviewed", "accuracy_unflagged", "n_set_aside")
+#: the keys of metrics_dir/<name>.json: few and short, so `dvc metrics show` stays within 120 columns
+#: (ci_low, ci_high and n_set_aside live in plots_dir/evaluate_<name>.json, the CLI line and the report)
+METRIC_KEYS = (*FLAT_KEYS, "accuracy_reviewed", "accuracy_unflagged", "diff", "p", "verdict")
 
 
 def leaked_ids(flags_csv) -> np.ndarray:
@@ -135,11 +138,11 @@ def evaluate(model_dir: str | Path, manifest: str | Path, name: str, metrics_dir
 
     Writes `metrics_dir/<name>.json` — small and flat, so `dvc metrics show/diff` fit 120
     columns: accuracy (mean over seeds), accuracy_std, n_train, and with `baseline` (another
-    version's name, e.g. "base") the verdict against it over the seeds: diff, ci_low, ci_high,
-    p, verdict (pipeline/verdict.py); with `flags_csv` / `decisions` (their test rows) also the
-    accuracy with the split's label decisions applied (:func:`set_aside`: accuracy_reviewed or
-    accuracy_unflagged, and n_set_aside) — plus `plots_dir/evaluate_<name>.json` (everything:
-    loss [nats], n, n_seeds, per-class accuracy, every run) and `plots_dir/confusion_<name>.csv` (actual,predicted of the
+    version's name, e.g. "base") the verdict against it over the seeds: diff, p, verdict
+    (pipeline/verdict.py); with `flags_csv` / `decisions` (their test rows) also the accuracy
+    with the split's label decisions applied (:func:`set_aside`: accuracy_reviewed or
+    accuracy_unflagged) — plus `plots_dir/evaluate_<name>.json` (everything: the verdict's
+    ci_low / ci_high, n_set_aside, loss [nats], n, n_seeds, per-class accuracy, every run) and `plots_dir/confusion_<name>.csv` (actual,predicted of the
     first seed's model). Returns the full metrics dict (flat keys + per_class_accuracy + runs).
     """
     import pandas as pd
@@ -170,8 +173,7 @@ def evaluate(model_dir: str | Path, manifest: str | Path, name: str, metrics_dir
         metrics.update(_versus(plots_dir, baseline, metrics))
     write_json(details_path(plots_dir, name), metrics)
     write_json(Path(metrics_dir) / f"{name}.json",
-               {k: metrics[k] for k in (*FLAT_KEYS, *ASIDE_KEYS, "diff", "ci_low", "ci_high", "p", "verdict")
-                if k in metrics})
+               {k: metrics[k] for k in METRIC_KEYS if k in metrics})
     return metrics
 
 
