@@ -30,7 +30,7 @@ def flat(value: float) -> dict:
 def read_attribution(path: str | Path) -> dict:
     """scores/attribution.npz → dict of arrays (CleanError naming the file when unreadable)."""
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, KeyError) as exc:
         raise CleanError(f"{path}: not a readable attribution file ({exc}); rerun `clean score`") from exc
@@ -73,8 +73,7 @@ def measured_change(model_dir: str | Path, manifest: str | Path, prediction: dic
 
     from pipeline.data.dataset import load_split
     from pipeline.formats.manifest import read_manifest
-    from pipeline.models import load_trained
-    from pipeline.stages.evaluate import run_dirs
+    from pipeline.models import load_trained, run_dirs
     from pipeline.training.infer import predict_logits
 
     a = read_attribution(prediction["attribution"])

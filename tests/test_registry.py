@@ -65,7 +65,9 @@ def test_score_entry(project, name):
     col = np.asarray(out[name])
     assert col.shape == (len(tr.labels),) and col.dtype.kind == "f"
     assert np.isfinite(col).all()  # every training sample has a value (dynamics: all were trained on)
-    assert all(np.asarray(v).shape[0] == len(tr.labels) for v in out.values())
+    extras = SCORES[name].extra.get("extras", ())  # declared side outputs (e.g. attribution.npz), not columns
+    assert all(np.asarray(v).shape[0] == len(tr.labels) for k, v in out.items() if k not in extras)
+    assert set(extras) <= set(out), f"{name} declares extras {extras} but returned {sorted(out)}"
     if name in ("grad_norm", "self_influence"):
         assert (col >= 0).all()
 

@@ -82,6 +82,16 @@ def heldout_label_issues(labels, probs, filter_by: str = "prune_by_noise_rate"):
     return res.flagged, suggested, 1.0 - res.value
 
 
+def reference_rows(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """bool [V]: the validation rows trusted as the target of attribution — those that are not
+    label issues per :func:`heldout_label_issues` (out-of-sample probabilities [V, C])."""
+    if len(np.unique(labels)) < 2:  # confident learning needs two classes: every row is trusted
+        return np.ones(len(labels), bool)
+    is_issue, _, _ = heldout_label_issues(np.asarray(labels, np.int64), np.asarray(probs, np.float64))
+    keep = ~np.asarray(is_issue, bool)
+    return keep if keep.any() else np.ones(len(keep), bool)
+
+
 #: the splits the trained model never saw: their predictions are out-of-sample
 HELDOUT_SPLITS = ("val", "test")
 

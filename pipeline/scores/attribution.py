@@ -25,7 +25,7 @@ import torch.nn as nn
 
 __all__ = ["Sketch", "margins", "margin_grads", "sketched_grads", "head_grads", "Features", "features",
            "trak_scores", "trak_mean_effect",
-           "reference_rows", "removal_effects", "val_probs"]
+           "removal_effects", "val_probs"]
 
 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -180,26 +180,14 @@ def _model_features(model: nn.Module, images_u8, labels, mean, std, k: int, seed
     return Features(torch.cat(phis), torch.cat(ps))
 
 
-def reference_rows(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """bool [V]: the validation rows trusted as the target of attribution — those that are not
-    label issues per pipeline.rules.labels.heldout_label_issues (out-of-sample probabilities)."""
-    from pipeline.rules.labels import heldout_label_issues
-
-    if len(np.unique(labels)) < 2:  # confident learning needs two classes: every row is trusted
-        return np.ones(len(labels), bool)
-    is_issue, _, _ = heldout_label_issues(np.asarray(labels, np.int64), np.asarray(probs, np.float64))
-    keep = ~np.asarray(is_issue, bool)
-    return keep if keep.any() else np.ones(len(keep), bool)
-
-
 def removal_effects(models: list, images_u8, labels, val_images_u8, val_labels, mean, std, k: int = 1024,
                     batch_size: int = 256, device: str = "cpu", progress=None, reference=None) -> dict:
     """Per model m and training image i, the predicted change of the mean validation loss (nats,
     calibrated by CALIBRATION) when i is removed: TRAK with count-sketched gradients (module doc).
 
     `models`: the trained seeds' models (eval mode). The target is the mean loss over the
-    reference validation rows (`reference` bool [V], default :func:`reference_rows` on the
-    seed-averaged softmax). Returns
+    reference validation rows (`reference` bool [V]; None = every row — the score stage passes
+    pipeline.rules.labels.reference_rows, the rows that are not label issues). Returns
     {effects [M, N] float64, val_loss [M, V] float64 (per model, every val row), reference [V] bool}.
     """
     from pipeline.scores.compute import _exact_fp32
@@ -208,10 +196,7 @@ def removal_effects(models: list, images_u8, labels, val_images_u8, val_labels, 
     with _exact_fp32():
         vals = [_model_features(m, val_images_u8, val_labels, mean, std, k, j, batch_size, device)
                 for j, m in enumerate(models)]
-        if reference is None:
-            probs = [val_probs(m, val_images_u8, val_labels, mean, std, batch_size, device) for m in models]
-            reference = reference_rows(val_labels, np.mean(probs, 0))
-        ref = np.asarray(reference, bool)
+        ref = np.ones(len(val_labels), bool) if reference is None else np.asarray(reference, bool)
         val_loss = -np.log(np.clip(np.stack([v.p.numpy() for v in vals]), 1e-300, None))  # p = p(label)
         effects = []
         for j, m in enumerate(models):

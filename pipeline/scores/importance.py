@@ -19,8 +19,7 @@ EXTRAS = ("attribution_effects", "attribution_val_ids", "attribution_val_loss", 
 
 def seed_models(model_dir, model, device: str) -> list:
     """The scored model and every other seed's model in model_dir/seeds/seed_<s>/ (eval mode)."""
-    from pipeline.models import load_weights
-    from pipeline.stages.evaluate import run_dirs
+    from pipeline.models import load_weights, run_dirs
 
     models = [model]
     for d in run_dirs(model_dir)[1:]:
@@ -30,7 +29,7 @@ def seed_models(model_dir, model, device: str) -> list:
     return models
 
 
-@SCORES.register("importance", needs=("model", "val", "backward"), suspicious="low",
+@SCORES.register("importance", needs=("model", "val", "backward"), suspicious="low", extras=EXTRAS,
                  doc="predicted change of the mean validation loss (nats) if the image is removed: TRAK over the "
                      "seeds' models (> 0: important, < 0: harmful)")
 def importance_family(inputs, config) -> dict[str, np.ndarray]:

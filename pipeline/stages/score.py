@@ -231,7 +231,8 @@ def _reference(model, val, cfg: dict, batch_size: int, device: str):
     softmax → a Split-like namespace: images, labels, ids (those rows), mask [V] bool, n_val."""
     from types import SimpleNamespace
 
-    from pipeline.scores.attribution import reference_rows, val_probs
+    from pipeline.rules.labels import reference_rows
+    from pipeline.scores.attribution import val_probs
 
     mask = reference_rows(val.labels, val_probs(model, val.images, val.labels, cfg["mean"], cfg["std"], batch_size,
                                                 device))
@@ -316,5 +317,5 @@ def score_input(path: str | Path, model: str, out_dir: str | Path, config, progr
             progress("log", message=f"training {model} on {manifest} for {recipe.epochs} epoch(s) → {model_dir}")
         train(manifest, model_dir, recipe, seeds=[recipe.seed], progress=progress)
     sc = config.score if manifest == path else dataclasses.replace(  # a folder/CSV has no val split
-        config.score, split="train", val_influence=False)
+        config.score, split="train", val_influence=False, importance=False)
     return score(model_dir, manifest, out_dir, sc, progress=progress), model_dir
