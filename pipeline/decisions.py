@@ -21,11 +21,11 @@ from __future__ import annotations
 import csv
 import io
 import os
-import stat
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.checks import input_file
 from pipeline.errors import CleanError
 from pipeline.io import settled
 
@@ -91,16 +91,8 @@ def _rows(path) -> list[list[str]]:
     """The non-empty CSV rows of a regular file (a UTF-8 BOM, as Excel writes, is no part of the header)."""
 
     path = settled(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
+    if input_file(path, "decisions must be a CSV file", f"decisions must be a CSV file ({','.join(HEADER)})") is None:
         return []
-    except OSError as e:
-        raise CleanError(f"{path}: cannot be read ({e.strerror or e}); fix its permissions or give another file") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise CleanError(f"{path} is a folder; decisions must be a CSV file ({','.join(HEADER)})")
-    if not stat.S_ISREG(st.st_mode):
-        raise CleanError(f"{path} is not a regular file (a pipe or a device); decisions must be a CSV file")
     fix = "fix the row or decide again with `clean review`"
     try:
         with open(path, "rb") as f:

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.checks import input_file
 from pipeline.errors import CleanError
 from pipeline.registry import ISSUES, RULES, SCORES, SOURCES, STRATEGIES, Registry
 
@@ -437,20 +438,10 @@ def _yaml(text: str, where: str = "params.yaml"):
 
 def load_params(path: str | Path = "params.yaml") -> dict:
     """Read `path` (YAML, safe loader) and return validated params; DEFAULTS if it is absent."""
-    import os
-    import stat
-
     path = Path(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
+    st = input_file(path, "--params needs a params.yaml file")
+    if st is None:
         return validate({}, where=str(path))
-    except OSError as e:
-        raise CleanError(f"cannot read {path}: {e.strerror or e}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise CleanError(f"{path} is a folder; --params needs a params.yaml file")
-    if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
-        raise CleanError(f"{path} is not a regular file (a pipe or a device); --params needs a params.yaml file")
     if st.st_size > MAX_BYTES:
         raise CleanError(f"{path}: {st.st_size:,} bytes; a params.yaml is a few KiB (at most {MAX_BYTES:,} bytes)")
     try:
