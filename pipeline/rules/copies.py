@@ -1,20 +1,26 @@
-"""Pixel-level copy detection: transform-invariant candidates, then an aligned verification.
+"""Pixel-level copy detection: transform-invariant candidates, a cheap screen, then an aligned verification.
 
-Works on the 16 × 16 luminance thumbnails `clean score` keeps per image (embeddings.npz
-`thumb`, pipeline/scores/features.py). Three steps, each vectorised over all rows:
+Works on the 32 × 32 luminance thumbnails `clean score` keeps per image (embeddings.npz
+`thumb`, pipeline/scores/features.py). Each step is vectorised over all rows or pairs:
 
-1. **Canonical view.** Each thumbnail is re-sampled so that its intensity centroid sits at the
-   centre (cancels shifts and most of a crop's offset): :func:`canonical`.
-2. **Candidates.** An 8 × 8 zero-mean unit-norm descriptor of the canonical view is indexed
-   for the training rows (faiss, pipeline/rules/knn.py); every row (train, val, test) asks for
-   its `k` nearest with its own descriptor and with its mirror image's (horizontal flips).
-3. **Verification.** For each candidate pair, the best normalised cross-correlation of pixels
-   and Laplacian (fine detail that tells two similar garments apart) over a few views of the
-   second image — mirror × rotation ±6° × zoom 1.08 (crops) — gives a distance d = 1 − best.
-   A pair is a copy when d is far below what the row sees from its ordinary neighbours:
-   d ≤ `ratio` · min(ref_a, ref_b), ref = the row's `REF_RANK`-th smallest verified distance
-   (Lowe's ratio test, per row, so it adapts to how alike a class's images are), or d ≤
-   `D_EXACT` (a pixel-identical re-encoding). The ratio is the stated cut (flag.copy_ratio).
+1. **Canonical view** (:func:`row_views`). Each thumbnail, blurred and averaged to COARSE_SIDE,
+   is re-sampled so that its intensity centroid sits at the centre (cancels shifts and most of
+   a crop's offset; zero padding, as the fill of a shifted image): :func:`canonical`.
+2. **Candidates** (:func:`candidates`). The canonical view averaged to 8 × 8 is the descriptor;
+   its mirror-symmetric half (:func:`mirror_invariant`, shared by an image and its mirror image)
+   is indexed for the training rows (faiss, pipeline/rules/knn.py) and every row (train, val,
+   test) asks for its 2k nearest — one search finds plain and mirrored copies.
+3. **Screen** (:func:`screen`). Per pair (each row's `top` nearest by descriptor and its
+   REF_RANK-th, the reference), the best plain correlation at COARSE_SIDE of a's canonical view
+   with the VIEWS of b (mirror × rotation ±6° × zoom 0.92/1.08), views made once per row. Only a
+   pair whose screen distance is far below its rows' reference (≤ COARSE_RATIO ×) goes on.
+4. **Verification** (:func:`verify`). For the screened pairs and their rows' reference pairs,
+   the best normalised cross-correlation over the pixels both views cover, at 32 × 32, across
+   the same views gives a distance d = 1 − best. A pair is a copy when d is far below what the
+   row sees from its ordinary neighbours: d ≤ `ratio` · min(ref_a, ref_b), ref = the row's
+   reference pair's verified distance (Lowe's ratio test, per row, so it adapts to how alike a
+   class's images are), or d ≤ `D_EXACT` (a pixel-identical re-encoding). The ratio is the
+   stated cut (flag.copy_ratio).
 """
 from __future__ import annotations
 
@@ -32,6 +38,12 @@ MIN_STD = 0.02
 REF_RANK = 4
 #: verified distance at or below which a pair is a copy whatever its neighbours (re-encodings)
 D_EXACT = 0.002
+#: IVF lists visited per search-key query (beyond knn.EXACT_MAX indexed rows; as knn.NPROBE)
+DESC_NPROBE = 12
+#: side of the screening views (:func:`screen`, a cheap first pass over every candidate pair)
+COARSE_SIDE = 16
+#: a pair goes on to the full verification when its screening distance ≤ this × its rows' screening reference
+COARSE_RATIO = 0.6
 
 
 def _thumbs(thumb: np.ndarray):
@@ -43,29 +55,32 @@ def _thumbs(thumb: np.ndarray):
     return t.reshape(len(t), s, s)
 
 
-def _blur(t):
-    """3 × 3 binomial blur of [N, S, S] (JPEG noise and resampling differences average out)."""
-    import torch
-    import torch.nn.functional as F
-
-    k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16.0
-    return F.conv2d(t[:, None], k[None, None], padding=1)[:, 0]
-
-
 #: verification resolution: thumbnails are 2 × 2-averaged to this side first when larger (speed)
 VERIFY_SIDE = 32
 
 
-def _small(t):
-    """Blurred thumbnails at the verification resolution (VERIFY_SIDE)."""
-    return _half(t) if t.shape[-1] > VERIFY_SIDE else _blur(t)
+@functools.lru_cache(maxsize=16)
+def _smoothing(s: int, side: int):
+    """[side', S] matrix of the 1-2-1 binomial blur (zero-padded) followed by 2 × 2 averaging while
+    the side exceeds `side`; applied along both axes (a 3 × 3 binomial blur, JPEG noise and resampling
+    differences average out, then average pooling)."""
+    import torch
+
+    m = torch.as_tensor(0.5 * np.eye(s) + 0.25 * (np.eye(s, k=1) + np.eye(s, k=-1)), dtype=torch.float32)
+    while m.shape[0] > side and m.shape[0] >= 2:
+        e = torch.eye(m.shape[0])
+        m = (0.5 * (e[0::2] + e[1::2])) @ m
+    return m
 
 
-def _half(t):
-    """[N, S, S] → [N, S/2, S/2] by 2 × 2 averaging (verification resolution)."""
-    import torch.nn.functional as F
-
-    return F.avg_pool2d(t[:, None], 2)[:, 0] if t.shape[-1] >= 16 else t
+def _small(t, side: int = VERIFY_SIDE):
+    """Blurred thumbnails [N, S, S] at a resolution of at most `side` (2 × 2 averaging while larger),
+    as two matrix products (one per axis)."""
+    n, s = t.shape[0], t.shape[-1]
+    m = _smoothing(s, side)
+    o = m.shape[0]
+    y = (t.reshape(-1, s) @ m.T).reshape(n, s, o).transpose(1, 2).reshape(-1, s) @ m.T
+    return y.reshape(n, o, o).transpose(1, 2).contiguous()
 
 
 def centroid(t):
@@ -93,10 +108,12 @@ def _view_grid(s: int, angle: float, zoom: float):
     return torch.stack([gx, gy], -1)
 
 
-def canonical(t, flip=False, angle: float = 0.0, zoom: float = 1.0, mask: bool = False, centre=None):
+def canonical(t, flip=False, angle: float = 0.0, zoom: float = 1.0, mask: bool = False, centre=None,
+              zeros: bool = False):
     """Thumbnails [N, S, S] re-sampled with their intensity centroid at the centre, then rotated by
     `angle` degrees and magnified by `zoom` (mirrored where `flip`: bool or bool tensor [N]) →
     float32 [N, S, S]; with `mask` also the pixels that fall inside the source ([N, S, S] 0/1).
+    Outside the source: zeros with `mask` or `zeros`, else the nearest border pixel.
     centre: the (cy, cx) of the (mirrored) images when already known (:func:`centroid`)."""
     import torch
     import torch.nn.functional as F
@@ -108,7 +125,7 @@ def canonical(t, flip=False, angle: float = 0.0, zoom: float = 1.0, mask: bool =
     s = t.shape[-1]
     cy, cx = centroid(t) if centre is None else centre
     grid = _view_grid(s, float(angle), float(zoom))[None] + torch.stack([cx, cy], -1)[:, None, None, :]
-    out = F.grid_sample(t[:, None], grid, padding_mode="zeros" if mask else "border", align_corners=False)[:, 0]
+    out = F.grid_sample(t[:, None], grid, padding_mode="zeros" if mask or zeros else "border", align_corners=False)[:, 0]
     if not mask:
         return out
     # pixels whose source lies inside the image; the rotation's corners are ignored (separable, cheap)
@@ -125,16 +142,35 @@ def _unit(x):
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
-def descriptor(thumb: np.ndarray, flip: bool = False, chunk: int = 8192) -> np.ndarray:
-    """The candidate-search descriptor of thumbnails uint8 [N, S·S] → float32 [N, DESC_SIDE²]
-    (unit norm; computed in chunks, so memory stays at the uint8 thumbnails)."""
+def row_views(thumb: np.ndarray, chunk: int = 2048):
+    """Per row of thumbnails uint8 [M, S·S]: the blurred thumbnail at COARSE_SIDE (float16 tensor
+    [M, C, C]) and its canonical view, zero-padded, zero-mean unit-norm (float16 tensor [M, C²]);
+    in chunks, so memory stays at 1 KiB a row."""
+    import torch
+
+    c = COARSE_SIDE
+    small = torch.empty((len(thumb), c, c), dtype=torch.float16)
+    unit = torch.empty((len(thumb), c * c), dtype=torch.float16)
+    for s in range(0, len(thumb), chunk):
+        t = _small(_thumbs(thumb[s:s + chunk]), c)
+        small[s:s + len(t)] = t.half()
+        unit[s:s + len(t)] = _unit(canonical(t, zeros=True).reshape(len(t), -1)).half()
+    return small, unit
+
+
+def descriptor(unit) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate-search descriptors from :func:`row_views`' canonical views [M, C²]: the view
+    averaged to DESC_SIDE × DESC_SIDE, zero-mean unit-norm, and the same of the mirror image (the
+    canonical view of a mirrored image is the mirrored canonical view) → float32 ([M, D], [M, D])."""
     import torch.nn.functional as F
 
-    out = np.empty((len(thumb), DESC_SIDE * DESC_SIDE), np.float32)
-    for s in range(0, len(thumb), chunk):
-        c = canonical(_thumbs(thumb[s:s + chunk]), flip)
-        out[s:s + chunk] = _unit(F.adaptive_avg_pool2d(c[:, None], DESC_SIDE).reshape(len(c), -1)).numpy()
-    return out
+    c = int(round(unit.shape[1] ** 0.5))
+    out = np.empty((len(unit), DESC_SIDE * DESC_SIDE), np.float32)
+    for s in range(0, len(unit), 8192):
+        v = unit[s:s + 8192].float().reshape(-1, 1, c, c)
+        out[s:s + len(v)] = _unit(F.adaptive_avg_pool2d(v, DESC_SIDE).reshape(len(v), -1)).numpy()
+    flip = out.reshape(-1, DESC_SIDE, DESC_SIDE)[:, :, ::-1].reshape(len(out), -1)
+    return out, np.ascontiguousarray(flip)
 
 
 def _spread(thumb: np.ndarray, chunk: int = 8192) -> np.ndarray:
@@ -143,21 +179,29 @@ def _spread(thumb: np.ndarray, chunk: int = 8192) -> np.ndarray:
                            for s in range(0, len(thumb), chunk)]) if len(thumb) else np.zeros(0, np.float32)
 
 
-def candidates(thumb, train_pos: np.ndarray, k: int, exact_max: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Candidate pairs of the thumbnails uint8 [M, S·S]: each row's k nearest training descriptors,
-    plain and mirrored (self excluded) → (a [P], b [P] rows, descriptor distance [P])."""
+def mirror_invariant(desc: np.ndarray) -> np.ndarray:
+    """The search key of :func:`descriptor` rows [M, D²]: the mirror-symmetric part (the row averaged
+    with its mirror image, left half kept), zero-mean unit-norm → float32 [M, D²/2]. An image and its
+    mirror image share it, so one search finds plain and mirrored copies alike; the pairs found are
+    ranked by the full descriptor afterwards."""
+    v = desc.reshape(len(desc), DESC_SIDE, DESC_SIDE)
+    h = (v + v[:, :, ::-1])[:, :, :DESC_SIDE // 2].reshape(len(desc), -1)
+    h = h - h.mean(1, keepdims=True)
+    return (h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-8)).astype(np.float32)
+
+
+def candidates(key: np.ndarray, train_pos: np.ndarray, k: int, exact_max: int,
+               seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate pairs: each row's k nearest training rows by the search key [M, D]
+    (:func:`mirror_invariant`; self excluded) → (a [P], b [P] rows, key distance [P])."""
     from pipeline.rules import knn
 
-    d, dflip = descriptor(thumb), descriptor(thumb, flip=True)
-    index, _ = knn.build_index(d[train_pos], exact_max, seed)
-    kk = min(int(k) + 1, len(train_pos))
-    rows, dist = [], []
-    for q in (d, dflip):
-        dd, r = knn.search(index, q, kk)
-        rows.append(np.where(r >= 0, train_pos[np.clip(r, 0, None)], -1))
-        dist.append(dd)
-    r, dd = np.concatenate(rows, 1), np.concatenate(dist, 1)
-    a = np.repeat(np.arange(len(thumb)), r.shape[1])
+    index, _ = knn.build_index(key[train_pos], exact_max, seed)
+    if hasattr(index, "nprobe"):
+        index.nprobe = DESC_NPROBE
+    dd, r = knn.search(index, key, min(int(k) + 1, len(train_pos)))
+    r = np.where(r >= 0, train_pos[np.clip(r, 0, None)], -1)
+    a = np.repeat(np.arange(len(key)), r.shape[1])
     keep = (r.ravel() >= 0) & (r.ravel() != a)
     return a[keep], r.ravel()[keep], dd.ravel()[keep].astype(np.float64)
 
@@ -165,8 +209,18 @@ def candidates(thumb, train_pos: np.ndarray, k: int, exact_max: int, seed: int) 
 def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unordered pairs, each once, as (lo [P], hi [P]) sorted."""
     lo, hi = np.minimum(a, b).astype(np.int64), np.maximum(a, b).astype(np.int64)
-    key = np.unique(lo * (np.int64(1) << 32) + hi)
+    key = np.sort(lo * (np.int64(1) << 32) + hi)
+    key = key[np.r_[True, key[1:] != key[:-1]]] if len(key) else key
     return key >> 32, key & ((np.int64(1) << 32) - 1)
+
+
+def _pair_dots(x: np.ndarray, a: np.ndarray, b: np.ndarray, y: np.ndarray | None = None, chunk: int = 65536):
+    """Row-wise dot products y[a] · x[b] (y = x when None) of float32 [M, D] → float32 [P], in chunks."""
+    y = x if y is None else y
+    out = np.empty(len(a), np.float32)
+    for s in range(0, len(a), chunk):
+        out[s:s + chunk] = np.einsum("ij,ij->i", y[a[s:s + chunk]], x[b[s:s + chunk]])
+    return out
 
 
 def _masked_ncc(x, y, m):
@@ -179,7 +233,7 @@ def _masked_ncc(x, y, m):
 
 
 def verify(thumb: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray | None = None,
-           chunk: int = 4096) -> np.ndarray:
+           chunk: int = 1024) -> np.ndarray:
     """Aligned distance of each pair (rows a, b of thumb uint8 [M, S·S]): 1 − the best
     normalised cross-correlation of the blurred canonical views, over the pixels both views
     cover, across rotation × zoom views of b (VIEWS; mirrored where `flip` [P] bool, else both)
@@ -209,6 +263,31 @@ def verify(thumb: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray | N
     return out
 
 
+def screen(small, unit, a: np.ndarray, b: np.ndarray, flip: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """A cheap stand-in for :func:`verify` that decides which pairs to verify: at COARSE_SIDE, the
+    best plain normalised cross-correlation (zero padding, no mask) of a's canonical view
+    (`unit`, :func:`row_views`) with the VIEWS of b (mirrored where `flip` [P]) → 1 − best,
+    float64 [P]. The views are made once per (row, mirror) and shared by that row's pairs."""
+    import torch
+
+    out = np.empty(len(a), np.float64)
+    uk, inv = np.unique(np.asarray(b, np.int64) * 2 + np.asarray(flip, np.int64), return_inverse=True)
+    inv = inv.ravel()
+    order = np.argsort(inv, kind="stable")
+    bounds = np.searchsorted(inv[order], np.arange(0, len(uk) + chunk, chunk))
+    for j, s in enumerate(range(0, len(uk), chunk)):
+        tb = small[uk[s:s + chunk] // 2].float()
+        fl = torch.as_tensor(uk[s:s + chunk] % 2 == 1)
+        tb = torch.where(fl[:, None, None], tb.flip(-1), tb)
+        centre = centroid(tb)
+        views = torch.stack([_unit(canonical(tb, False, ang, zoom, centre=centre, zeros=True).reshape(len(tb), -1))
+                             for ang, zoom in VIEWS], 1)
+        p = order[bounds[j]:bounds[j + 1]]
+        best = torch.einsum("pd,pvd->pv", unit[a[p]].float(), views[inv[p] - s]).amax(1)
+        out[p] = (1.0 - best.double()).clamp_min(0.0).numpy()
+    return out
+
+
 def _rank_in_row(rows: np.ndarray, key: np.ndarray) -> np.ndarray:
     """The rank (0 = smallest key) of each entry among the entries of its row → int [P]."""
     o = np.lexsort((key, rows))
@@ -220,6 +299,16 @@ def _rank_in_row(rows: np.ndarray, key: np.ndarray) -> np.ndarray:
     return out
 
 
+def _row_ref(m: int, a: np.ndarray, b: np.ndarray, ra: np.ndarray, rb: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Each pair's reference: min over its two rows of the distance of the row's REF_RANK-th pair
+    (a row without one takes the other row's; NaN where neither has one) → [P]."""
+    ref = np.full(m, np.nan)
+    ia, ib = (ra == REF_RANK) & np.isfinite(d), (rb == REF_RANK) & np.isfinite(d)
+    ref[a[ia]] = d[ia]
+    ref[b[ib]] = d[ib]
+    return np.fmin(ref[a], ref[b])
+
+
 def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 5, top: int = 2, extra=None,
                exact_max: int = 20_000, seed: int = 0) -> dict:
     """Verified copy pairs among the rows of `thumb` (uint8 [M, S·S]), each with a training row.
@@ -227,33 +316,43 @@ def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 
     Candidates: :func:`candidates` plus `extra` (a, b) pairs (the embedding k-NN), flat
     thumbnails (std < MIN_STD: blank images, identical to each other by nature) left out. Each row's
     `top` nearest candidates by descriptor, and its REF_RANK-th (its reference: an ordinary
-    neighbour), are verified (:func:`verify`). A pair is a copy when its aligned distance
-    d ≤ `ratio` · min(ref_a, ref_b) (ref = the row's reference pair's aligned distance; rows
-    without one use the other row's) or d ≤ D_EXACT. Returns {"a", "b" [P] rows (a < b), "d" [P],
-    "ref" [P], "flip" [P] bool (b mirrored), "n_candidates", "n_verified"}.
+    neighbour), are screened (:func:`screen`); a top pair whose screening distance is at most
+    COARSE_RATIO × its rows' screening reference is verified (:func:`verify`), with the reference
+    pairs of its rows. A pair is a copy when its aligned distance d ≤ `ratio` · min(ref_a, ref_b)
+    (ref = the row's reference pair's aligned distance; rows without one use the other row's) or
+    d ≤ D_EXACT. Returns {"a", "b" [P] rows (a < b), "d" [P], "ref" [P], "flip" [P] bool (b
+    mirrored), "n_candidates", "n_screened", "n_verified"}.
     """
     pos = np.asarray(train_pos, np.int64)
-    a, b, _ = candidates(thumb, pos, k, exact_max, seed)
+    small, unit = row_views(thumb)
+    d0, d0f = descriptor(unit)
+    a, b, _ = candidates(mirror_invariant(d0), pos, 2 * k, exact_max, seed)
     if extra is not None:
         a, b = np.r_[a, extra[0]], np.r_[b, extra[1]]
     a, b = _unique_pairs(a, b)
     textured = _spread(thumb) >= MIN_STD
     a, b = a[textured[a] & textured[b]], b[textured[a] & textured[b]]
-    d0, d0f = descriptor(thumb), descriptor(thumb, flip=True)
-    plain, mirr = (d0[a] * d0[b]).sum(1), (d0[a] * d0f[b]).sum(1)
+    plain, mirr = _pair_dots(d0, a, b), _pair_dots(d0f, a, b, d0)
     flip, dd = mirr > plain, 1.0 - np.maximum(plain, mirr)
     # per row (both ends): rank of each pair by descriptor distance
-    rows, key = np.r_[a, b], np.r_[dd, dd]
-    rank = _rank_in_row(rows, key)
+    rank = _rank_in_row(np.r_[a, b], np.r_[dd, dd])
     ra, rb = rank[:len(a)], rank[len(a):]
     sel = (ra < top) | (rb < top) | (ra == REF_RANK) | (rb == REF_RANK)
+    n_cand = int(sel.size)
     a, b, flip, ra, rb = a[sel], b[sel], flip[sel], ra[sel], rb[sel]
-    d = verify(thumb, a, b, flip)
-    ref = np.full(len(thumb), np.nan)
-    ref[a[ra == REF_RANK]] = d[ra == REF_RANK]
-    ref[b[rb == REF_RANK]] = d[rb == REF_RANK]
-    r = np.fmin(ref[a], ref[b])
+    is_top = (ra < top) | (rb < top)
+    # screening: every selected pair, cheaply; the full verification only where it can matter
+    d1 = screen(small, unit, a, b, flip)
+    del small, unit
     with np.errstate(invalid="ignore"):
-        ok = ((d <= ratio * r) | (d <= D_EXACT)) & ((ra < top) | (rb < top))
+        go = is_top & ((d1 <= COARSE_RATIO * _row_ref(len(thumb), a, b, ra, rb, d1)) | (d1 <= D_EXACT))
+    rows_go = np.zeros(len(thumb), bool)
+    rows_go[a[go]] = rows_go[b[go]] = True
+    need = go | ((ra == REF_RANK) & rows_go[a]) | ((rb == REF_RANK) & rows_go[b])
+    d = np.full(len(a), np.nan)
+    d[need] = verify(thumb, a[need], b[need], flip[need])
+    r = _row_ref(len(thumb), a, b, ra, rb, d)
+    with np.errstate(invalid="ignore"):
+        ok = go & ((d <= ratio * r) | (d <= D_EXACT))
     return {"a": a[ok], "b": b[ok], "d": d[ok], "ref": r[ok], "flip": flip[ok],
-            "n_candidates": int(sel.size), "n_verified": int(len(a))}
+            "n_candidates": n_cand, "n_screened": int(len(a)), "n_verified": int(need.sum())}

@@ -78,7 +78,7 @@ def _near_pixels(feats: dict, nn: dict, pos: np.ndarray, ratio: float, seed: int
     rule = (f"aligned pixel distance ≤ {ratio:g} × the pair's ordinary-neighbour distance "
             f"(views: mirror, ±6°, zoom ×0.92/1.08, centred)")
     facts = {"method": "pixels", "copy_ratio": float(ratio), "n_candidates": res["n_candidates"],
-             "n_verified": res["n_verified"], "near_rule": rule}
+             "n_screened": res["n_screened"], "n_verified": res["n_verified"], "near_rule": rule}
     return res["a"], res["b"], res["d"], facts
 
 
