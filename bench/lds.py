@@ -23,9 +23,9 @@ Per world (dataset × noise rate):
    helpful) images, the rest random; each retrained with every seed; predicted change of the mean
    validation loss = Σ_{i∈D} e_i (e: per-image effect, attribution.trak_mean_effect for the TRAK
    family, mean_z τ(z)_i for TracIn) vs measured (mean over seeds, minus the full-set models');
-   Spearman over sets, the least-squares slope measured ≈ slope · predicted (raw), and the
-   pipeline's calibrated ratio measured / (CALIBRATION · predicted) (CALIBRATION was fitted on the
-   digits drop sets; on Fashion-MNIST it is checked, not fitted). The slope of the 50 % subsets'
+   Spearman over sets, the least-squares slope measured ≈ slope · predicted and the median ratio
+   measured / predicted (the TRAK family's effects carry the pipeline's Gauss–Newton scale 1/r̄,
+   attribution.gauss_newton_scale; TracIn's are raw). The slope of the 50 % subsets'
    mean loss on the summed effects (`k_fit` in the JSON) is not a usable calibration: removing half
    the set is far outside the linear regime.
 6. the `harmful` candidates on the default attribution's per-model effects: share flagged, and
@@ -77,7 +77,7 @@ def load_world(a):
         it, iv = train_test_split(idx, test_size=a.n_val, stratify=ya[idx], random_state=0)
         it, iv = np.sort(it), np.sort(iv)
         x, y, xv, yv = np.array(xa[it]), ya[it], np.array(xa[iv]), ya[iv]
-    y_noisy = inject_noise(y, 10, a.noise, "symmetric", seed=0) if a.noise > 0 else y
+    y_noisy = inject_noise(y, 10, a.noise, "symmetric", seed=a.noise_seed) if a.noise > 0 else y
     return x, y_noisy, y_noisy != y, xv, yv
 
 
@@ -159,12 +159,13 @@ def tracin(models, ckpts, xt, yt, xv, yv, head_only=False):
 
 
 def clean_trak(states, xt, yt, xv, yv, kind, k):
-    from pipeline.scores.attribution import features, trak_mean_effect, trak_scores
+    from pipeline.scores.attribution import features, gauss_newton_scale, trak_mean_effect, trak_scores
 
     ms = [model_with(s, x=xt) for s in states]
     tr = [features(m, xt, yt, kind, k, seed=j) for j, m in enumerate(ms)]
     tg = [features(m, xv, yv, kind, k, seed=j) for j, m in enumerate(ms)]
-    return trak_scores(tr, tg), trak_mean_effect(tr, tg)[1]  # τ [V, N], per-model effects [M, N]
+    scale = np.array([1 / gauss_newton_scale(t) for t in tr])[:, None]  # the pipeline's calibration
+    return trak_scores(tr, tg), scale * trak_mean_effect(tr, tg)[1]  # τ [V, N], per-model effects [M, N] (nats)
 
 
 def traker_anchor(states, xt, yt, xv, yv, k, tmp):
@@ -262,13 +263,13 @@ def harmful_rules(attr, effect, default, noisy, val_loss: float) -> dict:
 
     per = attr.get(default + "_eper")
     e = effect[default]
-    from pipeline.rules.influence import HARM_RATIO, harm_ratio
-    from pipeline.scores.attribution import CALIBRATION
+    from pipeline.rules.influence import NULL_QUANTILE, harm_ratio, harmful_mask
 
     rules = {"mean < 0": e < 0}
     if per is not None:  # the `harmful` issue type (pipeline/rules/influence.py) on the calibrated effects
-        rules[f"clean's harmful: every model < 0 and harm ratio > {HARM_RATIO:g}"] = (
-            (per < 0).all(0) & (harm_ratio(CALIBRATION * per, val_loss) > HARM_RATIO))
+        name = f"clean's harmful: every model < 0 and harm > the helpful side's q{NULL_QUANTILE:g}"
+        rules[name] = harmful_mask(per)[0]
+        rules["every model < 0 and harm ratio > 2 (before)"] = (per < 0).all(0) & (harm_ratio(per, val_loss) > 2)
     if per is not None and len(per) > 1:
         m = len(per)
         t = per.mean(0) / (per.std(0, ddof=1) / np.sqrt(m) + 1e-300)
@@ -295,6 +296,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=4000)
     ap.add_argument("--n-val", type=int, default=300)
     ap.add_argument("--noise", type=float, default=0.0)
+    ap.add_argument("--noise-seed", type=int, default=0)
     ap.add_argument("--subsets", type=int, default=50)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--group-seeds", type=int, default=2, help="seeds per drop set (the first of --seeds)")
@@ -303,12 +305,14 @@ def main() -> None:
     ap.add_argument("--proj-dim", type=int, default=1024)
     ap.add_argument("--anchors", nargs="*", default=["traker", "dattri_trak"])
     ap.add_argument("--skip", nargs="*", default=[], help="clean attributions not to compute (e.g. tracin_other_seeds)")
+    ap.add_argument("--no-groups", action="store_true", help="skip the drop sets (group form)")
     ap.add_argument("--default", default="trak", help="the attribution whose ranking makes the drop sets")
     ap.add_argument("--cache", default="/tmp/lds")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    world = f"{a.data}-n{a.noise:g}" + (f"-e{a.epochs}" if a.epochs else "")
+    world = (f"{a.data}-n{a.noise:g}" + (f"-s{a.noise_seed}" if a.noise_seed else "")
+             + (f"-e{a.epochs}" if a.epochs else ""))
     cache = Path(a.cache) / world
     cache.mkdir(parents=True, exist_ok=True)
     log = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {world}: {s}", flush=True)  # noqa: E731
@@ -398,7 +402,7 @@ def main() -> None:
 
     # --- group form ---
     n_drop = int(round(0.1 * N))
-    sets = drop_sets(effect[a.default], n_drop)
+    sets = [] if a.no_groups else drop_sets(effect[a.default], n_drop)
     gseeds = a.seeds[:a.group_seeds]
     full_g = np.mean([base[i]["loss"].mean() for i in range(len(gseeds))])
     meas = []
@@ -412,17 +416,16 @@ def main() -> None:
               for s in gseeds]
         meas.append(np.mean([r["loss"].mean() for r in rs]) - full_g)
     meas = np.array(meas)
-    log("drop sets: " + ", ".join(f"{n}: {m:+.4f}" for (n, _), m in zip(sets, meas)))
-    for m in methods:
+    if sets:
+        log("drop sets: " + ", ".join(f"{n}: {m:+.4f}" for (n, _), m in zip(sets, meas)))
+    for m in (methods if sets else []):
         pred = np.array([effect[m][d].sum() for _, d in sets])
         row = rows.setdefault(m, {"seconds": secs.get(m)})
         row["group_spearman"] = spearman(pred, meas)
         row["ratio_raw"] = float(np.median(meas / np.where(pred == 0, np.nan, pred)))
         row["slope_raw"] = float((pred @ meas) / (pred @ pred))  # least squares through 0: measured ≈ slope · predicted
-        if m.startswith("trak"):  # the pipeline's calibrated prediction (pipeline/scores/attribution.py CALIBRATION)
-            from pipeline.scores.attribution import CALIBRATION
-
-            row["ratio_pipeline"] = float(np.median(meas / (CALIBRATION * pred)))
+        if m.startswith("trak"):  # the pipeline's calibrated prediction (Gauss–Newton scale)
+            row["ratio_pipeline"] = float(np.median(meas / pred))
         if "k_fit" in row:
             cal = row["k_fit"] * pred
             row["ratio_cal"] = float(np.median(meas / cal))
@@ -439,8 +442,8 @@ def main() -> None:
     (cache / f"result_k{a.proj_dim}.json").write_text(json.dumps(out, indent=1, default=str))
     print(f"\n### {world}: N = {N}, V = {V}, M = {a.subsets}, {recipe.epochs} epochs, k = {a.proj_dim}, "
           f"{out['seconds_per_training']:.1f} s per full training\n")
-    print("| attribution | seconds | LDS (± sem) | group Spearman | slope measured/predicted (raw) "
-          "| median measured / (CALIBRATION·predicted) |")
+    print("| attribution | seconds | LDS (± sem) | group Spearman | slope measured/predicted "
+          "| median measured / predicted (TRAK: the pipeline's scale) |")
     print("|---|---|---|---|---|---|")
     for m, r in rows.items():
         s = r.get("seconds")

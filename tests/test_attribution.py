@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models import create_model
-from pipeline.scores.attribution import (CALIBRATION, Features, Sketch, head_grads, margin_grads, margins,
+from pipeline.scores.attribution import (Features, Sketch, gauss_newton_scale, head_grads, margin_grads, margins,
                                          removal_effects, trak_mean_effect, trak_scores)
 
 
@@ -116,7 +116,7 @@ def test_dropping_half_of_a_class_is_predicted_to_raise_that_class_loss_and_does
     assert pred_half.mean() > 5 * abs(pred_other.mean())
     measured = class3_loss(runs(~half)) - class3_loss(base)
     assert measured > 0
-    assert 0.5 <= pred_half.mean() / measured <= 2.0, (pred_half.mean(), measured, CALIBRATION)
+    assert 0.5 <= pred_half.mean() / measured <= 2.0, (pred_half.mean(), measured, att["calibration"])
 
 
 def test_predicted_change_sums_the_removed_and_relabelled_images_per_model(tmp_path):
@@ -128,7 +128,7 @@ def test_predicted_change_sums_the_removed_and_relabelled_images_per_model(tmp_p
     ids = np.array([7, 3, 9, 1, 5])
     eff = np.array([[0.1, -0.2, 0.3, 0.0, 0.05], [0.2, -0.1, 0.1, 0.0, 0.15]])  # [M=2, N]
     np.savez(tmp_path / "a.npz", ids=ids, effects=eff, val_ids=np.array([100, 101]),
-             val_loss=np.array([[0.5, 0.7], [0.6, 0.8]]), calibration=np.float64(4.0))
+             val_loss=np.array([[0.5, 0.7], [0.6, 0.8]]), calibration=np.array([9.0, 11.0]))
     train_ids = np.array([1, 3, 5, 7, 9])  # manifest order differs from the file's
     removed = np.array([False, True, False, True, False])  # ids 3 and 7
     relabeled = np.array([False, False, True, False, False])  # id 5
@@ -142,3 +142,64 @@ def test_predicted_change_sums_the_removed_and_relabelled_images_per_model(tmp_p
     assert flat(out["predicted_dval_loss"]) == {"dloss": round(np.mean(per), 4)}
     with pytest.raises(CleanError, match="no attribution for training id 4.*rerun `clean score`"):
         predicted_change(tmp_path / "a.npz", np.array([1, 3, 4, 7, 9]), removed)
+
+
+def test_gauss_newton_scale_is_the_trace_ratio_and_exact_when_the_curvature_is_uniform():
+    """r̄ = Σ p(1−p)‖φ‖² / Σ‖φ‖²; when every p is equal, TRAK / r̄ is the influence with the
+    Gauss–Newton Hessian ΦᵀRΦ (same relative ridge) exactly."""
+    rng = np.random.default_rng(1)
+    phi = torch.as_tensor(rng.normal(size=(40, 5)))
+    p = torch.as_tensor(rng.uniform(0.2, 0.99, 40))
+    sq = (phi ** 2).sum(1)
+    assert gauss_newton_scale(Features(phi, p)) == pytest.approx(float((p * (1 - p) * sq).sum() / sq.sum()))
+    tr = Features(phi, torch.full((40,), 0.9, dtype=torch.float64))
+    tg = Features(torch.as_tensor(rng.normal(size=(7, 5))), torch.as_tensor(rng.uniform(0.3, 0.9, 7)))
+    r = gauss_newton_scale(tr)
+    assert r == pytest.approx(0.09)
+    h = (phi * r).T @ phi  # ΦᵀRΦ, R = 0.09·I
+    h = h + 0.1 * float(torch.diagonal(h).mean()) * torch.eye(5, dtype=torch.float64)
+    want = (phi @ torch.linalg.solve(h, tg.phi.T @ (1 - tg.p)) / 7 * 0.1).numpy()
+    np.testing.assert_allclose(trak_mean_effect([tr], [tg])[0] / r, want, rtol=1e-9)
+
+
+def test_dropping_the_mislabelled_images_is_predicted_within_a_factor_2_of_retraining(one_thread):
+    """Planted label noise (1 in 8 labels flipped): every seed's model predicts that dropping the
+    flipped images lowers the validation loss, and the mean prediction (Gauss–Newton scaled, no
+    constant) is within a factor 2 of the change measured by retraining the 3 seeds without them
+    (measured 0.87× on this case); as many random clean images are predicted and measured to help.
+    `harmful` (pipeline/rules/influence.py) flags mostly flipped images, and nothing on the clean labels."""
+    from pipeline.rules.influence import harmful_mask
+    from pipeline.training.fit import fit
+    from pipeline.training.infer import predict_logits
+    from pipeline.training.recipe import Recipe
+
+    x, y = _banded(40, 4, seed=0)
+    xv, yv = _banded(12, 4, seed=1)
+    recipe = Recipe(epochs=6, batch_size=16, track=0, device="cpu", workers=0, checkpoint_every=6)
+
+    def loss(keep):
+        rs = [fit(x[keep], y[keep], 4, replace(recipe, seed=s)) for s in range(3)]
+        return rs, np.mean([F.cross_entropy(predict_logits(r.model, xv, r.mean, r.std).double(),
+                                            torch.as_tensor(yv)).item() for r in rs])
+
+    clean = loss(np.ones(len(y), bool))[0]
+    att = removal_effects([r.model for r in clean], x, y, xv, yv, clean[0].mean, clean[0].std, k=256, batch_size=64)
+    assert harmful_mask(att["effects"])[0].sum() == 0
+    rng = np.random.default_rng(0)
+    flip = np.zeros(len(y), bool)
+    flip[rng.choice(len(y), len(y) // 8, replace=False)] = True
+    y[flip] = (y[flip] + 1 + rng.integers(0, 3, flip.sum())) % 4
+
+    base, base_loss = loss(np.ones(len(y), bool))
+    att = removal_effects([r.model for r in base], x, y, xv, yv, base[0].mean, base[0].std, k=256, batch_size=64)
+    assert (att["calibration"] > 1).all()  # TRAK alone under-shoots: 1/r̄ > 1
+    pred = att["effects"][:, flip].sum(1)
+    assert (pred < 0).all()
+    measured = loss(~flip)[1] - base_loss
+    assert measured < 0
+    assert 0.5 <= pred.mean() / measured <= 2.0, (pred, measured, att["calibration"])
+    harm = harmful_mask(att["effects"])[0]
+    assert (harm & flip).sum() >= 0.7 * harm.sum() and (harm & flip).sum() >= 0.3 * flip.sum()
+    rnd = np.zeros(len(y), bool)
+    rnd[rng.choice(np.flatnonzero(~flip), flip.sum(), replace=False)] = True
+    assert att["effects"][:, rnd].sum(1).mean() > 0 and loss(~rnd)[1] - base_loss > 0

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["Sketch", "margins", "margin_grads", "sketched_grads", "head_grads", "Features", "features",
-           "trak_scores", "trak_mean_effect",
+           "trak_scores", "trak_mean_effect", "gauss_newton_scale",
            "removal_effects", "val_probs"]
 
 
@@ -138,7 +138,8 @@ def trak_scores(train: list[Features], target: list[Features], ridge: float = 0.
 
 def trak_mean_effect(train: list[Features], target: list[Features], ridge: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     """Per training image, the predicted effect of its removal on the mean target loss, in nats
-    (before calibration): e_i = mean_z (1 − p_z) τ(z)_i (dL/df = −(1 − p)), → (mean over models
+    (before the Gauss–Newton scale, gauss_newton_scale): e_i = mean_z (1 − p_z) τ(z)_i (dL/df = −(1 − p)),
+    → (mean over models
     [N], per model [M, N]). Never forms the [V, N] matrix: u = (ΦᵀΦ + λI)⁻¹ Φ_zᵀ (1 − p_z)/V."""
     per = []
     for tr, tg in zip(train, target):
@@ -148,8 +149,14 @@ def trak_mean_effect(train: list[Features], target: list[Features], ridge: float
     return per.mean(0), per
 
 
-#: measured nats of mean validation loss per nat of uncalibrated TRAK effect (bench/lds.py): set below
-CALIBRATION = 4.0
+def gauss_newton_scale(train: Features) -> float:
+    """r̄ = Σ_i p_i(1 − p_i)‖φ_i‖² / Σ_i ‖φ_i‖² of one model's training features: the scalar that
+    makes r̄·ΦᵀΦ (TRAK's kernel) match the Gauss–Newton Hessian ΦᵀRΦ, R = diag(p(1 − p)) = d²L/df²,
+    in trace. TRAK drops R, which ranks as well but shrinks every effect by ≈ r̄ (≈ 0.03 on a confident
+    clean model, ≈ 0.1 with 10 % label noise): removal_effects divides by it (docs/methods.md §1.6)."""
+    sq = (train.phi.double() ** 2).sum(1)
+    r = train.p.double() * (1 - train.p.double())
+    return float((r * sq).sum() / sq.sum().clamp_min(1e-300))
 
 
 def _feed(images_u8, labels, mean, std, device, batch_size):
@@ -182,13 +189,15 @@ def _model_features(model: nn.Module, images_u8, labels, mean, std, k: int, seed
 
 def removal_effects(models: list, images_u8, labels, val_images_u8, val_labels, mean, std, k: int = 1024,
                     batch_size: int = 256, device: str = "cpu", progress=None, reference=None) -> dict:
-    """Per model m and training image i, the predicted change of the mean validation loss (nats,
-    calibrated by CALIBRATION) when i is removed: TRAK with count-sketched gradients (module doc).
+    """Per model m and training image i, the predicted change of the mean validation loss (nats)
+    when i is removed: TRAK with count-sketched gradients (module doc), divided by the model's
+    gauss_newton_scale r̄_m (the calibration: no constant fitted to a data set).
 
     `models`: the trained seeds' models (eval mode). The target is the mean loss over the
     reference validation rows (`reference` bool [V]; None = every row — the score stage passes
     pipeline.rules.labels.reference_rows, the rows that are not label issues). Returns
-    {effects [M, N] float64, val_loss [M, V] float64 (per model, every val row), reference [V] bool}.
+    {effects [M, N] float64, val_loss [M, V] float64 (per model, every val row), reference [V] bool,
+    calibration [M] = 1 / r̄_m}.
     """
     from pipeline.scores.compute import _exact_fp32
 
@@ -198,12 +207,13 @@ def removal_effects(models: list, images_u8, labels, val_images_u8, val_labels, 
                 for j, m in enumerate(models)]
         ref = np.ones(len(val_labels), bool) if reference is None else np.asarray(reference, bool)
         val_loss = -np.log(np.clip(np.stack([v.p.numpy() for v in vals]), 1e-300, None))  # p = p(label)
-        effects = []
+        effects, cal = [], []
         for j, m in enumerate(models):
             tr = _model_features(m, images_u8, labels, mean, std, k, j, batch_size, device, progress)
             tg = Features(vals[j].phi[torch.as_tensor(ref)], vals[j].p[torch.as_tensor(ref)])
-            effects.append(trak_mean_effect([tr], [tg])[0])
-    return {"effects": CALIBRATION * np.stack(effects), "val_loss": val_loss, "reference": ref}
+            cal.append(1.0 / max(gauss_newton_scale(tr), 1e-12))
+            effects.append(cal[-1] * trak_mean_effect([tr], [tg])[0])
+    return {"effects": np.stack(effects), "val_loss": val_loss, "reference": ref, "calibration": np.array(cal)}
 
 
 def val_probs(model, images_u8, labels, mean, std, batch_size, device) -> np.ndarray:

@@ -13,7 +13,8 @@ import numpy as np
 from pipeline.registry import SCORES
 
 #: extras the family returns beside its column (one process only, so never gathered across ranks):
-#: effects [N, M], val_ids [V], val_loss [V, M], calibration [1]; the stage writes them to attribution.npz
+#: effects [N, M], val_ids [V], val_loss [V, M], calibration [M] (1/r̄ per model); the stage writes them
+#: to attribution.npz
 EXTRAS = ("attribution_effects", "attribution_val_ids", "attribution_val_loss", "attribution_calibration")
 
 
@@ -40,7 +41,7 @@ def importance_family(inputs, config) -> dict[str, np.ndarray]:
 
     if not config.importance or inputs.val is None or D.enabled() or config.split != "train":
         return {"importance": inputs.nan()}
-    from pipeline.scores.attribution import CALIBRATION, removal_effects
+    from pipeline.scores.attribution import removal_effects
 
     if inputs.progress:
         inputs.progress("log", message=f"importance: TRAK over the seeds' models, k = {config.importance_dim}")
@@ -50,4 +51,4 @@ def importance_family(inputs, config) -> dict[str, np.ndarray]:
                           reference=np.ones(len(inputs.val.labels), bool))
     return {"importance": att["effects"].mean(0), "attribution_effects": att["effects"].T,
             "attribution_val_ids": np.asarray(inputs.val.ids, np.int64), "attribution_val_loss": att["val_loss"].T,
-            "attribution_calibration": np.array([CALIBRATION])}
+            "attribution_calibration": att["calibration"]}

@@ -251,8 +251,9 @@ def _reference(model, val, cfg: dict, batch_size: int, device: str):
 def _write_attribution(path: Path, s: dict, ids: np.ndarray) -> dict | None:
     """attribution.npz from the importance family's extras (popped from `s`): ids [N], effects
     [M, N] (nats, calibrated), val_ids [V], val_loss [M, V] (each seed model's loss of each
-    reference validation row), calibration. Without them (score.importance: false, torchrun)
-    M = V = 0, so the file the DVC stage declares exists. → the meta.json entry."""
+    reference validation row), calibration [M] (each model's 1/r̄, the Gauss–Newton scale in its
+    effects). Without them (score.importance: false, torchrun) M = V = 0, so the file the DVC stage
+    declares exists. → the meta.json entry."""
     from pipeline.scores.importance import EXTRAS
 
     got = {k: s.pop(k) for k in EXTRAS if k in s}
@@ -262,7 +263,7 @@ def _write_attribution(path: Path, s: dict, ids: np.ndarray) -> dict | None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, ids=ids, effects=eff, val_ids=got.get("attribution_val_ids", np.zeros(0, np.int64)),
-                     val_loss=vl, calibration=np.float64(got["attribution_calibration"][0] if got else np.nan))
+                     val_loss=vl, calibration=np.asarray(got.get("attribution_calibration", np.zeros(0)), np.float64))
     return {"file": path.name, "models": int(eff.shape[0]), "n_reference_val": int(vl.shape[1])} if got else None
 
 
