@@ -15,8 +15,8 @@ Works on the 32 × 32 luminance thumbnails `clean score` keeps per image (embedd
    with the VIEWS of b (mirror × rotation ±6° × zoom 0.92/1.08), views made once per row. Only a
    pair whose screen distance is far below its rows' reference (≤ COARSE_RATIO ×) goes on.
 4. **Verification** (:func:`verify`). For the screened pairs and their rows' reference pairs,
-   the best normalised cross-correlation over the pixels both views cover, at 32 × 32, across
-   the same views gives a distance d = 1 − best. A pair is a copy when d is far below what the
+   the normalised cross-correlation over the pixels both views cover, at 32 × 32, in the view
+   the screen found best, gives a distance d = 1 − correlation. A pair is a copy when d is far below what the
    row sees from its ordinary neighbours: d ≤ `ratio` · min(ref_a, ref_b), ref = the row's
    reference pair's verified distance (Lowe's ratio test, per row, so it adapts to how alike a
    class's images are), or d ≤ `D_EXACT` (a pixel-identical re-encoding). The ratio is the
@@ -144,18 +144,21 @@ def _unit(x):
 
 def row_views(thumb: np.ndarray, chunk: int = 2048):
     """Per row of thumbnails uint8 [M, S·S]: the blurred thumbnail at COARSE_SIDE (float16 tensor
-    [M, C, C]) and its canonical view, zero-padded, zero-mean unit-norm (float16 tensor [M, C²]);
-    in chunks, so memory stays at 1 KiB a row."""
+    [M, C, C]), its canonical view, zero-padded, zero-mean unit-norm (float16 tensor [M, C²]) and
+    the thumbnail's luminance std in [0, 1] (float32 [M]); in chunks, so memory stays at 1 KiB a row."""
     import torch
 
     c = COARSE_SIDE
     small = torch.empty((len(thumb), c, c), dtype=torch.float16)
     unit = torch.empty((len(thumb), c * c), dtype=torch.float16)
+    spread = np.empty(len(thumb), np.float32)
     for s in range(0, len(thumb), chunk):
-        t = _small(_thumbs(thumb[s:s + chunk]), c)
+        raw = _thumbs(thumb[s:s + chunk])
+        spread[s:s + len(raw)] = raw.reshape(len(raw), -1).std(1).numpy()
+        t = _small(raw, c)
         small[s:s + len(t)] = t.half()
         unit[s:s + len(t)] = _unit(canonical(t, zeros=True).reshape(len(t), -1)).half()
-    return small, unit
+    return small, unit, spread
 
 
 def descriptor(unit) -> tuple[np.ndarray, np.ndarray]:
@@ -171,12 +174,6 @@ def descriptor(unit) -> tuple[np.ndarray, np.ndarray]:
         out[s:s + len(v)] = _unit(F.adaptive_avg_pool2d(v, DESC_SIDE).reshape(len(v), -1)).numpy()
     flip = out.reshape(-1, DESC_SIDE, DESC_SIDE)[:, :, ::-1].reshape(len(out), -1)
     return out, np.ascontiguousarray(flip)
-
-
-def _spread(thumb: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    """Luminance std of each thumbnail uint8 [N, S·S] → float32 [N] in [0, 1]."""
-    return np.concatenate([np.asarray(thumb[s:s + chunk], np.float32).std(1) / 255.0
-                           for s in range(0, len(thumb), chunk)]) if len(thumb) else np.zeros(0, np.float32)
 
 
 def mirror_invariant(desc: np.ndarray) -> np.ndarray:
@@ -232,45 +229,16 @@ def _masked_ncc(x, y, m):
     return (x0 * y0).sum(1) / (x0.norm(dim=1) * y0.norm(dim=1)).clamp_min(1e-8)
 
 
-def verify(thumb: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray | None = None,
-           chunk: int = 1024) -> np.ndarray:
-    """Aligned distance of each pair (rows a, b of thumb uint8 [M, S·S]): 1 − the best
-    normalised cross-correlation of the blurred canonical views, over the pixels both views
-    cover, across rotation × zoom views of b (VIEWS; mirrored where `flip` [P] bool, else both)
-    → float64 [P] in [0, 2] (0 = identical after alignment)."""
+def screen(small, unit, a: np.ndarray, b: np.ndarray, flip: np.ndarray,
+           chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """A cheap stand-in for :func:`verify` that decides which pairs to verify, and in which view: at
+    COARSE_SIDE, the best plain normalised cross-correlation (zero padding, no mask) of a's
+    canonical view (`unit`, :func:`row_views`) with the VIEWS of b (mirrored where `flip` [P]) →
+    (1 − best, float64 [P]; the best view's index into VIEWS, int [P]). The views are made once
+    per (row, mirror) and shared by that row's pairs."""
     import torch
 
-    out = np.empty(len(a), np.float64)
-    flips = [None] if flip is not None else [False, True]
-    rows = np.unique(np.r_[a, b])
-    # the candidate rows, blurred, kept in float16 (2 bytes a pixel) and widened chunk by chunk
-    blurred = torch.empty((len(rows),) + _small(_thumbs(thumb[:1])).shape[1:], dtype=torch.float16)
-    for s in range(0, len(rows), chunk):
-        blurred[s:s + chunk] = _small(_thumbs(thumb[rows[s:s + chunk]])).half()
-    ia, ib = np.searchsorted(rows, a), np.searchsorted(rows, b)
-    for s in range(0, len(a), chunk):
-        ta, tb = blurred[ia[s:s + chunk]].float(), blurred[ib[s:s + chunk]].float()
-        va, ma = canonical(ta, mask=True)
-        best = torch.full((len(ta),), -1.0)
-        for fl in flips:
-            f = torch.as_tensor(flip[s:s + chunk]) if fl is None else torch.full((len(tb),), fl)
-            tbf = torch.where(f[:, None, None], tb.flip(-1), tb)
-            centre = centroid(tbf)
-            for ang, zoom in VIEWS:
-                vb, mb = canonical(tbf, False, ang, zoom, mask=True, centre=centre)
-                best = torch.maximum(best, _masked_ncc(va, vb, ma * mb))
-        out[s:s + chunk] = (1.0 - best.double()).clamp_min(0.0).numpy()
-    return out
-
-
-def screen(small, unit, a: np.ndarray, b: np.ndarray, flip: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """A cheap stand-in for :func:`verify` that decides which pairs to verify: at COARSE_SIDE, the
-    best plain normalised cross-correlation (zero padding, no mask) of a's canonical view
-    (`unit`, :func:`row_views`) with the VIEWS of b (mirrored where `flip` [P]) → 1 − best,
-    float64 [P]. The views are made once per (row, mirror) and shared by that row's pairs."""
-    import torch
-
-    out = np.empty(len(a), np.float64)
+    out, which = np.empty(len(a), np.float64), np.zeros(len(a), np.int64)
     uk, inv = np.unique(np.asarray(b, np.int64) * 2 + np.asarray(flip, np.int64), return_inverse=True)
     inv = inv.ravel()
     order = np.argsort(inv, kind="stable")
@@ -283,8 +251,52 @@ def screen(small, unit, a: np.ndarray, b: np.ndarray, flip: np.ndarray, chunk: i
         views = torch.stack([_unit(canonical(tb, False, ang, zoom, centre=centre, zeros=True).reshape(len(tb), -1))
                              for ang, zoom in VIEWS], 1)
         p = order[bounds[j]:bounds[j + 1]]
-        best = torch.einsum("pd,pvd->pv", unit[a[p]].float(), views[inv[p] - s]).amax(1)
+        best, arg = torch.einsum("pd,pvd->pv", unit[a[p]].float(), views[inv[p] - s]).max(1)
         out[p] = (1.0 - best.double()).clamp_min(0.0).numpy()
+        which[p] = arg.numpy()
+    return out, which
+
+
+def _view(t, view: np.ndarray, cy, cx):
+    """Per-pair view of thumbnails t [P, S, S]: VIEWS[view[i]] about the centre (cy, cx) [P] →
+    (zero-padded view [P, S, S], mask of the pixels inside the source [P, S, S])."""
+    import torch
+    import torch.nn.functional as F
+
+    s = t.shape[-1]
+    grids = torch.stack([_view_grid(s, float(ang), float(z)) for ang, z in VIEWS])
+    zoom = torch.tensor([z for _, z in VIEWS], dtype=torch.float32)[torch.as_tensor(view)]
+    grid = grids[torch.as_tensor(view)] + torch.stack([cx, cy], -1)[:, None, None, :]
+    out = F.grid_sample(t[:, None], grid, padding_mode="zeros", align_corners=False)[:, 0]
+    lim = 1.0 - 1.0 / s
+    c = (2.0 * torch.arange(s, dtype=torch.float32) + 1.0) / s - 1.0
+    mx = ((c[None] / zoom[:, None] + cx[:, None]).abs() <= lim).float()
+    my = ((c[None] / zoom[:, None] + cy[:, None]).abs() <= lim).float()
+    return out, my[:, :, None] * mx[:, None, :]
+
+
+def verify(thumb: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray, view: np.ndarray,
+           chunk: int = 1024) -> np.ndarray:
+    """Aligned distance of each pair (rows a, b of thumb uint8 [M, S·S]): 1 − the normalised
+    cross-correlation of the blurred canonical views at VERIFY_SIDE, over the pixels both views
+    cover, b mirrored where `flip` [P] and seen in VIEWS[view] [P] (the screen's best view: the
+    best of all views changed no pair on the tuning seed, at a fifth of the cost)
+    → float64 [P] in [0, 2] (0 = identical after alignment)."""
+    import torch
+
+    out = np.empty(len(a), np.float64)
+    rows = np.unique(np.r_[a, b])
+    # the candidate rows, blurred, kept in float16 (2 bytes a pixel) and widened chunk by chunk
+    blurred = torch.empty((len(rows),) + _small(_thumbs(thumb[:1])).shape[1:], dtype=torch.float16)
+    for s in range(0, len(rows), chunk):
+        blurred[s:s + chunk] = _small(_thumbs(thumb[rows[s:s + chunk]])).half()
+    ia, ib = np.searchsorted(rows, a), np.searchsorted(rows, b)
+    for s in range(0, len(a), chunk):
+        ta, tb = blurred[ia[s:s + chunk]].float(), blurred[ib[s:s + chunk]].float()
+        va, ma = canonical(ta, mask=True)
+        tb = torch.where(torch.as_tensor(flip[s:s + chunk])[:, None, None], tb.flip(-1), tb)
+        vb, mb = _view(tb, view[s:s + chunk], *centroid(tb))
+        out[s:s + chunk] = (1.0 - _masked_ncc(va, vb, ma * mb).double()).clamp_min(0.0).numpy()
     return out
 
 
@@ -317,20 +329,20 @@ def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 
     thumbnails (std < MIN_STD: blank images, identical to each other by nature) left out. Each row's
     `top` nearest candidates by descriptor, and its REF_RANK-th (its reference: an ordinary
     neighbour), are screened (:func:`screen`); a top pair whose screening distance is at most
-    COARSE_RATIO × its rows' screening reference is verified (:func:`verify`), with the reference
-    pairs of its rows. A pair is a copy when its aligned distance d ≤ `ratio` · min(ref_a, ref_b)
+    COARSE_RATIO × its rows' screening reference is verified (:func:`verify`, in the screen's best
+    view), with the reference pairs of its rows. A pair is a copy when its aligned distance d ≤ `ratio` · min(ref_a, ref_b)
     (ref = the row's reference pair's aligned distance; rows without one use the other row's) or
     d ≤ D_EXACT. Returns {"a", "b" [P] rows (a < b), "d" [P], "ref" [P], "flip" [P] bool (b
     mirrored), "n_candidates", "n_screened", "n_verified"}.
     """
     pos = np.asarray(train_pos, np.int64)
-    small, unit = row_views(thumb)
+    small, unit, spread = row_views(thumb)
     d0, d0f = descriptor(unit)
     a, b, _ = candidates(mirror_invariant(d0), pos, 2 * k, exact_max, seed)
     if extra is not None:
         a, b = np.r_[a, extra[0]], np.r_[b, extra[1]]
     a, b = _unique_pairs(a, b)
-    textured = _spread(thumb) >= MIN_STD
+    textured = spread >= MIN_STD
     a, b = a[textured[a] & textured[b]], b[textured[a] & textured[b]]
     plain, mirr = _pair_dots(d0, a, b), _pair_dots(d0f, a, b, d0)
     flip, dd = mirr > plain, 1.0 - np.maximum(plain, mirr)
@@ -342,7 +354,7 @@ def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 
     a, b, flip, ra, rb = a[sel], b[sel], flip[sel], ra[sel], rb[sel]
     is_top = (ra < top) | (rb < top)
     # screening: every selected pair, cheaply; the full verification only where it can matter
-    d1 = screen(small, unit, a, b, flip)
+    d1, view = screen(small, unit, a, b, flip)
     del small, unit
     with np.errstate(invalid="ignore"):
         go = is_top & ((d1 <= COARSE_RATIO * _row_ref(len(thumb), a, b, ra, rb, d1)) | (d1 <= D_EXACT))
@@ -350,7 +362,7 @@ def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 
     rows_go[a[go]] = rows_go[b[go]] = True
     need = go | ((ra == REF_RANK) & rows_go[a]) | ((rb == REF_RANK) & rows_go[b])
     d = np.full(len(a), np.nan)
-    d[need] = verify(thumb, a[need], b[need], flip[need])
+    d[need] = verify(thumb, a[need], b[need], flip[need], view[need])
     r = _row_ref(len(thumb), a, b, ra, rb, d)
     with np.errstate(invalid="ignore"):
         ok = go & ((d <= ratio * r) | (d <= D_EXACT))
