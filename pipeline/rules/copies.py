@@ -30,7 +30,7 @@ import numpy as np
 
 #: descriptor side (candidate search) and verification views
 DESC_SIDE = 8
-#: (rotation degrees, zoom) views of the second image of a pair
+#: (rotation degrees, zoom) views of the second image of a pair (the first: the canonical view)
 VIEWS = ((0.0, 1.0), (0.0, 0.92), (0.0, 1.08), (-6.0, 1.0), (6.0, 1.0))
 #: thumbnails whose luminance spread (std, in [0, 1]) is below this are flat: no near-copy check
 MIN_STD = 0.02
@@ -38,19 +38,18 @@ MIN_STD = 0.02
 REF_RANK = 4
 #: verified distance at or below which a pair is a copy whatever its neighbours (re-encodings)
 D_EXACT = 0.002
-#: IVF lists visited per search-key query (beyond knn.EXACT_MAX indexed rows; as knn.NPROBE)
-DESC_NPROBE = 12
+#: IVF lists visited per search-key query (beyond knn.EXACT_MAX indexed rows): a copy's key sits in
+#: its original's list; 4 found the same sets as 12 on planted seed 1 (IVF forced), at half the time
+DESC_NPROBE = 4
 #: side of the screening views (:func:`screen`, a cheap first pass over every candidate pair)
 COARSE_SIDE = 16
 #: a pair goes on to the full verification when its screening distance ≤ this × its rows' screening reference
 COARSE_RATIO = 0.6
 
 
-def _thumbs(thumb: np.ndarray):
-    """uint8 [N, S·S] → float32 tensor [N, S, S] in [0, 1]."""
-    import torch
-
-    t = torch.as_tensor(np.asarray(thumb), dtype=torch.float32) / 255.0
+def _thumbs(thumb: np.ndarray) -> np.ndarray:
+    """uint8 [N, S·S] → float32 [N, S, S] in [0, 1]."""
+    t = np.asarray(thumb, np.float32) * np.float32(1.0 / 255.0)
     s = int(round(t.shape[1] ** 0.5))
     return t.reshape(len(t), s, s)
 
@@ -60,118 +59,131 @@ VERIFY_SIDE = 32
 
 
 @functools.lru_cache(maxsize=16)
-def _smoothing(s: int, side: int):
+def _smoothing(s: int, side: int) -> np.ndarray:
     """[side', S] matrix of the 1-2-1 binomial blur (zero-padded) followed by 2 × 2 averaging while
     the side exceeds `side`; applied along both axes (a 3 × 3 binomial blur, JPEG noise and resampling
     differences average out, then average pooling)."""
-    import torch
-
-    m = torch.as_tensor(0.5 * np.eye(s) + 0.25 * (np.eye(s, k=1) + np.eye(s, k=-1)), dtype=torch.float32)
+    m = 0.5 * np.eye(s) + 0.25 * (np.eye(s, k=1) + np.eye(s, k=-1))
     while m.shape[0] > side and m.shape[0] >= 2:
-        e = torch.eye(m.shape[0])
-        m = (0.5 * (e[0::2] + e[1::2])) @ m
-    return m
+        m = 0.5 * (m[0::2] + m[1::2])
+    return m.astype(np.float32)
 
 
-def _small(t, side: int = VERIFY_SIDE):
+def _small(t: np.ndarray, side: int = VERIFY_SIDE) -> np.ndarray:
     """Blurred thumbnails [N, S, S] at a resolution of at most `side` (2 × 2 averaging while larger),
     as two matrix products (one per axis)."""
     n, s = t.shape[0], t.shape[-1]
     m = _smoothing(s, side)
     o = m.shape[0]
-    y = (t.reshape(-1, s) @ m.T).reshape(n, s, o).transpose(1, 2).reshape(-1, s) @ m.T
-    return y.reshape(n, o, o).transpose(1, 2).contiguous()
+    y = (t.reshape(-1, s) @ m.T).reshape(n, s, o).transpose(0, 2, 1).reshape(-1, s) @ m.T
+    return np.ascontiguousarray(y.reshape(n, o, o).transpose(0, 2, 1))
 
 
-def centroid(t):
+def centroid(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Intensity centroid (above each image's minimum) of [N, S, S] → (cy, cx) [N] in [−1, 1] grid units."""
-    import torch
-
     n, s = t.shape[0], t.shape[-1]
-    w = t - t.reshape(n, -1).amin(1)[:, None, None]
-    tot = w.reshape(n, -1).sum(1).clamp_min(1e-6)
-    ys = torch.linspace(-1, 1, s)
-    return (w.sum(2) * ys).sum(1) / tot, (w.sum(1) * ys).sum(1) / tot
+    w = t - t.reshape(n, -1).min(1)[:, None, None]
+    tot = np.maximum(w.reshape(n, -1).sum(1), 1e-6)
+    ys = np.linspace(-1, 1, s, dtype=np.float32)
+    return (w.sum(2) @ ys) / tot, (w.sum(1) @ ys) / tot
 
 
 @functools.lru_cache(maxsize=64)
-def _view_grid(s: int, angle: float, zoom: float):
+def _view_grid(s: int, angle: float, zoom: float) -> np.ndarray:
     """Sampling grid [S, S, 2] (x, y) of a rotation by `angle` degrees and magnification `zoom` about
     the centre (F.affine_grid's convention, align_corners=False), before the per-image shift."""
-    import torch
-
-    c = (2.0 * torch.arange(s, dtype=torch.float32) + 1.0) / s - 1.0
-    y, x = torch.meshgrid(c, c, indexing="ij")
+    c = (2.0 * np.arange(s) + 1.0) / s - 1.0
+    y, x = np.meshgrid(c, c, indexing="ij")
     a = np.deg2rad(angle)
     gx = (np.cos(a) * x - np.sin(a) * y) / zoom
     gy = (np.sin(a) * x + np.cos(a) * y) / zoom
-    return torch.stack([gx, gy], -1)
+    return np.stack([gx, gy], -1).astype(np.float32)
+
+
+def _sample(t: np.ndarray, gx: np.ndarray, gy: np.ndarray, zeros: bool) -> np.ndarray:
+    """Bilinear samples of t [N, S, S] at grid points (gx, gy) [N, S, S] (align_corners=False
+    units, as F.grid_sample); outside the image zeros, or else the nearest border pixel."""
+    n, s = t.shape[0], t.shape[-1]
+    w = s + 2
+    lo, hi = (-1.0, float(s)) if zeros else (0.0, float(s - 1))
+    pix = []
+    for g in (gx, gy):  # grid units → pixel coordinates, clipped; floor and fraction
+        p = np.clip(g * np.float32(s / 2) + np.float32((s - 1) / 2), lo, hi)
+        p0 = np.minimum(np.floor(p), hi - 1)
+        pix.append((p0, p - p0))
+    (x0, wx), (y0, wy) = pix
+    pad = np.zeros((n, w, w), np.float32)
+    pad[:, 1:-1, 1:-1] = t
+    flat = pad.reshape(-1)
+    idx = (y0 * w + x0).astype(np.int32) + (np.arange(n, dtype=np.int32) * (w * w) + w + 1)[:, None, None]
+    v00, v01 = np.take(flat, idx), np.take(flat, idx + 1)
+    v10, v11 = np.take(flat, idx + w), np.take(flat, idx + (w + 1))
+    top = v00 + wx * (v01 - v00)
+    return top + wy * (v10 + wx * (v11 - v10) - top)
+
+
+def _inside(s: int, zoom, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
+    """0/1 mask [N, S, S] of the view pixels whose source lies inside the image (the rotation's
+    corners are ignored: separable, cheap); zoom: a number or [N]."""
+    lim = 1.0 - 1.0 / s  # sample points at most half a pixel from the border centres stay inside
+    c = ((2.0 * np.arange(s) + 1.0) / s - 1.0)[None, :] / np.reshape(zoom, (-1, 1))
+    mx = (np.abs(c + cx[:, None]) <= lim).astype(np.float32)
+    my = (np.abs(c + cy[:, None]) <= lim).astype(np.float32)
+    return my[:, :, None] * mx[:, None, :]
 
 
 def canonical(t, flip=False, angle: float = 0.0, zoom: float = 1.0, mask: bool = False, centre=None,
               zeros: bool = False):
     """Thumbnails [N, S, S] re-sampled with their intensity centroid at the centre, then rotated by
-    `angle` degrees and magnified by `zoom` (mirrored where `flip`: bool or bool tensor [N]) →
+    `angle` degrees and magnified by `zoom` (mirrored where `flip`: bool or bool array [N]) →
     float32 [N, S, S]; with `mask` also the pixels that fall inside the source ([N, S, S] 0/1).
     Outside the source: zeros with `mask` or `zeros`, else the nearest border pixel.
     centre: the (cy, cx) of the (mirrored) images when already known (:func:`centroid`)."""
-    import torch
-    import torch.nn.functional as F
-
-    if isinstance(flip, bool):
-        t = t.flip(-1) if flip else t
+    t = np.asarray(t, np.float32)
+    if isinstance(flip, (bool, np.bool_)):
+        t = t[:, :, ::-1] if flip else t
     else:
-        t = torch.where(flip[:, None, None], t.flip(-1), t)
+        t = np.where(np.asarray(flip)[:, None, None], t[:, :, ::-1], t)
     s = t.shape[-1]
     cy, cx = centroid(t) if centre is None else centre
-    grid = _view_grid(s, float(angle), float(zoom))[None] + torch.stack([cx, cy], -1)[:, None, None, :]
-    out = F.grid_sample(t[:, None], grid, padding_mode="zeros" if mask or zeros else "border", align_corners=False)[:, 0]
-    if not mask:
-        return out
-    # pixels whose source lies inside the image; the rotation's corners are ignored (separable, cheap)
-    lim = 1.0 - 1.0 / s  # sample points at most half a pixel from the border centres stay inside
-    c = (2.0 * torch.arange(s, dtype=torch.float32) + 1.0) / s - 1.0
-    mx = ((c[None] / zoom + cx[:, None]).abs() <= lim).float()
-    my = ((c[None] / zoom + cy[:, None]).abs() <= lim).float()
-    return out, my[:, :, None] * mx[:, None, :]
+    g = _view_grid(s, float(angle), float(zoom))
+    out = _sample(t, g[None, :, :, 0] + cx[:, None, None], g[None, :, :, 1] + cy[:, None, None], mask or zeros)
+    return (out, _inside(s, zoom, cy, cx)) if mask else out
 
 
-def _unit(x):
-    """Rows zero-mean, unit-norm (an all-constant row stays zero): float32 tensor [N, D]."""
-    x = x - x.mean(1, keepdim=True)
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows zero-mean, unit-norm (an all-constant row stays zero): float32 [N, D]."""
+    x = x - x.mean(1, keepdims=True)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
 
 
 def row_views(thumb: np.ndarray, chunk: int = 2048):
-    """Per row of thumbnails uint8 [M, S·S]: the blurred thumbnail at COARSE_SIDE (float16 tensor
-    [M, C, C]), its canonical view, zero-padded, zero-mean unit-norm (float16 tensor [M, C²]) and
-    the thumbnail's luminance std in [0, 1] (float32 [M]); in chunks, so memory stays at 1 KiB a row."""
-    import torch
-
+    """Per row of thumbnails uint8 [M, S·S]: the blurred thumbnail at COARSE_SIDE (float32 [M, C, C]),
+    its canonical view, zero-padded, zero-mean unit-norm (float32 [M, C²]) and the thumbnail's
+    luminance std in [0, 1] (float32 [M]); in chunks, so memory stays at 2 KiB a row."""
     c = COARSE_SIDE
-    small = torch.empty((len(thumb), c, c), dtype=torch.float16)
-    unit = torch.empty((len(thumb), c * c), dtype=torch.float16)
+    small = np.empty((len(thumb), c, c), np.float32)
+    unit = np.empty((len(thumb), c * c), np.float32)
     spread = np.empty(len(thumb), np.float32)
     for s in range(0, len(thumb), chunk):
         raw = _thumbs(thumb[s:s + chunk])
-        spread[s:s + len(raw)] = raw.reshape(len(raw), -1).std(1).numpy()
+        spread[s:s + len(raw)] = raw.reshape(len(raw), -1).std(1)
         t = _small(raw, c)
-        small[s:s + len(t)] = t.half()
-        unit[s:s + len(t)] = _unit(canonical(t, zeros=True).reshape(len(t), -1)).half()
+        small[s:s + len(t)] = t
+        unit[s:s + len(t)] = _unit(canonical(t, zeros=True).reshape(len(t), -1))
     return small, unit, spread
 
 
-def descriptor(unit) -> tuple[np.ndarray, np.ndarray]:
+def descriptor(unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The candidate-search descriptors from :func:`row_views`' canonical views [M, C²]: the view
     averaged to DESC_SIDE × DESC_SIDE, zero-mean unit-norm, and the same of the mirror image (the
     canonical view of a mirrored image is the mirrored canonical view) → float32 ([M, D], [M, D])."""
-    import torch.nn.functional as F
-
     c = int(round(unit.shape[1] ** 0.5))
+    f = c // DESC_SIDE
     out = np.empty((len(unit), DESC_SIDE * DESC_SIDE), np.float32)
     for s in range(0, len(unit), 8192):
-        v = unit[s:s + 8192].float().reshape(-1, 1, c, c)
-        out[s:s + len(v)] = _unit(F.adaptive_avg_pool2d(v, DESC_SIDE).reshape(len(v), -1)).numpy()
+        v = unit[s:s + 8192].reshape(-1, DESC_SIDE, f, DESC_SIDE, f).mean((2, 4))
+        out[s:s + len(v)] = _unit(v.reshape(len(v), -1))
     flip = out.reshape(-1, DESC_SIDE, DESC_SIDE)[:, :, ::-1].reshape(len(out), -1)
     return out, np.ascontiguousarray(flip)
 
@@ -220,13 +232,18 @@ def _pair_dots(x: np.ndarray, a: np.ndarray, b: np.ndarray, y: np.ndarray | None
     return out
 
 
-def _masked_ncc(x, y, m):
+def _masked_ncc(x: np.ndarray, y: np.ndarray, m: np.ndarray) -> np.ndarray:
     """Normalised cross-correlation of [P, S, S] x and y over the mask m → [P]."""
     x, y, m = x.reshape(len(x), -1), y.reshape(len(y), -1), m.reshape(len(m), -1)
-    n = m.sum(1).clamp_min(1.0)
+    n = np.maximum(m.sum(1), 1.0)
     x0 = (x - ((x * m).sum(1) / n)[:, None]) * m
     y0 = (y - ((y * m).sum(1) / n)[:, None]) * m
-    return (x0 * y0).sum(1) / (x0.norm(dim=1) * y0.norm(dim=1)).clamp_min(1e-8)
+    return (x0 * y0).sum(1) / np.maximum(np.linalg.norm(x0, axis=1) * np.linalg.norm(y0, axis=1), 1e-8)
+
+
+def _mirror(t: np.ndarray, flip: np.ndarray) -> np.ndarray:
+    """t [N, S, S] mirrored left-right where flip [N] (bool)."""
+    return np.where(np.asarray(flip, bool)[:, None, None], t[:, :, ::-1], t)
 
 
 def screen(small, unit, a: np.ndarray, b: np.ndarray, flip: np.ndarray,
@@ -236,43 +253,35 @@ def screen(small, unit, a: np.ndarray, b: np.ndarray, flip: np.ndarray,
     canonical view (`unit`, :func:`row_views`) with the VIEWS of b (mirrored where `flip` [P]) →
     (1 − best, float64 [P]; the best view's index into VIEWS, int [P]). The views are made once
     per (row, mirror) and shared by that row's pairs."""
-    import torch
-
     out, which = np.empty(len(a), np.float64), np.zeros(len(a), np.int64)
     uk, inv = np.unique(np.asarray(b, np.int64) * 2 + np.asarray(flip, np.int64), return_inverse=True)
     inv = inv.ravel()
     order = np.argsort(inv, kind="stable")
     bounds = np.searchsorted(inv[order], np.arange(0, len(uk) + chunk, chunk))
     for j, s in enumerate(range(0, len(uk), chunk)):
-        tb = small[uk[s:s + chunk] // 2].float()
-        fl = torch.as_tensor(uk[s:s + chunk] % 2 == 1)
-        tb = torch.where(fl[:, None, None], tb.flip(-1), tb)
+        fl = uk[s:s + chunk] % 2 == 1
+        tb = _mirror(small[uk[s:s + chunk] // 2], fl)
         centre = centroid(tb)
-        views = torch.stack([_unit(canonical(tb, False, ang, zoom, centre=centre, zeros=True).reshape(len(tb), -1))
-                             for ang, zoom in VIEWS], 1)
+        # VIEWS[0] is the canonical view: the row's own, mirrored where b is
+        plain = _mirror(unit[uk[s:s + chunk] // 2].reshape(len(tb), COARSE_SIDE, COARSE_SIDE), fl)
+        views = np.stack([plain.reshape(len(tb), -1)] + [
+            _unit(canonical(tb, False, ang, zoom, centre=centre, zeros=True).reshape(len(tb), -1))
+            for ang, zoom in VIEWS[1:]], 1)
         p = order[bounds[j]:bounds[j + 1]]
-        best, arg = torch.einsum("pd,pvd->pv", unit[a[p]].float(), views[inv[p] - s]).max(1)
-        out[p] = (1.0 - best.double()).clamp_min(0.0).numpy()
-        which[p] = arg.numpy()
+        sim = np.matmul(views[inv[p] - s], unit[a[p]][:, :, None])[:, :, 0]
+        which[p] = sim.argmax(1)
+        out[p] = np.maximum(1.0 - sim.max(1).astype(np.float64), 0.0)
     return out, which
 
 
-def _view(t, view: np.ndarray, cy, cx):
+def _view(t: np.ndarray, view: np.ndarray, cy: np.ndarray, cx: np.ndarray):
     """Per-pair view of thumbnails t [P, S, S]: VIEWS[view[i]] about the centre (cy, cx) [P] →
     (zero-padded view [P, S, S], mask of the pixels inside the source [P, S, S])."""
-    import torch
-    import torch.nn.functional as F
-
     s = t.shape[-1]
-    grids = torch.stack([_view_grid(s, float(ang), float(z)) for ang, z in VIEWS])
-    zoom = torch.tensor([z for _, z in VIEWS], dtype=torch.float32)[torch.as_tensor(view)]
-    grid = grids[torch.as_tensor(view)] + torch.stack([cx, cy], -1)[:, None, None, :]
-    out = F.grid_sample(t[:, None], grid, padding_mode="zeros", align_corners=False)[:, 0]
-    lim = 1.0 - 1.0 / s
-    c = (2.0 * torch.arange(s, dtype=torch.float32) + 1.0) / s - 1.0
-    mx = ((c[None] / zoom[:, None] + cx[:, None]).abs() <= lim).float()
-    my = ((c[None] / zoom[:, None] + cy[:, None]).abs() <= lim).float()
-    return out, my[:, :, None] * mx[:, None, :]
+    grids = np.stack([_view_grid(s, float(ang), float(z)) for ang, z in VIEWS])[view]
+    zoom = np.asarray([z for _, z in VIEWS], np.float32)[view]
+    out = _sample(t, grids[..., 0] + cx[:, None, None], grids[..., 1] + cy[:, None, None], True)
+    return out, _inside(s, zoom, cy, cx)
 
 
 def verify(thumb: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray, view: np.ndarray,
@@ -282,21 +291,19 @@ def verify(thumb: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray, vi
     cover, b mirrored where `flip` [P] and seen in VIEWS[view] [P] (the screen's best view: the
     best of all views changed no pair on the tuning seed, at a fifth of the cost)
     → float64 [P] in [0, 2] (0 = identical after alignment)."""
-    import torch
-
     out = np.empty(len(a), np.float64)
     rows = np.unique(np.r_[a, b])
     # the candidate rows, blurred, kept in float16 (2 bytes a pixel) and widened chunk by chunk
-    blurred = torch.empty((len(rows),) + _small(_thumbs(thumb[:1])).shape[1:], dtype=torch.float16)
+    blurred = np.empty((len(rows),) + _small(_thumbs(thumb[:1])).shape[1:], np.float16)
     for s in range(0, len(rows), chunk):
-        blurred[s:s + chunk] = _small(_thumbs(thumb[rows[s:s + chunk]])).half()
+        blurred[s:s + chunk] = _small(_thumbs(thumb[rows[s:s + chunk]]))
     ia, ib = np.searchsorted(rows, a), np.searchsorted(rows, b)
     for s in range(0, len(a), chunk):
-        ta, tb = blurred[ia[s:s + chunk]].float(), blurred[ib[s:s + chunk]].float()
+        ta, tb = blurred[ia[s:s + chunk]].astype(np.float32), blurred[ib[s:s + chunk]].astype(np.float32)
         va, ma = canonical(ta, mask=True)
-        tb = torch.where(torch.as_tensor(flip[s:s + chunk])[:, None, None], tb.flip(-1), tb)
+        tb = _mirror(tb, flip[s:s + chunk])
         vb, mb = _view(tb, view[s:s + chunk], *centroid(tb))
-        out[s:s + chunk] = (1.0 - _masked_ncc(va, vb, ma * mb).double()).clamp_min(0.0).numpy()
+        out[s:s + chunk] = np.maximum(1.0 - _masked_ncc(va, vb, ma * mb).astype(np.float64), 0.0)
     return out
 
 
