@@ -214,6 +214,13 @@ def candidates(work: Path, man: pd.DataFrame, flags: pd.DataFrame, wanted: list[
             keep_t &= ~agree
         elif name == "relabel-flagged":
             lab_t[is_label] = sug[is_label]
+        elif name == "relabel-sure":  # precision first: both views agree and p̄ >= 0.7
+            sure = agree & (sp >= 0.7)
+            lab_t[sure] = sug[sure]
+        elif name == "tp-relabel":  # diagnostic (uses the truth): relabel-agree without its false positives
+            true_t = man["true"].to_numpy()[train]
+            sure = agree & (sp >= 0.5) & (true_t != y[train]) & (true_t >= 0)
+            lab_t[sure] = true_t[sure]
         else:
             raise SystemExit(f"unknown candidate {name}")
         keep = np.ones(len(man), bool)
@@ -387,6 +394,39 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def split_rows(work: Path, truth: pd.DataFrame) -> dict:
+    """{split: dict of arrays}: flags.csv's label issue, suggested_p / label, the kNN vote (train)
+    and the planted truth (wrong = flip or conflicting copy) of every image of that split."""
+    man = joined(work, truth)
+    f = pd.read_csv(work / "scores/flags.csv").set_index("id")
+    out = {}
+    for split in ("train", "val", "test"):
+        rows = man[man["split"] == split]
+        fr = f.reindex(rows["id"])
+        out[split] = {"wrong": rows["kind"].isin(["flip", "conflict"]).to_numpy(),
+                      "is_label": fr["is_label"].fillna(0).to_numpy(bool), "p": fr["suggested_p"].to_numpy(),
+                      "agree": ((fr["knn_label"] == fr["suggested_label"]).to_numpy()
+                                if "knn_label" in fr and fr["knn_label"].notna().any() else None)}
+    return out
+
+
+def tradeoff(noisy: dict, clean_: dict, cuts=(0.0, 0.5, 0.6, 0.7, 0.8)) -> str:
+    """Markdown table: label issues kept only where suggested_p >= cut (train: and the kNN vote
+    agrees) → precision / recall on the noisy folder and the share flagged on the clean one."""
+    lines = ["| split | rule | noisy precision | noisy recall | clean: share flagged |", "|---|---|---|---|---|"]
+    for split in ("train", "val", "test"):
+        n, c = noisy[split], clean_[split]
+        for cut in cuts:
+            for knn in ((False, True) if n["agree"] is not None else (False,)):
+                m = n["is_label"] & (n["p"] >= cut) & (n["agree"] if knn else True)
+                mc = c["is_label"] & (c["p"] >= cut) & (c["agree"] if knn else True)
+                tp = int((m & n["wrong"]).sum())
+                rule = f"label issue, p̄ ≥ {cut:g}" + (" ∧ kNN vote = suggestion" if knn else "")
+                lines.append(f"| {split} | {rule} | {tp / max(int(m.sum()), 1):.3f} | {tp / max(int(n['wrong'].sum()), 1):.3f} "
+                             f"| {100 * mc.mean():.2f} % |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gen-seed", type=int, default=1)
@@ -405,6 +445,9 @@ def main() -> None:
                     help="seeds of the retrained versions (default: train.seeds); base keeps its own")
     ap.add_argument("--resume", action="store_true", help="reuse --work's folder, base model, scores and flags")
     ap.add_argument("--set", nargs="*", default=[], help="params overrides, e.g. train.epochs=5")
+    ap.add_argument("--clean-work", type=Path, default=None,
+                    help="with --resume: a finished --kind none run of the same generator seed; prints the "
+                         "threshold trade-off (noisy precision / recall vs share flagged on clean data) and exits")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
@@ -414,6 +457,12 @@ def main() -> None:
     def log(m):
         print(m, flush=True)
 
+    if a.clean_work:
+        def truth(kind, work, f):
+            return make_folder(work / "folder", a.gen_seed, kind, a.rate, a.n_train, a.n_test, a.oos * f,
+                               a.conflict * f, a.leak * f, write=False)
+        print(tradeoff(split_rows(a.work, truth(a.kind, a.work, 1)), split_rows(a.clean_work, truth("none", a.clean_work, 0))))
+        return
     res = run(a, log)
     print("\n" + table(res))
     if a.json:

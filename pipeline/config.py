@@ -89,6 +89,7 @@ class FlagConfig(_Section):
     filter_by: str = _key("flag.filter_by")
     heldout_filter_by: str = _key("flag.heldout_filter_by")
     aum_max: float | None = _key("flag.aum_max")
+    label_min_p: float = _key("flag.label_min_p")
     score: str = _key("flag.score")
     quantile: float = _key("flag.quantile")
     threshold: float = _key("flag.threshold")

@@ -76,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
         "filter_by": "prune_by_class",  # confident-dynamics: cleanlab find_label_issues filter_by
         "heldout_filter_by": "prune_by_noise_rate",  # val/test label issues: cleanlab filter_by on the base models' softmax
         "aum_max": -0.5,      # confident-dynamics: a label issue also has AUM below this (null = no AUM condition)
+        "label_min_p": 0.0,   # confident-dynamics and val/test label issues only where p̄ of the suggestion is at least this (0 = off)
         "score": "aum",       # score column for the threshold rules (registry: pipeline/scores/)
         "quantile": 0.05,     # quantile: flag the top q
         "threshold": 3.5,     # mad: robust z above this
@@ -204,6 +205,7 @@ flag.property_fpr        (0.0, 1.0)
 flag.low_information     [0.0, 8.0]
 flag.odd_size            (1.0, inf)
 flag.odd_aspect_ratio    [0.0, 1.0]
+flag.label_min_p         [0.0, 1.0]
 prune.keep               (0.0, 1.0]
 prune.relabel_min_p      [0.0, 1.0]
 prune.skip               [0.0, 1.0)

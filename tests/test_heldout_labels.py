@@ -167,3 +167,29 @@ def test_a_relabel_decision_on_a_test_image_changes_the_reviewed_accuracy_and_no
     cols = ["id", "path", "label", "split"]
     pd.testing.assert_frame_equal(before[before["split"] != "train"][cols].reset_index(drop=True),
                                   after[after["split"] != "train"][cols].reset_index(drop=True))
+
+
+def test_label_min_p_keeps_only_confident_label_issues_in_every_split(noisy_everywhere, flagged, tmp_path):
+    """flag.label_min_p: the label issues of train (confident-dynamics) and of val/test are those of
+    the default run whose suggestion has p̄ ≥ the cut — a subset, nothing else changes."""
+    import pandas as pd
+
+    from pipeline.config import FlagConfig
+    from pipeline.stages.flag import flag
+
+    root = noisy_everywhere
+    base = pd.read_csv(root / "scores/flags.csv").set_index("id")
+    ps = np.unique(base.loc[base["is_label"] == 1, "suggested_p"])
+    cut = float(ps[len(ps) // 2 - 1: len(ps) // 2 + 1].mean())  # between two flagged values: no tie with rounding
+    flag(root / "scores/scores.csv", tmp_path, FlagConfig(issues=["label"], device="cpu", label_min_p=cut),
+         model_dir=root / "models/base", manifest=root / "data/manifest.csv")
+    got = pd.read_csv(tmp_path / "flags.csv").set_index("id").loc[base.index]
+    expect = (base["is_label"] == 1) & (base["suggested_p"] >= cut)
+    assert 0 < expect.sum() < (base["is_label"] == 1).sum()
+    np.testing.assert_array_equal(got["is_label"].to_numpy(bool), expect.to_numpy())
+    for split in ("train", "val", "test"):
+        assert (got.loc[got["split"] == split, "is_label"] <= base.loc[base["split"] == split, "is_label"]).all()
+    train = got["split"] == "train"
+    np.testing.assert_array_equal(got.loc[train, "flagged"], got.loc[train, "is_label"])
+    assert f"p̄ ≥ {cut:g}" in got.loc[train, "rule"].iloc[0]
+    np.testing.assert_allclose(got["suggested_p"], base["suggested_p"])

@@ -102,7 +102,7 @@ def confident_dynamics_rule(inputs, cfg: FlagConfig) -> FlagResult:
     train.probs_window of the epochs (and over seeds) of each sample's train-mode softmax taken
     before its update — predictions made before the model memorised the sample; flagged =
     cleanlab's find_label_issues(labels, p̄, flag.filter_by) ∧ AUM < flag.aum_max (a sample the
-    model never came to fit under its given label). value = 1 − label quality of p̄, in 0..1."""
+    model never came to fit under its given label) ∧ max p̄ ≥ flag.label_min_p (when > 0). value = 1 − label quality of p̄, in 0..1."""
     res = flag_confident(inputs.probs(), inputs.labels, filter_by=cfg.filter_by)
     rule = f"confident-dynamics {cfg.filter_by}"
     flagged = res.flagged
@@ -110,4 +110,7 @@ def confident_dynamics_rule(inputs, cfg: FlagConfig) -> FlagResult:
         aum, _ = inputs.score("aum")
         flagged = flagged & (-aum < cfg.aum_max)  # inputs.score orients aum: high = suspicious
         rule += f" ∧ aum < {cfg.aum_max:g}"
+    if cfg.label_min_p > 0:  # precision first: only where the suggestion itself is confident
+        flagged = flagged & (inputs.probs().max(1) >= cfg.label_min_p)
+        rule += f" ∧ p̄ ≥ {cfg.label_min_p:g}"
     return FlagResult(flagged, res.value, rule)

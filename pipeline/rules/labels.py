@@ -115,10 +115,12 @@ def heldout_probs(model_dir, manifest, split: str, device: str = "cpu", df=None)
     return data.ids, np.asarray(data.labels, np.int64), total / len(dirs)
 
 
-def heldout_issue_rows(model_dir, manifest, filter_by: str = "prune_by_noise_rate", device: str = "cpu"):
+def heldout_issue_rows(model_dir, manifest, filter_by: str = "prune_by_noise_rate", device: str = "cpu",
+                       min_p: float = 0.0):
     """flags.csv rows of the val and test images (docs/methods.md §2.3) → DataFrame: id, split,
     is_label, label_score (1 − label quality), suggested_label, suggested_p, from
-    :func:`heldout_label_issues` on the base models' out-of-sample softmax; empty splits skipped."""
+    :func:`heldout_label_issues` on the base models' out-of-sample softmax, kept only where
+    suggested_p ≥ min_p (flag.label_min_p); empty splits skipped."""
     import pandas as pd
 
     df = read_manifest(manifest)
@@ -128,6 +130,7 @@ def heldout_issue_rows(model_dir, manifest, filter_by: str = "prune_by_noise_rat
             continue
         ids, labels, probs = heldout_probs(model_dir, manifest, split, device, df=df)
         is_issue, suggested, quality = heldout_label_issues(labels, probs, filter_by)
+        is_issue = is_issue & (probs.max(1) >= min_p)
         parts.append(pd.DataFrame({"id": ids, "split": split, "is_label": is_issue.astype(np.int64),
                                    "label_score": np.round(1.0 - quality, 6), "suggested_label": suggested,
                                    "suggested_p": np.round(probs.max(1), 6)}))

@@ -96,7 +96,7 @@ def _heldout(found: dict, model_dir, manifest, config, device: str):
     if "label" not in found or model_dir is None or manifest is None or not Path(manifest).exists():
         return None
 
-    return heldout_issue_rows(model_dir, manifest, config.heldout_filter_by, device)
+    return heldout_issue_rows(model_dir, manifest, config.heldout_filter_by, device, config.label_min_p)
 
 
 def _with_heldout(frame, held):
