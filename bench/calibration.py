@@ -66,7 +66,8 @@ def drop_sets(e: np.ndarray, y: np.ndarray, noisy: np.ndarray, removed: np.ndarr
     nz, cl = np.flatnonzero(noisy), np.flatnonzero(~noisy)
     sets = {"the version (clean prune)": removed} if removed.any() else {}
     if len(nz):
-        sets.update({"every planted noisy image": mask(nz), "half of them (a)": mask(rng.choice(nz, len(nz) // 2, False)),
+        sets.update({"every planted noisy image": mask(nz),
+                     "half of them (a)": mask(rng.choice(nz, len(nz) // 2, False)),
                      "half of them (b)": mask(rng.choice(nz, len(nz) // 2, False))})
     sets["random 10 %"] = mask(rng.choice(n, n10, False))
     sets["random 10 % of clean images"] = mask(rng.choice(cl, n10, False))
@@ -121,7 +122,8 @@ def main() -> None:
     rows = [(name, int(d.sum()), measure(d), e[:, d].sum(1), 4 * raw[:, d].sum(1)) for name, d in sets.items()]
     print(f"\n{a.work}: N = {len(y)}, {int(noisy.sum())} planted noisy, 1/r̄ per model "
           f"{np.round(att['calibration'], 1).tolist()}, {len(base)} seeds, {time.perf_counter() - t0:.0f} s\n")
-    print("| drop set | n | measured (± sd over seeds) | predicted (± sd over models) | measured / predicted | 4·raw |")
+    print("| drop set | n | measured (± sd over seeds) | predicted (± sd over models) | measured / predicted "
+          "| 4·raw |")
     print("|---|---|---|---|---|---|")
     for name, n, m, p, old in rows:
         print(f"| {name} | {n} | {m.mean():+.4f} ± {m.std(ddof=1):.4f} | {p.mean():+.4f} ± {p.std(ddof=1):.4f} "

@@ -41,8 +41,8 @@ def harmful_mask(effects: np.ndarray) -> tuple[np.ndarray, float]:
                      f"than the {NULL_QUANTILE:g} quantile of the helpful images' predicted help (TRAK importance)")
 def harmful_issue(inputs, cfg: FlagConfig) -> IssueResult:
     """is_harmful = harmful_mask (every seed model's removal effect < 0, harm beyond the helpful side's
-    NULL_QUANTILE quantile); harmful_score = the harm ratio (higher = more harmful). Reads scores/attribution.npz beside
-    scores.csv (written by `clean score` with score.importance: true)."""
+    NULL_QUANTILE quantile); harmful_score = the harm ratio (higher = more harmful). Reads
+    scores/attribution.npz beside scores.csv (written by `clean score` with score.importance: true)."""
     from pipeline.effect import positions, read_attribution
 
     path = Path(inputs.scores_csv).parent / "attribution.npz"
