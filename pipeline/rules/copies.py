@@ -246,30 +246,41 @@ def _mirror(t: np.ndarray, flip: np.ndarray) -> np.ndarray:
     return np.where(np.asarray(flip, bool)[:, None, None], t[:, :, ::-1], t)
 
 
+def _mirror_view(v: int) -> int:
+    """Index of the view of VIEWS that is view v seen in a mirror (the rotation's sign flipped)."""
+    ang, zoom = VIEWS[v]
+    return VIEWS.index((-ang if ang else ang, zoom))
+
+
 def screen(small, unit, a: np.ndarray, b: np.ndarray, flip: np.ndarray,
            chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """A cheap stand-in for :func:`verify` that decides which pairs to verify, and in which view: at
     COARSE_SIDE, the best plain normalised cross-correlation (zero padding, no mask) of a's
     canonical view (`unit`, :func:`row_views`) with the VIEWS of b (mirrored where `flip` [P]) →
     (1 − best, float64 [P]; the best view's index into VIEWS, int [P]). The views are made once
-    per (row, mirror) and shared by that row's pairs."""
+    per row and shared by its pairs: a mirrored pair compares a's mirrored view with b's views
+    (the same correlations, the rotations' signs swapped)."""
+    c = COARSE_SIDE
     out, which = np.empty(len(a), np.float64), np.zeros(len(a), np.int64)
-    uk, inv = np.unique(np.asarray(b, np.int64) * 2 + np.asarray(flip, np.int64), return_inverse=True)
+    perm = np.arange(c * c).reshape(c, c)[:, ::-1].ravel()
+    swap = np.asarray([_mirror_view(v) for v in range(len(VIEWS))])
+    uk, inv = np.unique(np.asarray(b, np.int64), return_inverse=True)
     inv = inv.ravel()
     order = np.argsort(inv, kind="stable")
     bounds = np.searchsorted(inv[order], np.arange(0, len(uk) + chunk, chunk))
     for j, s in enumerate(range(0, len(uk), chunk)):
-        fl = uk[s:s + chunk] % 2 == 1
-        tb = _mirror(small[uk[s:s + chunk] // 2], fl)
+        tb = small[uk[s:s + chunk]]
         centre = centroid(tb)
-        # VIEWS[0] is the canonical view: the row's own, mirrored where b is
-        plain = _mirror(unit[uk[s:s + chunk] // 2].reshape(len(tb), COARSE_SIDE, COARSE_SIDE), fl)
-        views = np.stack([plain.reshape(len(tb), -1)] + [
+        # VIEWS[0] is the canonical view: the row's own
+        views = np.stack([unit[uk[s:s + chunk]]] + [
             _unit(canonical(tb, False, ang, zoom, centre=centre, zeros=True).reshape(len(tb), -1))
             for ang, zoom in VIEWS[1:]], 1)
         p = order[bounds[j]:bounds[j + 1]]
-        sim = np.matmul(views[inv[p] - s], unit[a[p]][:, :, None])[:, :, 0]
-        which[p] = sim.argmax(1)
+        fp = np.asarray(flip[p], bool)
+        ua = np.where(fp[:, None], unit[a[p]][:, perm], unit[a[p]])
+        sim = np.matmul(views[inv[p] - s], ua[:, :, None])[:, :, 0]
+        arg = sim.argmax(1)
+        which[p] = np.where(fp, swap[arg], arg)
         out[p] = np.maximum(1.0 - sim.max(1).astype(np.float64), 0.0)
     return out, which
 
@@ -328,7 +339,7 @@ def _row_ref(m: int, a: np.ndarray, b: np.ndarray, ra: np.ndarray, rb: np.ndarra
     return np.fmin(ref[a], ref[b])
 
 
-def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 5, top: int = 2, extra=None,
+def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 4, top: int = 2, extra=None,
                exact_max: int = 20_000, seed: int = 0) -> dict:
     """Verified copy pairs among the rows of `thumb` (uint8 [M, S·S]), each with a training row.
 
