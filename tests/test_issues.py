@@ -356,3 +356,27 @@ def test_pixel_copies_survive_shift_flip_rotation_jpeg_and_brightness():
     assert sets == [[i, n + j] for j, i in enumerate(planted)]
     assert res.flagged[n + 4] and not res.flagged[4]  # the odd label is flagged, the original kept
     assert res.summary["method"] == "pixels"
+
+
+def test_copy_views_sample_like_grid_sample_conventions():
+    """The numpy bilinear sampler of rules/copies.py: the identity grid returns the image, a centre
+    moved by one pixel shifts it by one pixel (zeros or the border pixel outside), and a mirrored
+    pair in the screen scores exactly as the pair with b mirrored by hand."""
+    from pipeline.rules import copies
+
+    rng = np.random.default_rng(3)
+    t = rng.random((3, 16, 16)).astype(np.float32)
+    zero = np.zeros(3, np.float32)
+    assert np.allclose(copies.canonical(t, centre=(zero, zero), zeros=True), t, atol=1e-6)
+    one = np.full(3, 2.0 / 16, np.float32)  # one pixel to the right, in grid units
+    moved = copies.canonical(t, centre=(zero, one), zeros=True)
+    assert np.allclose(moved[:, :, :-1], t[:, :, 1:], atol=1e-6) and np.allclose(moved[:, :, -1], 0.0)
+    border = copies.canonical(t, centre=(zero, one))
+    assert np.allclose(border[:, :, -1], t[:, :, -1], atol=1e-6)
+    # screen: the pair (0, 1) mirrored equals the pair (0, 2) where row 2 is row 1 mirrored
+    thumb = (rng.random((3, 32 * 32)) * 255).astype(np.uint8)
+    thumb[2] = thumb[1].reshape(32, 32)[:, ::-1].ravel()
+    small, unit, _ = copies.row_views(thumb)
+    d, v = copies.screen(small, unit, np.array([0, 0]), np.array([1, 2]), np.array([True, False]))
+    assert abs(d[0] - d[1]) < 1e-5
+    assert copies.VIEWS[v[0]] == copies.VIEWS[v[1]]
