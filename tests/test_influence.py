@@ -197,12 +197,14 @@ def test_harmful_issue_type_and_its_skip(scored, tmp_path):
     eff = a["effects"][:, pd.Series(np.arange(len(a["ids"])), index=a["ids"]).loc[df["id"]].to_numpy()]
     ratio = -eff.mean(0) * eff.shape[1] / a["val_loss"].mean()  # × the image's share L̄/N
     e = eff.mean(0)
-    want = (eff < 0).all(0) & (-e > np.quantile(e[e > 0], 0.97))  # beyond the helpful side's 0.97 quantile
+    from pipeline.rules.influence import NULL_QUANTILE
+
+    want = (eff < 0).all(0) & (-e > np.quantile(e[e > 0], NULL_QUANTILE))  # beyond the helpful side's quantile
     assert fl["is_harmful"].tolist() == want.astype(int).tolist()
     np.testing.assert_allclose(fl["harmful_score"], np.round(ratio, 6), atol=1e-6)
     np.testing.assert_allclose(df["importance"], eff.mean(0), rtol=1e-6)
     issues = json.loads((root / "scores/issues.json").read_text())
-    assert issues["harmful"]["n"] == int(want.sum()) and "helpful images' 0.97 quantile" in issues["harmful"]["rule"]
+    assert issues["harmful"]["n"] == int(want.sum()) and f"helpful images' {NULL_QUANTILE:g} quantile" in issues["harmful"]["rule"]
     # scores without importance values: the type is skipped, and said so
     nov = tmp_path / "s"
     nov.mkdir()
