@@ -217,6 +217,8 @@ def candidates(work: Path, man: pd.DataFrame, flags: pd.DataFrame, wanted: list[
         elif name == "relabel-sure":  # precision first: both views agree and p̄ >= 0.7
             sure = agree & (sp >= 0.7)
             lab_t[sure] = sug[sure]
+        elif name == "drop-sure":  # drop-flagged with flag.label_min_p 0.7: only confident label issues dropped
+            keep_t = ~(is_label & (sp >= 0.7))
         elif name == "tp-relabel":  # diagnostic (uses the truth): relabel-agree without its false positives
             true_t = man["true"].to_numpy()[train]
             sure = agree & (sp >= 0.5) & (true_t != y[train]) & (true_t >= 0)
