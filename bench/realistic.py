@@ -164,19 +164,6 @@ def pr(flag: np.ndarray, truth: np.ndarray) -> dict:
             "recall": tp / max(int(truth.sum()), 1)}
 
 
-def knn_vote(emb: np.ndarray, labels: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """kNN label voting on L2-normalised embeddings [N, D] (self excluded) → (vote [N], share [N])."""
-    from pipeline.rules.knn import build_index, normalize, search
-
-    v = normalize(emb)
-    index, _ = build_index(v)
-    _, nn = search(index, v, k + 1)
-    nn = nn[:, 1:]
-    counts = np.zeros((len(v), 10))
-    np.add.at(counts, (np.repeat(np.arange(len(v)), k), labels[nn].ravel()), 1.0)
-    return counts.argmax(1), counts.max(1) / k
-
-
 def candidates(work: Path, man: pd.DataFrame, flags: pd.DataFrame, wanted: list[str]) -> dict:
     """Candidate remedies → {name: (keep bool [N], labels int [N])} over the manifest rows."""
     from pipeline.rules.base import seed_mean_probs
@@ -190,7 +177,9 @@ def candidates(work: Path, man: pd.DataFrame, flags: pd.DataFrame, wanted: list[
     if "knn_label" in f:  # the label issue's own second view (flags.csv)
         vote = f["knn_label"].to_numpy()[train]
     else:
-        vote, _ = knn_vote(emb["emb"][pos].astype(np.float32)[train], y[train])
+        from pipeline.rules.labels import knn_vote
+
+        vote, _ = knn_vote(emb["emb"][pos].astype(np.float32)[train], y[train], 10)
     tr_ids = ids[train]
     p = seed_mean_probs(work / "models/base", tr_ids)
     sug, sp = p.argmax(1), p.max(1)
