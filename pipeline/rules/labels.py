@@ -130,8 +130,8 @@ def heldout_issue_rows(model_dir, manifest, filter_by: str = "prune_by_noise_rat
             continue
         ids, labels, probs = heldout_probs(model_dir, manifest, split, device, df=df)
         is_issue, suggested, quality = heldout_label_issues(labels, probs, filter_by)
-        is_issue = is_issue & (probs.max(1) >= min_p)
-        parts.append(pd.DataFrame({"id": ids, "split": split, "is_label": is_issue.astype(np.int64),
+        p = probs.max(1)
+        parts.append(pd.DataFrame({"id": ids, "split": split, "is_label": (is_issue & (p >= min_p)).astype(np.int64),
                                    "label_score": np.round(1.0 - quality, 6), "suggested_label": suggested,
-                                   "suggested_p": np.round(probs.max(1), 6)}))
+                                   "suggested_p": np.round(p, 6)}))
     return pd.concat(parts, ignore_index=True) if parts else None
