@@ -259,3 +259,15 @@ def test_select_with_the_harm_strategies():
             select(np.zeros(4), np.zeros(4, int), s, 1.0, 0, flagged=np.ones(4, bool))
         with pytest.raises(CleanError, match="needs the flag stage"):
             select(np.zeros(4), np.zeros(4, int), s, 1.0, 0)
+
+
+def test_the_report_and_the_reference_state_the_harmful_cut_in_use():
+    """The report's importance note and docs/reference.md say the quantile harmful_mask uses."""
+    from pathlib import Path
+
+    from pipeline.rules.influence import NULL_QUANTILE
+
+    root = Path(__file__).resolve().parents[1]
+    said = f"{100 * NULL_QUANTILE:g} % of the helpful images' predicted help"
+    for f in ("pipeline/views/report.py", "docs/reference.md"):
+        assert said in (root / f).read_text(encoding="utf-8"), f

@@ -472,8 +472,8 @@ def importance_section(df, names, k: int = 20) -> Section:
     sec.add(_note("importance = the predicted change of the mean validation loss, in nats, if the image is removed "
                   "(TRAK over the trained seeds' models, calibrated): > 0 it helps the model, < 0 it hurts. "
                   "`clean show --by importance` shows the images, lowest (most harmful) first; "
-                  "`harmful` marks those whose harm every seed's model agrees on and exceeds 97 % of the "
-                  "helpful images' predicted help."))
+                  "`harmful` marks those whose harm every seed's model agrees on and exceeds "
+                  "99 % of the helpful images' predicted help (rules/influence.py NULL_QUANTILE)."))
     d = df[df["importance"].notna()]
     harm = d["is_harmful"].astype(bool) if "is_harmful" in d.columns else None
     for title, part in (("most important", d.nlargest(k, "importance")),
