@@ -208,6 +208,12 @@ def candidates(work: Path, man: pd.DataFrame, flags: pd.DataFrame, wanted: list[
             lab_t[sure] = sug[sure]
         elif name == "drop-sure":  # drop-flagged with flag.label_min_p 0.7: only confident label issues dropped
             keep_t = ~(is_label & (sp >= 0.7))
+        elif name == "drop-label-harm":  # drop the label issues whose removal every seed's model predicts helps
+            from pipeline.effect import positions, read_attribution
+
+            att = read_attribution(work / "scores/attribution.npz")
+            e = att["effects"][:, positions(att["ids"], tr_ids, work / "scores/attribution.npz")]
+            keep_t = ~(is_label & (e < 0).all(0))
         elif name == "tp-relabel":  # diagnostic (uses the truth): relabel-agree without its false positives
             true_t = man["true"].to_numpy()[train]
             sure = agree & (sp >= 0.5) & (true_t != y[train]) & (true_t >= 0)

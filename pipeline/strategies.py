@@ -206,6 +206,21 @@ class PruneInputs:
         cols = np.stack([fl[f"is_{t}"].to_numpy().astype(bool) for t in types]) if types else np.zeros((1, len(fl)), bool)
         return cols.all(0) if every else cols.any(0)
 
+    def effects(self) -> np.ndarray:
+        """float64 [M, N]: each seed model's predicted change of the mean validation loss (nats) when
+        the sample is removed (scores/attribution.npz beside scores.csv; < 0: removing it helps)."""
+        from pipeline.effect import positions, read_attribution
+
+        path = Path(self.scores_csv).parent / "attribution.npz" if self.scores_csv is not None else None
+        if path is None or not path.exists():
+            raise CleanError(f"prune.strategy = {self.config.strategy} needs the predicted removal effects "
+                             f"({path or 'scores/attribution.npz'}); run `clean score` with score.importance: true "
+                             "(needs a val split)")
+        a = read_attribution(path)
+        if a["effects"].shape[0] == 0:
+            raise CleanError(f"{path}: no model's effects; run `clean score` with score.importance: true")
+        return a["effects"][:, positions(a["ids"], np.asarray(self.ids, np.int64), path)]
+
     def _given_flags(self) -> np.ndarray:
         f = np.asarray(self._flagged)
         if f.shape != (len(self),):
@@ -319,6 +334,24 @@ def gradient_cdf(inputs: PruneInputs) -> PruneResult:
 def drop_flagged(inputs: PruneInputs) -> PruneResult:
     """Keep the samples with none of the issue types of prune.drop."""
     return drop_marked(inputs, inputs.config.drop, "flagged")
+
+
+@STRATEGIES.register("drop-flagged-gated", needs=("flags",),
+                     doc="drop-flagged, but a label issue only where every seed's model predicts that removing it "
+                         "lowers the validation loss (scores/attribution.npz)")
+def drop_flagged_gated(inputs: PruneInputs) -> PruneResult:
+    """Drop the samples with the prune.drop types other than `label`, and the label issues whose
+    removal effect (importance, nats) is < 0 for every seed's model: a flagged image the models
+    need (a hard, correctly labelled one, by their estimate) is kept (docs/methods.md §3)."""
+    drop = list(inputs.config.drop or [])
+    others = [t for t in drop if t != "label"]
+    marked = inputs.marked(others) if others else np.zeros(len(inputs), bool)
+    if "label" in drop:
+        marked = marked | (inputs.marked(["label"]) & (inputs.effects() < 0).all(0))
+    if marked.all():
+        raise CleanError(f"{inputs.config.strategy} would keep 0 of {marked.shape[0]} samples")
+    return PruneResult(~marked, np.asarray(inputs.labels, np.int64),
+                       {"drop": drop, "by": None, "keep": None, "skip": None})
 
 
 @STRATEGIES.register("drop-harmful", needs=("flags",),

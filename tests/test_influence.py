@@ -271,3 +271,39 @@ def test_the_report_and_the_reference_state_the_harmful_cut_in_use():
     said = f"{100 * NULL_QUANTILE:g} % of the helpful images' predicted help"
     for f in ("pipeline/views/report.py", "docs/reference.md"):
         assert said in (root / f).read_text(encoding="utf-8"), f
+
+
+def test_drop_flagged_gated_drops_the_label_issues_every_model_calls_harmful(scored, tmp_path):
+    """drop-flagged-gated drops (is_label ∧ every model's effect < 0) ∨ the other prune.drop types,
+    reading the effects from attribution.npz beside scores.csv; no attribution: a clear error."""
+    import shutil
+
+    from pipeline.stages.flag import flag
+    from pipeline.stages.prune import prune
+
+    root, _ = scored
+    flag(root / "scores/scores.csv", tmp_path, model_dir=root / "models/base", manifest=root / "data/manifest.csv")
+    fl = pd.read_csv(tmp_path / "flags.csv")
+    tr = fl[fl["split"] == "train"] if "split" in fl.columns else fl
+    n, rng = len(tr), np.random.default_rng(1)
+    is_label, is_outlier = rng.random(n) < 0.5, rng.random(n) < 0.2
+    fl["is_label"], fl["is_outlier"] = 0, 0
+    fl.loc[tr.index, "is_label"], fl.loc[tr.index, "is_outlier"] = is_label.astype(int), is_outlier.astype(int)
+    fl.to_csv(tmp_path / "flags.csv", index=False)
+    effects = rng.normal(size=(3, n))  # known per-model effects: some all < 0, some mixed
+    shutil.copy(root / "scores/scores.csv", tmp_path / "scores.csv")
+    np.savez(tmp_path / "attribution.npz", ids=tr["id"].to_numpy()[::-1], effects=effects[:, ::-1],
+             val_ids=np.zeros(0, np.int64), val_loss=np.zeros((3, 0)), calibration=np.ones(3))
+    harm = (effects < 0).all(0)
+    assert (is_label & harm).any() and (is_label & ~harm).any()
+    out = tmp_path / "gated.csv"
+    summ = prune(root / "data/manifest.csv", tmp_path / "scores.csv", out, tmp_path / "gated.json",
+                 PruneConfig(strategy="drop-flagged-gated", drop=["label", "outlier"]), flags_csv=tmp_path / "flags.csv")
+    kept = pd.read_csv(out)
+    drop = (is_label & harm) | is_outlier
+    assert set(kept[kept["split"] == "train"]["id"]) == set(tr["id"][~drop])
+    assert summ["n_kept"] == int((~drop).sum()) and summ["drop"] == ["label", "outlier"]
+    (tmp_path / "attribution.npz").unlink()
+    with pytest.raises(CleanError, match="drop-flagged-gated needs the predicted removal effects.*score.importance"):
+        prune(root / "data/manifest.csv", tmp_path / "scores.csv", tmp_path / "x.csv", tmp_path / "x.json",
+              PruneConfig(strategy="drop-flagged-gated"), flags_csv=tmp_path / "flags.csv")
