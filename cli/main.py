@@ -407,6 +407,8 @@ def prune(
         ("kept", f"{s['n_kept']} of {s['n_total']} ({s['n_kept'] / s['n_total']:.1%})"),
         ("label entropy kept / all / uniform", f"{ent['kept']:.4f} / {ent['all']:.4f} / {ent['uniform']:.4f} nats"),
         *[(k.replace("_", " "), s[k]) for k in ("noisy_removed", "noisy_kept", "clean_removed") if k in s],
+        *([("label issues dropped / kept by the gate", f"{s['label_gate']['dropped']} / {s['label_gate']['kept']} "
+            f"({s['label_gate']['rule']})")] if s.get("label_gate") else []),
         *([(f"review ({decisions})", f"{s['n_review_dropped']} dropped, {s['n_review_kept']} kept, "
             f"{s['n_relabeled']} relabeled; {s['n_review_overrode']} overrode the strategy")] if s.get("decisions") else []),
         *([("predicted change of the mean val loss", f"{s['effect']['predicted_dval_loss']:+.4f} ± "

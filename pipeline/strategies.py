@@ -342,16 +342,28 @@ def drop_flagged(inputs: PruneInputs) -> PruneResult:
 def drop_flagged_gated(inputs: PruneInputs) -> PruneResult:
     """Drop the samples with the prune.drop types other than `label`, and the label issues whose
     removal effect (importance, nats) is < 0 for every seed's model: a flagged image the models
-    need (a hard, correctly labelled one, by their estimate) is kept (docs/methods.md §3)."""
+    need (a hard, correctly labelled one, by their estimate) is kept (docs/methods.md §3). Without
+    effects (score.importance false, no val split) every label issue is dropped, as drop-flagged
+    does, and the summary's `label_gate` says so."""
     drop = list(inputs.config.drop or [])
     others = [t for t in drop if t != "label"]
     marked = inputs.marked(others) if others else np.zeros(len(inputs), bool)
+    gate = None
     if "label" in drop:
-        marked = marked | (inputs.marked(["label"]) & (inputs.effects() < 0).all(0))
+        lab = inputs.marked(["label"])
+        try:
+            harm = (inputs.effects() < 0).all(0)
+            gate = {"label_issues": int(lab.sum()), "dropped": int((lab & harm).sum()),
+                    "kept": int((lab & ~harm).sum()), "rule": "every seed model's removal effect < 0"}
+        except CleanError as exc:
+            harm = np.ones(len(inputs), bool)
+            gate = {"label_issues": int(lab.sum()), "dropped": int(lab.sum()), "kept": 0,
+                    "rule": f"off (every label issue dropped): {exc}"}
+        marked = marked | (lab & harm)
     if marked.all():
         raise CleanError(f"{inputs.config.strategy} would keep 0 of {marked.shape[0]} samples")
     return PruneResult(~marked, np.asarray(inputs.labels, np.int64),
-                       {"drop": drop, "by": None, "keep": None, "skip": None})
+                       {"drop": drop, "by": None, "keep": None, "skip": None, "label_gate": gate})
 
 
 @STRATEGIES.register("drop-harmful", needs=("flags",),

@@ -303,7 +303,11 @@ def test_drop_flagged_gated_drops_the_label_issues_every_model_calls_harmful(sco
     drop = (is_label & harm) | is_outlier
     assert set(kept[kept["split"] == "train"]["id"]) == set(tr["id"][~drop])
     assert summ["n_kept"] == int((~drop).sum()) and summ["drop"] == ["label", "outlier"]
+    assert summ["label_gate"]["dropped"] == int((is_label & harm).sum())
+    assert summ["label_gate"]["kept"] == int((is_label & ~harm).sum())
+    # no effects (score.importance false, no val split): every label issue dropped, and the summary says why
     (tmp_path / "attribution.npz").unlink()
-    with pytest.raises(CleanError, match="drop-flagged-gated needs the predicted removal effects.*score.importance"):
-        prune(root / "data/manifest.csv", tmp_path / "scores.csv", tmp_path / "x.csv", tmp_path / "x.json",
-              PruneConfig(strategy="drop-flagged-gated"), flags_csv=tmp_path / "flags.csv")
+    summ = prune(root / "data/manifest.csv", tmp_path / "scores.csv", tmp_path / "x.csv", tmp_path / "x.json",
+                 PruneConfig(strategy="drop-flagged-gated"), flags_csv=tmp_path / "flags.csv")
+    assert summ["n_kept"] == int((~is_label).sum())
+    assert summ["label_gate"]["rule"].startswith("off") and "score.importance: true" in summ["label_gate"]["rule"]
