@@ -206,19 +206,19 @@ class PruneInputs:
         cols = np.stack([fl[f"is_{t}"].to_numpy().astype(bool) for t in types]) if types else np.zeros((1, len(fl)), bool)
         return cols.all(0) if every else cols.any(0)
 
-    def effects(self) -> np.ndarray:
+    def effects(self) -> np.ndarray | None:
         """float64 [M, N]: each seed model's predicted change of the mean validation loss (nats) when
-        the sample is removed (scores/attribution.npz beside scores.csv; < 0: removing it helps)."""
+        the sample is removed (scores/attribution.npz beside scores.csv; < 0: removing it helps).
+        None when there is none (no file, or score.importance false / no val split: M = 0); a file
+        that does not match the training ids is a CleanError."""
         from pipeline.effect import positions, read_attribution
 
         path = Path(self.scores_csv).parent / "attribution.npz" if self.scores_csv is not None else None
         if path is None or not path.exists():
-            raise CleanError(f"prune.strategy = {self.config.strategy} needs the predicted removal effects "
-                             f"({path or 'scores/attribution.npz'}); run `clean score` with score.importance: true "
-                             "(needs a val split)")
+            return None
         a = read_attribution(path)
         if a["effects"].shape[0] == 0:
-            raise CleanError(f"{path}: no model's effects; run `clean score` with score.importance: true")
+            return None
         return a["effects"][:, positions(a["ids"], np.asarray(self.ids, np.int64), path)]
 
     def _given_flags(self) -> np.ndarray:
@@ -351,14 +351,12 @@ def drop_flagged_gated(inputs: PruneInputs) -> PruneResult:
     gate = None
     if "label" in drop:
         lab = inputs.marked(["label"])
-        try:
-            harm = (inputs.effects() < 0).all(0)
-            gate = {"label_issues": int(lab.sum()), "dropped": int((lab & harm).sum()),
-                    "kept": int((lab & ~harm).sum()), "rule": "every seed model's removal effect < 0"}
-        except CleanError as exc:
-            harm = np.ones(len(inputs), bool)
-            gate = {"label_issues": int(lab.sum()), "dropped": int(lab.sum()), "kept": 0,
-                    "rule": f"off (every label issue dropped): {exc}"}
+        effects = inputs.effects()
+        harm = np.ones(len(inputs), bool) if effects is None else (effects < 0).all(0)
+        gate = {"label_issues": int(lab.sum()), "dropped": int((lab & harm).sum()), "kept": int((lab & ~harm).sum()),
+                "rule": "every seed model's removal effect < 0" if effects is not None else
+                "off, every label issue dropped: no removal effects in scores/attribution.npz (run `clean score` "
+                "with score.importance: true and a val split)"}
         marked = marked | (lab & harm)
     if marked.all():
         raise CleanError(f"{inputs.config.strategy} would keep 0 of {marked.shape[0]} samples")
