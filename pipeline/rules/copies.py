@@ -320,7 +320,8 @@ def verify(thumb: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray, vi
 
 def _rank_in_row(rows: np.ndarray, key: np.ndarray) -> np.ndarray:
     """The rank (0 = smallest key) of each entry among the entries of its row → int [P]."""
-    o = np.lexsort((key, rows))
+    o = np.argsort(key, kind="stable")  # = np.lexsort((key, rows)) as two stable sorts: ~25 % faster at 1.7M entries
+    o = o[np.argsort(np.asarray(rows)[o].astype(np.int32), kind="stable")]
     r = rows[o]
     start = np.r_[0, np.flatnonzero(r[1:] != r[:-1]) + 1]
     rank = np.arange(len(r)) - np.repeat(start, np.diff(np.r_[start, len(r)]))

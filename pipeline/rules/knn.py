@@ -16,8 +16,10 @@ import numpy as np
 
 #: indexed vectors up to which the search is exact (IndexFlatIP); above it IVF (approximate)
 EXACT_MAX = 20_000
-#: IVF: inverted lists visited per query (recall of the true nearest neighbour ≈ 0.97+ on embeddings)
-NPROBE = 12
+#: IVF: inverted lists visited per query. 70k Fashion-MNIST embeddings (54k indexed, nlist 464, one thread):
+#: nprobe 12 → 8 cuts the search 4.0 → 2.3 s at recall@11 0.996 → 0.991 against the exact search; the flags
+#: barely move (outlier 481 → 492 flagged, 478 shared; duplicate 353 → 355, all 353 kept; leakage the same)
+NPROBE = 8
 
 
 def normalize(x) -> np.ndarray:
