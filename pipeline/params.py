@@ -99,8 +99,8 @@ DEFAULTS: dict[str, Any] = {
         "odd_aspect_ratio": 0.5,  # odd_aspect_ratio: min(a/a0, a0/a) below this (a0 = the median w/h)
     },
     "prune": {
-        "strategy": "drop-flagged",  # a prune strategy (registry: pipeline/strategies.py)
-        "drop": ["label"],    # drop-flagged: the issue types it drops (flags.csv is_<type>)
+        "strategy": "drop-flagged-gated",  # a prune strategy (registry: pipeline/strategies.py)
+        "drop": ["label"],    # drop-flagged(-gated): the issue types it drops (flags.csv is_<type>)
         "relabel_min_p": 0.5,  # relabel-or-drop: relabel a label issue when p̄ of its suggestion is at least this
         "by": "grad_norm",    # any score column: max-gradient / non-extreme rank by it, gradient-cdf samples ∝ it
         "keep": 0.8,          # fraction of the training set to keep (not drop-flagged)

@@ -206,7 +206,7 @@ def versions_side_by_side(repo: Path) -> None:
     exps = [r for name, r in rows.items() if name != "workspace" and "@" not in name and len(name) > 7]
     assert sorted(r["strategy"] for r in exps) == ["gradient-cdf 0.5", "random 0.5"], rows
     head = next(r for name, r in rows.items() if "@" in name)
-    assert head["strategy"] == "drop-flagged" and head["kept"] is not None
+    assert head["strategy"] == "drop-flagged-gated" and head["kept"] is not None
     for r in exps:
         assert (r["kept"], r["of"]) == (round(0.5 * n), n) and r["accuracy"] is not None and r["verdict"]
         line = next(line for line in text.splitlines() if line.strip().startswith(r["version"]))

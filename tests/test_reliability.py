@@ -362,7 +362,7 @@ def test_malformed_flags(proj):
     fails(clean(proj, "prune"), f"scores/flags.csv does not match the training ids (id {first} is not a training id; "
           f"{n} extra, {n} missing); the flags come from other scores: re-run `clean flag`")
     fl.unlink()
-    fails(clean(proj, "prune"), "prune.strategy = drop-flagged needs flags (scores/flags.csv); run `clean flag` first")
+    fails(clean(proj, "prune"), "prune.strategy = drop-flagged-gated needs flags (scores/flags.csv); run `clean flag` first")
 
 
 def test_compare_score_files_of_different_samples(proj):
