@@ -397,9 +397,22 @@ def synthetic(n: int, dim: int, seed: int, n_eval: int) -> dict:
             "train_pos": np.arange(n, dtype=np.int64), "_truth": (src, dst, far)}
 
 
-def index_sweep(npz: Path, sizes=(10_000, 20_000, 40_000, 60_000), k: int = 10) -> None:
+def index_sweep(npz: Path, sizes=(10_000, 20_000, 40_000, 60_000), k: int = 10, nprobes=None) -> None:
     """Seconds of an exact flat search vs the IVF index (build + search, k+1 neighbours of every
-    indexed vector) and the IVF's recall of the exact 10 nearest neighbours."""
+    indexed vector) and the IVF's recall of the exact 10 nearest neighbours, at each IVF nprobe of
+    `nprobes` (default: knn.NPROBE, the one the detectors use)."""
+    from pipeline.rules import knn
+
+    shipped = knn.NPROBE
+    for nprobe in nprobes or [shipped]:
+        knn.NPROBE = nprobe
+        try:
+            _index_sweep(npz, sizes, k)
+        finally:
+            knn.NPROBE = shipped
+
+
+def _index_sweep(npz: Path, sizes, k: int) -> None:
     from pipeline.rules import knn
 
     with np.load(npz) as z:
@@ -465,6 +478,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--index-sweep", action="store_true",
                     help="with --npz: flat vs IVF seconds and IVF recall@10 on subsets (sets knn.EXACT_MAX)")
+    ap.add_argument("--nprobe", type=int, nargs="*", default=None,
+                    help="with --index-sweep: the IVF nprobe values to sweep (default: knn.NPROBE)")
     ap.add_argument("--json", type=Path, default=None, help="write the table and timings here")
     ap.add_argument("--clean-properties", action="store_true",
                     help="fraction of clean digits and clean Fashion-MNIST flagged by any image-property check")
@@ -500,7 +515,7 @@ def main(argv=None) -> None:
         print_secs(secs)
         return
     if a.npz is not None and a.index_sweep:
-        index_sweep(a.npz)
+        index_sweep(a.npz, nprobes=a.nprobe)
         return
     if a.npz is not None:
         import shutil
