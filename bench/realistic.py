@@ -208,6 +208,8 @@ def candidates(work: Path, man: pd.DataFrame, flags: pd.DataFrame, wanted: list[
             lab_t[sure] = sug[sure]
         elif name == "drop-sure":  # drop-flagged with flag.label_min_p 0.7: only confident label issues dropped
             keep_t = ~(is_label & (sp >= 0.7))
+        elif name == "drop-flagged":  # every label issue dropped (the default before drop-flagged-gated)
+            keep_t = ~is_label
         elif name == "drop-label-harm":  # drop the label issues whose removal every seed's model predicts helps
             from pipeline.effect import positions, read_attribution
 
