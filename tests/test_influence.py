@@ -305,6 +305,11 @@ def test_drop_flagged_gated_drops_the_label_issues_every_model_calls_harmful(sco
     assert summ["n_kept"] == int((~drop).sum()) and summ["drop"] == ["label", "outlier"]
     assert summ["label_gate"]["dropped"] == int((is_label & harm).sum())
     assert summ["label_gate"]["kept"] == int((is_label & ~harm).sum())
+    from pipeline.views.report import _pruned
+
+    html = _pruned(summ, tmp_path / "gated.json")  # the report says what the gate did
+    assert (f"drop-flagged-gated: {int((is_label & harm).sum())} of {int(is_label.sum())} label issues dropped, "
+            f"{int((is_label & ~harm).sum())} kept (every seed model&#x27;s removal effect &lt; 0)") in html
     # no effects (score.importance false, no val split): every label issue dropped, and the summary says why
     (tmp_path / "attribution.npz").unlink()
     summ = prune(root / "data/manifest.csv", tmp_path / "scores.csv", tmp_path / "x.csv", tmp_path / "x.json",

@@ -265,7 +265,10 @@ def _pruned(prune: dict | None, prune_path: Path) -> str:
     eff = prune.get("effect") or {}
     pred = (f"{eff['predicted_dval_loss']:+.4f} ± {eff['predicted_dval_loss_sd']:.4f}"
             if "predicted_dval_loss" in eff else "–")
-    return "<h3>Pruned dataset</h3>" + _table(
+    gate = prune.get("label_gate")
+    how = (f"<p class='small'>{_e(prune.get('strategy') or '')}: {gate['dropped']} of {gate['label_issues']} label "
+           f"issues dropped, {gate['kept']} kept ({_e(gate['rule'])}).</p>" if gate else "")
+    return "<h3>Pruned dataset</h3>" + how + _table(
         ["n total", "n kept", "fraction", "label entropy kept", "all", "uniform", "predicted Δ val loss (nats)"],
         [(prune.get("n_total"), prune.get("n_kept"), frac, le.get("kept"), le.get("all"), le.get("uniform"), pred)],
         left=0)
