@@ -310,6 +310,13 @@ def test_drop_flagged_gated_drops_the_label_issues_every_model_calls_harmful(sco
     html = _pruned(summ, tmp_path / "gated.json")  # the report says what the gate did
     assert (f"drop-flagged-gated: {int((is_label & harm).sum())} of {int(is_label.sum())} label issues dropped, "
             f"{int((is_label & ~harm).sum())} kept (every seed model&#x27;s removal effect &lt; 0)") in html
+    # effects of other ids (a stale attribution file): one clear error, nothing written
+    np.savez(tmp_path / "attribution.npz", ids=tr["id"].to_numpy() + 10_000, effects=effects,
+             val_ids=np.zeros(0, np.int64), val_loss=np.zeros((3, 0)), calibration=np.ones(3))
+    with pytest.raises(CleanError, match="attribution.npz has no attribution for training id.*rerun `clean score`"):
+        prune(root / "data/manifest.csv", tmp_path / "scores.csv", tmp_path / "y.csv", tmp_path / "y.json",
+              PruneConfig(strategy="drop-flagged-gated"), flags_csv=tmp_path / "flags.csv")
+    assert not (tmp_path / "y.csv").exists() and not (tmp_path / "y.json").exists()
     # no effects (score.importance false, no val split): every label issue dropped, and the summary says why
     (tmp_path / "attribution.npz").unlink()
     summ = prune(root / "data/manifest.csv", tmp_path / "scores.csv", tmp_path / "x.csv", tmp_path / "x.json",
