@@ -211,11 +211,9 @@ def candidates(work: Path, man: pd.DataFrame, flags: pd.DataFrame, wanted: list[
         elif name == "drop-flagged":  # every label issue dropped (the default before drop-flagged-gated)
             keep_t = ~is_label
         elif name == "drop-label-harm":  # drop the label issues whose removal every seed's model predicts helps
-            from pipeline.effect import positions, read_attribution
+            from pipeline.effect import effects_of
 
-            att = read_attribution(work / "scores/attribution.npz")
-            e = att["effects"][:, positions(att["ids"], tr_ids, work / "scores/attribution.npz")]
-            keep_t = ~(is_label & (e < 0).all(0))
+            keep_t = ~(is_label & (effects_of(work / "scores/attribution.npz", tr_ids) < 0).all(0))
         elif name == "tp-relabel":  # diagnostic (uses the truth): relabel-agree without its false positives
             true_t = man["true"].to_numpy()[train]
             sure = agree & (sp >= 0.5) & (true_t != y[train]) & (true_t >= 0)

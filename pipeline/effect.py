@@ -36,6 +36,19 @@ def read_attribution(path: str | Path) -> dict:
         raise CleanError(f"{path}: not a readable attribution file ({exc}); rerun `clean score`") from exc
 
 
+def effects_of(path: str | Path, train_ids: np.ndarray) -> np.ndarray | None:
+    """Each seed model's removal effect (nats) of the training ids [N] → float64 [M, N]; None when
+    `path` (scores/attribution.npz) is absent or holds no model (score.importance false, no val
+    split). CleanError when the file is unreadable or lacks one of the ids."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    a = read_attribution(path)
+    if a["effects"].shape[0] == 0:
+        return None
+    return a["effects"][:, positions(a["ids"], np.asarray(train_ids, np.int64), path)]
+
+
 def predicted_change(attribution: str | Path, train_ids: np.ndarray, removed: np.ndarray,
                      relabeled: np.ndarray | None = None) -> dict:
     """The prediction for a version: `train_ids` [N] the training ids, `removed` / `relabeled`

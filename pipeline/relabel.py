@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline.errors import CleanError
 from pipeline.registry import STRATEGIES
-from pipeline.strategies import PruneInputs, PruneResult
+from pipeline.strategies import PruneInputs, PruneResult, other_drop_types
 
 
 def _suggestions(inputs: PruneInputs):
@@ -20,14 +20,6 @@ def _suggestions(inputs: PruneInputs):
                          "`clean flag` (flag.issues including label); re-run `clean flag`")
     p = flags["suggested_p"].to_numpy(np.float64) if "suggested_p" in flags.columns else np.full(len(flags), np.nan)
     return flags["is_label"].to_numpy().astype(bool), flags["suggested_label"].to_numpy(np.int64), p
-
-
-def _others(inputs: PruneInputs) -> np.ndarray:
-    """bool [N]: samples with the issue types of prune.drop other than `label` (dropped)."""
-    drop = inputs.config.drop
-    if not drop:
-        return np.zeros(len(inputs), bool)
-    return inputs.marked([t for t in drop if t != "label"])
 
 
 def _result(inputs: PruneInputs, kept: np.ndarray, labels: np.ndarray) -> PruneResult:
@@ -44,7 +36,7 @@ def _result(inputs: PruneInputs, kept: np.ndarray, labels: np.ndarray) -> PruneR
 def relabel(inputs: PruneInputs) -> PruneResult:
     """Label issues take their suggestion; samples with the other issue types of prune.drop are dropped."""
     is_label, suggested, _ = _suggestions(inputs)
-    return _result(inputs, ~_others(inputs), np.where(is_label, suggested, inputs.labels))
+    return _result(inputs, ~other_drop_types(inputs), np.where(is_label, suggested, inputs.labels))
 
 
 @STRATEGIES.register("relabel-or-drop", needs=("flags",),
@@ -55,7 +47,7 @@ def relabel_or_drop(inputs: PruneInputs) -> PruneResult:
     (NaN confidence: dropped); samples with the other prune.drop types are dropped."""
     is_label, suggested, p = _suggestions(inputs)
     sure = is_label & (np.nan_to_num(p, nan=-1.0) >= inputs.config.relabel_min_p)
-    return _result(inputs, ~(_others(inputs) | (is_label & ~sure)), np.where(sure, suggested, inputs.labels))
+    return _result(inputs, ~(other_drop_types(inputs) | (is_label & ~sure)), np.where(sure, suggested, inputs.labels))
 
 
 @STRATEGIES.register("relabel-agree", needs=("flags",),
@@ -74,4 +66,4 @@ def relabel_agree(inputs: PruneInputs) -> PruneResult:
                          "(score.embeddings: true, then `clean flag`)")
     agree = is_label & (flags["knn_label"].to_numpy(np.float64) == suggested) & (suggested != inputs.labels)
     sure = agree & (np.nan_to_num(p, nan=-1.0) >= inputs.config.relabel_min_p)
-    return _result(inputs, ~_others(inputs), np.where(sure, suggested, inputs.labels))
+    return _result(inputs, ~other_drop_types(inputs), np.where(sure, suggested, inputs.labels))

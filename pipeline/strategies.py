@@ -208,18 +208,13 @@ class PruneInputs:
 
     def effects(self) -> np.ndarray | None:
         """float64 [M, N]: each seed model's predicted change of the mean validation loss (nats) when
-        the sample is removed (scores/attribution.npz beside scores.csv; < 0: removing it helps).
-        None when there is none (no file, or score.importance false / no val split: M = 0); a file
-        that does not match the training ids is a CleanError."""
-        from pipeline.effect import positions, read_attribution
+        the sample is removed (scores/attribution.npz beside scores.csv; < 0: removing it helps);
+        None when there is none (pipeline.effect.effects_of)."""
+        from pipeline.effect import effects_of
 
-        path = Path(self.scores_csv).parent / "attribution.npz" if self.scores_csv is not None else None
-        if path is None or not path.exists():
+        if self.scores_csv is None:
             return None
-        a = read_attribution(path)
-        if a["effects"].shape[0] == 0:
-            return None
-        return a["effects"][:, positions(a["ids"], np.asarray(self.ids, np.int64), path)]
+        return effects_of(Path(self.scores_csv).parent / "attribution.npz", self.ids)
 
     def _given_flags(self) -> np.ndarray:
         f = np.asarray(self._flagged)
@@ -266,15 +261,24 @@ def keep_n(inputs: PruneInputs, pick: Callable, finite: bool = True, **facts) ->
                        {"drop": None, "by": cfg.by, "keep": cfg.keep, "skip": None, **facts})
 
 
-def drop_marked(inputs: PruneInputs, types, what: str, every: bool = False) -> PruneResult:
-    """Drop the samples marked with the issue types `types` (any; `every`: all of them); keeping
-    nothing is an error naming `what` they all are."""
+def drop_marked(inputs: PruneInputs, types, what: str, every: bool = False, marked=None, **facts) -> PruneResult:
+    """Drop the samples marked with the issue types `types` (any; `every`: all of them), or the
+    bool [N] mask `marked` when given; keeping nothing is an error naming `what` they all are."""
     cfg = inputs.config
-    marked = inputs.marked(types, every)
+    marked = inputs.marked(types, every) if marked is None else marked
     if marked.all():
         raise CleanError(f"{cfg.strategy} would keep 0 of {marked.shape[0]} samples: every sample is {what}")
     return PruneResult(~marked, np.asarray(inputs.labels, np.int64),
-                       {"drop": None if cfg.drop is None else list(cfg.drop), "by": None, "keep": None, "skip": None})
+                       {"drop": None if cfg.drop is None else list(cfg.drop), "by": None, "keep": None, "skip": None,
+                        **facts})
+
+
+def other_drop_types(inputs: PruneInputs) -> np.ndarray:
+    """bool [N]: samples with the issue types of prune.drop other than `label`."""
+    drop = inputs.config.drop
+    if not drop:
+        return np.zeros(len(inputs), bool)
+    return inputs.marked([t for t in drop if t != "label"])
 
 
 # --------------------------------------------------------------------------- strategies
@@ -345,11 +349,8 @@ def drop_flagged_gated(inputs: PruneInputs) -> PruneResult:
     need (a hard, correctly labelled one, by their estimate) is kept (docs/methods.md §3). Without
     effects (score.importance false, no val split) every label issue is dropped, as drop-flagged
     does, and the summary's `label_gate` says so."""
-    drop = list(inputs.config.drop or [])
-    others = [t for t in drop if t != "label"]
-    marked = inputs.marked(others) if others else np.zeros(len(inputs), bool)
-    gate = None
-    if "label" in drop:
+    marked, gate = other_drop_types(inputs), None
+    if "label" in (inputs.config.drop or []):
         lab = inputs.marked(["label"])
         effects = inputs.effects()
         harm = np.ones(len(inputs), bool) if effects is None else (effects < 0).all(0)
@@ -358,10 +359,7 @@ def drop_flagged_gated(inputs: PruneInputs) -> PruneResult:
                 "off, every label issue dropped: no removal effects in scores/attribution.npz (run `clean score` "
                 "with score.importance: true and a val split)"}
         marked = marked | (lab & harm)
-    if marked.all():
-        raise CleanError(f"{inputs.config.strategy} would keep 0 of {marked.shape[0]} samples")
-    return PruneResult(~marked, np.asarray(inputs.labels, np.int64),
-                       {"drop": drop, "by": None, "keep": None, "skip": None, "label_gate": gate})
+    return drop_marked(inputs, None, "flagged", marked=marked, label_gate=gate)
 
 
 @STRATEGIES.register("drop-harmful", needs=("flags",),

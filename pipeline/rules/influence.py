@@ -44,14 +44,14 @@ def harmful_issue(inputs, cfg: FlagConfig) -> IssueResult:
     """is_harmful = harmful_mask (every seed model's removal effect < 0, harm beyond the helpful side's
     NULL_QUANTILE quantile); harmful_score = the harm ratio (higher = more harmful). Reads
     scores/attribution.npz beside scores.csv (written by `clean score` with score.importance: true)."""
-    from pipeline.effect import positions, read_attribution
+    from pipeline.effect import effects_of, read_attribution
 
     path = Path(inputs.scores_csv).parent / "attribution.npz"
-    a = read_attribution(path) if path.exists() else None
-    if a is None or a["effects"].shape[0] == 0:
+    effects = effects_of(path, inputs.ids)
+    if effects is None:
         raise CleanError(f"{path}: no attribution, which the `harmful` issue type needs; run `clean score` with "
                          "score.importance: true (needs a val split), or leave harmful out of flag.issues")
-    effects = a["effects"][:, positions(a["ids"], inputs.ids, path)]
+    a = read_attribution(path)
     ratio = harm_ratio(effects, float(a["val_loss"].mean()))
     flagged, cut = harmful_mask(effects)
     summary = {"null_quantile": NULL_QUANTILE, "cut_nats": cut, "models": int(effects.shape[0]),
