@@ -49,6 +49,11 @@ def _classes(manifest: Path) -> tuple[str, Path]:
     return ("the classes.json of --manifest", classes_path_for(manifest))
 
 
+def _attribution(scores: Path) -> tuple[str, Path]:
+    """The removal effects `clean score` writes beside scores.csv, read by `harmful` and the gated prune."""
+    return ("the attribution.npz beside --scores", scores.parent / "attribution.npz")
+
+
 def _check_out_dir(out: Path) -> None:
     """A model folder option must not name an existing file, nor be a symbolic link (pipeline/ownership.py)."""
     from pipeline.errors import CleanError
@@ -330,7 +335,7 @@ def flag(
                 flag__threshold=threshold, flag__contamination=contamination, flag__folds=folds)
     f = c.flag
     _io("flag", [("--scores", scores), ("--manifest", manifest), _classes(manifest), ("--model", model),
-                 ("the embeddings of --scores", scores.parent / "embeddings.npz")],
+                 ("the embeddings of --scores", scores.parent / "embeddings.npz"), _attribution(scores)],
         [("--out", out / n) for n in ("flags.csv", "issues.json", "top_flagged.png")] + [("--metrics", metrics)], manifest, params)
     with RichProgress() as prog:
         s = run(scores, out, f, model_dir=model, manifest=manifest, recipe=c.train, progress=prog, metrics_path=metrics)
@@ -399,7 +404,7 @@ def prune(
                 prune__balanced=balanced, prune__seed=seed, prune__drop=list(drop) if drop else None)
     q = c.prune
     _io("prune", [("--manifest", manifest), ("--scores", scores), ("--flags", flags), ("--decisions", decisions),
-                  _classes(manifest)], [("--out", out), ("--summary", summary)] + ([("--metrics", metrics)] if metrics else [])
+                  _classes(manifest), _attribution(scores)], [("--out", out), ("--summary", summary)] + ([("--metrics", metrics)] if metrics else [])
         + _classes_beside(out, manifest), manifest, params)
     s = run(manifest, scores, out, summary, q, flags_csv=flags, decisions=decisions, metrics=metrics)
     ent = s["label_entropy"]
@@ -485,7 +490,8 @@ def sweep_point(
     from pipeline.stages.sweep import sweep_point as run
 
     c = _config(params, prune__strategy=strategy, prune__keep=keep)
-    _io("sweep point", [("--manifest", manifest), _classes(manifest), ("--scores", scores), ("--flags", flags)],
+    _io("sweep point", [("--manifest", manifest), _classes(manifest), ("--scores", scores), ("--flags", flags),
+                        _attribution(scores)],
         [("--out", out)] + [("--out", out / f) for f in ("pruned.csv", "prune.json", "metrics.json")]
         + _classes_beside(out / "pruned.csv", manifest), manifest, params)
     with RichProgress() as prog:
@@ -510,7 +516,8 @@ def sweep_run(
     from pipeline.stages.sweep import sweep as run
 
     c = _config(params)
-    _io("sweep run", [("--manifest", manifest), _classes(manifest), ("--scores", scores), ("--flags", flags)],
+    _io("sweep run", [("--manifest", manifest), _classes(manifest), ("--scores", scores), ("--flags", flags),
+                      _attribution(scores)],
         [("--out", out), ("--summary", summary)], manifest, params)
     with RichProgress() as prog:
         df = run(manifest, scores, flags, out, summary, c.sweep, c.prune, c.train, c.seeds, progress=prog)

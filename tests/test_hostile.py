@@ -573,6 +573,14 @@ OVERWRITES = {
     "compare --png its second input": (["compare", "scores/scores.csv", "scores/b.csv", "--png", "scores/./b.csv"],
                                        "--png scores/b.csv is SCORES_B scores/b.csv, an input of `clean compare`: "
                                        + SAME.format(opt="--png")),
+    "prune --summary the attribution it reads": (["prune", "--summary", "scores/attribution.npz"],
+                                                 "--summary scores/attribution.npz is the attribution.npz beside "
+                                                 "--scores scores/attribution.npz, an input of `clean prune`: "
+                                                 + SAME.format(opt="--summary")),
+    "flag --metrics the attribution it reads": (["flag", "--metrics", "scores/attribution.npz"],
+                                                "--metrics scores/attribution.npz is the attribution.npz beside "
+                                                "--scores scores/attribution.npz, an input of `clean flag`: "
+                                                + SAME.format(opt="--metrics")),
     "prune --out the scores": (["prune", "--out", "scores/scores.csv"],
                                "--out scores/scores.csv is --scores scores/scores.csv, an input of `clean prune`: "
                                + SAME.format(opt="--out")),
