@@ -86,7 +86,7 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
         "grid": 36,           # images in the top-flagged grid (0 = none)
         "duplicate_tau": 0.13,  # duplicate: near copy when cosine distance < tau x median nearest-neighbour distance
-        "copy_ratio": 0.2,    # duplicate: aligned pixel distance <= this x the pair's ordinary-neighbour distance
+        "copy_ratio": 0.1,    # duplicate: aligned pixel distance <= this x the pair's ordinary-neighbour distance
         "outlier_k": 10,      # outlier (and duplicate search): nearest training embeddings
         "outlier_mad": 6.0,   # outlier: robust z of the kNN distance above this (no val split)
         "outlier_fpr": 0.01,  # outlier: beyond the (1 - this) quantile of the val images' kNN distance

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.config import FlagConfig
 from pipeline.rules import images, knn
 from pipeline.rules.duplicates import find_duplicates
 from pipeline.rules.outliers import knn_outliers
@@ -338,23 +339,28 @@ def test_pixel_copies_survive_shift_flip_rotation_jpeg_and_brightness():
     def shift(x):
         return np.asarray(Image.fromarray(x).transform((28, 28), Image.AFFINE, (1, 0, 2, 0, 1, -1), fillcolor=0))
 
+    def crop(x):  # 83 % of the area, off centre, resized back
+        return np.asarray(Image.fromarray(x).crop((1, 3, 26, 28)).resize((28, 28), Image.BILINEAR))
+
     planted = {0: shift, 1: lambda x: np.ascontiguousarray(x[:, ::-1]), 2: jpeg,
                3: lambda x: np.asarray(Image.fromarray(x).rotate(5, Image.BILINEAR, fillcolor=0)),
+               5: crop, 6: lambda x: np.asarray(Image.fromarray(x).rotate(-8, Image.BILINEAR, fillcolor=0)),
                4: lambda x: np.asarray(ImageEnhance.Brightness(Image.fromarray(x)).enhance(1.2))}
     copies_ = [fn(imgs[i]) for i, fn in planted.items()]
     allimg = np.stack(imgs + copies_)[:, None]
     m = len(allimg)
-    label = np.r_[rng.integers(0, 3, n), [0, 0, 0, 0, 0]]
+    label = np.r_[rng.integers(0, 3, n), np.zeros(len(planted), int)]
     label[list(planted)] = 0
-    label[n + 4] = 2  # the brightened copy filed under another class: a conflict, and the flagged one
+    last = n + len(planted) - 1
+    label[last] = 2  # the brightened copy filed under another class: a conflict, and the flagged one
     emb = allimg.reshape(m, -1).astype(np.float32) + rng.normal(0, 1.0, (m, 784))
     f = _feats(emb, label=label)
     f["thumb"] = thumbnails(allimg)
-    res = find_duplicates(f, f["label"], f["ids"], k=10, ratio=0.2)
+    res = find_duplicates(f, f["label"], f["ids"], k=10, ratio=FlagConfig().copy_ratio)
     g = res.columns["duplicate_group"]
     sets = sorted(sorted(np.flatnonzero(g == gi).tolist()) for gi in np.unique(g[g >= 0]))
-    assert sets == [[i, n + j] for j, i in enumerate(planted)]
-    assert res.flagged[n + 4] and not res.flagged[4]  # the odd label is flagged, the original kept
+    assert sets == sorted([i, n + j] for j, i in enumerate(planted))
+    assert res.flagged[last] and not res.flagged[4]  # the odd label is flagged, the original kept
     assert res.summary["method"] == "pixels"
 
 
@@ -377,6 +383,43 @@ def test_copy_views_sample_like_grid_sample_conventions():
     thumb = (rng.random((3, 32 * 32)) * 255).astype(np.uint8)
     thumb[2] = thumb[1].reshape(32, 32)[:, ::-1].ravel()
     small, unit, _ = copies.row_views(thumb)
-    d, v = copies.screen(small, unit, np.array([0, 0]), np.array([1, 2]), np.array([True, False]))
+    d, v, mirrored = copies.screen(small, unit, np.array([0, 0]), np.array([1, 2]))
     assert abs(d[0] - d[1]) < 1e-5
+    assert mirrored[0] != mirrored[1]  # the screen chose the mirror: one pair plain, the other mirrored
     assert copies.VIEWS[v[0]] == copies.VIEWS[v[1]]
+
+
+def test_align_recovers_a_known_similarity_transform():
+    """copies.align: b = a zoomed ×1.1, rotated 4° and moved (plus gain 1.3, offset 0.05); from the
+    identity, a few Gauss–Newton steps find the transform (reference: the one used to make b) and the
+    masked correlation distance falls from 0.05–0.1 to that of the true transform."""
+    from PIL import Image
+
+    from pipeline.rules import copies
+
+    rng = np.random.default_rng(5)
+    p, s = 6, 16
+    smooth = np.stack([np.asarray(Image.fromarray((rng.random((5, 5)) * 255).astype(np.uint8)).resize(
+        (s, s), Image.BICUBIC), np.float32) / 255 for _ in range(p)])
+    c = (2.0 * np.arange(s) + 1.0) / s - 1.0
+    r2 = c[:, None] ** 2 + c[None, :] ** 2
+    a = smooth * np.exp(-((r2 / 0.45) ** 2)).astype(np.float32)  # content fading out well inside the border
+    ang, zoom, ty, tx = np.deg2rad(4.0), 1.1, 0.06, -0.08
+    truth = np.tile(np.array([np.cos(ang) / zoom, np.sin(ang) / zoom, tx, ty], np.float32), (p, 1))
+    # b sampled so that b(A x + t) = a(x): b(u) = a(A⁻¹(u − t))
+    inv = np.linalg.inv(np.array([[truth[0, 0], -truth[0, 1]], [truth[0, 1], truth[0, 0]]]))
+    uy, ux = np.meshgrid(c, c, indexing="ij")
+    src = np.einsum("ij,jyx->iyx", inv, np.stack([ux - tx, uy - ty]))
+    gx, gy = np.broadcast_to(src[0], (p, s, s)).astype(np.float32), np.broadcast_to(src[1], (p, s, s)).astype(np.float32)
+    b = 1.3 * copies._sample(a, gx, gy, True) + 0.05
+    va, ma = copies.canonical(a, mask=True, centre=(np.zeros(p, np.float32), np.zeros(p, np.float32)))
+    start = np.tile(np.array([1.0, 0.0, 0.0, 0.0], np.float32), (p, 1))
+
+    def dist(q):
+        vb, mb = copies._warp(b, q)
+        return 1.0 - copies._masked_ncc(va, vb, ma * mb)
+
+    q = copies.align(va, ma, b, start, steps=8)
+    assert np.all(dist(start) > 0.04)
+    assert np.all(dist(q) <= dist(truth) + 1e-3)  # as close as the true transform (bilinear resampling twice)
+    assert np.allclose(q, truth, atol=0.02)

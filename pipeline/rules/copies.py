@@ -11,16 +11,21 @@ Works on the 32 × 32 luminance thumbnails `clean score` keeps per image (embedd
    is indexed for the training rows (faiss, pipeline/rules/knn.py) and every row (train, val,
    test) asks for its 2k nearest — one search finds plain and mirrored copies.
 3. **Screen** (:func:`screen`). Per pair (each row's `top` nearest by descriptor and its
-   REF_RANK-th, the reference), the best plain correlation at COARSE_SIDE of a's canonical view
-   with the VIEWS of b (mirror × rotation ±6° × zoom 0.92/1.08), views made once per row. Only a
+   REF_RANK-th, the reference), the best plain correlation at COARSE_SIDE of a's canonical view,
+   plain and mirrored, with the VIEWS of b (rotation ±6° × zoom 0.92/1.08), views made once per
+   row; the best sets the pair's mirror and starting view. Only a
    pair whose screen distance is far below its rows' reference (≤ COARSE_RATIO ×) goes on.
-4. **Verification** (:func:`verify`). For the screened pairs and their rows' reference pairs,
-   the normalised cross-correlation over the pixels both views cover, at 32 × 32, in the view
-   the screen found best, gives a distance d = 1 − correlation. A pair is a copy when d is far below what the
-   row sees from its ordinary neighbours: d ≤ `ratio` · min(ref_a, ref_b), ref = the row's
-   reference pair's verified distance (Lowe's ratio test, per row, so it adapts to how alike a
-   class's images are), or d ≤ `D_EXACT` (a pixel-identical re-encoding). The ratio is the
-   stated cut (flag.copy_ratio).
+4. **Alignment** (:func:`align`). Each screened pair's view is refined from the screen's best
+   view by a few Gauss–Newton (Lucas–Kanade) steps over a similarity transform (zoom, rotation,
+   shift) and a gain/offset, at COARSE_SIDE: the continuous zoom and offset of a crop, or the
+   exact angle of a rotation, that the fixed VIEWS only bracket.
+5. **Verification** (:func:`verify`). For the screened pairs (in their refined view) and their
+   rows' reference pairs (in the screen's best view: an ordinary neighbour, not optimised), the
+   normalised cross-correlation over the pixels both views cover, at 32 × 32, gives a distance
+   d = 1 − correlation. A pair is a copy when d is far below what the row sees from its ordinary
+   neighbours: d ≤ `ratio` · min(ref_a, ref_b), ref = the row's reference pair's verified
+   distance (Lowe's ratio test, per row, so it adapts to how alike a class's images are), or
+   d ≤ `D_EXACT` (a pixel-identical re-encoding). The ratio is the stated cut (flag.copy_ratio).
 """
 from __future__ import annotations
 
@@ -45,6 +50,10 @@ DESC_NPROBE = 4
 COARSE_SIDE = 16
 #: a pair goes on to the full verification when its screening distance ≤ this × its rows' screening reference
 COARSE_RATIO = 0.6
+#: Gauss–Newton steps of :func:`align` (3 and 5 found the same pairs on planted seed 1)
+ALIGN_STEPS = 3
+#: per step, the largest change of the shift (grid units: 0.15 = 1.2 px at 16 × 16)
+ALIGN_MAX_SHIFT = 0.15
 
 
 def _thumbs(thumb: np.ndarray) -> np.ndarray:
@@ -252,16 +261,18 @@ def _mirror_view(v: int) -> int:
     return VIEWS.index((-ang if ang else ang, zoom))
 
 
-def screen(small, unit, a: np.ndarray, b: np.ndarray, flip: np.ndarray,
-           chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def screen(small, unit, a: np.ndarray, b: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A cheap stand-in for :func:`verify` that decides which pairs to verify, and in which view: at
     COARSE_SIDE, the best plain normalised cross-correlation (zero padding, no mask) of a's
-    canonical view (`unit`, :func:`row_views`) with the VIEWS of b (mirrored where `flip` [P]) →
-    (1 − best, float64 [P]; the best view's index into VIEWS, int [P]). The views are made once
-    per row and shared by its pairs: a mirrored pair compares a's mirrored view with b's views
-    (the same correlations, the rotations' signs swapped)."""
+    canonical view (`unit`, :func:`row_views`), plain and mirrored, with the VIEWS of b →
+    (1 − best, float64 [P]; the best view's index into VIEWS, int [P]; whether the best had b
+    mirrored, bool [P]). The views are made once per row and shared by its pairs; a's mirrored
+    view against b's views gives the correlations of a against b's mirrored views, the
+    rotations' signs swapped. (The mirror is chosen here, with every view, rather than from the
+    8 × 8 descriptor: on planted seed 7 two more rotated copies, none lost.)"""
     c = COARSE_SIDE
     out, which = np.empty(len(a), np.float64), np.zeros(len(a), np.int64)
+    mirrored = np.zeros(len(a), bool)
     perm = np.arange(c * c).reshape(c, c)[:, ::-1].ravel()
     swap = np.asarray([_mirror_view(v) for v in range(len(VIEWS))])
     uk, inv = np.unique(np.asarray(b, np.int64), return_inverse=True)
@@ -276,33 +287,82 @@ def screen(small, unit, a: np.ndarray, b: np.ndarray, flip: np.ndarray,
             _unit(canonical(tb, False, ang, zoom, centre=centre, zeros=True).reshape(len(tb), -1))
             for ang, zoom in VIEWS[1:]], 1)
         p = order[bounds[j]:bounds[j + 1]]
-        fp = np.asarray(flip[p], bool)
-        ua = np.where(fp[:, None], unit[a[p]][:, perm], unit[a[p]])
-        sim = np.matmul(views[inv[p] - s], ua[:, :, None])[:, :, 0]
+        ua = unit[a[p]]
+        vb = views[inv[p] - s]
+        sim = np.concatenate([np.matmul(vb, ua[:, :, None])[:, :, 0], np.matmul(vb, ua[:, perm, None])[:, :, 0]], 1)
         arg = sim.argmax(1)
-        which[p] = np.where(fp, swap[arg], arg)
+        fp = arg >= len(VIEWS)
+        mirrored[p] = fp
+        which[p] = np.where(fp, swap[arg % len(VIEWS)], arg)
         out[p] = np.maximum(1.0 - sim.max(1).astype(np.float64), 0.0)
-    return out, which
+    return out, which, mirrored
 
 
-def _view(t: np.ndarray, view: np.ndarray, cy: np.ndarray, cx: np.ndarray):
-    """Per-pair view of thumbnails t [P, S, S]: VIEWS[view[i]] about the centre (cy, cx) [P] →
-    (zero-padded view [P, S, S], mask of the pixels inside the source [P, S, S])."""
+def _view_params(view: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
+    """The similarity transform of VIEWS[view] about (cy, cx) [P] as float32 [P, 4] (α, β, tx, ty):
+    a view pixel at grid point (x, y) samples the source at (αx − βy + tx, βx + αy + ty)."""
+    v = np.asarray(VIEWS, np.float64)[np.asarray(view, np.int64)]
+    ang, zoom = np.deg2rad(v[:, 0]), v[:, 1]
+    return np.stack([np.cos(ang) / zoom, np.sin(ang) / zoom, cx, cy], 1).astype(np.float32)
+
+
+def _warp(t: np.ndarray, q: np.ndarray, extra=()):
+    """Thumbnails t [P, S, S] seen through the similarity transforms q [P, 4] (:func:`_view_params`)
+    → (zero-padded view [P, S, S], mask of the pixels inside the source [P, S, S], and the same
+    samples of each array in `extra`)."""
     s = t.shape[-1]
-    grids = np.stack([_view_grid(s, float(ang), float(z)) for ang, z in VIEWS])[view]
-    zoom = np.asarray([z for _, z in VIEWS], np.float32)[view]
-    out = _sample(t, grids[..., 0] + cx[:, None, None], grids[..., 1] + cy[:, None, None], True)
-    return out, _inside(s, zoom, cy, cx)
+    c = ((2.0 * np.arange(s) + 1.0) / s - 1.0).astype(np.float32)
+    y, x = np.meshgrid(c, c, indexing="ij")
+    al, be, tx, ty = (q[:, i, None, None] for i in range(4))
+    gx, gy = al * x - be * y + tx, be * x + al * y + ty
+    lim = 1.0 - 1.0 / s  # sample points at most half a pixel from the border centres stay inside
+    inside = ((np.abs(gx) <= lim) & (np.abs(gy) <= lim)).astype(np.float32)
+    return (_sample(t, gx, gy, True), inside) + tuple(_sample(e, gx, gy, True) for e in extra)
+
+
+def align(va: np.ndarray, ma: np.ndarray, tb: np.ndarray, q: np.ndarray, steps: int = ALIGN_STEPS) -> np.ndarray:
+    """Refine the similarity transforms q [P, 4] (:func:`_view_params`) that map b's thumbnail
+    tb [P, S, S] onto a's canonical view va [P, S, S] (mask ma [P, S, S]): `steps` Gauss–Newton
+    steps of the masked least squares ‖va − (g · b(q) + o)‖² over (α, β, tx, ty, g, o), all pairs at
+    once (forward-additive Lucas–Kanade, a little Levenberg damping, each step's shift capped at
+    ALIGN_MAX_SHIFT) → the refined transforms, float32 [P, 4]."""
+    p, s = tb.shape[0], tb.shape[-1]
+    c = ((2.0 * np.arange(s) + 1.0) / s - 1.0).astype(np.float32)
+    y, x = (g.ravel()[None] for g in np.meshgrid(c, c, indexing="ij"))
+    gy, gx = np.gradient(tb, axis=(1, 2))
+    unit = np.float32(s / 2)  # d/d(pixel) → d/d(grid unit)
+    gx, gy = gx * unit, gy * unit
+    q = np.array(q, np.float32)
+    gain, off = np.ones((p, 1), np.float32), np.zeros((p, 1), np.float32)
+    target = va.reshape(p, -1)
+    eye = np.eye(6, dtype=np.float32)
+    for _ in range(int(steps)):
+        b, inside, bx, by = (z.reshape(p, -1) for z in _warp(tb, q, (gx, gy)))
+        w = ma.reshape(p, -1) * inside
+        bx, by = gain * bx, gain * by
+        jac = np.stack([bx * x + by * y, by * x - bx * y, bx, by, b, np.ones_like(b)], 1)  # [P, 6, S²]
+        jw = jac * w[:, None, :]
+        h = jw @ jac.transpose(0, 2, 1)
+        h += 1e-3 * eye * (np.trace(h, axis1=1, axis2=2)[:, None, None] / 6 + 1e-6)
+        step = np.linalg.solve(h, jw @ (target - gain * b - off)[:, :, None])[:, :, 0]
+        step[:, 2:4] = np.clip(step[:, 2:4], -ALIGN_MAX_SHIFT, ALIGN_MAX_SHIFT)
+        q += step[:, :4]
+        gain += step[:, 4:5]
+        off += step[:, 5:6]
+    return q
 
 
 def verify(thumb: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray, view: np.ndarray,
-           chunk: int = 1024) -> np.ndarray:
+           refine=None, small=None, chunk: int = 1024) -> np.ndarray:
     """Aligned distance of each pair (rows a, b of thumb uint8 [M, S·S]): 1 − the normalised
     cross-correlation of the blurred canonical views at VERIFY_SIDE, over the pixels both views
     cover, b mirrored where `flip` [P] and seen in VIEWS[view] [P] (the screen's best view: the
-    best of all views changed 1 of 475 set members on the tuning seed, at five times the cost)
-    → float64 [P] in [0, 2] (0 = identical after alignment)."""
+    best of all views changed 1 of 475 set members on the tuning seed, at five times the cost) —
+    or, where `refine` [P] (bool), in that view refined by :func:`align` on the COARSE_SIDE
+    thumbnails `small` [M, C, C] (:func:`row_views`; the transform is in grid units, so it carries
+    over to VERIFY_SIDE) → float64 [P] in [0, 2] (0 = identical after alignment)."""
     out = np.empty(len(a), np.float64)
+    refine = np.zeros(len(a), bool) if refine is None else np.asarray(refine, bool)
     rows = np.unique(np.r_[a, b])
     # the candidate rows, blurred, kept in float16 (2 bytes a pixel) and widened chunk by chunk
     blurred = np.empty((len(rows),) + _small(_thumbs(thumb[:1])).shape[1:], np.float16)
@@ -310,11 +370,24 @@ def verify(thumb: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray, vi
         blurred[s:s + chunk] = _small(_thumbs(thumb[rows[s:s + chunk]]))
     ia, ib = np.searchsorted(rows, a), np.searchsorted(rows, b)
     for s in range(0, len(a), chunk):
-        ta, tb = blurred[ia[s:s + chunk]].astype(np.float32), blurred[ib[s:s + chunk]].astype(np.float32)
-        va, ma = canonical(ta, mask=True)
-        tb = _mirror(tb, flip[s:s + chunk])
-        vb, mb = _view(tb, view[s:s + chunk], *centroid(tb))
-        out[s:s + chunk] = np.maximum(1.0 - _masked_ncc(va, vb, ma * mb).astype(np.float64), 0.0)
+        sl = slice(s, s + chunk)
+        ta, tb = blurred[ia[sl]].astype(np.float32), blurred[ib[sl]].astype(np.float32)
+        centre = centroid(ta)
+        va, ma = canonical(ta, mask=True, centre=centre)
+        tb = _mirror(tb, flip[sl])
+        q = _view_params(view[sl], *centroid(tb))
+        r = np.flatnonzero(refine[sl])
+        if len(r):
+            ca, cb = small[a[sl][r]], _mirror(small[b[sl][r]], flip[sl][r])
+            ya, xa = centroid(ca)
+            qr = align(*canonical(ca, mask=True, centre=(ya, xa)), cb, _view_params(view[sl][r], *centroid(cb)))
+            # a's canonical frame is centred on its centroid, which moves a little between the two sides
+            dy, dx = centre[0][r] - ya, centre[1][r] - xa
+            qr[:, 2] += qr[:, 0] * dx - qr[:, 1] * dy
+            qr[:, 3] += qr[:, 1] * dx + qr[:, 0] * dy
+            q[r] = qr
+        vb, mb = _warp(tb, q)
+        out[sl] = np.maximum(1.0 - _masked_ncc(va, vb, ma * mb).astype(np.float64), 0.0)
     return out
 
 
@@ -348,8 +421,9 @@ def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 
     thumbnails (std < MIN_STD: blank images, identical to each other by nature) left out. Each row's
     `top` nearest candidates by descriptor, and its REF_RANK-th (its reference: an ordinary
     neighbour), are screened (:func:`screen`); a top pair whose screening distance is at most
-    COARSE_RATIO × its rows' screening reference is verified (:func:`verify`, in the screen's best
-    view), with the reference pairs of its rows. A pair is a copy when its aligned distance d ≤ `ratio` · min(ref_a, ref_b)
+    COARSE_RATIO × its rows' screening reference is aligned (:func:`align`, from the screen's best
+    view and mirror) and verified (:func:`verify`), with the reference pairs of its rows (in the
+    screen's best view, not refined). A pair is a copy when its aligned distance d ≤ `ratio` · min(ref_a, ref_b)
     (ref = the row's reference pair's aligned distance; rows without one use the other row's) or
     d ≤ D_EXACT. Returns {"a", "b" [P] rows (a < b), "d" [P], "ref" [P], "flip" [P] bool (b
     mirrored), "n_candidates", "n_screened", "n_verified"}.
@@ -364,24 +438,24 @@ def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 
     textured = spread >= MIN_STD
     a, b = a[textured[a] & textured[b]], b[textured[a] & textured[b]]
     plain, mirr = _pair_dots(d0, a, b), _pair_dots(d0f, a, b, d0)
-    flip, dd = mirr > plain, 1.0 - np.maximum(plain, mirr)
+    dd = 1.0 - np.maximum(plain, mirr)  # the nearer of b and its mirror image
     # per row (both ends): rank of each pair by descriptor distance
     rank = _rank_in_row(np.r_[a, b], np.r_[dd, dd])
     ra, rb = rank[:len(a)], rank[len(a):]
     sel = (ra < top) | (rb < top) | (ra == REF_RANK) | (rb == REF_RANK)
     n_cand = int(sel.size)
-    a, b, flip, ra, rb = a[sel], b[sel], flip[sel], ra[sel], rb[sel]
+    a, b, ra, rb = a[sel], b[sel], ra[sel], rb[sel]
     is_top = (ra < top) | (rb < top)
     # screening: every selected pair, cheaply; the full verification only where it can matter
-    d1, view = screen(small, unit, a, b, flip)
-    del small, unit
+    d1, view, flip = screen(small, unit, a, b)
+    del unit
     with np.errstate(invalid="ignore"):
         go = is_top & ((d1 <= COARSE_RATIO * _row_ref(len(thumb), a, b, ra, rb, d1)) | (d1 <= D_EXACT))
     rows_go = np.zeros(len(thumb), bool)
     rows_go[a[go]] = rows_go[b[go]] = True
     need = go | ((ra == REF_RANK) & rows_go[a]) | ((rb == REF_RANK) & rows_go[b])
     d = np.full(len(a), np.nan)
-    d[need] = verify(thumb, a[need], b[need], flip[need], view[need])
+    d[need] = verify(thumb, a[need], b[need], flip[need], view[need], refine=go[need], small=small)
     r = _row_ref(len(thumb), a, b, ra, rb, d)
     with np.errstate(invalid="ignore"):
         ok = go & ((d <= ratio * r) | (d <= D_EXACT))

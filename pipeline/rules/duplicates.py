@@ -4,7 +4,8 @@ Pairs (docs/methods.md §2.2):
 - exact: the decoded pixels hash equal (any splits);
 - near, when embeddings.npz has thumbnails (`thumb`, written by `clean score`): candidate pairs
   from a shift/flip-invariant pixel descriptor and the embedding k-NN, each verified after
-  alignment (pipeline/rules/copies.py) — a copy survives a shift, a crop of ≥ 80 % of the area,
+  alignment (pipeline/rules/copies.py: centred, the best of a few views, then a fitted
+  similarity transform) — a copy survives a shift, a crop of ≥ 80 % of the area,
   a mirror image, a small rotation, brightness/contrast and JPEG re-encoding. A pair is kept
   when its aligned distance is below flag.copy_ratio × the distance the two rows see from
   their ordinary neighbours;
@@ -76,7 +77,7 @@ def _near_pixels(feats: dict, nn: dict, pos: np.ndarray, ratio: float, seed: int
     ok = eb >= 0
     res = copies.copy_pairs(feats["thumb"], pos, ratio, extra=(ea[ok], eb[ok]), exact_max=exact_max, seed=seed)
     rule = (f"aligned pixel distance ≤ {ratio:g} × the pair's ordinary-neighbour distance "
-            f"(views: mirror, ±6°, zoom ×0.92/1.08, centred)")
+            f"(centred; mirror, ±6°, zoom ×0.92/1.08, then a fitted zoom/rotation/shift)")
     facts = {"method": "pixels", "copy_ratio": float(ratio), "n_candidates": res["n_candidates"],
              "n_screened": res["n_screened"], "n_verified": res["n_verified"], "near_rule": rule}
     return res["a"], res["b"], res["d"], facts
