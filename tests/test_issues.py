@@ -423,3 +423,29 @@ def test_align_recovers_a_known_similarity_transform():
     assert np.all(dist(start) > 0.04)
     assert np.all(dist(q) <= dist(truth) + 1e-3)  # as close as the true transform (bilinear resampling twice)
     assert np.allclose(q, truth, atol=0.02)
+
+
+def test_second_look_brings_a_crop_close_and_leaves_another_image_far():
+    """copies.second_look: one alignment step takes an off-centre 83 % crop (resized back) of an image
+    much closer to it than the screen's fixed views do, and leaves a different image far away."""
+    from PIL import Image
+
+    from pipeline.rules import copies
+    from pipeline.scores.features import thumbnails
+
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[:28, :28]
+    mask = ((yy - 14) / 11) ** 2 + ((xx - 14) / 9) ** 2 <= 1
+
+    def blob():
+        f = np.asarray(Image.fromarray((rng.random((7, 7)) * 255).astype(np.uint8)).resize((28, 28), Image.BICUBIC), float)
+        return (f * mask).clip(0, 255).astype(np.uint8)
+
+    a, other = blob(), blob()
+    crop = np.asarray(Image.fromarray(a).crop((1, 3, 26, 28)).resize((28, 28), Image.BILINEAR))
+    small, unit, _ = copies.row_views(thumbnails(np.stack([a, crop, other])[:, None]))
+    pa, pb = np.array([0, 0]), np.array([1, 2])
+    d1, view, flip = copies.screen(small, unit, pa, pb)
+    d2 = copies.second_look(small, pa, pb, flip, view)
+    assert d2[0] < 0.5 * d1[0]  # the crop, aligned: far closer than in the best fixed view
+    assert d2[0] < 0.1 * d2[1]  # and far closer than another image after the same step
