@@ -449,3 +449,36 @@ def test_second_look_brings_a_crop_close_and_leaves_another_image_far():
     d2 = copies.second_look(small, pa, pb, flip, view)
     assert d2[0] < 0.5 * d1[0]  # the crop, aligned: far closer than in the best fixed view
     assert d2[0] < 0.1 * d2[1]  # and far closer than another image after the same step
+
+
+def test_rank_in_row_matches_lexsort():
+    """copies._rank_in_row (one stable sort of a combined key) against np.lexsort, ties included."""
+    from pipeline.rules import copies
+
+    rng = np.random.default_rng(4)
+    rows = rng.integers(0, 300, 5000)
+    key = rng.random(5000).astype(np.float32) * 2.0
+    key[::9] = key[3]  # ties within rows
+    o = np.lexsort((key, rows))
+    r = rows[o]
+    start = np.r_[0, np.flatnonzero(r[1:] != r[:-1]) + 1]
+    ref = np.empty(len(r), np.int64)
+    ref[o] = np.arange(len(r)) - np.repeat(start, np.diff(np.r_[start, len(r)]))
+    assert np.array_equal(copies._rank_in_row(rows, key), ref)
+    assert copies._rank_in_row(np.zeros(0, np.int64), np.zeros(0, np.float32)).shape == (0,)
+
+
+def test_translate_equals_the_bilinear_sampler():
+    """copies._translate (grouped window slices) against copies._sample on the moved identity grid:
+    small and large moves (beyond the image), zero fill and border fill."""
+    from pipeline.rules import copies
+
+    rng = np.random.default_rng(6)
+    for s in (16, 32):
+        t = rng.random((400, s, s)).astype(np.float32)
+        for scale in (0.05, 0.5, 3.0):
+            cy, cx = (rng.normal(size=(2, 400)) * scale).astype(np.float32)
+            g = copies._view_grid(s, 0.0, 1.0)
+            for zeros in (True, False):
+                ref = copies._sample(t, g[None, :, :, 0] + cx[:, None, None], g[None, :, :, 1] + cy[:, None, None], zeros)
+                assert np.allclose(copies._translate(t, cy, cx, zeros), ref, atol=1e-5)

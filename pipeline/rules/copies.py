@@ -163,9 +163,44 @@ def canonical(t, flip=False, angle: float = 0.0, zoom: float = 1.0, mask: bool =
         t = np.where(np.asarray(flip)[:, None, None], t[:, :, ::-1], t)
     s = t.shape[-1]
     cy, cx = centroid(t) if centre is None else centre
-    g = _view_grid(s, float(angle), float(zoom))
-    out = _sample(t, g[None, :, :, 0] + cx[:, None, None], g[None, :, :, 1] + cy[:, None, None], mask or zeros)
+    if float(angle) == 0.0 and float(zoom) == 1.0:
+        out = _translate(t, cy, cx, mask or zeros)
+    else:
+        g = _view_grid(s, float(angle), float(zoom))
+        out = _sample(t, g[None, :, :, 0] + cx[:, None, None], g[None, :, :, 1] + cy[:, None, None], mask or zeros)
     return (out, _inside(s, zoom, cy, cx)) if mask else out
+
+
+def _translate(t: np.ndarray, cy: np.ndarray, cx: np.ndarray, zeros: bool) -> np.ndarray:
+    """:func:`_sample` of t [N, S, S] at the identity grid moved by (cy, cx) [N] grid units — a pure move,
+    so each image's four bilinear neighbours are four shifted windows: the images are grouped by their
+    whole-pixel move and each group is sliced, not gathered (the same values as _sample within float
+    rounding, ~4× faster) → float32 [N, S, S]. Outside: zeros, or else the nearest border pixel."""
+    n, s = t.shape[0], t.shape[-1]
+    out = np.empty((n, s, s), np.float32)
+    if not n:
+        return out
+    half = np.float32(s / 2)
+    lo, hi = (-1.0, float(s)) if zeros else (0.0, float(s - 1))
+    # the move in pixels, clipped as _sample clips each sample point (a move beyond the image reads the fill)
+    my = np.clip(np.asarray(cy, np.float32) * half, lo - (s - 1), hi)
+    mx = np.clip(np.asarray(cx, np.float32) * half, lo - (s - 1), hi)
+    ky, kx = np.floor(my).astype(np.int64), np.floor(mx).astype(np.int64)
+    fy, fx = (my - ky).astype(np.float32), (mx - kx).astype(np.float32)
+    pad = s + 1
+    padded = np.pad(t, ((0, 0), (pad, pad), (pad, pad)), mode="constant" if zeros else "edge")
+    key = (ky + pad) * (3 * s + 3) + (kx + pad)
+    order = np.argsort(key, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1], True])
+    for g0, g1 in zip(bounds[:-1], bounds[1:]):
+        idx = order[g0:g1]
+        y0, x0 = int(ky[idx[0]]) + pad, int(kx[idx[0]]) + pad
+        win = padded[idx, y0:y0 + s + 1, x0:x0 + s + 1]
+        wy, wx = fy[idx, None, None], fx[idx, None, None]
+        top = win[:, :s, :s] + wx * (win[:, :s, 1:] - win[:, :s, :s])
+        bot = win[:, 1:, :s] + wx * (win[:, 1:, 1:] - win[:, 1:, :s])
+        out[idx] = top + wy * (bot - top)
+    return out
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -422,8 +457,12 @@ def verify(thumb: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray, vi
 
 def _rank_in_row(rows: np.ndarray, key: np.ndarray) -> np.ndarray:
     """The rank (0 = smallest key) of each entry among the entries of its row → int [P]."""
-    o = np.argsort(key, kind="stable")  # = np.lexsort((key, rows)) as two stable sorts: ~25 % faster at 1.7M entries
-    o = o[np.argsort(np.asarray(rows)[o].astype(np.int32), kind="stable")]
+    key = np.asarray(key, np.float64)
+    lo = float(key.min()) if len(key) else 0.0
+    # one stable sort of row · span + key (span > the keys' range, so rows never mix): the ranks of
+    # np.lexsort((key, rows)) — identical on the 70k file's 1.46M entries, 0.37 → 0.17 s
+    span = float(key.max() - lo) + 1.0 if len(key) else 1.0
+    o = np.argsort(np.asarray(rows, np.float64) * span + (key - lo), kind="stable")
     r = rows[o]
     start = np.r_[0, np.flatnonzero(r[1:] != r[:-1]) + 1]
     rank = np.arange(len(r)) - np.repeat(start, np.diff(np.r_[start, len(r)]))
