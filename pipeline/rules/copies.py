@@ -187,9 +187,9 @@ def _translate(t: np.ndarray, cy: np.ndarray, cx: np.ndarray, zeros: bool) -> np
     mx = np.clip(np.asarray(cx, np.float32) * half, lo - (s - 1), hi)
     ky, kx = np.floor(my).astype(np.int64), np.floor(mx).astype(np.int64)
     fy, fx = (my - ky).astype(np.float32), (mx - kx).astype(np.float32)
-    pad = s + 1
+    pad = int(max(np.abs(ky).max(), np.abs(kx).max())) + 2  # as wide as the largest move needs
     padded = np.pad(t, ((0, 0), (pad, pad), (pad, pad)), mode="constant" if zeros else "edge")
-    key = (ky + pad) * (3 * s + 3) + (kx + pad)
+    key = (ky + pad) * (2 * pad + 1) + (kx + pad)
     order = np.argsort(key, kind="stable")
     bounds = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1], True])
     for g0, g1 in zip(bounds[:-1], bounds[1:]):
@@ -349,10 +349,10 @@ def _view_params(view: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray
     return np.stack([np.cos(ang) / zoom, np.sin(ang) / zoom, cx, cy], 1).astype(np.float32)
 
 
-def _warp(t: np.ndarray, q: np.ndarray, extra=()):
+def _warp(t: np.ndarray, q: np.ndarray):
     """Thumbnails t [P, S, S] seen through the similarity transforms q [P, 4] (:func:`_view_params`)
-    → (zero-padded view [P, S, S], mask of the pixels inside the source [P, S, S], and the same
-    samples of each array in `extra`)."""
+    → (zero-padded view [P, S, S], mask of the pixels inside the source [P, S, S]). Rows whose
+    transform is a pure move (α = 1, β = 0: the screen's canonical view) take :func:`_translate`."""
     s = t.shape[-1]
     c = ((2.0 * np.arange(s) + 1.0) / s - 1.0).astype(np.float32)
     y, x = np.meshgrid(c, c, indexing="ij")
@@ -360,7 +360,11 @@ def _warp(t: np.ndarray, q: np.ndarray, extra=()):
     gx, gy = al * x - be * y + tx, be * x + al * y + ty
     lim = 1.0 - 1.0 / s  # sample points at most half a pixel from the border centres stay inside
     inside = ((np.abs(gx) <= lim) & (np.abs(gy) <= lim)).astype(np.float32)
-    return (_sample(t, gx, gy, True), inside) + tuple(_sample(e, gx, gy, True) for e in extra)
+    move = (q[:, 0] == 1.0) & (q[:, 1] == 0.0)
+    view = np.empty(t.shape, np.float32)
+    view[move] = _translate(t[move], q[move, 3], q[move, 2], True)
+    view[~move] = _sample(t[~move], gx[~move], gy[~move], True)
+    return view, inside
 
 
 def align(va: np.ndarray, ma: np.ndarray, tb: np.ndarray, q: np.ndarray, steps: int = ALIGN_STEPS) -> np.ndarray:
