@@ -389,31 +389,38 @@ def test_copy_views_sample_like_grid_sample_conventions():
     assert copies.VIEWS[v[0]] == copies.VIEWS[v[1]]
 
 
-def test_align_recovers_a_known_similarity_transform():
-    """copies.align: b = a zoomed ×1.1, rotated 4° and moved (plus gain 1.3, offset 0.05); from the
-    identity, a few Gauss–Newton steps find the transform (reference: the one used to make b) and the
-    masked correlation distance falls from 0.05–0.1 to that of the true transform."""
+def _transformed_pair(angle: float, zoom: float, ty: float, tx: float, p: int = 6, s: int = 16):
+    """p smooth images a [p, s, s] (content fading out inside the border) and b = 1.3 · a seen through
+    the similarity transform (angle degrees, zoom, move (ty, tx) grid units) + 0.05, so that
+    b(A x + t) = a(x) → (a's canonical view, its mask, b, the true transform [p, 4], the identity [p, 4])."""
     from PIL import Image
 
     from pipeline.rules import copies
 
     rng = np.random.default_rng(5)
-    p, s = 6, 16
     smooth = np.stack([np.asarray(Image.fromarray((rng.random((5, 5)) * 255).astype(np.uint8)).resize(
         (s, s), Image.BICUBIC), np.float32) / 255 for _ in range(p)])
     c = (2.0 * np.arange(s) + 1.0) / s - 1.0
     r2 = c[:, None] ** 2 + c[None, :] ** 2
-    a = smooth * np.exp(-((r2 / 0.45) ** 2)).astype(np.float32)  # content fading out well inside the border
-    ang, zoom, ty, tx = np.deg2rad(4.0), 1.1, 0.06, -0.08
+    a = smooth * np.exp(-((r2 / 0.45) ** 2)).astype(np.float32)
+    ang = np.deg2rad(angle)
     truth = np.tile(np.array([np.cos(ang) / zoom, np.sin(ang) / zoom, tx, ty], np.float32), (p, 1))
-    # b sampled so that b(A x + t) = a(x): b(u) = a(A⁻¹(u − t))
-    inv = np.linalg.inv(np.array([[truth[0, 0], -truth[0, 1]], [truth[0, 1], truth[0, 0]]]))
+    inv = np.linalg.inv(np.array([[truth[0, 0], -truth[0, 1]], [truth[0, 1], truth[0, 0]]]))  # b(u) = a(A⁻¹(u − t))
     uy, ux = np.meshgrid(c, c, indexing="ij")
     src = np.einsum("ij,jyx->iyx", inv, np.stack([ux - tx, uy - ty]))
-    gx, gy = np.broadcast_to(src[0], (p, s, s)).astype(np.float32), np.broadcast_to(src[1], (p, s, s)).astype(np.float32)
+    gx, gy = (np.broadcast_to(v, (p, s, s)).astype(np.float32) for v in src)
     b = 1.3 * copies._sample(a, gx, gy, True) + 0.05
     va, ma = copies.canonical(a, mask=True, centre=(np.zeros(p, np.float32), np.zeros(p, np.float32)))
-    start = np.tile(np.array([1.0, 0.0, 0.0, 0.0], np.float32), (p, 1))
+    return va, ma, b, truth, np.tile(np.array([1.0, 0.0, 0.0, 0.0], np.float32), (p, 1))
+
+
+def test_align_recovers_a_known_similarity_transform():
+    """copies.align: b = a zoomed ×1.1, rotated 4° and moved (plus gain 1.3, offset 0.05); from the
+    identity, a few Gauss–Newton steps find the transform (reference: the one used to make b) and the
+    masked correlation distance falls from 0.05–0.1 to that of the true transform."""
+    from pipeline.rules import copies
+
+    va, ma, b, truth, start = _transformed_pair(4.0, 1.1, 0.06, -0.08)
 
     def dist(q):
         vb, mb = copies._warp(b, q)
@@ -423,6 +430,20 @@ def test_align_recovers_a_known_similarity_transform():
     assert np.all(dist(start) > 0.04)
     assert np.all(dist(q) <= dist(truth) + 1e-3)  # as close as the true transform (bilinear resampling twice)
     assert np.allclose(q, truth, atol=0.02)
+
+
+def test_align_keeps_its_start_beyond_a_copys_zoom():
+    """copies.align: b = a zoomed ×1.6 (beyond ALIGN_MAX_ZOOM, not a copy's transform) — unbounded, the
+    fit follows it; bounded, align returns its start. An empty batch comes back empty."""
+    from pipeline.rules import copies
+
+    va, ma, b, _, start = _transformed_pair(0.0, 1.6, 0.0, 0.0)
+    assert np.array_equal(copies.align(va, ma, b, start, steps=8), start)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(copies, "ALIGN_MAX_ZOOM", 1e9)
+        free = copies.align(va, ma, b, start, steps=8)
+    assert np.all(np.hypot(free[:, 0], free[:, 1]) < 1 / 1.25)
+    assert copies.align(va[:0], ma[:0], b[:0], start[:0]).shape == (0, 4)
 
 
 def test_second_look_brings_a_crop_close_and_leaves_another_image_far():
