@@ -113,11 +113,17 @@ def centroid(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (w.sum(2) @ ys) / tot, (w.sum(1) @ ys) / tot
 
 
+def _centres(s: int) -> np.ndarray:
+    """The pixel centres of a side of S pixels in grid units (F.affine_grid's align_corners=False) →
+    float64 [S] in (−1, 1)."""
+    return (2.0 * np.arange(s) + 1.0) / s - 1.0
+
+
 @functools.lru_cache(maxsize=64)
 def _view_grid(s: int, angle: float, zoom: float) -> np.ndarray:
     """Sampling grid [S, S, 2] (x, y) of a rotation by `angle` degrees and magnification `zoom` about
     the centre (F.affine_grid's convention, align_corners=False), before the per-image shift."""
-    c = (2.0 * np.arange(s) + 1.0) / s - 1.0
+    c = _centres(s)
     y, x = np.meshgrid(c, c, indexing="ij")
     a = np.deg2rad(angle)
     gx = (np.cos(a) * x - np.sin(a) * y) / zoom
@@ -151,7 +157,7 @@ def _inside(s: int, zoom, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
     """0/1 mask [N, S, S] of the view pixels whose source lies inside the image (the rotation's
     corners are ignored: separable, cheap); zoom: a number or [N]."""
     lim = 1.0 - 1.0 / s  # sample points at most half a pixel from the border centres stay inside
-    c = ((2.0 * np.arange(s) + 1.0) / s - 1.0)[None, :] / np.reshape(zoom, (-1, 1))
+    c = _centres(s)[None, :] / np.reshape(zoom, (-1, 1))
     mx = (np.abs(c + cx[:, None]) <= lim).astype(np.float32)
     my = (np.abs(c + cy[:, None]) <= lim).astype(np.float32)
     return my[:, :, None] * mx[:, None, :]
@@ -362,7 +368,7 @@ def _warp(t: np.ndarray, q: np.ndarray):
     → (zero-padded view [P, S, S], mask of the pixels inside the source [P, S, S]). Rows whose
     transform is a pure move (α = 1, β = 0: the screen's canonical view) take :func:`_translate`."""
     s = t.shape[-1]
-    c = ((2.0 * np.arange(s) + 1.0) / s - 1.0).astype(np.float32)
+    c = _centres(s).astype(np.float32)
     y, x = np.meshgrid(c, c, indexing="ij")
     al, be, tx, ty = (q[:, i, None, None] for i in range(4))
     gx, gy = al * x - be * y + tx, be * x + al * y + ty
@@ -389,7 +395,7 @@ def align(va: np.ndarray, ma: np.ndarray, tb: np.ndarray, q: np.ndarray, steps: 
     start = np.array(q, np.float32)
     if not p:
         return start
-    c = ((2.0 * np.arange(s) + 1.0) / s - 1.0).astype(np.float32)
+    c = _centres(s).astype(np.float32)
     y, x = (g.ravel()[None] for g in np.meshgrid(c, c, indexing="ij"))
     unit = np.float32(s / 2)  # d/d(pixel) → d/d(grid unit)
     q = np.array(q, np.float32)
