@@ -428,6 +428,16 @@ def align(va: np.ndarray, ma: np.ndarray, tb: np.ndarray, q: np.ndarray, steps: 
     return np.where(ok[:, None], q, start)
 
 
+def _coarse_fit(small: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray, view: np.ndarray, steps: int):
+    """:func:`align` of pairs (a, b) [P] on the COARSE_SIDE thumbnails `small` [M, C, C], b mirrored where
+    `flip` [P], from VIEWS[view] [P] → (a's canonical view [P, C, C], its mask [P, C, C], its centre
+    (cy, cx) [P], b's thumbnail as aligned [P, C, C], the refined transforms [P, 4])."""
+    ta, cb = small[a], _mirror(small[b], flip)
+    centre = centroid(ta)
+    va, ma = canonical(ta, mask=True, centre=centre)
+    return va, ma, centre, cb, align(va, ma, cb, _view_params(view, *centroid(cb)), steps)
+
+
 def second_look(small: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray, view: np.ndarray,
                 steps: int = 1, chunk: int = 1024) -> np.ndarray:
     """The screen's distance after `steps` :func:`align` steps: 1 − the normalised cross-correlation,
@@ -437,9 +447,7 @@ def second_look(small: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarra
     out = np.empty(len(a), np.float64)
     for s in range(0, len(a), chunk):
         sl = slice(s, s + chunk)
-        cb = _mirror(small[b[sl]], flip[sl])
-        va, ma = canonical(small[a[sl]], mask=True)
-        q = align(va, ma, cb, _view_params(view[sl], *centroid(cb)), steps)
+        va, ma, _, cb, q = _coarse_fit(small, a[sl], b[sl], flip[sl], view[sl], steps)
         vb, mb = _warp(cb, q)
         out[sl] = 1.0 - _masked_ncc(va, vb, ma * mb).astype(np.float64)
     return out
@@ -471,9 +479,7 @@ def verify(thumb: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray, vi
         q = _view_params(view[sl], *centroid(tb))
         r = np.flatnonzero(refine[sl])
         if len(r):
-            ca, cb = small[a[sl][r]], _mirror(small[b[sl][r]], flip[sl][r])
-            ya, xa = centroid(ca)
-            qr = align(*canonical(ca, mask=True, centre=(ya, xa)), cb, _view_params(view[sl][r], *centroid(cb)))
+            _, _, (ya, xa), _, qr = _coarse_fit(small, a[sl][r], b[sl][r], flip[sl][r], view[sl][r], ALIGN_STEPS)
             # a's canonical frame is centred on its centroid, which moves a little between the two sides
             dy, dx = centre[0][r] - ya, centre[1][r] - xa
             qr[:, 2] += qr[:, 0] * dx - qr[:, 1] * dy
