@@ -1,12 +1,14 @@
 """Forward loss correction (Patrini et al. 2017) on a `bench/realistic.py` folder (issue 20, tried).
 
-Trains every seed of train.seeds on the folder's noisy manifest with the loss −log((softmax · T)[y]),
+Trains every seed of train.seeds on the folder's noisy manifest (or `--manifest data/pruned.csv`, the
+default's drop) with the loss −log((softmax · T)[y]),
 T[true, given] = cleanlab's noise matrix estimated from the base models' early-epoch p̄ (the inputs
 of the label rule), and prints the test accuracy on the TRUE and GIVEN labels against base.
 It patches the training loss in this process only; clean's own training is untouched.
 
     python bench/realistic.py --gen-seed 1 --work W --candidates "" --skip random,oracle,default
     python bench/forward_correction.py --work W --gen-seed 1 --kind pairs
+    python bench/forward_correction.py --work W --gen-seed 1 --kind pairs --name gated-forward --manifest data/pruned.csv
 """
 from __future__ import annotations
 
@@ -21,14 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def noise_matrix(work: Path) -> np.ndarray:
-    """T [K, K] (rows: true class, columns: given label) from the base models' p̄ of the train rows."""
+def noise_matrix(work: Path, manifest: str = "data/manifest.csv") -> np.ndarray:
+    """T [K, K] (rows: true class, columns: given label) from the base models' p̄ of `manifest`'s train rows."""
     import pandas as pd
     from cleanlab.count import estimate_py_and_noise_matrices_from_probabilities
 
     from pipeline.rules.base import seed_mean_probs
 
-    man = pd.read_csv(work / "data/manifest.csv")
+    man = pd.read_csv(work / manifest)
     tr = man[man["split"] == "train"]
     p = seed_mean_probs(work / "models/base", tr["id"].to_numpy())
     _, nm, _, _ = estimate_py_and_noise_matrices_from_probabilities(tr["label"].to_numpy(), p)
@@ -67,6 +69,8 @@ def main() -> None:
     ap.add_argument("--gen-seed", type=int, default=1)
     ap.add_argument("--kind", default="pairs", choices=["pairs", "symmetric", "none"])
     ap.add_argument("--name", default="forward")
+    ap.add_argument("--manifest", default="data/manifest.csv",
+                    help="the version to retrain, relative to --work (data/pruned.csv: the default's drop, then the loss)")
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import realistic as R
@@ -75,7 +79,7 @@ def main() -> None:
     from pipeline.stages.train import train
     from pipeline.verdict import compare_runs
 
-    T = noise_matrix(a.work)
+    T = noise_matrix(a.work, a.manifest)
     np.set_printoptions(precision=3, suppress=True, linewidth=140)
     print("estimated T (rows true, columns given):\n", T)
     out = a.work / "models" / a.name
@@ -85,7 +89,7 @@ def main() -> None:
         cwd = os.getcwd()
         os.chdir(a.work)  # the manifest's relative image paths
         try:
-            train(Path("data/manifest.csv"), Path("models") / a.name, cfg.train, seeds=cfg.seeds)
+            train(Path(a.manifest), Path("models") / a.name, cfg.train, seeds=cfg.seeds)
         finally:
             os.chdir(cwd)
     f = 0 if a.kind == "none" else 1
