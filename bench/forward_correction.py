@@ -92,10 +92,7 @@ def main() -> None:
             train(Path(a.manifest), Path("models") / a.name, cfg.train, seeds=cfg.seeds)
         finally:
             os.chdir(cwd)
-    f = 0 if a.kind == "none" else 1
-    truth = R.make_folder(a.work / "folder", a.gen_seed, a.kind, 0.15, 11200, 2000, 0.01 * f, 0.01 * f, 0.005 * f,
-                          write=False)
-    man = R.joined(a.work, truth)
+    man = R.joined(a.work, R.folder_truth(a.work, a.gen_seed, a.kind))  # realistic.py's default folder shape
     got, base = R.accuracies(a.work, a.name, man), R.accuracies(a.work, "base", man)
     for which in ("true", "given"):
         c = compare_runs(got[which], base[which])

@@ -111,6 +111,15 @@ def make_folder(root: Path, gen_seed: int, kind: str, rate: float, n_train: int,
     return pd.DataFrame({"abspath": rows, "folder": folder, "true": true, "given": given, "kind": kinds})
 
 
+def folder_truth(work: Path, gen_seed: int, kind: str, rate: float = 0.15, n_train: int = 11200, n_test: int = 2000,
+                 oos: float = 0.01, conflict: float = 0.01, leak: float = 0.005) -> pd.DataFrame:
+    """The truth frame of a finished run's work/folder (no file written); `kind` "none" plants nothing,
+    as its runs' --oos 0 --conflict 0 --leak 0."""
+    f = 0 if kind == "none" else 1
+    return make_folder(work / "folder", gen_seed, kind, rate, n_train, n_test, oos * f, conflict * f, leak * f,
+                       write=False)
+
+
 def clean(work: Path, *args: str, log) -> None:
     """Run one `clean` command in `work` (params.yaml there), failing loudly."""
     t0 = time.perf_counter()
@@ -455,10 +464,9 @@ def main() -> None:
         print(m, flush=True)
 
     if a.clean_work:
-        def truth(kind, work, f):
-            return make_folder(work / "folder", a.gen_seed, kind, a.rate, a.n_train, a.n_test, a.oos * f,
-                               a.conflict * f, a.leak * f, write=False)
-        print(tradeoff(split_rows(a.work, truth(a.kind, a.work, 1)), split_rows(a.clean_work, truth("none", a.clean_work, 0))))
+        def truth(kind, work):
+            return folder_truth(work, a.gen_seed, kind, a.rate, a.n_train, a.n_test, a.oos, a.conflict, a.leak)
+        print(tradeoff(split_rows(a.work, truth(a.kind, a.work)), split_rows(a.clean_work, truth("none", a.clean_work))))
         return
     res = run(a, log)
     print("\n" + table(res))
