@@ -139,9 +139,10 @@ CHOICES = _Choices({
     "flag.score": SCORES,
     "prune.strategy": STRATEGIES,
     "prune.by": SCORES,
-    "flag.filter_by": ["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"],
+    "flag.filter_by": ["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given",
+                       "noise_posterior"],
     "flag.heldout_filter_by": ["prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
-                               "predicted_neq_given"],
+                               "predicted_neq_given", "noise_posterior"],
 })
 
 

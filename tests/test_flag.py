@@ -243,7 +243,7 @@ def test_confident_validation():
         flag_confident(p, given, filter_by="nope")
     assert str(e.value) == (
         "flag.filter_by must be one of: prune_by_noise_rate, prune_by_class, both, "
-        "confident_learning, predicted_neq_given, low_normalized_margin, low_self_confidence; got 'nope'"
+        "confident_learning, predicted_neq_given, low_normalized_margin, low_self_confidence, noise_posterior; got 'nope'"
     )
     neg = p.copy()
     neg[0, 0] = -0.1

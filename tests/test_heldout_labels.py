@@ -193,3 +193,46 @@ def test_label_min_p_keeps_only_confident_label_issues_in_every_split(noisy_ever
     np.testing.assert_array_equal(got.loc[train, "flagged"], got.loc[train, "is_label"])
     assert f"p̄ ≥ {cut:g}" in got.loc[train, "rule"].iloc[0]
     np.testing.assert_allclose(got["suggested_p"], base["suggested_p"])
+
+
+def test_noise_posterior_in_every_split_uses_the_training_noise_matrix(noisy_everywhere, tmp_path):
+    """flag.filter_by / heldout_filter_by `noise_posterior`: train rows = noise_posterior on p̄ (∧ AUM, as
+    every confident-dynamics filter); val/test rows = noise_posterior on the base models' eval softmax
+    with the noise matrix estimated ONCE on the training images (references computed here)."""
+    import pandas as pd
+    import torch
+
+    from pipeline.config import FlagConfig
+    from pipeline.data.dataset import load_split
+    from pipeline.models import load_trained
+    from pipeline.rules.base import seed_mean_probs
+    from pipeline.rules.confident import estimate_noise_matrix, noise_posterior
+    from pipeline.stages.flag import flag
+    from pipeline.training.infer import predict_logits
+
+    root = noisy_everywhere
+    cfg = FlagConfig(issues=["label"], device="cpu", filter_by="noise_posterior", heldout_filter_by="noise_posterior")
+    flag(root / "scores/scores.csv", tmp_path, cfg, model_dir=root / "models/base", manifest=root / "data/manifest.csv")
+    fl = pd.read_csv(tmp_path / "flags.csv").set_index("id")
+    man = pd.read_csv(root / "data/manifest.csv").set_index("id")
+    sc = pd.read_csv(root / "scores/scores.csv")
+    pbar = seed_mean_probs(root / "models/base", sc["id"].to_numpy())
+    train = noise_posterior(pbar, sc["label"].to_numpy())
+    aum_ok = sc["aum"].to_numpy() < cfg.aum_max
+    np.testing.assert_array_equal(fl.loc[sc["id"], "is_label"].to_numpy(bool), train.flagged & aum_ok)
+    assert "noise_posterior" in fl.loc[sc["id"], "rule"].iloc[0]
+    t = estimate_noise_matrix(pbar, sc["label"].to_numpy())
+    for split in ("val", "test"):
+        data = load_split(root / "data/manifest.csv", split)
+        probs = np.zeros((len(data.ids), 4))
+        for d in (root / "models/base", root / "models/base/seeds/seed_1"):
+            model, c = load_trained(d)
+            probs += torch.softmax(predict_logits(model, data.images, c["mean"], c["std"]).double(), 1).numpy() / 2
+        ref = noise_posterior(probs, data.labels, t)
+        got = fl.loc[data.ids]
+        np.testing.assert_array_equal(got["is_label"].to_numpy(bool), ref.flagged)
+        np.testing.assert_allclose(got["label_score"], ref.value, atol=1e-6)
+        # the split's own estimate differs, so the equalities above pin the training one
+        assert not np.allclose(estimate_noise_matrix(probs, data.labels), t, atol=1e-3)
+        truth = man.loc[data.ids, "noisy"].to_numpy(bool)
+        assert ref.flagged.sum() > 0 and (ref.flagged & truth).sum() >= 0.5 * ref.flagged.sum()

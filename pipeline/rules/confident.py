@@ -25,13 +25,16 @@ CONFIDENT_FILTERS = (
     "predicted_neq_given",
     "low_normalized_margin",
     "low_self_confidence",
+    "noise_posterior",
 )
+#: the filter_by value that is clean's own rule (:func:`noise_posterior`), not one of cleanlab's filters
+NOISE_POSTERIOR = "noise_posterior"
 
 #: Tolerance on |sum_c p_ic - 1| for predicted probabilities (float32 softmax is well within it).
 PROB_SUM_ATOL = 1e-3
 
 
-def flag_confident(pred_probs, labels, filter_by: str = "prune_by_noise_rate") -> FlagResult:
+def flag_confident(pred_probs, labels, filter_by: str = "prune_by_noise_rate", noise_matrix=None) -> FlagResult:
     """Confident learning (cleanlab) on OUT-OF-SAMPLE predicted probabilities.
 
     pred_probs: float [N, C] (C >= 2), rows in [0, 1] summing to 1 (atol 1e-3), from k-fold
@@ -40,6 +43,8 @@ def flag_confident(pred_probs, labels, filter_by: str = "prune_by_noise_rate") -
     flagged = cleanlab.filter.find_label_issues(labels, pred_probs, filter_by=filter_by);
     value = 1 - cleanlab.rank.get_label_quality_scores(labels, pred_probs) (self-confidence),
     i.e. higher = more likely mislabeled. rule e.g. ``"confident-learning prune_by_noise_rate"``.
+    filter_by "noise_posterior": :func:`noise_posterior` instead (value = P(label wrong), with
+    `noise_matrix` [C, C] when given, else estimated from these probabilities).
     """
     if filter_by not in CONFIDENT_FILTERS:
         raise CleanError(
@@ -63,6 +68,8 @@ def flag_confident(pred_probs, labels, filter_by: str = "prune_by_noise_rate") -
             f"do not, e.g. row {i} sums to {sums[i]:.6g}; pass softmax probabilities, not logits"
         )
     # A class missing from labels is allowed: cleanlab warns and flags nothing for it.
+    if filter_by == NOISE_POSTERIOR:
+        return noise_posterior(p, y, noise_matrix)
 
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
@@ -74,6 +81,50 @@ def flag_confident(pred_probs, labels, filter_by: str = "prune_by_noise_rate") -
         value=1.0 - np.asarray(quality, dtype=float),
         rule=f"confident-learning {filter_by}",
     )
+
+
+def estimate_noise_matrix(pred_probs, labels) -> np.ndarray:
+    """The annotators' noise matrix T [C, C], T[i, j] = P(given label i | true label j) (columns sum
+    to 1), estimated by cleanlab's confident joint (``estimate_py_and_noise_matrices_from_probabilities``)
+    from out-of-sample probabilities [N, C] and the given labels [N]."""
+    from cleanlab.count import estimate_py_and_noise_matrices_from_probabilities
+
+    _, nm, _, _ = estimate_py_and_noise_matrices_from_probabilities(np.asarray(labels, np.int64),
+                                                                    np.asarray(pred_probs, np.float64))
+    return np.asarray(nm, np.float64)
+
+
+def wrong_label_posterior(pred_probs, labels, noise_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Bayes posterior of each sample's true label given its image and its given label:
+    q_j ∝ T[given, j] · p_j (pred_probs p [N, C], noise matrix T [C, C] as :func:`estimate_noise_matrix`)
+    → (P(true ≠ given) float [N] in 0..1, the most likely true label int [N]). A disagreement between
+    classes the annotators do not confuse (T[given, j] ≈ 0) barely counts; one along a confused pair does."""
+    p = np.asarray(pred_probs, np.float64)
+    y = np.asarray(labels, np.int64)
+    joint = p * np.asarray(noise_matrix, np.float64)[y, :]
+    q = joint / np.maximum(joint.sum(1, keepdims=True), 1e-300)
+    return np.clip(1.0 - q[np.arange(len(y)), y], 0.0, 1.0), q.argmax(1).astype(np.int64)
+
+
+def noise_posterior(pred_probs, labels, noise_matrix=None) -> FlagResult:
+    """Label issues by the posterior under the estimated noise matrix (flag.filter_by /
+    flag.heldout_filter_by ``noise_posterior``; docs/methods.md §2.4).
+
+    pred_probs: float [N, C] out-of-sample probabilities; labels: int [N]; noise_matrix: T [C, C]
+    (:func:`estimate_noise_matrix`; estimated from these probabilities when None).
+    value = P(true ≠ given) of :func:`wrong_label_posterior`; flagged = the round(Σ value) samples
+    with the highest value — as many as the posterior expects to be wrong, the likeliest first.
+    """
+    y = np.asarray(labels, np.int64)
+    t = estimate_noise_matrix(pred_probs, y) if noise_matrix is None else np.asarray(noise_matrix, np.float64)
+    c = np.asarray(pred_probs).shape[1]
+    if t.shape != (c, c) or not np.isfinite(t).all():
+        raise CleanError(f"noise_matrix must be a finite [{c}, {c}] array, got shape {t.shape}")
+    value, _ = wrong_label_posterior(pred_probs, y, t)
+    n = int(round(float(value.sum())))
+    flagged = np.zeros(len(y), bool)
+    flagged[np.argsort(-value, kind="stable")[:n]] = True
+    return FlagResult(flagged=flagged, value=value, rule="noise posterior: the Σ P(wrong) likeliest")
 
 
 def _crossfit_probs(manifest, ids, recipe, folds, seed, progress):

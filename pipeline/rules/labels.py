@@ -11,7 +11,7 @@ from pipeline.config import FlagConfig
 from pipeline.formats.manifest import read_manifest
 from pipeline.registry import ISSUES
 from pipeline.rules.base import IssueResult
-from pipeline.rules.confident import flag_confident
+from pipeline.rules.confident import NOISE_POSTERIOR, flag_confident
 
 
 @ISSUES.register("label", doc="label errors: the flag.method rule; suggested_label = argmax of p̄ "
@@ -67,7 +67,7 @@ def knn_vote(emb, labels, k: int) -> tuple[np.ndarray, np.ndarray]:
     return counts.argmax(1).astype(np.int64), counts.max(1) / np.maximum(valid.sum(1), 1)
 
 
-def heldout_label_issues(labels, probs, filter_by: str = "prune_by_noise_rate"):
+def heldout_label_issues(labels, probs, filter_by: str = "prune_by_noise_rate", noise_matrix=None):
     """Label issues of held-out images (val/test: the trained model never saw them, so its
     predictions there are out-of-sample and confident learning applies without k-fold).
 
@@ -75,9 +75,11 @@ def heldout_label_issues(labels, probs, filter_by: str = "prune_by_noise_rate"):
     Returns (is_issue bool [N] = cleanlab.filter.find_label_issues(labels, probs, filter_by),
     suggested int [N] = argmax of probs, quality float [N] in 0..1 = cleanlab's self-confidence
     label quality; low = likely wrong). CleanError on bad shapes / non-probabilities.
+    filter_by "noise_posterior": is_issue and quality (= 1 − P(wrong)) from
+    pipeline.rules.confident.noise_posterior with `noise_matrix` [C, C] (None: estimated from probs).
     """
 
-    res = flag_confident(probs, labels, filter_by=filter_by)
+    res = flag_confident(probs, labels, filter_by=filter_by, noise_matrix=noise_matrix)
     suggested = np.asarray(probs, dtype=float).argmax(1).astype(np.int64)
     return res.flagged, suggested, 1.0 - res.value
 
@@ -115,6 +117,19 @@ def heldout_probs(model_dir, manifest, split: str, device: str = "cpu", df=None)
     return data.ids, np.asarray(data.labels, np.int64), total / len(dirs)
 
 
+def training_noise_matrix(model_dir, df) -> np.ndarray:
+    """The noise matrix T [C, C] of the annotators (pipeline.rules.confident.estimate_noise_matrix)
+    estimated once, on the training images: their given labels (manifest frame `df`) and p̄, the
+    early-epoch seed-averaged softmax of the base models' training record. The val and test splits
+    share the training split's annotators, and it is ~9× their size."""
+    from pipeline.rules.base import seed_mean_probs
+    from pipeline.rules.confident import estimate_noise_matrix
+
+    tr = df[df["split"] == "train"]
+    return estimate_noise_matrix(seed_mean_probs(Path(model_dir), tr["id"].to_numpy(np.int64)),
+                                 tr["label"].to_numpy(np.int64))
+
+
 def heldout_issue_rows(model_dir, manifest, filter_by: str = "prune_by_noise_rate", device: str = "cpu",
                        min_p: float = 0.0):
     """flags.csv rows of the val and test images (docs/methods.md §2.3) → DataFrame: id, split,
@@ -125,11 +140,12 @@ def heldout_issue_rows(model_dir, manifest, filter_by: str = "prune_by_noise_rat
 
     df = read_manifest(manifest)
     parts = []
+    noise = training_noise_matrix(model_dir, df) if filter_by == NOISE_POSTERIOR else None
     for split in HELDOUT_SPLITS:
         if not (df["split"] == split).any():
             continue
         ids, labels, probs = heldout_probs(model_dir, manifest, split, device, df=df)
-        is_issue, suggested, quality = heldout_label_issues(labels, probs, filter_by)
+        is_issue, suggested, quality = heldout_label_issues(labels, probs, filter_by, noise)
         p = probs.max(1)
         parts.append(pd.DataFrame({"id": ids, "split": split, "is_label": (is_issue & (p >= min_p)).astype(np.int64),
                                    "label_score": np.round(1.0 - quality, 6), "suggested_label": suggested,
