@@ -12,11 +12,13 @@ For each it reports precision / recall against the planted flips of
 
   * clean's held-out rule (cleanlab `find_label_issues`, flag.heldout_filter_by),
   * "prediction ≠ given label",
-  * the Bayes rule with the PLANTED noise matrix T (flag where argmax_j T[j, given]·p_j(x) ≠ given:
+  * `flag.heldout_filter_by: noise_posterior` (docs/methods.md §2.4: the noise matrix T estimated on
+    the base models' training record, the Σ P(wrong) likeliest flagged),
+  * the Bayes rule with the PLANTED noise matrix T (flag where argmax_j T[given, j]·p_j(x) ≠ given:
     the most likely true label given the image and the given label is another one),
-  * the whole trade-off of the Bayes posterior of a wrong label, P(true ≠ given | x, given) =
-    1 − T[g, g]·p_g / Σ_j T[j, g]·p_j: the largest recall at precision ≥ 0.85 and the largest
-    precision at recall ≥ 0.85 that any cut on it reaches.
+  * the whole trade-off of the Bayes posterior of a wrong label under the planted T,
+    P(true ≠ given | x, given) = 1 − T[g, g]·p_g / Σ_j T[g, j]·p_j: the largest recall at
+    precision ≥ 0.85 and the largest precision at recall ≥ 0.85 that any cut on it reaches.
 
 If even the oracle's posterior does not reach (0.85, 0.85), no rule on this model family's
 predictions does: what is missing is a better posterior (a stronger model or pretrained
@@ -43,19 +45,12 @@ TARGET = 0.85
 
 
 def noise_matrix(rate: float, c: int = 10) -> np.ndarray:
-    """The planted T [C, C]: T[true, given] = P(given | true) (pairs of realistic.PAIRS flip at `rate`)."""
+    """The planted T [C, C] in cleanlab's orientation, T[given, true] = P(given | true): the pairs of
+    realistic.PAIRS flip at `rate` (as pipeline.rules.confident.estimate_noise_matrix estimates it)."""
     t = np.eye(c)
-    for a, b in PAIRS.items():
-        t[a, a], t[a, b] = 1.0 - rate, rate
+    for true, given in PAIRS.items():
+        t[true, true], t[given, true] = 1.0 - rate, rate
     return t
-
-
-def wrong_posterior(probs: np.ndarray, given: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Bayes posterior of the true label given the image's p(true | x) [N, C] and its given label [N]
-    under noise T → (P(true ≠ given) [N], the most likely true label [N])."""
-    joint = probs * t[:, given].T  # [N, C]: p(true = j | x) · P(given | true = j)
-    post = joint / np.maximum(joint.sum(1, keepdims=True), 1e-300)
-    return 1.0 - post[np.arange(len(given)), given], post.argmax(1)
 
 
 def pr(flag: np.ndarray, truth: np.ndarray) -> tuple[float, float, int]:
@@ -77,7 +72,10 @@ def frontier(score: np.ndarray, truth: np.ndarray) -> dict:
             "best_min_pr": (float(p[best]), float(r[best]))}
 
 
-def measure(work: Path, model: str, man, rate: float) -> dict:
+def measure(work: Path, model: str, man, rate: float, estimated: np.ndarray) -> dict:
+    """P/R of every rule above on val and test for work/models/<model>; `estimated`: the noise matrix
+    the base models' training record gives (the one `noise_posterior` uses)."""
+    from pipeline.rules.confident import noise_posterior, wrong_label_posterior
     from pipeline.rules.labels import heldout_label_issues, heldout_probs
 
     t = noise_matrix(rate)
@@ -90,11 +88,12 @@ def measure(work: Path, model: str, man, rate: float) -> dict:
         known = rows["true"].to_numpy() >= 0  # out-of-set images have no true class: left out
         given, probs, wrong = given[known], probs[known], wrong[known]
         clean_rule, _, _ = heldout_label_issues(given, probs)
-        pw, best = wrong_posterior(probs, given, t)
+        pw, best = wrong_label_posterior(probs, given, t)
         res = {"n": int(len(given)), "n_wrong": int(wrong.sum()),
                "accuracy_true": float((probs.argmax(1) == rows["true"].to_numpy()[known]).mean()),
                "clean rule": pr(np.asarray(clean_rule, bool), wrong),
                "prediction != given": pr(probs.argmax(1) != given, wrong),
+               "noise posterior": pr(noise_posterior(probs, given, estimated).flagged, wrong),
                "Bayes (planted T)": pr(best != given, wrong),
                "frontier": frontier(pw, wrong)}
         out[split] = res
@@ -111,14 +110,20 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     man = joined(a.work, folder_truth(a.work, a.gen_seed, a.kind, a.rate))
-    res = {m: measure(a.work, m, man, a.rate) for m in a.models.split(",")}
+    from pipeline.formats.manifest import read_manifest
+    from pipeline.rules.labels import training_noise_matrix
+
+    est = training_noise_matrix(a.work / "models/base", read_manifest(a.work / "data/manifest.csv"))
+    res = {m: measure(a.work, m, man, a.rate, est) for m in a.models.split(",")}
     print(f"{'model':7s} {'split':5s} {'acc(true)':>9s}  {'clean rule P/R':>15s}  {'pred≠given P/R':>15s}  "
+          f"{'noise post. P/R':>15s}  "
           f"{'Bayes(T) P/R':>13s}  {'R@P≥.85':>7s}  {'P@R≥.85':>7s}  {'best min(P,R)':>13s}")
     for m, r in res.items():
         for split, x in r.items():
             f = x["frontier"]
-            cells = [f"{x[k][0]:.3f} / {x[k][1]:.3f}" for k in ("clean rule", "prediction != given", "Bayes (planted T)")]
-            print(f"{m:7s} {split:5s} {x['accuracy_true']:9.4f}  {cells[0]:>15s}  {cells[1]:>15s}  {cells[2]:>13s}  "
+            cells = [f"{x[k][0]:.3f} / {x[k][1]:.3f}"
+                     for k in ("clean rule", "prediction != given", "noise posterior", "Bayes (planted T)")]
+            print(f"{m:7s} {split:5s} {x['accuracy_true']:9.4f}  {cells[0]:>15s}  {cells[1]:>15s}  {cells[2]:>15s}  {cells[3]:>13s}  "
                   f"{f['recall_at_p']:7.3f}  {f['precision_at_r']:7.3f}  {f['best_min_pr'][0]:.3f} / {f['best_min_pr'][1]:.3f}")
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))
