@@ -69,5 +69,7 @@ def test_noise_posterior_with_a_given_matrix_and_a_bad_one():
     t = np.eye(4)  # annotators who never err: nothing is wrong, nothing is flagged
     res = noise_posterior(probs, given, t)
     assert not res.flagged.any() and np.allclose(res.value, 0.0)
-    with pytest.raises(CleanError, match=r"noise_matrix must be a finite \[4, 4\] array"):
+    with pytest.raises(CleanError, match=r"noise_matrix must be a \[4, 4\] array, got shape \(3, 3\)"):
         noise_posterior(probs, given, np.eye(3))
+    with pytest.raises(CleanError, match="noise matrix .* is not finite .* use prune_by_class"):
+        noise_posterior(probs, given, np.full((4, 4), np.nan))

@@ -118,8 +118,11 @@ def noise_posterior(pred_probs, labels, noise_matrix=None) -> FlagResult:
     y = np.asarray(labels, np.int64)
     t = estimate_noise_matrix(pred_probs, y) if noise_matrix is None else np.asarray(noise_matrix, np.float64)
     c = np.asarray(pred_probs).shape[1]
-    if t.shape != (c, c) or not np.isfinite(t).all():
-        raise CleanError(f"noise_matrix must be a finite [{c}, {c}] array, got shape {t.shape}")
+    if t.shape != (c, c):
+        raise CleanError(f"noise_matrix must be a [{c}, {c}] array, got shape {t.shape}")
+    if not np.isfinite(t).all():
+        raise CleanError("the noise matrix for flag.filter_by / heldout_filter_by noise_posterior is not finite "
+                         "(a class with too few images to estimate it?); use prune_by_class / prune_by_noise_rate")
     value, _ = wrong_label_posterior(pred_probs, y, t)
     n = int(round(float(value.sum())))
     flagged = np.zeros(len(y), bool)
