@@ -14,7 +14,8 @@ For each it reports precision / recall against the planted flips of
   * "prediction ≠ given label",
   * `flag.heldout_filter_by: noise_posterior` (docs/methods.md §2.4: the noise matrix T estimated on
     the base models' training record, the Σ P(wrong) likeliest flagged),
-  * the Bayes rule with the PLANTED noise matrix T (flag where argmax_j T[given, j]·p_j(x) ≠ given:
+  * the Bayes rule with the PLANTED noise matrix T, the model's probabilities p taken as the true-label
+    posterior (flag where argmax_j T[given, j]·p_j(x) ≠ given:
     the most likely true label given the image and the given label is another one),
   * the whole trade-off of the Bayes posterior of a wrong label under the planted T,
     P(true ≠ given | x, given) = 1 − T[g, g]·p_g / Σ_j T[g, j]·p_j: the largest recall at
@@ -88,7 +89,7 @@ def measure(work: Path, model: str, man, rate: float, estimated: np.ndarray) -> 
         known = rows["true"].to_numpy() >= 0  # out-of-set images have no true class: left out
         given, probs, wrong = given[known], probs[known], wrong[known]
         clean_rule, _, _ = heldout_label_issues(given, probs)
-        pw, best = wrong_label_posterior(probs, given, t)
+        pw, best = wrong_label_posterior(probs, given, t, noisy=False)  # p taken as the true-label posterior
         res = {"n": int(len(given)), "n_wrong": int(wrong.sum()),
                "accuracy_true": float((probs.argmax(1) == rows["true"].to_numpy()[known]).mean()),
                "clean rule": pr(np.asarray(clean_rule, bool), wrong),

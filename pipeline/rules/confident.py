@@ -94,14 +94,27 @@ def estimate_noise_matrix(pred_probs, labels) -> np.ndarray:
     return np.asarray(nm, np.float64)
 
 
-def wrong_label_posterior(pred_probs, labels, noise_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """Bayes posterior of each sample's true label given its image and its given label:
-    q_j ∝ T[given, j] · p_j (pred_probs p [N, C], noise matrix T [C, C] as :func:`estimate_noise_matrix`)
-    → (P(true ≠ given) float [N] in 0..1, the most likely true label int [N]). A disagreement between
-    classes the annotators do not confuse (T[given, j] ≈ 0) barely counts; one along a confused pair does."""
+def clean_posterior(pred_probs, noise_matrix) -> np.ndarray:
+    """The true-label posterior behind a noisy-label model's probabilities: a model trained on labels
+    that pass through T predicts p̃ = T · p (p̃_i = Σ_j T[i, j] p_j), so p = T⁻¹ p̃, clipped at 0 and
+    renormalised (pred_probs p̃ [N, C], noise_matrix T [C, C] as :func:`estimate_noise_matrix`;
+    pseudo-inverse when T is singular) → float64 [N, C]. A row that clips to nothing keeps p̃."""
     p = np.asarray(pred_probs, np.float64)
+    q = np.clip(p @ np.linalg.pinv(np.asarray(noise_matrix, np.float64)).T, 0.0, None)
+    tot = q.sum(1, keepdims=True)
+    return np.where(tot > 1e-12, q / np.maximum(tot, 1e-12), p)
+
+
+def wrong_label_posterior(pred_probs, labels, noise_matrix, noisy: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Bayes posterior of each sample's true label given its image and its given label:
+    q_j ∝ T[given, j] · p_j, p = :func:`clean_posterior` of pred_probs [N, C] (a noisy-label model's
+    probabilities; `noisy` False: pred_probs already are a true-label posterior, taken as p), T [C, C] as
+    :func:`estimate_noise_matrix` → (P(true ≠ given) float [N] in 0..1, the most likely true label int [N]).
+    A disagreement between classes the annotators do not confuse (T[given, j] ≈ 0) barely counts; one
+    along a confused pair does."""
+    t = np.asarray(noise_matrix, np.float64)
     y = np.asarray(labels, np.int64)
-    joint = p * np.asarray(noise_matrix, np.float64)[y, :]
+    joint = (clean_posterior(pred_probs, t) if noisy else np.asarray(pred_probs, np.float64)) * t[y, :]
     q = joint / np.maximum(joint.sum(1, keepdims=True), 1e-300)
     return np.clip(1.0 - q[np.arange(len(y)), y], 0.0, 1.0), q.argmax(1).astype(np.int64)
 
@@ -112,8 +125,8 @@ def noise_posterior(pred_probs, labels, noise_matrix=None) -> FlagResult:
 
     pred_probs: float [N, C] out-of-sample probabilities; labels: int [N]; noise_matrix: T [C, C]
     (:func:`estimate_noise_matrix`; estimated from these probabilities when None).
-    value = P(true ≠ given) of :func:`wrong_label_posterior`; flagged = the round(Σ value) samples
-    with the highest value — as many as the posterior expects to be wrong, the likeliest first.
+    value = P(true ≠ given) of :func:`wrong_label_posterior`; flagged = value > 0.5 (Bayes' decision:
+    the given label is more likely wrong than right).
     """
     y = np.asarray(labels, np.int64)
     t = estimate_noise_matrix(pred_probs, y) if noise_matrix is None else np.asarray(noise_matrix, np.float64)
@@ -124,10 +137,7 @@ def noise_posterior(pred_probs, labels, noise_matrix=None) -> FlagResult:
         raise CleanError("the noise matrix for flag.filter_by / heldout_filter_by noise_posterior is not finite "
                          "(a class with too few images to estimate it?); use prune_by_class / prune_by_noise_rate")
     value, _ = wrong_label_posterior(pred_probs, y, t)
-    n = int(round(float(value.sum())))
-    flagged = np.zeros(len(y), bool)
-    flagged[np.argsort(-value, kind="stable")[:n]] = True
-    return FlagResult(flagged=flagged, value=value, rule="noise posterior: the Σ P(wrong) likeliest")
+    return FlagResult(flagged=value > 0.5, value=value, rule="noise posterior: P(label wrong) > 0.5")
 
 
 def _crossfit_probs(manifest, ids, recipe, folds, seed, progress):
