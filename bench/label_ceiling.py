@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from realistic import PAIRS, folder_truth, joined  # noqa: E402
+from realistic import pr as realistic_pr  # noqa: E402
 
 TARGET = 0.85
 
@@ -55,8 +56,9 @@ def noise_matrix(rate: float, c: int = 10) -> np.ndarray:
 
 
 def pr(flag: np.ndarray, truth: np.ndarray) -> tuple[float, float, int]:
-    tp = int((flag & truth).sum())
-    return tp / max(int(flag.sum()), 1), tp / max(int(truth.sum()), 1), int(flag.sum())
+    """(precision, recall, flagged) of bool flags [N] against bool truth [N] (realistic.pr)."""
+    d = realistic_pr(flag, truth)
+    return d["precision"], d["recall"], d["n"]
 
 
 def frontier(score: np.ndarray, truth: np.ndarray) -> dict:
