@@ -28,7 +28,7 @@ def _pair_noise(n=2000, seed=0):
 def test_noise_posterior_equals_a_per_sample_reference():
     from cleanlab.count import estimate_py_and_noise_matrices_from_probabilities
 
-    given, probs, _, _, true = _pair_noise()
+    given, probs, _, _, _ = _pair_noise()
     t = estimate_noise_matrix(probs, given)
     np.testing.assert_allclose(t, estimate_py_and_noise_matrices_from_probabilities(given, probs)[1])
     np.testing.assert_allclose(t.sum(0), 1.0, atol=1e-9)  # columns: P(given | true) sums to 1 over given
@@ -76,7 +76,7 @@ def test_noise_posterior_with_a_given_matrix_and_a_bad_one():
     t = np.eye(4)
     t[:2, :2] = [[0.8, 0.2], [0.2, 0.8]]
     np.testing.assert_allclose(clean_posterior(t.T, t), np.eye(4), atol=1e-12)
-    value, best = wrong_label_posterior(t.T, np.array([1, 0, 2, 2]), t)  # two flips of the pair, two right labels
+    value, _ = wrong_label_posterior(t.T, np.array([1, 0, 2, 2]), t)  # true classes 0, 1, 2, 3: two flips, one right
     np.testing.assert_allclose(value, [1, 1, 0, 1])  # the last: sure it is class 3, never mislabelled as 2: wrong
     # the same probabilities taken as a true-label posterior count the noise twice: a flip is a coin toss
     np.testing.assert_allclose(wrong_label_posterior(t.T, np.array([1, 0, 2, 2]), t, noisy=False)[0], [0.5, 0.5, 0, 1])

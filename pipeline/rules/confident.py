@@ -16,7 +16,10 @@ from pipeline.formats.manifest import classes_path_for, read_classes
 from pipeline.registry import RULES
 from pipeline.rules.base import FlagResult, rows_for, _float_array, _fmt, _labels_1d
 
-#: filter_by values accepted by cleanlab.filter.find_label_issues.
+#: the filter_by value that is clean's own rule (:func:`noise_posterior`), not one of cleanlab's filters
+NOISE_POSTERIOR = "noise_posterior"
+
+#: filter_by values: cleanlab.filter.find_label_issues' own, and NOISE_POSTERIOR.
 CONFIDENT_FILTERS = (
     "prune_by_noise_rate",
     "prune_by_class",
@@ -25,10 +28,8 @@ CONFIDENT_FILTERS = (
     "predicted_neq_given",
     "low_normalized_margin",
     "low_self_confidence",
-    "noise_posterior",
+    NOISE_POSTERIOR,
 )
-#: the filter_by value that is clean's own rule (:func:`noise_posterior`), not one of cleanlab's filters
-NOISE_POSTERIOR = "noise_posterior"
 
 #: Tolerance on |sum_c p_ic - 1| for predicted probabilities (float32 softmax is well within it).
 PROB_SUM_ATOL = 1e-3
