@@ -16,6 +16,7 @@ import yaml
 from pipeline.checks import input_file
 from pipeline.errors import CleanError
 from pipeline.registry import ISSUES, RULES, SCORES, SOURCES, STRATEGIES, Registry
+from pipeline.rules.confident import CONFIDENT_FILTERS
 
 DEFAULTS: dict[str, Any] = {
     "data": {
@@ -139,10 +140,8 @@ CHOICES = _Choices({
     "flag.score": SCORES,
     "prune.strategy": STRATEGIES,
     "prune.by": SCORES,
-    "flag.filter_by": ["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given",
-                       "noise_posterior"],
-    "flag.heldout_filter_by": ["prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
-                               "predicted_neq_given", "noise_posterior"],
+    "flag.filter_by": CONFIDENT_FILTERS,
+    "flag.heldout_filter_by": CONFIDENT_FILTERS,
 })
 
 

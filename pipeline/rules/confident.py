@@ -6,15 +6,18 @@ In-sample probabilities are biased toward the given labels, so `confident` train
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.data.images import load_images
 from pipeline.errors import CleanError
-from pipeline.config import FlagConfig
 from pipeline.formats.manifest import classes_path_for, read_classes
 from pipeline.registry import RULES
 from pipeline.rules.base import FlagResult, rows_for, _float_array, _fmt, _labels_1d
+
+if TYPE_CHECKING:  # pipeline.config imports pipeline.params, which takes CONFIDENT_FILTERS from here
+    from pipeline.config import FlagConfig
 
 #: the filter_by value that is clean's own rule (:func:`noise_posterior`), not one of cleanlab's filters
 NOISE_POSTERIOR = "noise_posterior"
