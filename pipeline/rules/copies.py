@@ -9,7 +9,11 @@ Works on the 32 × 32 luminance thumbnails `clean score` keeps per image (embedd
 2. **Candidates** (:func:`candidates`). The canonical view averaged to 8 × 8 is the descriptor;
    its mirror-symmetric half (:func:`mirror_invariant`, shared by an image and its mirror image)
    is indexed for the training rows (faiss, pipeline/rules/knn.py) and every row (train, val,
-   test) asks for its 2k nearest — one search finds plain and mirrored copies.
+   test) asks for its 2k nearest — one search finds plain and mirrored copies. The pairs found are
+   ranked per row by the nearest of b's descriptors (canonical, mirrored, and in each of VIEWS:
+   :func:`view_descriptors`, one matrix product per view) to a's canonical one; each row's `top`
+   nearest go on (planted seeds 1 / 13: duplicate-set recall 0.922 / 0.907 → 0.924 / 0.937 over
+   the canonical descriptor alone, precision 0.973 / 0.960 → 0.973 / 0.961).
 3. **Screen** (:func:`screen`). Per pair (each row's `top` nearest by descriptor and its
    REF_RANK-th, the reference), the best plain correlation at COARSE_SIDE of a's canonical view,
    plain and mirrored, with the VIEWS of b (rotation ±6° × zoom 0.92/1.08), views made once per
@@ -129,6 +133,18 @@ def _view_grid(s: int, angle: float, zoom: float) -> np.ndarray:
     gx = (np.cos(a) * x - np.sin(a) * y) / zoom
     gy = (np.sin(a) * x + np.cos(a) * y) / zoom
     return np.stack([gx, gy], -1).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _view_operator(c: int, angle: float, zoom: float) -> np.ndarray:
+    """The linear map [C², C²] of a rotation by `angle` degrees and magnification `zoom` about the
+    centre of a C × C view, zero fill (bilinear sampling is linear in the image): row i is the view
+    of the i-th basis image, so `views @ op` re-samples many flattened views [M, C²] in one product,
+    the same values as :func:`canonical` of those views with the centre at (0, 0)."""
+    basis = np.eye(c * c, dtype=np.float32).reshape(c * c, c, c)
+    g = _view_grid(c, float(angle), float(zoom))
+    gx, gy = (np.broadcast_to(g[None, :, :, i], basis.shape) for i in (0, 1))
+    return np.ascontiguousarray(_sample(basis, gx, gy, True).reshape(c * c, c * c))
 
 
 def _sample(t: np.ndarray, gx: np.ndarray, gy: np.ndarray, zeros: bool) -> np.ndarray:
@@ -252,6 +268,22 @@ def descriptor(unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out[s:s + len(v)] = _unit(v.reshape(len(v), -1))
     flip = out.reshape(-1, DESC_SIDE, DESC_SIDE)[:, :, ::-1].reshape(len(out), -1)
     return out, np.ascontiguousarray(flip)
+
+
+def view_descriptors(unit: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`descriptor` of the canonical views [M, C²] (:func:`row_views`) seen in each of VIEWS[1:]
+    (rotation ±6°, zoom 0.92 / 1.08 about the centroid), each view one matrix product with
+    :func:`_view_operator` → [(plain [M, D], mirrored [M, D])] per view. A rotated or cropped copy's
+    descriptor is nearer its original in one of these views than in the canonical one."""
+    c = int(round(unit.shape[1] ** 0.5))
+    out = []
+    for ang, zoom in VIEWS[1:]:
+        op = _view_operator(c, ang, zoom)
+        v = np.empty_like(unit)
+        for s in range(0, len(unit), 8192):
+            v[s:s + 8192] = _unit(unit[s:s + 8192] @ op)
+        out.append(descriptor(v))
+    return out
 
 
 def mirror_invariant(desc: np.ndarray) -> np.ndarray:
@@ -542,6 +574,8 @@ def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 
     a, b = a[textured[a] & textured[b]], b[textured[a] & textured[b]]
     plain, mirr = _pair_dots(d0, a, b), _pair_dots(d0f, a, b, d0)
     dd = 1.0 - np.maximum(plain, mirr)  # the nearer of b and its mirror image
+    for dv, dvf in view_descriptors(unit):  # ... and of b in each view: a's canonical against b's views
+        dd = np.minimum(dd, 1.0 - np.maximum(_pair_dots(dv, a, b, d0), _pair_dots(dvf, a, b, d0)))
     # per row (both ends): rank of each pair by descriptor distance
     rank = _rank_in_row(np.r_[a, b], np.r_[dd, dd])
     ra, rb = rank[:len(a)], rank[len(a):]
