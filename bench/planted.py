@@ -464,6 +464,19 @@ def clean_properties() -> None:
               + ", ".join(f"{k} {int(v.sum())}" for k, v in flags.items()))
 
 
+def _flag_overrides(items: list[str]) -> dict:
+    """['copy_ratio=0.12', …] → {'copy_ratio': 0.12, …}, each value parsed as YAML (numbers, bools, strings)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--flag takes KEY=VALUE (a flag.* param), got {item!r}")
+        out[key.strip().removeprefix("flag.")] = yaml.safe_load(value)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=6000, help="Fashion-MNIST images in the generated folder")
@@ -472,6 +485,8 @@ def main(argv=None) -> None:
     ap.add_argument("--colour", action="store_true", help="tint every image; plant grayscale ones")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--skip-run", action="store_true", help="reuse the work folder's scores (detectors only)")
+    ap.add_argument("--flag", action="append", default=[], metavar="KEY=VALUE",
+                    help="a flag.* param for the detectors (repeatable), e.g. --flag copy_ratio=0.12")
     ap.add_argument("--npz", type=Path, default=None, help="time the detectors on this embeddings.npz")
     ap.add_argument("--scores", type=Path, default=None, help="scores.csv beside --npz (its training ids)")
     ap.add_argument("--synthetic", type=int, default=0, help="duplicates + outliers on N synthetic embeddings")
@@ -527,7 +542,7 @@ def main(argv=None) -> None:
             shutil.copy(a.npz, tmp / "embeddings.npz")
             shutil.copy(scores, tmp / "scores.csv")
             scores = tmp / "scores.csv"
-        res, secs, feats = detect(scores)
+        res, secs, feats = detect(scores, _flag_overrides(a.flag))
         print(f"{len(res['duplicate'].flagged)} training images, {len(feats['ids'])} in embeddings.npz, "
               f"emb {feats['emb'].shape}")
         for name in ISSUE_NAMES:
@@ -541,7 +556,7 @@ def main(argv=None) -> None:
         folder = generate(work, a.n, a.seed, a.colour)
         print(f"generated {folder} in {time.perf_counter() - t0:.1f} s", flush=True)
         run_cli(work, folder, a.epochs)
-    res, secs, _ = detect(work / "scores" / "scores.csv")
+    res, secs, _ = detect(work / "scores" / "scores.csv", _flag_overrides(a.flag))
     rows = evaluate(work, res)
     s = res["duplicate"].summary
     print(f"\nseed {a.seed}, n {a.n}{', colour' if a.colour else ''}: duplicate sets {s['n_groups']} "
