@@ -532,6 +532,7 @@ def main(argv=None) -> None:
     if a.npz is not None and a.index_sweep:
         index_sweep(a.npz, nprobes=a.nprobe)
         return
+    overrides = _flag_overrides(a.flag)  # before any work: a bad --flag ends at once
     if a.npz is not None:
         import shutil
         import tempfile
@@ -542,7 +543,7 @@ def main(argv=None) -> None:
             shutil.copy(a.npz, tmp / "embeddings.npz")
             shutil.copy(scores, tmp / "scores.csv")
             scores = tmp / "scores.csv"
-        res, secs, feats = detect(scores, _flag_overrides(a.flag))
+        res, secs, feats = detect(scores, overrides)
         print(f"{len(res['duplicate'].flagged)} training images, {len(feats['ids'])} in embeddings.npz, "
               f"emb {feats['emb'].shape}")
         for name in ISSUE_NAMES:
@@ -556,7 +557,7 @@ def main(argv=None) -> None:
         folder = generate(work, a.n, a.seed, a.colour)
         print(f"generated {folder} in {time.perf_counter() - t0:.1f} s", flush=True)
         run_cli(work, folder, a.epochs)
-    res, secs, _ = detect(work / "scores" / "scores.csv", _flag_overrides(a.flag))
+    res, secs, _ = detect(work / "scores" / "scores.csv", overrides)
     rows = evaluate(work, res)
     s = res["duplicate"].summary
     print(f"\nseed {a.seed}, n {a.n}{', colour' if a.colour else ''}: duplicate sets {s['n_groups']} "
