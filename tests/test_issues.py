@@ -409,9 +409,16 @@ def test_view_descriptors_are_the_sampled_views_and_find_a_rotated_copy():
     img = np.asarray(Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8)).resize((32, 32), Image.BILINEAR))
     rot = np.asarray(Image.fromarray(img).rotate(6.0, Image.BILINEAR, fillcolor=0))
     _, unit, _ = copies.row_views(np.stack([img.ravel(), rot.ravel()]))
-    d0, _ = copies.descriptor(unit)
+    d0, d0f = copies.descriptor(unit)
+    views = copies.view_descriptors(unit)
+    # the views' descriptors: descriptor() of the re-sampled canonical views
+    for k, (ang, zoom) in enumerate(copies.VIEWS[1:]):
+        sampled = copies._unit(unit @ copies._view_operator(copies.COARSE_SIDE, ang, zoom))
+        np.testing.assert_allclose(views[:, k], copies.descriptor(sampled)[0], atol=1e-5)
     plain = 1.0 - float(d0[0] @ d0[1])
-    best = min(1.0 - float(d0[0] @ dv[1]) for dv, _ in copies.view_descriptors(unit))
+    best = float(copies._nearest_view(d0, d0f, views, np.array([0]), np.array([1]))[0])
+    assert best == pytest.approx(min([plain, 1.0 - float(d0f[0] @ d0[1])] + [1.0 - float(d0[0] @ v) for v in views[1]]
+                                     + [1.0 - float(d0f[0] @ v) for v in views[1]]), abs=1e-6)
     assert best < 0.5 * plain
 
 
