@@ -73,13 +73,15 @@ def flagged(noisy_everywhere):
     from pipeline.stages.flag import flag
 
     root = noisy_everywhere
-    return flag(root / "scores/scores.csv", root / "scores", FlagConfig(issues=["label"], device="cpu"),
+    # cleanlab's filters here (the default, noise_posterior, has its own test below)
+    cfg = FlagConfig(issues=["label"], device="cpu", filter_by="prune_by_class", heldout_filter_by="prune_by_noise_rate")
+    return flag(root / "scores/scores.csv", root / "scores", cfg,
                 model_dir=root / "models/base", manifest=root / "data/manifest.csv")
 
 
 def test_flags_csv_has_val_and_test_label_issues_from_the_base_models(noisy_everywhere, flagged):
-    """flags.csv carries a row per val/test image: is_label = heldout_label_issues on the seed-mean
-    eval softmax of models/base (reference computed here), the suggestion = its argmax; the
+    """flags.csv carries a row per val/test image: is_label = heldout_label_issues (flag.heldout_filter_by
+    prune_by_noise_rate) on the seed-mean eval softmax of models/base (reference computed here), the suggestion = its argmax; the
     training rows and every training-only reader are unchanged."""
     import pandas as pd
     import torch
@@ -196,7 +198,7 @@ def test_label_min_p_keeps_only_confident_label_issues_in_every_split(noisy_ever
 
 
 def test_noise_posterior_in_every_split_uses_the_training_noise_matrix(noisy_everywhere, tmp_path):
-    """flag.filter_by / heldout_filter_by `noise_posterior`: train rows = noise_posterior on p̄ (∧ AUM, as
+    """flag.filter_by / heldout_filter_by `noise_posterior` (the defaults): train rows = noise_posterior on p̄ (∧ AUM, as
     every confident-dynamics filter); val/test rows = noise_posterior on the base models' eval softmax
     with the noise matrix estimated ONCE on the training images (references computed here)."""
     import pandas as pd
@@ -211,7 +213,8 @@ def test_noise_posterior_in_every_split_uses_the_training_noise_matrix(noisy_eve
     from pipeline.training.infer import predict_logits
 
     root = noisy_everywhere
-    cfg = FlagConfig(issues=["label"], device="cpu", filter_by="noise_posterior", heldout_filter_by="noise_posterior")
+    cfg = FlagConfig(issues=["label"], device="cpu")
+    assert cfg.filter_by == cfg.heldout_filter_by == "noise_posterior"
     flag(root / "scores/scores.csv", tmp_path, cfg, model_dir=root / "models/base", manifest=root / "data/manifest.csv")
     fl = pd.read_csv(tmp_path / "flags.csv").set_index("id")
     man = pd.read_csv(root / "data/manifest.csv").set_index("id")

@@ -57,14 +57,22 @@ def test_seed_average_is_the_mean_of_every_seeds_record(noisy):
     assert not np.allclose(d0["probs"], d1["probs"][[pos1[int(i)] for i in d0["ids"]]])  # two real runs
 
 
-def test_confident_dynamics_finds_planted_label_noise_and_suggests_the_true_label(noisy):
-    s = flag(noisy / "scores/scores.csv", noisy / "scores", FlagConfig(method="confident-dynamics", issues=["label"]),
+@pytest.mark.parametrize("filter_by, min_precision, min_recall", [
+    # the default (the noise posterior): precise, finds fewer of this tiny fixture's symmetric flips (1.00 / 0.71)
+    ("noise_posterior", 0.9, 0.6),
+    # cleanlab's prune_by_class: both ≥ 0.8
+    ("prune_by_class", 0.8, 0.8),
+])
+def test_confident_dynamics_finds_planted_label_noise_and_suggests_the_true_label(noisy, filter_by, min_precision,
+                                                                                  min_recall):
+    s = flag(noisy / "scores/scores.csv", noisy / "scores",
+             FlagConfig(method="confident-dynamics", issues=["label"], filter_by=filter_by),
              model_dir=noisy / "models/base")
     fl = pd.read_csv(noisy / "scores/flags.csv")
     man = pd.read_csv(noisy / "data/manifest.csv").set_index("id").loc[fl["id"]]
     truth = man["noisy"].to_numpy().astype(bool)
     assert s["n_noisy"] == truth.sum() > 10
-    assert s["precision"] >= 0.8 and s["recall"] >= 0.8, s
+    assert s["precision"] >= min_precision and s["recall"] >= min_recall, s
     assert list(fl["is_label"]) == list(fl["flagged"])
     hit = fl["is_label"].to_numpy().astype(bool) & truth
     # the suggested label of a found error is the label before the noise was injected

@@ -6,33 +6,16 @@ In-sample probabilities are biased toward the given labels, so `confident` train
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.data.images import load_images
 from pipeline.errors import CleanError
+from pipeline.config import FlagConfig
 from pipeline.formats.manifest import classes_path_for, read_classes
+from pipeline.params import CONFIDENT_FILTERS, NOISE_POSTERIOR  # noqa: F401 (re-exported)
 from pipeline.registry import RULES
 from pipeline.rules.base import FlagResult, rows_for, _float_array, _fmt, _labels_1d
-
-if TYPE_CHECKING:  # pipeline.config imports pipeline.params, which takes CONFIDENT_FILTERS from here
-    from pipeline.config import FlagConfig
-
-#: the filter_by value that is clean's own rule (:func:`noise_posterior`), not one of cleanlab's filters
-NOISE_POSTERIOR = "noise_posterior"
-
-#: filter_by values: cleanlab.filter.find_label_issues' own, and NOISE_POSTERIOR.
-CONFIDENT_FILTERS = (
-    "prune_by_noise_rate",
-    "prune_by_class",
-    "both",
-    "confident_learning",
-    "predicted_neq_given",
-    "low_normalized_margin",
-    "low_self_confidence",
-    NOISE_POSTERIOR,
-)
 
 #: Tolerance on |sum_c p_ic - 1| for predicted probabilities (float32 softmax is well within it).
 PROB_SUM_ATOL = 1e-3
