@@ -345,15 +345,6 @@ def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return key >> 32, key & ((np.int64(1) << 32) - 1)
 
 
-def _pair_dots(x: np.ndarray, a: np.ndarray, b: np.ndarray, y: np.ndarray | None = None, chunk: int = 65536):
-    """Row-wise dot products y[a] · x[b] (y = x when None) of float32 [M, D] → float32 [P], in chunks."""
-    y = x if y is None else y
-    out = np.empty(len(a), np.float32)
-    for s in range(0, len(a), chunk):
-        out[s:s + chunk] = np.einsum("ij,ij->i", y[a[s:s + chunk]], x[b[s:s + chunk]])
-    return out
-
-
 def _masked_ncc(x: np.ndarray, y: np.ndarray, m: np.ndarray) -> np.ndarray:
     """Normalised cross-correlation of [P, S, S] x and y over the mask m → [P]."""
     x, y, m = x.reshape(len(x), -1), y.reshape(len(y), -1), m.reshape(len(m), -1)
