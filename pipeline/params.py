@@ -17,6 +17,22 @@ from pipeline.checks import input_file
 from pipeline.errors import CleanError
 from pipeline.registry import ISSUES, RULES, SCORES, SOURCES, STRATEGIES, Registry
 
+#: the label rule of flag.filter_by / heldout_filter_by that is clean's own (pipeline/rules/confident.py: noise_posterior)
+NOISE_POSTERIOR = "noise_posterior"
+#: flag.filter_by / heldout_filter_by values: cleanlab.filter.find_label_issues' own, and NOISE_POSTERIOR (kept
+#: here, not in pipeline/rules/confident.py, so that reading params.yaml imports no rule module)
+CONFIDENT_FILTERS = (
+    "prune_by_noise_rate",
+    "prune_by_class",
+    "both",
+    "confident_learning",
+    "predicted_neq_given",
+    "low_normalized_margin",
+    "low_self_confidence",
+    NOISE_POSTERIOR,
+)
+
+
 DEFAULTS: dict[str, Any] = {
     "data": {
         "source": "digits",   # a data source (registry: pipeline/data/sources.py)
@@ -73,8 +89,8 @@ DEFAULTS: dict[str, Any] = {
     "flag": {
         "method": "confident-dynamics",  # the label rule that drives `flagged` (registry: pipeline/rules/)
         "issues": None,       # issue types to check (registry ISSUES); null = every registered type
-        "filter_by": "noise_posterior",  # confident-dynamics: noise_posterior (§2.4) or a cleanlab find_label_issues filter_by
-        "heldout_filter_by": "noise_posterior",  # val/test label issues: the same choices, on the base models' softmax
+        "filter_by": NOISE_POSTERIOR,  # confident-dynamics: noise_posterior (§2.4) or a cleanlab find_label_issues filter_by
+        "heldout_filter_by": NOISE_POSTERIOR,  # val/test label issues: the same choices, on the base models' softmax
         "aum_max": -0.5,      # confident-dynamics: a label issue also has AUM below this (null = no AUM condition)
         "label_min_p": 0.0,   # confident-dynamics and val/test label issues only where p̄ of the suggestion is at least this (0 = off)
         "score": "aum",       # score column for the threshold rules (registry: pipeline/scores/)
@@ -113,22 +129,6 @@ DEFAULTS: dict[str, Any] = {
         "keeps": [],          # empty = no sweep (opt-in): dvc exp run -S 'sweep.keeps=[0.1,0.5]'
     },
 }
-
-#: the label rule of flag.filter_by / heldout_filter_by that is clean's own (pipeline/rules/confident.py: noise_posterior)
-NOISE_POSTERIOR = "noise_posterior"
-#: flag.filter_by / heldout_filter_by values: cleanlab.filter.find_label_issues' own, and NOISE_POSTERIOR (kept
-#: here, not in pipeline/rules/confident.py, so that reading params.yaml imports no rule module)
-CONFIDENT_FILTERS = (
-    "prune_by_noise_rate",
-    "prune_by_class",
-    "both",
-    "confident_learning",
-    "predicted_neq_given",
-    "low_normalized_margin",
-    "low_self_confidence",
-    NOISE_POSTERIOR,
-)
-
 
 class _Choices(dict):
     """key → list of allowed values; a registry's names are read when asked for (the registries
