@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models import create_model
+from pipeline.scores import attribution
 from pipeline.scores.attribution import (Features, Sketch, gauss_newton_scale, head_grads, margin_grads, margins,
                                          removal_effects, trak_mean_effect, trak_scores)
 
@@ -67,7 +68,10 @@ def test_count_sketch_sends_each_coordinate_to_one_bucket_with_its_sign():
     assert torch.allclose(sk(v), v @ out)  # linear
 
 
-def test_trak_mean_effect_is_the_loss_weighted_mean_of_trak_scores():
+@pytest.mark.parametrize("row_chunk", [7, 16384])
+def test_trak_mean_effect_is_the_loss_weighted_mean_of_trak_scores(row_chunk, monkeypatch):
+    """Also with Φ widened to float64 7 rows at a time (attribution.ROW_CHUNK: the block sums equal the whole)."""
+    monkeypatch.setattr(attribution, "ROW_CHUNK", row_chunk)
     rng = np.random.default_rng(0)
     tr = [Features(torch.as_tensor(rng.normal(size=(30, 6))), torch.as_tensor(rng.uniform(0.1, 0.9, 30)))
           for _ in range(2)]
@@ -144,9 +148,11 @@ def test_predicted_change_sums_the_removed_and_relabelled_images_per_model(tmp_p
         predicted_change(tmp_path / "a.npz", np.array([1, 3, 4, 7, 9]), removed)
 
 
-def test_gauss_newton_scale_is_the_trace_ratio_and_exact_when_the_curvature_is_uniform():
+@pytest.mark.parametrize("row_chunk", [6, 16384])
+def test_gauss_newton_scale_is_the_trace_ratio_and_exact_when_the_curvature_is_uniform(row_chunk, monkeypatch):
     """r̄ = Σ p(1−p)‖φ‖² / Σ‖φ‖²; when every p is equal, TRAK / r̄ is the influence with the
-    Gauss–Newton Hessian ΦᵀRΦ (same relative ridge) exactly."""
+    Gauss–Newton Hessian ΦᵀRΦ (same relative ridge) exactly — in row blocks of ROW_CHUNK as in one."""
+    monkeypatch.setattr(attribution, "ROW_CHUNK", row_chunk)
     rng = np.random.default_rng(1)
     phi = torch.as_tensor(rng.normal(size=(40, 5)))
     p = torch.as_tensor(rng.uniform(0.2, 0.99, 40))
