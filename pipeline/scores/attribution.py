@@ -120,7 +120,7 @@ def features(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str = "tr
 
 
 #: rows of Φ widened to float64 at a time (16k × k 1024 = 128 MiB): a float64 copy of the whole Φ is 2× its
-#: float32 size (7.4 GB at 900k training images), which put `clean score` at 1M rows over 19 GiB
+#: float32 size (7.4 GB at 900k training images); three of them ran `clean score` at 1M rows out of 24 GiB
 ROW_CHUNK = 16384
 
 
