@@ -368,7 +368,7 @@ def _mirror_view(v: int) -> int:
     return VIEWS.index((-ang if ang else ang, zoom))
 
 
-def screen(small, unit, a: np.ndarray, b: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def screen(small, unit, a: np.ndarray, b: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A cheap stand-in for :func:`verify` that decides which pairs to verify, and in which view: at
     COARSE_SIDE, the best plain normalised cross-correlation (zero padding, no mask) of a's
     canonical view (`unit`, :func:`row_views`), plain and mirrored, with the VIEWS of b →
@@ -376,7 +376,9 @@ def screen(small, unit, a: np.ndarray, b: np.ndarray, chunk: int = 1024) -> tupl
     mirrored, bool [P]). The views are made once per row and shared by its pairs; a's mirrored
     view against b's views gives the correlations of a against b's mirrored views, the
     rotations' signs swapped. (The mirror is chosen here, with every view, rather than from the
-    8 × 8 descriptor: on planted seed 7 two more rotated copies, none lost.)"""
+    8 × 8 descriptor: on planted seed 7 two more rotated copies, none lost.) `chunk` rows of b at a
+    time: 256 keeps a chunk's gathered views in cache (the 70k file's 175k pairs: 1.8–1.9 s at 1024, 1.3–1.5 s
+    at 256, the same results)"""
     c = COARSE_SIDE
     out, which = np.empty(len(a), np.float64), np.zeros(len(a), np.int64)
     mirrored = np.zeros(len(a), bool)
