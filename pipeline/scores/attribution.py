@@ -201,16 +201,14 @@ def _model_features(model: nn.Module, images_u8, labels, mean, std, k: int, seed
     p = sum(q.numel() for q in model.parameters() if q.requires_grad)
     sk = Sketch.make(p, k, seed)
     chunk = max(1, min(batch_size, (1 << 25) // max(p, 1)))
-    # filled in place (a list of blocks joined at the end holds Φ twice at that moment), in the sketch's dtype
-    phi = torch.empty(len(labels), k, dtype=torch.float32)
+    # filled in place (a list of blocks joined at the end holds Φ twice at that moment), in the parameters' dtype
+    # (that of the gradients and so of their sketch)
+    phi = torch.empty(len(labels), k, dtype=next(q for q in model.parameters() if q.requires_grad).dtype)
     ps = torch.empty(len(labels), dtype=torch.float64)
     s = 0
     for x, y in _feed(images_u8, labels, mean, std, device, chunk):
         g, f = margin_grads(model, x, y)
-        g = sk(g).cpu()
-        if g.dtype != phi.dtype:
-            phi = phi.to(g.dtype)
-        phi[s:s + len(y)] = g
+        phi[s:s + len(y)] = sk(g).cpu()
         ps[s:s + len(y)] = torch.sigmoid(f.double()).cpu()
         s += len(y)
         if progress:
