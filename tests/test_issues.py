@@ -311,9 +311,11 @@ def test_why_names_the_statistic_the_cut_and_the_neighbour():
     assert out == "log sharpness = -2.5 < cut 0.29 (at most 1.0% of the set)"
 
 
-def test_pixel_copies_survive_shift_flip_rotation_jpeg_and_brightness():
+@pytest.mark.parametrize("copies_first", [False, True])
+def test_pixel_copies_survive_shift_flip_rotation_jpeg_and_brightness(copies_first):
     """Near copies verified on the thumbnails: each planted transformed copy lands in a set with its
-    original, nothing else is grouped, and a copy filed under another class is the one flagged."""
+    original, nothing else is grouped, and a copy filed under another class is the one flagged —
+    whichever of a copy and its original comes first in the rows (the pairs are screened both ways)."""
     import io
 
     from PIL import Image, ImageEnhance
@@ -354,13 +356,16 @@ def test_pixel_copies_survive_shift_flip_rotation_jpeg_and_brightness():
     last = n + len(planted) - 1
     label[last] = 2  # the brightened copy filed under another class: a conflict, and the flagged one
     emb = allimg.reshape(m, -1).astype(np.float32) + rng.normal(0, 1.0, (m, 784))
-    f = _feats(emb, label=label)
-    f["thumb"] = thumbnails(allimg)
+    # row order: as made, or reversed (each copy before its original)
+    order = np.arange(m)[::-1] if copies_first else np.arange(m)
+    row = np.argsort(order)  # row[i]: where image i sits
+    f = _feats(emb[order], label=label[order])
+    f["thumb"] = thumbnails(allimg[order])
     res = find_duplicates(f, f["label"], f["ids"], k=10, ratio=FlagConfig().copy_ratio)
     g = res.columns["duplicate_group"]
     sets = sorted(sorted(np.flatnonzero(g == gi).tolist()) for gi in np.unique(g[g >= 0]))
-    assert sets == sorted([i, n + j] for j, i in enumerate(planted))
-    assert res.flagged[last] and not res.flagged[4]  # the odd label is flagged, the original kept
+    assert sets == sorted(sorted([row[i], row[n + j]]) for j, i in enumerate(planted))
+    assert res.flagged[row[last]] and not res.flagged[row[4]]  # the odd label is flagged, the original kept
     assert res.summary["method"] == "pixels"
 
 
@@ -417,8 +422,12 @@ def test_view_descriptors_are_the_sampled_views_and_find_a_rotated_copy():
         np.testing.assert_allclose(views[:, k], copies.descriptor(sampled)[0], atol=1e-5)
     plain = 1.0 - float(d0[0] @ d0[1])
     best = float(copies._nearest_view(d0, d0f, views, np.array([0]), np.array([1]))[0])
-    assert best == pytest.approx(min([plain, 1.0 - float(d0f[0] @ d0[1])] + [1.0 - float(d0[0] @ v) for v in views[1]]
-                                     + [1.0 - float(d0f[0] @ v) for v in views[1]]), abs=1e-6)
+    # from either end: a's descriptors against b's views, and b's against a's
+    ref = [plain, 1.0 - float(d0f[0] @ d0[1])]
+    for x, y in ((0, 1), (1, 0)):
+        ref += [1.0 - float(d0[x] @ v) for v in views[y]] + [1.0 - float(d0f[x] @ v) for v in views[y]]
+    assert best == pytest.approx(min(ref), abs=1e-6)
+    assert float(copies._nearest_view(d0, d0f, views, np.array([1]), np.array([0]))[0]) == pytest.approx(best, abs=1e-6)
     assert best < 0.5 * plain
 
 
@@ -503,6 +512,43 @@ def test_second_look_brings_a_crop_close_and_leaves_another_image_far():
     d2 = copies.second_look(small, pa, pb, flip, view)
     assert d2[0] < 0.5 * d1[0]  # the crop, aligned: far closer than in the best fixed view
     assert d2[0] < 0.1 * d2[1]  # and far closer than another image after the same step
+
+
+def test_a_pair_is_never_its_own_reference():
+    """copies._row_ref: a pair that is one row's REF_RANK-th (its reference) and the other row's
+    nearest is measured against the other row's reference only, not against its own distance."""
+    from pipeline.rules import copies
+
+    r = copies.REF_RANK
+    a, b = np.array([0, 0, 1]), np.array([1, 2, 3])
+    ra, rb = np.array([0, r, 0]), np.array([r, 1, r])
+    d = np.array([0.01, 0.5, 0.2])
+    ref = copies._row_ref(4, a, b, ra, rb, d)
+    # pair (0, 1) is row 1's reference: its own 0.01 is left out, row 0's reference (0, 2) = 0.5 counts
+    assert ref[0] == pytest.approx(0.5)
+    # pair (0, 2) is row 0's reference; row 2 has none: no reference at all
+    assert np.isnan(ref[1])
+    # pair (1, 3) is row 3's reference; row 1's reference is (0, 1) = 0.01
+    assert ref[2] == pytest.approx(0.01)
+
+
+def test_candidates_ask_in_each_query_view():
+    """copies.candidates: each further query key adds its row's nearest training row (self excluded),
+    k_view + 1 of them; a query nearest to its own row adds nothing."""
+    from pipeline.rules import copies
+
+    rng = np.random.default_rng(3)
+    key = rng.normal(size=(12, 8)).astype(np.float32)
+    key /= np.linalg.norm(key, axis=1, keepdims=True)
+    pos = np.arange(12)
+    q = key.copy()
+    q[0] = key[5]  # row 0 seen in another view looks like row 5
+    a0, b0, _ = copies.candidates(key, pos, 1, exact_max=100, seed=0)
+    a1, b1, _ = copies.candidates(key, pos, 1, exact_max=100, seed=0, queries=[q])
+    extra = sorted(set(zip(a1.tolist(), b1.tolist())) - set(zip(a0.tolist(), b0.tolist())))
+    assert len(a1) == len(a0) + 1 and (0, 5) in set(zip(a1.tolist(), b1.tolist()))
+    assert extra in ([], [(0, 5)])  # (0, 5) may already be row 0's nearest by its own key
+    assert all(x != y for x, y in zip(a1, b1))
 
 
 def test_rank_in_row_matches_lexsort():

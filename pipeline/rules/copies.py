@@ -9,20 +9,26 @@ Works on the 32 × 32 luminance thumbnails `clean score` keeps per image (embedd
 2. **Candidates** (:func:`candidates`). The canonical view averaged to 8 × 8 is the descriptor;
    its mirror-symmetric half (:func:`mirror_invariant`, shared by an image and its mirror image)
    is indexed for the training rows (faiss, pipeline/rules/knn.py) and every row (train, val,
-   test) asks for its 2k nearest — one search finds plain and mirrored copies. The pairs found are
-   ranked per row by the nearest of b's descriptors (canonical, mirrored, and in each of VIEWS:
-   :func:`view_descriptors`, one matrix product per view) to a's canonical one; each row's `top`
-   nearest go on (planted seeds 1 / 13, tuned on: duplicate-set recall 0.922 / 0.907 → 0.924 / 0.937
-   over the canonical descriptor alone; seeds 29 / 31, not tuned on: 0.907 / 0.945 → 0.924 / 0.939,
-   rotated copies 0.74 / 1.00 → 1.00 / 1.00; precision unchanged within 0.004).
+   test) asks for its 2k nearest — one search finds plain and mirrored copies — and, seen zoomed
+   out and in (SEARCH_VIEWS), for its one nearest other training row in each (a crop's original).
+   The pairs found are ranked per row by the nearest of one end's descriptors (canonical,
+   mirrored, and in each of VIEWS: :func:`view_descriptors`, one matrix product per view) to the
+   other end's canonical one, from whichever end is nearer; each row's `top` nearest go on.
 3. **Screen** (:func:`screen`). Per pair (each row's `top` nearest by descriptor and its
-   REF_RANK-th, the reference), the best plain correlation at COARSE_SIDE of a's canonical view,
-   plain and mirrored, with the VIEWS of b (rotation ±6° × zoom 0.92/1.08), views made once per
-   row; the best sets the pair's mirror and starting view. Only a
-   pair whose screen distance is far below its rows' reference (≤ COARSE_RATIO ×) goes on; a top
-   pair just above that (≤ SECOND_LOOK ×) that is the closest top pair of one of its rows gets a
-   **second look** (:func:`second_look`: one alignment step at COARSE_SIDE) and goes on when it
-   then falls ≤ SECOND_CUT × the reference.
+   REF_RANK-th, the reference), the best plain correlation at COARSE_SIDE of one end's canonical
+   view, plain and mirrored, with the VIEWS of the other (rotation ±6° × zoom 0.92/1.08), in both
+   orders, views made once per row; the better order sets which end is viewed (b), and the best
+   view the pair's mirror and starting view. (A copy and its original are not alike from both
+   ends: a crop's zoomed-out view lacks the border its original has; the order of the rows was
+   deciding it.) Only a pair whose screen distance is far below its rows' reference (≤ COARSE_RATIO ×;
+   never the pair itself, :func:`_row_ref`) goes on; a top pair just above that (≤ SECOND_LOOK ×)
+   gets a **second look** (:func:`second_look`: one alignment step at COARSE_SIDE) and goes on
+   when it then falls ≤ SECOND_CUT × the reference.
+   Steps 2–3 as they are, against the one-order screen of the previous round, on planted seeds
+   1 / 13 / 29 / 31 (chosen on these; seed 37 held out: docs/benchmarks.md, issue 22 round 9):
+   duplicate-set recall 0.924 / 0.939 / 0.924 / 0.939 → 0.956 / 0.968 / 0.959 / 0.956, crops
+   0.68 / 0.81 / 0.57 / 0.59 → 0.94 / 0.91 / 0.87 / 0.69, conflicts 0.925 / 0.897 / 0.850 / 1.0 →
+   0.925 / 0.974 / 0.925 / 1.0; set precision 0.973 / 0.961 / 0.962 / 0.974 → 0.972 / 0.956 / 0.961 / 0.964.
 4. **Alignment** (:func:`align`). Each screened pair's view is refined from the screen's best
    view by a few Gauss–Newton (Lucas–Kanade) steps over a similarity transform (zoom, rotation,
    shift) and a gain/offset, at COARSE_SIDE: the continuous zoom and offset of a crop, or the
@@ -54,17 +60,25 @@ D_EXACT = 0.002
 #: IVF lists visited per search-key query (beyond knn.EXACT_MAX indexed rows): a copy's key sits in
 #: its original's list; 4 found the same sets as 12 on planted seed 1 (IVF forced), at half the time
 DESC_NPROBE = 4
+#: IVF lists visited by each zoomed query (SEARCH_VIEWS): the 70k file's verified pairs 1,270 at 4, 1,269 at 1
+DESC_NPROBE_VIEW = 1
+#: VIEWS in which each row also queries the candidate search for its one nearest other training row
+#: (:func:`candidates`, k_view = 0): zoomed out and in. A crop's original was among its 9 nearest by the
+#: canonical key alone for 16 / 15 / 9 / 17 of 19 / 19 / 16 / 20 planted crops (seeds 1 / 13 / 29 / 31), by
+#: that or a zoomed key for 18 / 18 / 16 / 19. More than one neighbour per zoomed query (3 or 9) found
+#: fewer crops: the extra pairs crowd each row's top and move its reference.
+SEARCH_VIEWS = ((0.0, 0.92), (0.0, 1.08))
 #: side of the screening views (:func:`screen`, a cheap first pass over every candidate pair)
 COARSE_SIDE = 16
 #: a pair goes on to the full verification when its screening distance ≤ this × its rows' screening reference
 #: (0.6 before the second look; at 0.5 the 70k file verifies 13k pairs instead of 21.5k, planted seed 1 the same sets)
 COARSE_RATIO = 0.5
-#: top pairs whose screening distance is above COARSE_RATIO but ≤ this × their rows' screening reference, and
-#: that are the closest top pair by the screen of either of their rows, get a second look (:func:`second_look`);
-#: they go on when its distance ≤ SECOND_CUT × that reference (tuned on planted seed 1: set recall 0.895 → 0.922,
-#: precision 0.968 → 0.973; every band pair, not only the closest: 0.928 at 1.5× the second look's pairs on the
-#: 70k file; 0.8 / 0.9 instead of 1.0: 0.909 / 0.918)
-SECOND_LOOK = 1.0
+#: top pairs whose screening distance is above COARSE_RATIO but ≤ this × their rows' screening reference get a
+#: second look (:func:`second_look`); they go on when its distance ≤ SECOND_CUT × that reference. (Round 6:
+#: 1.0, only the closest top pair of a row. With the two-order screen: every band pair, 1.3 — 1.0 lost
+#: crops and conflicts on seeds 1 / 29, 1.6 found the same as 1.3; only each row's closest: shifts
+#: 0.78 → 0.66 on seed 1. On the 70k file the second look then takes 65k pairs instead of 27k.)
+SECOND_LOOK = 1.3
 SECOND_CUT = 0.3
 #: Gauss–Newton steps of :func:`align` (3 and 5 found the same pairs on planted seed 1)
 ALIGN_STEPS = 3
@@ -297,18 +311,21 @@ def view_descriptors(unit: np.ndarray, chunk: int = 8192) -> np.ndarray:
 
 def _nearest_view(d0: np.ndarray, d0f: np.ndarray, views: np.ndarray, a: np.ndarray, b: np.ndarray,
                   chunk: int = 8192) -> np.ndarray:
-    """Per pair, 1 − the best dot product of a's canonical descriptor (plain d0 or mirrored d0f [M, D])
-    with b's canonical descriptor or one of its views (`views` [M, V, D]): the distance to the
-    nearest of b, its mirror image and their views (a mirrored against b equals a against b
-    mirrored) → float64 [P]."""
+    """Per pair, seen from either end: 1 − the best dot product of one end's canonical descriptor
+    (plain d0 or mirrored d0f [M, D]) with the other end's canonical descriptor or one of its views
+    (`views` [M, V, D]) — the distance to the nearest of the other, its mirror image and their
+    views (a mirrored against b equals a against b mirrored) → float64 [P]. From either end, since
+    a copy and its original are not alike both ways (a crop zoomed out lacks its original's border)."""
     out = np.empty(len(a), np.float64)
     for s in range(0, len(a), chunk):
         ia, ib = a[s:s + chunk], b[s:s + chunk]
-        qa = np.stack([d0[ia], d0f[ia]], 2)  # [p, D, 2]
-        # b's canonical descriptor and its views, each gathered from its own array (a joined [M, 1 + V, D]
-        # copy of both costs 1.3 GB at 1M rows)
-        best = np.maximum((d0[ib][:, None] @ qa).reshape(len(ia), -1).max(1),
-                          (views[ib] @ qa).reshape(len(ia), -1).max(1))
+        # each array gathered on its own (a joined [M, 1 + V, D] copy costs 1.3 GB at 1M rows)
+        pa, pb = d0[ia], d0[ib]
+        qa, qb = np.stack([pa, d0f[ia]], 2), np.stack([pb, d0f[ib]], 2)  # [p, D, 2]
+        best = np.maximum.reduce([
+            (pb[:, None] @ qa).reshape(len(ia), -1).max(1),  # b·a and b·mirrored a (= mirrored b·a)
+            (views[ib] @ qa).reshape(len(ia), -1).max(1),
+            (views[ia] @ qb).reshape(len(ia), -1).max(1)])
         out[s:s + chunk] = 1.0 - best
     return out
 
@@ -324,20 +341,27 @@ def mirror_invariant(desc: np.ndarray) -> np.ndarray:
     return (h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-8)).astype(np.float32)
 
 
-def candidates(key: np.ndarray, train_pos: np.ndarray, k: int, exact_max: int,
-               seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def candidates(key: np.ndarray, train_pos: np.ndarray, k: int, exact_max: int, seed: int,
+               queries=(), k_view: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Candidate pairs: each row's k nearest training rows by the search key [M, D]
-    (:func:`mirror_invariant`; self excluded) → (a [P], b [P] rows, key distance [P])."""
+    (:func:`mirror_invariant`; self excluded), and for each further query key [M, D] in `queries`
+    (the key of a row seen in another view, searched against the same canonical keys) its `k_view` + 1
+    nearest, self excluded (k_view = 0: the one nearest, unless that is the row itself)
+    → (a [P], b [P] rows, key distance [P]; a pair found by several queries comes once per query)."""
     from pipeline.rules import knn
 
     index, _ = knn.build_index(key[train_pos], exact_max, seed)
-    if hasattr(index, "nprobe"):
-        index.nprobe = DESC_NPROBE
-    dd, r = knn.search(index, key, min(int(k) + 1, len(train_pos)))
-    r = np.where(r >= 0, train_pos[np.clip(r, 0, None)], -1)
-    a = np.repeat(np.arange(len(key)), r.shape[1])
-    keep = (r.ravel() >= 0) & (r.ravel() != a)
-    return a[keep], r.ravel()[keep], dd.ravel()[keep].astype(np.float64)
+    out_a, out_b, out_d = [], [], []
+    for q in (key, *queries):
+        kq = int(k) if q is key else int(k_view)
+        if hasattr(index, "nprobe"):
+            index.nprobe = DESC_NPROBE if q is key else DESC_NPROBE_VIEW
+        dd, r = knn.search(index, np.ascontiguousarray(q, np.float32), min(kq + 1, len(train_pos)))
+        r = np.where(r >= 0, train_pos[np.clip(r, 0, None)], -1)
+        a = np.repeat(np.arange(len(q)), r.shape[1])
+        keep = (r.ravel() >= 0) & (r.ravel() != a)
+        out_a.append(a[keep]), out_b.append(r.ravel()[keep]), out_d.append(dd.ravel()[keep].astype(np.float64))
+    return np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_d)
 
 
 def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -560,12 +584,14 @@ def _rank_in_row(rows: np.ndarray, key: np.ndarray) -> np.ndarray:
 
 def _row_ref(m: int, a: np.ndarray, b: np.ndarray, ra: np.ndarray, rb: np.ndarray, d: np.ndarray) -> np.ndarray:
     """Each pair's reference: min over its two rows of the distance of the row's REF_RANK-th pair
-    (a row without one takes the other row's; NaN where neither has one) → [P]."""
+    (a row without one, or whose REF_RANK-th pair is this very pair, takes the other row's; NaN
+    where neither has one) → [P]. (A copy ranked REF_RANK-th by one row and in the top of the
+    other was its own reference, a ratio of 1 that never passes: rotated copies on planted seed 29.)"""
     ref = np.full(m, np.nan)
     ia, ib = (ra == REF_RANK) & np.isfinite(d), (rb == REF_RANK) & np.isfinite(d)
     ref[a[ia]] = d[ia]
     ref[b[ib]] = d[ib]
-    return np.fmin(ref[a], ref[b])
+    return np.fmin(np.where(ra == REF_RANK, np.nan, ref[a]), np.where(rb == REF_RANK, np.nan, ref[b]))
 
 
 def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 4, top: int = 2, extra=None,
@@ -575,25 +601,34 @@ def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 
     Candidates: :func:`candidates` plus `extra` (a, b) pairs (the embedding k-NN), flat
     thumbnails (std < MIN_STD: blank images, identical to each other by nature) left out. Each row's
     `top` nearest candidates by descriptor, and its REF_RANK-th (its reference: an ordinary
-    neighbour), are screened (:func:`screen`); a top pair whose screening distance is at most
-    COARSE_RATIO × its rows' screening reference is aligned (:func:`align`, from the screen's best
-    view and mirror) and verified (:func:`verify`), with the reference pairs of its rows (in the
-    screen's best view, not refined). A pair is a copy when its aligned distance d ≤ `ratio` · min(ref_a, ref_b)
-    (ref = the row's reference pair's aligned distance; rows without one use the other row's) or
-    d ≤ D_EXACT. Returns {"a", "b" [P] rows (a < b), "d" [P], "ref" [P], "flip" [P] bool (b
-    mirrored), "n_candidates", "n_screened", "n_verified"}.
+    neighbour), are screened (:func:`screen`; top pairs in both orders, the closer one kept); a top
+    pair whose screening distance is at most COARSE_RATIO × its rows' screening reference (or that
+    gets there at its :func:`second_look`) is aligned (:func:`align`, from the screen's best view and
+    mirror) and verified (:func:`verify`), with the reference pairs of its rows (in the screen's best
+    view, not refined). A pair is a copy when its aligned distance d ≤ `ratio` · min(ref_a, ref_b)
+    (ref = the row's reference pair's aligned distance; rows without one, or whose reference is the
+    pair itself, use the other row's) or d ≤ D_EXACT. Returns {"a", "b" [P] rows (a < b), "d" [P],
+    "ref" [P], "flip" [P] bool (one mirrored against the other), "n_candidates", "n_screened",
+    "n_verified"}.
     """
     pos = np.asarray(train_pos, np.int64)
     small, unit, spread = row_views(thumb)
     d0, d0f = descriptor(unit)
-    a, b, _ = candidates(mirror_invariant(d0), pos, 2 * k, exact_max, seed)
+    views = view_descriptors(unit)
+    # each row asks as itself and zoomed in and out (a crop's original, or the crop of an original, is
+    # nearer in one of those than in the canonical view)
+    queries = [mirror_invariant(np.ascontiguousarray(views[:, VIEWS.index(v) - 1])) for v in SEARCH_VIEWS]
+    a, b, _ = candidates(mirror_invariant(d0), pos, 2 * k, exact_max, seed, queries)
+    del queries
     if extra is not None:
         a, b = np.r_[a, extra[0]], np.r_[b, extra[1]]
     a, b = _unique_pairs(a, b)
     textured = spread >= MIN_STD
     a, b = a[textured[a] & textured[b]], b[textured[a] & textured[b]]
-    # the nearer of b and its mirror image, each plain or in any of the views
-    dd = _nearest_view(d0, d0f, view_descriptors(unit), a, b)
+    # the nearer of b and its mirror image, each plain or in any of the views, seen from either end (which of a
+    # copy and its original is viewed matters: a crop's zoomed-out view lacks its original's border)
+    dd = _nearest_view(d0, d0f, views, a, b)
+    del views
     # per row (both ends): rank of each pair by descriptor distance
     rank = _rank_in_row(np.r_[a, b], np.r_[dd, dd])
     ra, rb = rank[:len(a)], rank[len(a):]
@@ -602,18 +637,26 @@ def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 
     a, b, ra, rb = a[sel], b[sel], ra[sel], rb[sel]
     is_top = (ra < top) | (rb < top)
     # screening: every selected pair, cheaply; the full verification only where it can matter
-    d1, view, flip = screen(small, unit, a, b)
+    # screened in both orders, one pass (each row's views are made once): each pair goes on in the order whose
+    # screen is closer (b is the one viewed; a copy and its original are not alike from both ends)
+    # (a reference pair that is no row's top pair keeps the first order: the same sets on seeds 1 / 13 / 29 / 31
+    # as both orders, at a third less of the reverse screen)
+    p, t = len(a), np.flatnonzero(is_top)
+    s1, sv, sf = screen(small, unit, np.r_[a, b[t]], np.r_[b, a[t]])
     del unit
+    d1, view, flip = s1[:p], sv[:p], sf[:p]
+    e1, ev, ef = np.full(p, np.inf), view.copy(), flip.copy()
+    e1[t], ev[t], ef[t] = s1[p:], sv[p:], sf[p:]
+    sw = e1 < d1
+    a, b, ra, rb = np.where(sw, b, a), np.where(sw, a, b), np.where(sw, rb, ra), np.where(sw, ra, rb)
+    d1, view, flip = np.where(sw, e1, d1), np.where(sw, ev, view), np.where(sw, ef, flip)
+    del e1, ev, ef
     ref1 = _row_ref(len(thumb), a, b, ra, rb, d1)
     with np.errstate(invalid="ignore"):
         go = is_top & ((d1 <= COARSE_RATIO * ref1) | (d1 <= D_EXACT))
         # a second look at the top pairs just above the screen's cut: one alignment step at COARSE_SIDE
         near = is_top & ~go & (d1 <= SECOND_LOOK * ref1)
-    # only a row's closest top pair by the screen (for either of its rows): a copy is its original's best match
-    best = np.full(len(thumb), np.inf)
-    np.minimum.at(best, a[is_top], d1[is_top])
-    np.minimum.at(best, b[is_top], d1[is_top])
-    near = np.flatnonzero(near & ((d1 <= best[a]) | (d1 <= best[b])))
+    near = np.flatnonzero(near)
     d2 = second_look(small, a[near], b[near], flip[near], view[near])
     go[near[d2 <= SECOND_CUT * ref1[near]]] = True
     rows_go = np.zeros(len(thumb), bool)
@@ -624,5 +667,6 @@ def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 
     r = _row_ref(len(thumb), a, b, ra, rb, d)
     with np.errstate(invalid="ignore"):
         ok = go & ((d <= ratio * r) | (d <= D_EXACT))
-    return {"a": a[ok], "b": b[ok], "d": d[ok], "ref": r[ok], "flip": flip[ok],
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    return {"a": lo[ok], "b": hi[ok], "d": d[ok], "ref": r[ok], "flip": flip[ok],
             "n_candidates": n_cand, "n_screened": int(len(a)), "n_verified": int(need.sum())}
