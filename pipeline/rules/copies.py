@@ -644,13 +644,12 @@ def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 
     p, t = len(a), np.flatnonzero(is_top)
     s1, sv, sf = screen(small, unit, np.r_[a, b[t]], np.r_[b, a[t]])
     del unit
-    d1, view, flip = s1[:p], sv[:p], sf[:p]
-    e1, ev, ef = np.full(p, np.inf), view.copy(), flip.copy()
-    e1[t], ev[t], ef[t] = s1[p:], sv[p:], sf[p:]
-    sw = e1 < d1
-    a, b, ra, rb = np.where(sw, b, a), np.where(sw, a, b), np.where(sw, rb, ra), np.where(sw, ra, rb)
-    d1, view, flip = np.where(sw, e1, d1), np.where(sw, ev, view), np.where(sw, ef, flip)
-    del e1, ev, ef
+    d1, view, flip = s1[:p].copy(), sv[:p].copy(), sf[:p].copy()
+    back = s1[p:] < d1[t]  # the top pairs closer the other way round: swapped
+    sw = t[back]
+    a[sw], b[sw], ra[sw], rb[sw] = b[sw], a[sw], rb[sw], ra[sw]
+    d1[sw], view[sw], flip[sw] = s1[p:][back], sv[p:][back], sf[p:][back]
+    del s1, sv, sf
     ref1 = _row_ref(len(thumb), a, b, ra, rb, d1)
     with np.errstate(invalid="ignore"):
         go = is_top & ((d1 <= COARSE_RATIO * ref1) | (d1 <= D_EXACT))
