@@ -271,7 +271,12 @@ def test_issue_registry_entries_run_through_rule_inputs(tmp_path):
     dup = ISSUES["duplicate"].fn(inputs, FlagConfig())
     flagged_ids = set(scores["id"][dup.flagged])
     assert flagged_ids == {int(f["ids"][r]) for r in (200, 201, 202, 203)}
-    assert set(dup.columns) == {"duplicate_group", "duplicate_of", "duplicate_conflict", "duplicate_leak"}
+    assert set(dup.columns) == {"duplicate_group", "duplicate_of", "duplicate_conflict", "duplicate_leak", "duplicate_cut"}
+    # each member's cut: the distance its nearest pair had to be under (0: the same pixels); none outside a set
+    member = np.asarray(dup.columns["duplicate_group"]) >= 0
+    cut = np.asarray(dup.columns["duplicate_cut"], float)
+    assert np.isnan(cut[~member]).all() and (cut[member] >= 0).all()
+    assert member.any() and (1.0 - dup.score[member] <= cut[member] + 1e-9).all()
     leak = ISSUES["leakage"].fn(inputs, FlagConfig())
     assert set(scores["id"][leak.flagged]) == {int(f["ids"][r]) for r in (3, 4)} and leak.summary["n_pairs"] == 2
     of = dict(zip(scores["id"].tolist(), leak.columns["leakage_of"].tolist()))
@@ -303,6 +308,15 @@ def test_why_names_the_statistic_the_cut_and_the_neighbour():
 
     assert why({"id": 5, "duplicate_of": 3, "duplicate_score": 0.99, "duplicate_conflict": 1}, "duplicate", {}) == \
         "a copy of #3, the one kept (another label: a label conflict); distance 0.01"
+    assert why({"id": 5, "duplicate_of": 3, "duplicate_score": 0.999, "duplicate_cut": 0.0015}, "duplicate",
+               {"copy_ratio": 0.1}) == ("a copy of #3, the one kept; aligned pixel distance 0.001 ≤ cut 0.0015 "
+                                        "(0.1 × what the two see from their ordinary neighbours)")
+    assert why({"id": 5, "duplicate_of": 3, "duplicate_score": 1.0, "duplicate_cut": 0.0}, "duplicate",
+               {"copy_ratio": 0.1}) == "a copy of #3, the one kept; the same pixels"
+    assert why({"id": 5, "duplicate_of": 3, "duplicate_score": 0.95, "duplicate_cut": 0.08}, "duplicate",
+               {"method": "embedding"}) == "a copy of #3, the one kept; distance 0.05 < cut 0.08"
+    assert why({"id": 5, "duplicate_of": 3, "duplicate_score": 0.9995, "duplicate_cut": 0.002}, "duplicate",
+               {"copy_ratio": 0.1, "d_exact": 0.002}).endswith("≤ cut 0.002 (a re-encoded copy's, whatever the neighbours)")
     assert why({"id": 3, "duplicate_of": 3}, "duplicate", {}) == "the copy kept in its set"
     assert why({"id": 9, "leakage_of": 2047}, "leakage", {}) == "a copy of val/test image #2047"
     out = why({"id": 5, "outlier_score": 0.31, "outlier_neighbour": 12}, "outlier", {"cut": 0.25, "fpr": 0.01})

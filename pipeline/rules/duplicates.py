@@ -21,7 +21,10 @@ into a giant set. A set is reported when it holds a training image. Within a set
 - `is_leakage` (the `leakage` type) marks every training member of a set that also holds a
   val/test image; issues.json lists each (train id, val/test id) pair with its distance.
 - `duplicate_of`: the id of the member kept (or, for leakage, the val/test copy);
-  `duplicate_score` = 1 − distance to the nearest other member (1 for an exact copy).
+  `duplicate_score` = 1 − distance to the nearest other member (1 for an exact copy);
+  `duplicate_cut` = the distance that pair had to be under (flag.copy_ratio × the two rows'
+  ordinary-neighbour distance for a pixel-verified pair, the radius for an embedding pair, 0 for
+  the same pixels).
 """
 from __future__ import annotations
 
@@ -52,8 +55,8 @@ def _edges_exact(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order[run_start].astype(np.int64), order[same].astype(np.int64)
 
 
-def _near_embedding(nn: dict, pos: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """Near pairs by embedding distance < τ · median NN distance → (a, b, d, facts)."""
+def _near_embedding(nn: dict, pos: np.ndarray, tau: float):
+    """Near pairs by embedding distance < τ · median NN distance → (a, b, d, cut [P], facts)."""
     dist, rows = nn["dist"], nn["rows"]
     m, n = len(dist), len(pos)
     nn1 = dist[pos, 0] if n > 1 else np.zeros(n, np.float32)
@@ -64,11 +67,12 @@ def _near_embedding(nn: dict, pos: np.ndarray, tau: float) -> tuple[np.ndarray, 
     a = np.repeat(np.arange(m), dist.shape[1])[close.ravel()]
     facts = {"method": "embedding", "tau": float(tau), "median_nn_distance": median_nn, "radius": radius}
     rule = f"cosine distance < {tau:g} × median NN distance ({radius:.3g})"
-    return a, rows[close], dist[close].astype(np.float64), {**facts, "near_rule": rule}
+    return a, rows[close], dist[close].astype(np.float64), np.full(len(a), radius), {**facts, "near_rule": rule}
 
 
 def _near_pixels(feats: dict, nn: dict, pos: np.ndarray, ratio: float, seed: int, exact_max: int):
-    """Near pairs verified on the thumbnails (rules/copies.py) → (a, b, d, facts)."""
+    """Near pairs verified on the thumbnails (rules/copies.py) → (a, b, d, cut [P], facts); a pair's cut is
+    the distance it had to be under: ratio × its rows' ordinary-neighbour distance (or D_EXACT, if larger)."""
     from pipeline.rules import copies
 
     k = min(5, nn["rows"].shape[1])
@@ -78,9 +82,22 @@ def _near_pixels(feats: dict, nn: dict, pos: np.ndarray, ratio: float, seed: int
     res = copies.copy_pairs(feats["thumb"], pos, ratio, extra=(ea[ok], eb[ok]), exact_max=exact_max, seed=seed)
     rule = (f"aligned pixel distance ≤ {ratio:g} × the pair's ordinary-neighbour distance "
             f"(centred; mirror, ±6°, zoom ×0.92/1.08, then a fitted zoom/rotation/shift)")
-    facts = {"method": "pixels", "copy_ratio": float(ratio), "n_candidates": res["n_candidates"],
+    facts = {"method": "pixels", "copy_ratio": float(ratio), "d_exact": copies.D_EXACT, "n_candidates": res["n_candidates"],
              "n_screened": res["n_screened"], "n_verified": res["n_verified"], "near_rule": rule}
-    return res["a"], res["b"], res["d"], facts
+    cut = np.fmax(ratio * res["ref"], copies.D_EXACT)
+    return res["a"], res["b"], res["d"], cut, facts
+
+
+def _nearest_edge(m: int, a: np.ndarray, b: np.ndarray, d: np.ndarray, cut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row [m]: the distance of its nearest edge (inf without one) and that edge's cut (NaN without one)."""
+    from pipeline.rules.copies import _rank_in_row
+
+    nearest, nearest_cut = np.full(m, np.inf), np.full(m, np.nan)
+    if len(a):
+        rows, dist, cuts = np.r_[a, b].astype(np.int64), np.r_[d, d], np.r_[cut, cut]
+        first = _rank_in_row(rows, dist) == 0  # each row's nearest edge
+        nearest[rows[first]], nearest_cut[rows[first]] = dist[first], cuts[first]
+    return nearest, nearest_cut
 
 
 def _mutual(a: np.ndarray, b: np.ndarray, d: np.ndarray, top: int = MUTUAL_TOP) -> np.ndarray:
@@ -166,16 +183,18 @@ def _leak_pairs(group: np.ndarray, is_train: np.ndarray, ids_all: np.ndarray, sp
 
 
 def _pairs(feats: dict, nn: dict, pos: np.ndarray, tau: float, ratio: float, seed: int, exact_max: int):
-    """All duplicate edges (exact hash stars + mutual near pairs) → (a, b, d, facts)."""
+    """All duplicate edges (exact hash stars + mutual near pairs) → (a, b, d, cut, facts); an exact pair's
+    cut is 0 (the same pixels)."""
     if "thumb" in feats and ratio > 0:
-        a, b, d, facts = _near_pixels(feats, nn, pos, ratio, seed, exact_max)
+        a, b, d, cut, facts = _near_pixels(feats, nn, pos, ratio, seed, exact_max)
     else:
-        a, b, d, facts = _near_embedding(nn, pos, tau)
+        a, b, d, cut, facts = _near_embedding(nn, pos, tau)
     mutual = _mutual(a, b, d)
     facts["n_near_pairs"], facts["n_near_pairs_mutual"] = int(len(a)), int(mutual.sum())
     a_ex, b_ex = _edges_exact(np.asarray(feats["hash"]).astype(np.uint64))
-    return (np.r_[a[mutual], a_ex], np.r_[b[mutual], b_ex],
-            np.r_[d[mutual], np.zeros(len(a_ex))].astype(np.float64), facts)
+    zero = np.zeros(len(a_ex))
+    return (np.r_[a[mutual], a_ex], np.r_[b[mutual], b_ex], np.r_[d[mutual], zero].astype(np.float64),
+            np.r_[cut[mutual], zero].astype(np.float64), facts)
 
 
 def find_duplicates(feats: dict, labels_train: np.ndarray, ids_train: np.ndarray, tau: float = 0.13,
@@ -188,7 +207,7 @@ def find_duplicates(feats: dict, labels_train: np.ndarray, ids_train: np.ndarray
     m, n = len(feats["ids"]), len(pos)
     em = knn.EXACT_MAX if exact_max is None else exact_max
     nn = knn.train_knn(feats, k, em, seed)
-    a, b, d, facts = _pairs(feats, nn, pos, tau, ratio, seed, em)
+    a, b, d, cut, facts = _pairs(feats, nn, pos, tau, ratio, seed, em)
     ids_all = np.asarray(feats["ids"], np.int64)
     group = _sets(m, a, b, pos, ids_all)
     n_groups = int(group.max()) + 1 if m and len(group) and group.max() >= 0 else 0
@@ -197,9 +216,7 @@ def find_duplicates(feats: dict, labels_train: np.ndarray, ids_train: np.ndarray
     lab = np.asarray(feats["label"], np.int64).copy() if "label" in feats else np.full(m, -1, np.int64)
     lab[pos] = labels_train  # the scored labels (they carry injected noise where any)
     rep = _keepers(group, pos, lab, _support(nn, lab, group), ids_all, n_groups)
-    nearest = np.full(m, np.inf)
-    np.minimum.at(nearest, a, d)
-    np.minimum.at(nearest, b, d)
+    nearest, nearest_cut = _nearest_edge(m, a, b, d, cut)
     mrows = np.flatnonzero(group >= 0)
     conflict_g = _per_set(group, mrows, lab, n_groups) > 1
     leak_g = np.bincount(group[mrows[~is_train[mrows]]], minlength=n_groups) > 0
@@ -222,7 +239,8 @@ def find_duplicates(feats: dict, labels_train: np.ndarray, ids_train: np.ndarray
             "best-supported one per set")
     return IssueResult(flagged=flagged, score=score.astype(np.float64), rule=rule,
                        columns={"duplicate_group": g_tr.astype(np.int64), "duplicate_of": kept_id.astype(np.int64),
-                                "duplicate_conflict": conflict, "duplicate_leak": leak},
+                                "duplicate_conflict": conflict, "duplicate_leak": leak,
+                                "duplicate_cut": np.where(in_set, nearest_cut[pos], np.nan)},
                        summary=summary)
 
 

@@ -32,7 +32,23 @@ def why(row: dict, kind: str, facts: dict | None) -> str:
         if of is None or of == _id(row.get("id")):
             return "the copy kept in its set"
         conflict = " (another label: a label conflict)" if row.get("duplicate_conflict") else ""
-        return f"a copy of #{of}, the one kept{conflict}; distance {_num(1 - float(row.get('duplicate_score', 1)))}"
+        dist = 1 - float(row.get("duplicate_score", 1))
+        c = row.get("duplicate_cut")
+        try:
+            c = float(c)
+        except (TypeError, ValueError):
+            c = float("nan")
+        if c == c and c == 0.0:
+            tail = "the same pixels"
+        elif c == c and "copy_ratio" in facts:
+            why_cut = (f"{_num(facts['copy_ratio'])} × what the two see from their ordinary neighbours"
+                       if c > float(facts.get("d_exact", 0)) * (1 + 1e-6) else "a re-encoded copy's, whatever the neighbours")
+            tail = f"aligned pixel distance {_num(dist)} ≤ cut {_num(c)} ({why_cut})"
+        elif c == c:
+            tail = f"distance {_num(dist)} < cut {_num(c)}"
+        else:
+            tail = f"distance {_num(dist)}"
+        return f"a copy of #{of}, the one kept{conflict}; {tail}"
     if kind == "leakage":
         ev = _id(row.get("leakage_of"))
         return f"a copy of val/test image #{ev}" if ev is not None else "a copy of a val/test image"
