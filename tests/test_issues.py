@@ -309,7 +309,7 @@ def test_why_names_the_statistic_the_cut_and_the_neighbour():
     assert why({"id": 5, "duplicate_of": 3, "duplicate_score": 0.99, "duplicate_conflict": 1}, "duplicate", {}) == \
         "a copy of #3, the one kept (another label: a label conflict); distance 0.01"
     assert why({"id": 5, "duplicate_of": 3, "duplicate_score": 0.999, "duplicate_cut": 0.0015}, "duplicate",
-               {"copy_ratio": 0.1}) == ("a copy of #3, the one kept; aligned pixel distance 0.001 ≤ cut 0.0015 "
+               {"copy_ratio": 0.1, "d_exact": 0.001}) == ("a copy of #3, the one kept; aligned pixel distance 0.001 ≤ cut 0.0015 "
                                         "(0.1 × what the two see from their ordinary neighbours)")
     assert why({"id": 5, "duplicate_of": 3, "duplicate_score": 1.0, "duplicate_cut": 0.0}, "duplicate",
                {"copy_ratio": 0.1}) == "a copy of #3, the one kept; the same pixels"

@@ -150,3 +150,29 @@ def test_report_cli(tmp_path, monkeypatch):
     r = CliRunner().invoke(_app(), ["report", "--manifest", str(p["manifest"]), "--dynamics", "m/base/dynamics.npz"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "reports" / "index.html").exists() and "index.html" in r.output
+
+
+def test_report_duplicate_cards_give_the_pair_distance_and_its_cut(tmp_path):
+    """A duplicate set's cards say why each copy is one: its aligned pixel distance and the cut it had
+    to be under (flags.csv duplicate_cut, issues.json copy_ratio), or the same pixels."""
+    import json
+
+    import numpy as np
+
+    p = make_project(tmp_path, n=60)
+    fl = pd.read_csv(p["flags"])
+    ids = fl["id"].to_numpy()
+    a, b, c = ids[:3]
+    fl["is_duplicate"] = fl["id"].isin([b, c]).astype(int)
+    fl["duplicate_score"] = np.where(fl["id"] == b, 0.999, np.where(fl["id"] == c, 1.0, 0.0))
+    fl["duplicate_group"] = np.where(fl["id"].isin([a, b, c]), 0, -1)
+    fl["duplicate_of"] = np.where(fl["id"].isin([a, b, c]), a, -1)
+    fl["duplicate_conflict"] = 0
+    fl["duplicate_cut"] = np.where(fl["id"] == b, 0.004, np.where(fl["id"].isin([a, c]), 0.0, np.nan))
+    fl.to_csv(p["flags"], index=False)
+    (p["flags"].parent / "issues.json").write_text(json.dumps(
+        {"duplicate": {"n": 2, "rule": "copies", "copy_ratio": 0.1, "d_exact": 0.002}}))
+    _build(p, tmp_path / "rep")
+    text, _ = _parse(tmp_path / "rep" / "index.html")
+    assert f"a copy of #{a}, the one kept; aligned pixel distance 0.001 ≤ cut 0.004 (0.1 × what the two" in text
+    assert f"a copy of #{a}, the one kept; the same pixels" in text

@@ -622,7 +622,7 @@ def issues_section(flags, issues: dict, rows, names, base: Path | None, per_type
             continue
         sec.add(f"<h3 id='issue-{_e(t)}'>{_e(t)} — {len(hit)} image(s)</h3>")
         if t == "duplicate" and "duplicate_group" in flags.columns:
-            sec.add(_groups(sec, flags, rows, names, base, per_type))
+            sec.add(_groups(sec, flags, rows, names, base, per_type, issues.get("duplicate")))
             continue
         top = hit.sort_values([f"{t}_score", "id"], ascending=[False, True]).head(per_type)
         shown = rows.loc[rows["id"].isin(top["id"])].merge(top, on=["id"], how="right", suffixes=("", "_f"))
@@ -634,13 +634,13 @@ def issues_section(flags, issues: dict, rows, names, base: Path | None, per_type
     return sec
 
 
-def _groups(sec: Section, flags, rows, names, base: Path | None, max_groups: int) -> str:
+def _groups(sec: Section, flags, rows, names, base: Path | None, max_groups: int, facts: dict | None = None) -> str:
     """Duplicate groups side by side: every member the manifest has (train and val/test)."""
     g = flags[flags["duplicate_group"] >= 0]
     order = (g.groupby("duplicate_group")["duplicate_score"].max().sort_values(ascending=False).index[:max_groups])
     members = rows[rows["duplicate_group"].isin(order)] if "duplicate_group" in rows.columns else \
         rows.merge(g[["id", "duplicate_group"]], on="id")
-    extra = [c for c in ("duplicate_score", "duplicate_of", "duplicate_conflict") if c in flags.columns]
+    extra = [c for c in ("duplicate_score", "duplicate_of", "duplicate_conflict", "duplicate_cut") if c in flags.columns]
     members = members.merge(flags[["id", *extra]], on="id", how="left")
     uris = _thumbnails(sec, members, base)
     out = []
@@ -650,7 +650,7 @@ def _groups(sec: Section, flags, rows, names, base: Path | None, max_groups: int
         tag = " · label conflict" if len(labels) > 1 else ""
         tag += " · leakage" if (m.get("split", "train") != "train").any() else ""
         out.append(f"<div class='group' title='group {gid}{tag}'>" + "".join(
-            _issue_card(r, names, uris.get(r["id"]), "duplicate") for r in m.to_dict("records")) + "</div>")
+            _issue_card(r, names, uris.get(r["id"]), "duplicate", facts) for r in m.to_dict("records")) + "</div>")
     return "<div class='groups'>" + "".join(out) + "</div>"
 
 
