@@ -277,6 +277,8 @@ def test_issue_registry_entries_run_through_rule_inputs(tmp_path):
     cut = np.asarray(dup.columns["duplicate_cut"], float)
     assert np.isnan(cut[~member]).all() and (cut[member] >= 0).all()
     assert member.any() and (1.0 - dup.score[member] <= cut[member] + 1e-9).all()
+    cut_of = dict(zip(scores["id"].tolist(), cut.tolist()))
+    assert cut_of[2007] == 0.0 and cut_of[2017] > 0  # row 200 has row 0's pixels; row 201 is a near copy of row 1
     leak = ISSUES["leakage"].fn(inputs, FlagConfig())
     assert set(scores["id"][leak.flagged]) == {int(f["ids"][r]) for r in (3, 4)} and leak.summary["n_pairs"] == 2
     of = dict(zip(scores["id"].tolist(), leak.columns["leakage_of"].tolist()))

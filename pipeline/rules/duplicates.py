@@ -67,7 +67,9 @@ def _near_embedding(nn: dict, pos: np.ndarray, tau: float):
     a = np.repeat(np.arange(m), dist.shape[1])[close.ravel()]
     facts = {"method": "embedding", "tau": float(tau), "median_nn_distance": median_nn, "radius": radius}
     rule = f"cosine distance < {tau:g} × median NN distance ({radius:.3g})"
-    return a, rows[close], dist[close].astype(np.float64), np.full(len(a), radius), {**facts, "near_rule": rule}
+    # a cosine distance is ≥ 0; float rounding of identical embeddings gives −1e-7
+    d = np.maximum(dist[close].astype(np.float64), 0.0)
+    return a, rows[close], d, np.full(len(a), radius), {**facts, "near_rule": rule}
 
 
 def _near_pixels(feats: dict, nn: dict, pos: np.ndarray, ratio: float, seed: int, exact_max: int):
@@ -89,13 +91,14 @@ def _near_pixels(feats: dict, nn: dict, pos: np.ndarray, ratio: float, seed: int
 
 
 def _nearest_edge(m: int, a: np.ndarray, b: np.ndarray, d: np.ndarray, cut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row [m]: the distance of its nearest edge (inf without one) and that edge's cut (NaN without one)."""
-    from pipeline.rules.copies import _rank_in_row
-
+    """Per row [m]: the distance of its nearest edge (inf without one) and that edge's cut (NaN without one);
+    of edges at the same distance, the one with the smallest cut (a pixel-identical pair found as a near pair
+    too is named by its hash: cut 0)."""
     nearest, nearest_cut = np.full(m, np.inf), np.full(m, np.nan)
     if len(a):
         rows, dist, cuts = np.r_[a, b].astype(np.int64), np.r_[d, d], np.r_[cut, cut]
-        first = _rank_in_row(rows, dist) == 0  # each row's nearest edge
+        o = np.lexsort((cuts, dist, rows))
+        first = o[np.r_[True, rows[o][1:] != rows[o][:-1]]]  # each row's nearest edge
         nearest[rows[first]], nearest_cut[rows[first]] = dist[first], cuts[first]
     return nearest, nearest_cut
 
