@@ -170,9 +170,15 @@ def test_report_duplicate_cards_give_the_pair_distance_and_its_cut(tmp_path):
     fl["duplicate_conflict"] = 0
     fl["duplicate_cut"] = np.where(fl["id"] == b, 0.004, np.where(fl["id"].isin([a, c]), 0.0, np.nan))
     fl.to_csv(p["flags"], index=False)
+    # a test image of the manifest copies the kept one (issues.json's leakage pair): shown in the set too
+    man = pd.read_csv(p["manifest"])
+    ev = int(man.loc[man["split"] == "test", "id"].iloc[0])
+    leak = {"pairs": [{"train_id": int(a), "eval_id": ev, "split": "test", "distance": 0.0}]}
     (p["flags"].parent / "issues.json").write_text(json.dumps(
-        {"duplicate": {"n": 2, "rule": "copies", "copy_ratio": 0.1, "d_exact": 0.002}}))
+        {"duplicate": {"n": 2, "rule": "copies", "copy_ratio": 0.1, "d_exact": 0.002, "leakage": leak}}))
     _build(p, tmp_path / "rep")
-    text, _ = _parse(tmp_path / "rep" / "index.html")
+    text, parsed = _parse(tmp_path / "rep" / "index.html")
     assert f"a copy of #{a}, the one kept; aligned pixel distance 0.001 ≤ cut 0.004 (0.1 × what the two" in text
     assert f"a copy of #{a}, the one kept; the same pixels" in text
+    assert "a test image of the set (leakage)" in text and f"data-sample='{ev}'" in text
+    assert re.search(r"title=.group 0[^']* · leakage", text)

@@ -636,10 +636,20 @@ def issues_section(flags, issues: dict, rows, names, base: Path | None, per_type
 
 def _groups(sec: Section, flags, rows, names, base: Path | None, max_groups: int, facts: dict | None = None) -> str:
     """Duplicate groups side by side: every member the manifest has (train and val/test)."""
+    import pandas as pd
+
     g = flags[flags["duplicate_group"] >= 0]
     order = (g.groupby("duplicate_group")["duplicate_score"].max().sort_values(ascending=False).index[:max_groups])
     members = rows[rows["duplicate_group"].isin(order)] if "duplicate_group" in rows.columns else \
         rows.merge(g[["id", "duplicate_group"]], on="id")
+    # the val/test members: flags.csv has no row for them, issues.json's leakage pairs name them
+    pairs = pd.DataFrame(((facts or {}).get("leakage") or {}).get("pairs") or [], columns=["train_id", "eval_id"])
+    gid = g.set_index("id")["duplicate_group"]
+    pairs = pairs[pairs["train_id"].isin(gid.index) & ~pairs["eval_id"].isin(members["id"])].drop_duplicates("eval_id")
+    if len(pairs):
+        ev = rows.merge(pd.DataFrame({"id": pairs["eval_id"].to_numpy(),
+                                      "duplicate_group": gid.loc[pairs["train_id"]].to_numpy()}), on="id")
+        members = pd.concat([members, ev[ev["duplicate_group"].isin(order)]], ignore_index=True)
     extra = [c for c in ("duplicate_score", "duplicate_of", "duplicate_conflict", "duplicate_cut") if c in flags.columns]
     members = members.merge(flags[["id", *extra]], on="id", how="left")
     uris = _thumbnails(sec, members, base)
