@@ -598,3 +598,17 @@ def test_translate_equals_the_bilinear_sampler():
             for zeros in (True, False):
                 ref = copies._sample(t, g[None, :, :, 0] + cx[:, None, None], g[None, :, :, 1] + cy[:, None, None], zeros)
                 assert np.allclose(copies._translate(t, cy, cx, zeros), ref, atol=1e-5)
+
+
+def test_eval_members_come_from_the_leakage_pairs_and_the_example_sets():
+    """duplicates.eval_members: every set's val/test ids, from issues.json's leakage pairs (all of them, not
+    only the example sets') and its example sets; a pair whose training id is in no set is left out."""
+    from pipeline.rules.duplicates import eval_members
+
+    facts = {"examples": [{"group": 0, "train_ids": [7], "eval_ids": [900]}],
+             "leakage": {"pairs": [{"train_id": 7, "eval_id": 901}, {"train_id": 17, "eval_id": 905},
+                                   {"train_id": 99, "eval_id": 950}],
+                         "examples": [{"group": 0, "train_ids": [7], "eval_ids": [901]}]},
+             "conflicts": {"examples": [{"group": 3, "train_ids": [27], "eval_ids": []}]}}
+    assert eval_members(facts, {7: 0, 17: 12, 27: 3}) == {0: [900, 901], 12: [905]}
+    assert eval_members(None, {7: 0}) == {} and eval_members({"leakage": None}, {}) == {}

@@ -642,14 +642,15 @@ def _groups(sec: Section, flags, rows, names, base: Path | None, max_groups: int
     order = (g.groupby("duplicate_group")["duplicate_score"].max().sort_values(ascending=False).index[:max_groups])
     members = rows[rows["duplicate_group"].isin(order)] if "duplicate_group" in rows.columns else \
         rows.merge(g[["id", "duplicate_group"]], on="id")
-    # the val/test members: flags.csv has no row for them, issues.json's leakage pairs name them
-    pairs = pd.DataFrame(((facts or {}).get("leakage") or {}).get("pairs") or [], columns=["train_id", "eval_id"])
-    gid = g.set_index("id")["duplicate_group"]
-    pairs = pairs[pairs["train_id"].isin(gid.index) & ~pairs["eval_id"].isin(members["id"])].drop_duplicates("eval_id")
-    if len(pairs):
-        ev = rows.merge(pd.DataFrame({"id": pairs["eval_id"].to_numpy(),
-                                      "duplicate_group": gid.loc[pairs["train_id"]].to_numpy()}), on="id")
-        members = pd.concat([members, ev[ev["duplicate_group"].isin(order)]], ignore_index=True)
+    # the val/test members: flags.csv has no row for them, issues.json names them
+    from pipeline.rules.duplicates import eval_members
+
+    shown, have = set(order), set(members["id"])
+    ev = [(i, gid) for gid, evs in eval_members(facts, dict(zip(g["id"], g["duplicate_group"].astype(int)))).items()
+          if gid in shown for i in evs if i not in have]
+    if ev:
+        ev = rows.merge(pd.DataFrame(ev, columns=["id", "duplicate_group"]), on="id")
+        members = pd.concat([members, ev], ignore_index=True)
     extra = [c for c in ("duplicate_score", "duplicate_of", "duplicate_conflict", "duplicate_cut") if c in flags.columns]
     members = members.merge(flags[["id", *extra]], on="id", how="left")
     uris = _thumbnails(sec, members, base)

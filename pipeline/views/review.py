@@ -166,14 +166,12 @@ class Review:
         for rid, gid in zip(g["id"].tolist(), g["duplicate_group"].astype(int).tolist()):
             if gid in want:
                 out.setdefault(gid, []).append(rid)
-        dup = issues.get("duplicate", {}) if isinstance(issues, dict) else {}
-        for ex in [*dup.get("examples", []), *dup.get("leakage", {}).get("examples", []),
-                   *dup.get("conflicts", {}).get("examples", [])]:
-            gid = ex.get("group") if isinstance(ex, dict) else None
+        from pipeline.rules.duplicates import eval_members
+
+        dup = issues.get("duplicate") if isinstance(issues, dict) else None
+        for gid, evs in eval_members(dup, dict(zip(g["id"].tolist(), g["duplicate_group"].astype(int).tolist()))).items():
             if gid in out:
-                for rid in ex.get("eval_ids", []):
-                    if rid in rows.index and rid not in out[gid]:
-                        out[gid].append(int(rid))
+                out[gid] += [rid for rid in evs if rid in rows.index and rid not in out[gid]]
         return {gid: [{"id": int(i), "label": int(rows.loc[i, "label"]), "split": str(rows.loc[i, "split"])}
                       for i in sorted(ids)] for gid, ids in out.items()}
 
