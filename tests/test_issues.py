@@ -601,9 +601,9 @@ def test_translate_equals_the_bilinear_sampler():
 
 
 def test_eval_members_come_from_the_leakage_pairs_and_the_example_sets():
-    """duplicates.eval_members: every set's val/test ids, from issues.json's leakage pairs (all of them, not
+    """views.sets.eval_members: every set's val/test ids, from issues.json's leakage pairs (all of them, not
     only the example sets') and its example sets; a pair whose training id is in no set is left out."""
-    from pipeline.rules.duplicates import eval_members
+    from pipeline.views.sets import eval_members
 
     facts = {"examples": [{"group": 0, "train_ids": [7], "eval_ids": [900]}],
              "leakage": {"pairs": [{"train_id": 7, "eval_id": 901}, {"train_id": 17, "eval_id": 905},

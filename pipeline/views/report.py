@@ -643,7 +643,7 @@ def _groups(sec: Section, flags, rows, names, base: Path | None, max_groups: int
     members = rows[rows["duplicate_group"].isin(order)] if "duplicate_group" in rows.columns else \
         rows.merge(g[["id", "duplicate_group"]], on="id")
     # the val/test members: flags.csv has no row for them, issues.json names them
-    from pipeline.rules.duplicates import eval_members
+    from pipeline.views.sets import eval_members
 
     shown, have = set(order), set(members["id"])
     ev = [(i, gid) for gid, evs in eval_members(facts, dict(zip(g["id"], g["duplicate_group"].astype(int)))).items()

@@ -166,7 +166,7 @@ class Review:
         for rid, gid in zip(g["id"].tolist(), g["duplicate_group"].astype(int).tolist()):
             if gid in want:
                 out.setdefault(gid, []).append(rid)
-        from pipeline.rules.duplicates import eval_members
+        from pipeline.views.sets import eval_members
 
         dup = issues.get("duplicate") if isinstance(issues, dict) else None
         for gid, evs in eval_members(dup, dict(zip(g["id"].tolist(), g["duplicate_group"].astype(int).tolist()))).items():
