@@ -612,3 +612,6 @@ def test_eval_members_come_from_the_leakage_pairs_and_the_example_sets():
              "conflicts": {"examples": [{"group": 3, "train_ids": [27], "eval_ids": []}]}}
     assert eval_members(facts, {7: 0, 17: 12, 27: 3}) == {0: [900, 901], 12: [905]}
     assert eval_members(None, {7: 0}) == {} and eval_members({"leakage": None}, {}) == {}
+    bad = {"leakage": {"pairs": [{"train_id": 7}, {"train_id": "x", "eval_id": 3}, None, {"train_id": 7, "eval_id": 902}]},
+           "examples": [None, {"group": "g"}, {"group": 0, "eval_ids": None}]}
+    assert eval_members(bad, {7: 0}) == {0: [902]}  # a hand-edited file: malformed entries skipped

@@ -14,11 +14,18 @@ def eval_members(facts: dict | None, group_of: dict) -> dict[int, list[int]]:
     leak = facts.get("leakage") if isinstance(facts.get("leakage"), dict) else {}
     out: dict[int, set] = {}
     for pr in leak.get("pairs") or []:
-        g = group_of.get(int(pr["train_id"]))
-        if g is not None:
-            out.setdefault(int(g), set()).add(int(pr["eval_id"]))
+        try:  # a hand-edited issues.json: a pair without ids is skipped, not a crash of the page
+            t, e = int(pr["train_id"]), int(pr["eval_id"])
+        except (TypeError, KeyError, ValueError):
+            continue
+        if group_of.get(t) is not None:
+            out.setdefault(int(group_of[t]), set()).add(e)
     conflicts = facts.get("conflicts") if isinstance(facts.get("conflicts"), dict) else {}
     for ex in [*(facts.get("examples") or []), *(leak.get("examples") or []), *(conflicts.get("examples") or [])]:
-        if isinstance(ex, dict) and ex.get("group") is not None and ex.get("eval_ids"):
-            out.setdefault(int(ex["group"]), set()).update(int(i) for i in ex["eval_ids"])
+        try:
+            g, evs = int(ex["group"]), [int(i) for i in ex.get("eval_ids") or []]
+        except (TypeError, KeyError, ValueError, AttributeError):
+            continue
+        if evs:
+            out.setdefault(g, set()).update(evs)
     return {g: sorted(v) for g, v in out.items()}
