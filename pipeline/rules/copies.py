@@ -45,6 +45,7 @@ Works on the 32 × 32 luminance thumbnails `clean score` keeps per image (embedd
 from __future__ import annotations
 
 import functools
+import itertools
 
 import numpy as np
 
@@ -355,7 +356,7 @@ def candidates(key: np.ndarray, train_pos: np.ndarray, k: int, exact_max: int, s
 
     index, _ = knn.build_index(key[train_pos], exact_max, seed)
     out_a, out_b, out_d = [], [], []
-    for q in (key, *queries):
+    for q in itertools.chain((key,), queries):  # `queries` may be a generator: one key [M, D] in memory at a time
         kq = int(k) if q is key else int(k_view)
         if hasattr(index, "nprobe"):
             index.nprobe = DESC_NPROBE if q is key else DESC_NPROBE_VIEW
@@ -620,9 +621,8 @@ def copy_pairs(thumb: np.ndarray, train_pos: np.ndarray, ratio: float, k: int = 
     views = view_descriptors(unit)
     # each row asks as itself and zoomed in and out (a crop's original, or the crop of an original, is
     # nearer in one of those than in the canonical view)
-    queries = [mirror_invariant(np.ascontiguousarray(views[:, VIEWS.index(v) - 1])) for v in SEARCH_VIEWS]
+    queries = (mirror_invariant(np.ascontiguousarray(views[:, VIEWS.index(v) - 1])) for v in SEARCH_VIEWS)
     a, b, _ = candidates(mirror_invariant(d0), pos, 2 * k, exact_max, seed, queries)
-    del queries
     if extra is not None:
         a, b = np.r_[a, extra[0]], np.r_[b, extra[1]]
     a, b = _unique_pairs(a, b)
