@@ -162,14 +162,15 @@ class Review:
             return {}
         g = fl[fl["duplicate_group"].fillna(-1) >= 0]
         want = {it["group"] for it in self.items if it["group"] is not None}
-        out: dict[int, list[dict]] = {}
-        for rid, gid in zip(g["id"].tolist(), g["duplicate_group"].astype(int).tolist()):
-            if gid in want:
-                out.setdefault(gid, []).append(rid)
         from pipeline.views.sets import eval_members
 
+        group_of = dict(zip(g["id"].tolist(), g["duplicate_group"].astype(int).tolist()))
+        out: dict[int, list[dict]] = {}
+        for rid, gid in group_of.items():
+            if gid in want:
+                out.setdefault(gid, []).append(rid)
         dup = issues.get("duplicate") if isinstance(issues, dict) else None
-        for gid, evs in eval_members(dup, dict(zip(g["id"].tolist(), g["duplicate_group"].astype(int).tolist()))).items():
+        for gid, evs in eval_members(dup, group_of).items():
             if gid in out:
                 out[gid] += [rid for rid in evs if rid in rows.index and rid not in out[gid]]
         return {gid: [{"id": int(i), "label": int(rows.loc[i, "label"]), "split": str(rows.loc[i, "split"])}

@@ -38,16 +38,16 @@ def why(row: dict, kind: str, facts: dict | None) -> str:
             c = float(c)
         except (TypeError, ValueError):
             c = float("nan")
-        if c == c and c == 0.0:
+        if c != c:  # no cut recorded (an older flags.csv)
+            tail = f"distance {_num(dist)}"
+        elif c == 0.0:
             tail = "the same pixels"
-        elif c == c and "copy_ratio" in facts:
+        elif "copy_ratio" in facts:
             why_cut = (f"{_num(facts['copy_ratio'])} × what the two see from their ordinary neighbours"
                        if c > float(facts.get("d_exact", 0)) * (1 + 1e-6) else "a re-encoded copy's, whatever the neighbours")
             tail = f"aligned pixel distance {_num(dist)} ≤ cut {_num(c)} ({why_cut})"
-        elif c == c:
-            tail = f"distance {_num(dist)} < cut {_num(c)}"
         else:
-            tail = f"distance {_num(dist)}"
+            tail = f"distance {_num(dist)} < cut {_num(c)}"
         return f"a copy of #{of}, the one kept{conflict}; {tail}"
     if kind == "leakage":
         ev = _id(row.get("leakage_of"))
