@@ -1,6 +1,9 @@
 """Duplicate, outlier and image-property issue types on synthetic features with planted truth."""
 from __future__ import annotations
 
+import itertools
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -584,20 +587,78 @@ def test_rank_in_row_matches_lexsort():
     assert copies._rank_in_row(np.zeros(0, np.int64), np.zeros(0, np.float32)).shape == (0,)
 
 
-def test_translate_equals_the_bilinear_sampler():
-    """copies._translate (grouped window slices) against copies._sample on the moved identity grid:
-    small and large moves (beyond the image), zero fill and border fill."""
+def _bilinear_reference(t, gx, gy, zeros):
+    """Bilinear sampling, one sample point at a time (align_corners=False units; outside: 0 or the nearest border pixel)."""
+    n, s = t.shape[0], t.shape[-1]
+    out = np.zeros(gx.shape, np.float64)
+    for i, y, x in itertools.product(range(n), range(gx.shape[1]), range(gx.shape[2])):
+        px, py = (gx[i, y, x] + 1) * s / 2 - 0.5, (gy[i, y, x] + 1) * s / 2 - 0.5
+        if not zeros:
+            px, py = min(max(px, 0.0), s - 1.0), min(max(py, 0.0), s - 1.0)
+        x0, y0 = int(np.floor(px)), int(np.floor(py))
+        v = 0.0
+        for yy, xx in itertools.product((y0, y0 + 1), (x0, x0 + 1)):
+            w = (1 - abs(px - xx)) * (1 - abs(py - yy))
+            if 0 <= yy < s and 0 <= xx < s:
+                v += w * t[i, yy, xx]
+        out[i, y, x] = v
+    return out
+
+
+def test_sampler_equals_a_pointwise_bilinear_reference():
+    """copies._sample (F.grid_sample, all rows at once) against bilinear sampling one point at a time: moves,
+    rotations and zooms, points far outside the image, zero fill and border fill; no rows → no rows."""
     from pipeline.rules import copies
 
     rng = np.random.default_rng(6)
-    for s in (16, 32):
-        t = rng.random((400, s, s)).astype(np.float32)
-        for scale in (0.05, 0.5, 3.0):
-            cy, cx = (rng.normal(size=(2, 400)) * scale).astype(np.float32)
-            g = copies._view_grid(s, 0.0, 1.0)
-            for zeros in (True, False):
-                ref = copies._sample(t, g[None, :, :, 0] + cx[:, None, None], g[None, :, :, 1] + cy[:, None, None], zeros)
-                assert np.allclose(copies._translate(t, cy, cx, zeros), ref, atol=1e-5)
+    s = 8
+    t = rng.random((12, s, s)).astype(np.float32)
+    for scale in (0.05, 0.5, 3.0):
+        g = copies._view_grid(s, float(rng.uniform(-10, 10)), float(rng.uniform(0.8, 1.2)))
+        cy, cx = (rng.normal(size=(2, 12)) * scale).astype(np.float32)
+        gx, gy = g[None, :, :, 0] + cx[:, None, None], g[None, :, :, 1] + cy[:, None, None]
+        for zeros in (True, False):
+            got = copies._sample(t, gx, gy, zeros)
+            assert got.dtype == np.float32 and got.shape == (12, s, s)
+            assert np.allclose(got, _bilinear_reference(t, gx, gy, zeros), atol=1e-5)
+    assert copies._sample(t[:0], gx[:0], gy[:0], True).shape == (0, s, s)
+
+
+def test_chunks_on_threads_give_the_one_thread_result(monkeypatch):
+    """pool.each_chunk: every chunk once, on several threads or one (OMP_NUM_THREADS=1); the copy search's
+    stages give the same numbers either way."""
+    from pipeline.data import pool
+    from pipeline.rules import copies
+
+    import torch
+
+    monkeypatch.setattr(pool, "threads", lambda: 3)
+    seen, torch_threads, before = [], set(), torch.get_num_threads()
+    pool.each_chunk(lambda lo, hi: (seen.append((lo, hi)), torch_threads.add(torch.get_num_threads())), 10, 3)
+    assert sorted(seen) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert torch_threads == {1} and torch.get_num_threads() == before  # one torch thread per chunk, then restored
+    with pytest.raises(ValueError, match="chunk 3"):
+        pool.each_chunk(lambda lo, hi: (_ for _ in ()).throw(ValueError(f"chunk {lo}")) if lo == 3 else None, 10, 3)
+    rng = np.random.default_rng(2)
+    thumb = (rng.random((300, 16 * 16)) * 255).astype(np.uint8)
+    a, b = rng.integers(0, 300, 500), rng.integers(0, 300, 500)
+    many = copies.row_views(thumb, chunk=7), copies.screen(*copies.row_views(thumb)[:2], a, b, chunk=5)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(pool, "threads", lambda: 1)
+    one = copies.row_views(thumb, chunk=7), copies.screen(*copies.row_views(thumb)[:2], a, b, chunk=5)
+    for x, y in zip(many, one):
+        for u, v in zip(x, y):
+            assert np.array_equal(u, v)
+
+
+def test_thread_count_follows_omp_num_threads(monkeypatch):
+    """Array work uses no more threads than OMP_NUM_THREADS where that is set, else the CPUs (at most 8)."""
+    from pipeline.data import pool
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert pool.threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert pool.threads() == min(8, len(os.sched_getaffinity(0)))
 
 
 def test_eval_members_come_from_the_leakage_pairs_and_the_example_sets():

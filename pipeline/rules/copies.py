@@ -1,7 +1,9 @@
 """Pixel-level copy detection: transform-invariant candidates, a cheap screen, then an aligned verification.
 
 Works on the 32 × 32 luminance thumbnails `clean score` keeps per image (embeddings.npz
-`thumb`, pipeline/scores/features.py). Each step is vectorised over all rows or pairs:
+`thumb`, pipeline/scores/features.py). Each step is vectorised over all rows or pairs, in chunks spread over
+threads (:func:`pipeline.data.pool.each_chunk`; numpy and torch release the GIL in their loops), and re-samples
+images with F.grid_sample (:func:`_sample`):
 
 1. **Canonical view** (:func:`row_views`). Each thumbnail, blurred and averaged to COARSE_SIDE,
    is re-sampled so that its intensity centroid sits at the centre (cancels shifts and most of
@@ -48,6 +50,8 @@ import functools
 import itertools
 
 import numpy as np
+
+from pipeline.data.pool import each_chunk
 
 #: descriptor side (candidate search) and verification views
 DESC_SIDE = 8
@@ -168,24 +172,19 @@ def _view_operator(c: int, angle: float, zoom: float) -> np.ndarray:
 
 def _sample(t: np.ndarray, gx: np.ndarray, gy: np.ndarray, zeros: bool) -> np.ndarray:
     """Bilinear samples of t [N, S, S] at grid points (gx, gy) [N, S, S] (align_corners=False
-    units, as F.grid_sample); outside the image zeros, or else the nearest border pixel."""
-    n, s = t.shape[0], t.shape[-1]
-    w = s + 2
-    lo, hi = (-1.0, float(s)) if zeros else (0.0, float(s - 1))
-    pix = []
-    for g in (gx, gy):  # grid units → pixel coordinates, clipped; floor and fraction
-        p = np.clip(g * np.float32(s / 2) + np.float32((s - 1) / 2), lo, hi)
-        p0 = np.minimum(np.floor(p), hi - 1)
-        pix.append((p0, p - p0))
-    (x0, wx), (y0, wy) = pix
-    pad = np.zeros((n, w, w), np.float32)
-    pad[:, 1:-1, 1:-1] = t
-    flat = pad.reshape(-1)
-    idx = (y0 * w + x0).astype(np.int32) + (np.arange(n, dtype=np.int32) * (w * w) + w + 1)[:, None, None]
-    v00, v01 = np.take(flat, idx), np.take(flat, idx + 1)
-    v10, v11 = np.take(flat, idx + w), np.take(flat, idx + (w + 1))
-    top = v00 + wx * (v01 - v00)
-    return top + wy * (v10 + wx * (v11 - v10) - top)
+    units) → float32 [N, S, S]; outside the image zeros, or else the nearest border pixel.
+    F.grid_sample (a numpy gather of the four neighbours gave the same values within 1e-6, 6–8×
+    slower; torch is imported by `clean flag` anyway, for its device)."""
+    import torch
+    import torch.nn.functional as F
+
+    if not len(t):
+        return np.empty(np.shape(t), np.float32)
+    grid = np.stack(np.broadcast_arrays(gx, gy), -1).astype(np.float32, copy=False)
+    src = torch.from_numpy(np.ascontiguousarray(t, np.float32))[:, None]
+    out = F.grid_sample(src, torch.from_numpy(np.ascontiguousarray(grid)), mode="bilinear",
+                        padding_mode="zeros" if zeros else "border", align_corners=False)
+    return out[:, 0].numpy()
 
 
 def _inside(s: int, zoom, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
@@ -212,44 +211,9 @@ def canonical(t, flip=False, angle: float = 0.0, zoom: float = 1.0, mask: bool =
         t = np.where(np.asarray(flip)[:, None, None], t[:, :, ::-1], t)
     s = t.shape[-1]
     cy, cx = centroid(t) if centre is None else centre
-    if float(angle) == 0.0 and float(zoom) == 1.0:
-        out = _translate(t, cy, cx, mask or zeros)
-    else:
-        g = _view_grid(s, float(angle), float(zoom))
-        out = _sample(t, g[None, :, :, 0] + cx[:, None, None], g[None, :, :, 1] + cy[:, None, None], mask or zeros)
+    g = _view_grid(s, float(angle), float(zoom))
+    out = _sample(t, g[None, :, :, 0] + cx[:, None, None], g[None, :, :, 1] + cy[:, None, None], mask or zeros)
     return (out, _inside(s, zoom, cy, cx)) if mask else out
-
-
-def _translate(t: np.ndarray, cy: np.ndarray, cx: np.ndarray, zeros: bool) -> np.ndarray:
-    """:func:`_sample` of t [N, S, S] at the identity grid moved by (cy, cx) [N] grid units — a pure move,
-    so each image's four bilinear neighbours are four shifted windows: the images are grouped by their
-    whole-pixel move and each group is sliced, not gathered (the same values as _sample within float
-    rounding, ~4× faster) → float32 [N, S, S]. Outside: zeros, or else the nearest border pixel."""
-    n, s = t.shape[0], t.shape[-1]
-    out = np.empty((n, s, s), np.float32)
-    if not n:
-        return out
-    half = np.float32(s / 2)
-    lo, hi = (-1.0, float(s)) if zeros else (0.0, float(s - 1))
-    # the move in pixels, clipped as _sample clips each sample point (a move beyond the image reads the fill)
-    my = np.clip(np.asarray(cy, np.float32) * half, lo - (s - 1), hi)
-    mx = np.clip(np.asarray(cx, np.float32) * half, lo - (s - 1), hi)
-    ky, kx = np.floor(my).astype(np.int64), np.floor(mx).astype(np.int64)
-    fy, fx = (my - ky).astype(np.float32), (mx - kx).astype(np.float32)
-    pad = int(max(np.abs(ky).max(), np.abs(kx).max())) + 2  # as wide as the largest move needs
-    padded = np.pad(t, ((0, 0), (pad, pad), (pad, pad)), mode="constant" if zeros else "edge")
-    key = (ky + pad) * (2 * pad + 1) + (kx + pad)
-    order = np.argsort(key, kind="stable")
-    bounds = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1], True])
-    for g0, g1 in zip(bounds[:-1], bounds[1:]):
-        idx = order[g0:g1]
-        y0, x0 = int(ky[idx[0]]) + pad, int(kx[idx[0]]) + pad
-        win = padded[idx, y0:y0 + s + 1, x0:x0 + s + 1]
-        wy, wx = fy[idx, None, None], fx[idx, None, None]
-        top = win[:, :s, :s] + wx * (win[:, :s, 1:] - win[:, :s, :s])
-        bot = win[:, 1:, :s] + wx * (win[:, 1:, 1:] - win[:, 1:, :s])
-        out[idx] = top + wy * (bot - top)
-    return out
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -258,7 +222,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
 
 
-def row_views(thumb: np.ndarray, chunk: int = 2048):
+def row_views(thumb: np.ndarray, chunk: int = 512):
     """Per row of thumbnails uint8 [M, S·S]: the blurred thumbnail at COARSE_SIDE (float32 [M, C, C]),
     its canonical view, zero-padded, zero-mean unit-norm (float32 [M, C²]) and the thumbnail's
     luminance std in [0, 1] (float32 [M]); in chunks, so memory stays at 2 KiB a row."""
@@ -266,12 +230,15 @@ def row_views(thumb: np.ndarray, chunk: int = 2048):
     small = np.empty((len(thumb), c, c), np.float32)
     unit = np.empty((len(thumb), c * c), np.float32)
     spread = np.empty(len(thumb), np.float32)
-    for s in range(0, len(thumb), chunk):
-        raw = _thumbs(thumb[s:s + chunk])
-        spread[s:s + len(raw)] = raw.reshape(len(raw), -1).std(1)
+
+    def one(lo: int, hi: int) -> None:
+        raw = _thumbs(thumb[lo:hi])
+        spread[lo:hi] = raw.reshape(len(raw), -1).std(1)
         t = _small(raw, c)
-        small[s:s + len(t)] = t
-        unit[s:s + len(t)] = _unit(canonical(t, zeros=True).reshape(len(t), -1))
+        small[lo:hi] = t
+        unit[lo:hi] = _unit(canonical(t, zeros=True).reshape(len(t), -1))
+
+    each_chunk(one, len(thumb), chunk)
     return small, unit, spread
 
 
@@ -307,22 +274,25 @@ def view_descriptors(unit: np.ndarray, chunk: int = 8192) -> np.ndarray:
     ops = np.concatenate([_view_descriptor_operator(c, ang, zoom) for ang, zoom in VIEWS[1:]], 1)
     nv, d = len(VIEWS) - 1, DESC_SIDE * DESC_SIDE
     out = np.empty((len(unit), nv, d), np.float32)
-    for s in range(0, len(unit), chunk):
-        v = (unit[s:s + chunk] @ ops).reshape(-1, d)
-        out[s:s + chunk] = _unit(v).reshape(-1, nv, d)
+
+    def one(lo: int, hi: int) -> None:
+        out[lo:hi] = _unit((unit[lo:hi] @ ops).reshape(-1, d)).reshape(-1, nv, d)
+
+    each_chunk(one, len(unit), chunk)
     return out
 
 
 def _nearest_view(d0: np.ndarray, d0f: np.ndarray, views: np.ndarray, a: np.ndarray, b: np.ndarray,
-                  chunk: int = 8192) -> np.ndarray:
+                  chunk: int = 2048) -> np.ndarray:
     """Per pair, seen from either end: 1 − the best dot product of one end's canonical descriptor
     (plain d0 or mirrored d0f [M, D]) with the other end's canonical descriptor or one of its views
     (`views` [M, V, D]) — the distance to the nearest of the other, its mirror image and their
     views (a mirrored against b equals a against b mirrored) → float64 [P]. From either end, since
     a copy and its original are not alike both ways (a crop zoomed out lacks its original's border)."""
     out = np.empty(len(a), np.float64)
-    for s in range(0, len(a), chunk):
-        ia, ib = a[s:s + chunk], b[s:s + chunk]
+
+    def one(lo: int, hi: int) -> None:
+        ia, ib = a[lo:hi], b[lo:hi]
         # each array gathered on its own (a joined [M, 1 + V, D] copy costs 1.3 GB at 1M rows)
         pa, pb = d0[ia], d0[ib]
         qa, qb = np.stack([pa, d0f[ia]], 2), np.stack([pb, d0f[ib]], 2)  # [p, D, 2]
@@ -330,7 +300,9 @@ def _nearest_view(d0: np.ndarray, d0f: np.ndarray, views: np.ndarray, a: np.ndar
             (pb[:, None] @ qa).reshape(len(ia), -1).max(1),  # b·a and b·mirrored a (= mirrored b·a)
             (views[ib] @ qa).reshape(len(ia), -1).max(1),
             (views[ia] @ qb).reshape(len(ia), -1).max(1)])
-        out[s:s + chunk] = 1.0 - best
+        out[lo:hi] = 1.0 - best
+
+    each_chunk(one, len(a), chunk)
     return out
 
 
@@ -415,23 +387,26 @@ def screen(small, unit, a: np.ndarray, b: np.ndarray, chunk: int = 256) -> tuple
     uk, inv = np.unique(np.asarray(b, np.int64), return_inverse=True)
     inv = inv.ravel()
     order = np.argsort(inv, kind="stable")
-    bounds = np.searchsorted(inv[order], np.arange(0, len(uk) + chunk, chunk))
-    for j, s in enumerate(range(0, len(uk), chunk)):
-        tb = small[uk[s:s + chunk]]
+    bounds = np.searchsorted(inv[order], np.arange(len(uk) + 1))
+
+    def one(lo: int, hi: int) -> None:
+        tb = small[uk[lo:hi]]
         centre = centroid(tb)
         # VIEWS[0] is the canonical view: the row's own
-        views = np.stack([unit[uk[s:s + chunk]]] + [
+        views = np.stack([unit[uk[lo:hi]]] + [
             _unit(canonical(tb, False, ang, zoom, centre=centre, zeros=True).reshape(len(tb), -1))
             for ang, zoom in VIEWS[1:]], 1)
-        p = order[bounds[j]:bounds[j + 1]]
+        p = order[bounds[lo]:bounds[hi]]
         ua = unit[a[p]]
-        vb = views[inv[p] - s]
+        vb = views[inv[p] - lo]
         sim = np.concatenate([np.matmul(vb, ua[:, :, None])[:, :, 0], np.matmul(vb, ua[:, perm, None])[:, :, 0]], 1)
         arg = sim.argmax(1)
         fp = arg >= len(VIEWS)
         mirrored[p] = fp
         which[p] = np.where(fp, swap[arg % len(VIEWS)], arg)
         out[p] = np.maximum(1.0 - sim.max(1).astype(np.float64), 0.0)
+
+    each_chunk(one, len(uk), chunk)
     return out, which, mirrored
 
 
@@ -445,8 +420,7 @@ def _view_params(view: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray
 
 def _warp(t: np.ndarray, q: np.ndarray):
     """Thumbnails t [P, S, S] seen through the similarity transforms q [P, 4] (:func:`_view_params`)
-    → (zero-padded view [P, S, S], mask of the pixels inside the source [P, S, S]). Rows whose
-    transform is a pure move (α = 1, β = 0: the screen's canonical view) take :func:`_translate`."""
+    → (zero-padded view [P, S, S], mask of the pixels inside the source [P, S, S])."""
     s = t.shape[-1]
     c = _centres(s).astype(np.float32)
     y, x = np.meshgrid(c, c, indexing="ij")
@@ -454,11 +428,7 @@ def _warp(t: np.ndarray, q: np.ndarray):
     gx, gy = al * x - be * y + tx, be * x + al * y + ty
     lim = 1.0 - 1.0 / s  # sample points at most half a pixel from the border centres stay inside
     inside = ((np.abs(gx) <= lim) & (np.abs(gy) <= lim)).astype(np.float32)
-    move = (q[:, 0] == 1.0) & (q[:, 1] == 0.0)
-    view = np.empty(t.shape, np.float32)
-    view[move] = _translate(t[move], q[move, 3], q[move, 2], True)
-    view[~move] = _sample(t[~move], gx[~move], gy[~move], True)
-    return view, inside
+    return _sample(t, gx, gy, True), inside
 
 
 def align(va: np.ndarray, ma: np.ndarray, tb: np.ndarray, q: np.ndarray, steps: int = ALIGN_STEPS) -> np.ndarray:
@@ -525,16 +495,19 @@ def second_look(small: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarra
     refined from VIEWS[view] [P], on the COARSE_SIDE thumbnails `small` [M, C, C] (:func:`row_views`)
     → float64 [P]."""
     out = np.empty(len(a), np.float64)
-    for s in range(0, len(a), chunk):
-        sl = slice(s, s + chunk)
+
+    def one(lo: int, hi: int) -> None:
+        sl = slice(lo, hi)
         va, ma, _, cb, q = _coarse_fit(small, a[sl], b[sl], flip[sl], view[sl], steps)
         vb, mb = _warp(cb, q)
         out[sl] = 1.0 - _masked_ncc(va, vb, ma * mb).astype(np.float64)
+
+    each_chunk(one, len(a), chunk)
     return out
 
 
 def verify(thumb: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray, view: np.ndarray,
-           refine=None, small=None, chunk: int = 1024) -> np.ndarray:
+           refine=None, small=None, chunk: int = 512) -> np.ndarray:
     """Aligned distance of each pair (rows a, b of thumb uint8 [M, S·S]): 1 − the normalised
     cross-correlation of the blurred canonical views at VERIFY_SIDE, over the pixels both views
     cover, b mirrored where `flip` [P] and seen in VIEWS[view] [P] (the screen's best view: the
@@ -547,11 +520,15 @@ def verify(thumb: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray, vi
     rows = np.unique(np.r_[a, b])
     # the candidate rows, blurred, kept in float16 (2 bytes a pixel) and widened chunk by chunk
     blurred = np.empty((len(rows),) + _small(_thumbs(thumb[:1])).shape[1:], np.float16)
-    for s in range(0, len(rows), chunk):
-        blurred[s:s + chunk] = _small(_thumbs(thumb[rows[s:s + chunk]]))
+
+    def blur(lo: int, hi: int) -> None:
+        blurred[lo:hi] = _small(_thumbs(thumb[rows[lo:hi]]))
+
+    each_chunk(blur, len(rows), chunk)
     ia, ib = np.searchsorted(rows, a), np.searchsorted(rows, b)
-    for s in range(0, len(a), chunk):
-        sl = slice(s, s + chunk)
+
+    def one(lo: int, hi: int) -> None:
+        sl = slice(lo, hi)
         ta, tb = blurred[ia[sl]].astype(np.float32), blurred[ib[sl]].astype(np.float32)
         centre = centroid(ta)
         va, ma = canonical(ta, mask=True, centre=centre)
@@ -567,6 +544,8 @@ def verify(thumb: np.ndarray, a: np.ndarray, b: np.ndarray, flip: np.ndarray, vi
             q[r] = qr
         vb, mb = _warp(tb, q)
         out[sl] = np.maximum(1.0 - _masked_ncc(va, vb, ma * mb).astype(np.float64), 0.0)
+
+    each_chunk(one, len(a), chunk)
     return out
 
 
