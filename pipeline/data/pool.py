@@ -7,7 +7,7 @@ they save.
 
 Array work is the other way round: numpy releases the GIL inside its loops (ufuncs, gathers,
 matrix products), so :func:`each_chunk` spreads chunks of it over threads that share the
-arrays (the copy search on the 70k file: 1.5× on 2 cores).
+arrays (the copy search on the 70k file: about 1.4× on 2 cores).
 """
 from __future__ import annotations
 
