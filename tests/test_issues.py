@@ -181,10 +181,27 @@ def test_outlier_cut_is_a_quantile_of_the_val_images():
     cut = np.quantile(ref[n_tr:n_tr + n_val], 0.99)
     assert res.summary["cut"] == pytest.approx(cut, rel=2e-3) and res.summary["reference"] == "val"
     assert res.summary["fpr"] == 0.01 and res.summary["n_reference"] == n_val
+    lo, hi = res.summary["fpr_interval"]
+    assert lo < 0.01 < hi and res.summary["fpr_interval_level"] == 0.9 and f"{lo:.1%}–{hi:.1%}" in res.rule
     assert res.flagged[-6:].all()
     assert 0.002 <= res.flagged[:n_tr].mean() <= 0.025  # clean training images: ≈ the stated rate
     # the nearest training neighbour is named for the reviewer
     assert res.columns["outlier_neighbour"].shape == (len(pos),) and (res.columns["outlier_neighbour"] >= 0).all()
+
+
+def test_outlier_rate_interval_covers_the_true_rate():
+    """outliers.rate_interval: over many val splits drawn from one distribution, the true fraction of new draws
+    beyond each split's cut lies in the stated 90 % interval about 90 % of the time (or more: the interval is
+    conservative between order statistics), for small and large val sets."""
+    from pipeline.rules.outliers import rate_interval
+
+    rng = np.random.default_rng(0)
+    for n, fpr in ((180, 0.01), (600, 0.05), (75, 0.02)):
+        lo, hi = rate_interval(n, fpr)
+        cuts = np.quantile(rng.random((4000, n)), 1.0 - fpr, axis=1)  # uniform draws: the fraction beyond = 1 − cut
+        covered = ((1.0 - cuts >= lo) & (1.0 - cuts <= hi)).mean()
+        assert 0.88 <= covered <= 0.97, (n, fpr, covered)
+        assert lo < fpr < hi
 
 
 def _stats(n=50, **over):
