@@ -268,7 +268,7 @@ def detect(scores_csv: Path, cfg: dict | None = None) -> tuple[dict, dict, dict]
     # timed apart, so that the first detector that samples with torch is not charged for the import
     t0 = time.perf_counter()
     inputs = RuleInputs(df, scores_csv, device=resolve_device(c.device))
-    secs["torch import (clean flag's device)"] = time.perf_counter() - t0
+    secs["torch import (as clean flag)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     feats = inputs.features()
     secs["load embeddings.npz"] = time.perf_counter() - t0
