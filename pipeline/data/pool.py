@@ -47,7 +47,9 @@ def threads() -> int:
 def each_chunk(fn: Callable[[int, int], None], n_items: int, chunk: int) -> None:
     """fn(lo, hi) for every chunk [lo, hi) of range(n_items), `chunk` items each, on :func:`threads`
     threads. fn writes its results into slices of arrays made beforehand (no two chunks write the
-    same element), so the results are the same as one thread's; fn's exceptions are raised here."""
+    same element), so the results are the same as one thread's; fn's exceptions are raised here.
+    Meanwhile BLAS and torch run one thread each, process-wide (torch's count is restored after):
+    not for use beside other torch work in the same process."""
     starts = range(0, int(n_items), int(chunk))
     n = threads()
     if n < 2 or len(starts) < 2:
