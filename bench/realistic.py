@@ -66,8 +66,8 @@ def _flip(y: np.ndarray, rate: float, kind: str, rng) -> np.ndarray:
 
 def make_folder(root: Path, gen_seed: int, kind: str, rate: float, n_train: int, n_test: int,
                 oos: float, conflict: float, leak: float, write: bool = True) -> pd.DataFrame:
-    """Write root/{train,test}/<class>/<name>.png → truth frame (path, split_folder, true, given, kind);
-    `write` False: the same frame, no files (a resumed run)."""
+    """Write root/{train,test}/<class>/<name>.png → truth frame (abspath, folder, true, given, kind, source:
+    the frame row a conflicting or leaked copy copies, else -1); `write` False: the same frame, no files."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -91,16 +91,19 @@ def make_folder(root: Path, gen_seed: int, kind: str, rate: float, n_train: int,
     imgs += [x[tr][i] for i in src]; true += list(y[tr][src])
     given += list((np.asarray(given[:n_train])[src] + rng.integers(1, 10, k)) % 10)
     kinds += ["conflict"] * k; folder += ["train"] * k
+    source = [-1] * (n_train + n_test) + list(src)
     k = int(round(leak * n_train))  # test images copied into train/ with their given test label
     src = rng.choice(n_test, k, replace=False)
     imgs += [xt[te][i] for i in src]; true += list(yt[te][src]); given += list(t_given[src])
     kinds += ["leak"] * k; folder += ["train"] * k
+    source += list(n_train + src)
     k = int(round(oos * n_train))  # out-of-set: digits, 8x8 -> 28 px
     d = load_digits().images
     pick = rng.choice(len(d), k, replace=False)
     for i in pick:
         imgs.append(np.asarray(Image.fromarray((d[i] * 255 / 16).astype(np.uint8)).resize((28, 28), Image.BILINEAR)))
     true += [-1] * k; given += list(rng.integers(0, 10, k)); kinds += ["oos"] * k; folder += ["train"] * k
+    source += [-1] * k
     rows = []
     for i, (im, g) in enumerate(zip(imgs, given)):
         p = root / folder[i] / f"{g}-{CLASSES[g]}" / f"{i:06d}.png"  # sorted names = class index
@@ -108,7 +111,8 @@ def make_folder(root: Path, gen_seed: int, kind: str, rate: float, n_train: int,
             p.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.asarray(im, np.uint8)).save(p)
         rows.append(str(p.resolve()))
-    return pd.DataFrame({"abspath": rows, "folder": folder, "true": true, "given": given, "kind": kinds})
+    return pd.DataFrame({"abspath": rows, "folder": folder, "true": true, "given": given, "kind": kinds,
+                         "source": np.asarray(source, np.int64)})
 
 
 def folder_truth(work: Path, gen_seed: int, kind: str, rate: float = 0.15, n_train: int = 11200, n_test: int = 2000,
@@ -130,11 +134,22 @@ def clean(work: Path, *args: str, log) -> None:
 
 
 def joined(work: Path, truth: pd.DataFrame) -> pd.DataFrame:
-    """manifest.csv joined with the truth by absolute path."""
+    """manifest.csv joined with the truth by absolute path; `row` = the truth frame's row, `leaky` = a
+    planted pair (conflicting or leaked copy and its source) split between train and val/test: the
+    member in train is a leakage the detectors should find, the one in val/test is set aside."""
     man = pd.read_csv(work / "data/manifest.csv")
     man["abspath"] = [str((work / "data" / p).resolve()) for p in man["path"]]
-    out = man.merge(truth, on="abspath", how="left", validate="one_to_one")
+    out = man.merge(truth.rename_axis("row").reset_index(), on="abspath", how="left", validate="one_to_one")
     assert out["kind"].notna().all() and (out["label"] == out["given"]).all()
+    split = pd.Series(out["split"].to_numpy(), index=out["row"].to_numpy())
+    src = out["source"].to_numpy()
+    has = src >= 0
+    other = np.where(has, split.reindex(np.where(has, src, 0)).to_numpy(), "")
+    crosses = has & ((out["split"].to_numpy() == "train") != (other == "train"))  # this copy and its source apart
+    rows = out["row"].to_numpy()
+    leaky = crosses.copy()
+    leaky |= np.isin(rows, src[crosses])  # ... and the source of such a copy
+    out["leaky"] = leaky
     return out
 
 
@@ -156,12 +171,14 @@ def accuracies(work: Path, model: str, man: pd.DataFrame) -> dict:
     tm = work / "data/manifest.csv"
     fl = pd.read_csv(work / "scores/flags.csv").set_index("id")
     unflagged = fl["is_label"].reindex(test["id"]).fillna(0).to_numpy() == 0  # flagged test images left out
-    out = {"given": [], "true": [], "unflagged": []}
+    unleaked = ~test["leaky"].to_numpy()  # test images with no planted copy in train
+    out = {"given": [], "true": [], "unflagged": [], "unleaked": []}
     for d in run_dirs(work / "models" / model):
         r = evaluate_model(d, tm, "test")
         assert np.array_equal(r["ids"], test["id"].to_numpy())
         out["given"].append(float((r["pred"] == test["given"].to_numpy()).mean()))
         out["unflagged"].append(float((r["pred"] == test["given"].to_numpy())[unflagged].mean()))
+        out["unleaked"].append(float((r["pred"] == test["true"].to_numpy())[unleaked].mean()))
         ok = test["true"].to_numpy() >= 0
         out["true"].append(float((r["pred"][ok] == test["true"].to_numpy()[ok]).mean()))
     return out
@@ -208,6 +225,13 @@ def candidates(work: Path, man: pd.DataFrame, flags: pd.DataFrame, wanted: list[
             sure = agree & (sp >= 0.5)
             lab_t[sure] = sug[sure]
             keep_t &= ~(is_label & ~sure)
+        elif name == "drop-other":  # the flagged out-of-set images, conflicting and leaked copies only (labels kept)
+            pass
+        elif name == "drop-issues":  # prune.drop [duplicate, leakage, outlier]: every flagged copy and out-of-set image
+            keep_t = np.ones(train.sum(), bool)
+            for col in ("is_duplicate", "is_leakage", "is_outlier"):
+                if col in f:
+                    keep_t &= ~f[col].fillna(0).to_numpy(bool)[train]
         elif name == "drop-agree":
             keep_t &= ~agree
         elif name == "relabel-flagged":
@@ -316,11 +340,14 @@ def issue_pr(man: pd.DataFrame, flags: pd.DataFrame) -> dict:
             sug = f.reindex(rows["id"])["suggested_label"].to_numpy()
             out[split]["suggestion_right"] = float((sug[hit] == rows["true"].to_numpy()[hit]).mean())
         if split == "train":
-            for t in ("harmful", "duplicate", "outlier"):
+            kind, leaky = rows["kind"].to_numpy(), rows["leaky"].to_numpy()
+            # duplicate: the conflicting copy, where its source is in train too; leakage: the train member of a
+            # planted pair split between train and val/test (test-image copies, conflict pairs carved apart)
+            targets = {"harmful": kind != "clean", "duplicate": (kind == "conflict") & ~leaky, "leakage": leaky,
+                       "outlier": kind == "oos"}
+            for t, target in targets.items():
                 if f"is_{t}" in f:
                     ft = f.reindex(rows["id"])[f"is_{t}"].fillna(0).to_numpy(bool)
-                    target = {"harmful": rows["kind"] != "clean", "duplicate": rows["kind"].isin(["conflict", "leak"]),
-                              "outlier": rows["kind"] == "oos"}[t].to_numpy()
                     out[f"{t} (train)"] = pr(ft, target)
     return out
 
@@ -365,7 +392,7 @@ def summarise(accs: dict, versions: dict, work: Path, man: pd.DataFrame) -> dict
     out = {}
     for name, a in accs.items():
         row = {}
-        for which in ("true", "given", "unflagged"):
+        for which in ("true", "given", "unflagged", "unleaked"):
             v = np.array(a[which])
             row[which] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "runs": a[which]}
             if name != "base":
@@ -387,10 +414,11 @@ def table(res: dict) -> str:
         sr = f"{v['suggestion_right']:.2f}" if "suggestion_right" in v else ""
         lines.append(f"| {k} | {v['n']} | {v['n_true']} | {v['precision']:.3f} | {v['recall']:.3f} | {sr} |")
     lines += ["", "| version | train images | TRUE test labels | vs base | GIVEN test labels | vs base | "
-              "GIVEN, flagged test images left out | vs base | oracle gap share |", "|---|---|---|---|---|---|---|---|---|"]
+              "GIVEN, flagged test images left out | vs base | TRUE, test images with a planted copy in train left out | "
+              "vs base | oracle gap share |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in res["versions"].items():
         cells = []
-        for which in ("true", "given", "unflagged"):
+        for which in ("true", "given", "unflagged", "unleaked"):
             w = r[which]
             cells.append(f"{w['mean']:.4f} ± {w['sd']:.4f}")
             p = "" if w.get("p") is None else f" p {w['p']:.2g}"
@@ -444,7 +472,11 @@ def main() -> None:
     ap.add_argument("--conflict", type=float, default=0.01)
     ap.add_argument("--leak", type=float, default=0.005)
     ap.add_argument("--seeds", type=int, nargs="*", default=None, help="train.seeds (default: params.yaml's)")
-    ap.add_argument("--candidates", default="relabel-agree,drop-agree")
+    ap.add_argument("--candidates", default="relabel-agree,drop-agree",
+                    help="comma-separated: relabel-agree, relabel-agree-drop-rest, drop-agree, relabel-flagged, "
+                         "relabel-sure, drop-sure, drop-flagged, drop-label-harm, tp-relabel (label remedies, each "
+                         "also dropping the flagged out-of-set images, conflicting and leaked copies); drop-other "
+                         "(only those); drop-issues (every is_duplicate / is_leakage / is_outlier, labels kept)")
     ap.add_argument("--random-of", default="default", help="random removal of as many as this version changes")
     ap.add_argument("--skip", default="", help="versions not trained, e.g. random,oracle")
     ap.add_argument("--version-seeds", type=int, nargs="*", default=None,
