@@ -474,9 +474,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="*", default=None, help="train.seeds (default: params.yaml's)")
     ap.add_argument("--candidates", default="relabel-agree,drop-agree",
                     help="comma-separated: relabel-agree, relabel-agree-drop-rest, drop-agree, relabel-flagged, "
-                         "relabel-sure, drop-sure, drop-flagged, drop-label-harm, tp-relabel (label remedies, each "
-                         "also dropping the flagged out-of-set images, conflicting and leaked copies); drop-other "
-                         "(only those); drop-issues (every is_duplicate / is_leakage / is_outlier, labels kept)")
+                         "relabel-sure, tp-relabel (label remedies that also drop the flagged out-of-set images, "
+                         "conflicting and leaked copies); drop-sure, drop-flagged, drop-label-harm (label issues "
+                         "only); drop-other (only the out-of-set images and those copies); drop-issues (every "
+                         "is_duplicate / is_leakage / is_outlier, labels kept)")
     ap.add_argument("--random-of", default="default", help="random removal of as many as this version changes")
     ap.add_argument("--skip", default="", help="versions not trained, e.g. random,oracle")
     ap.add_argument("--version-seeds", type=int, nargs="*", default=None,
