@@ -20,7 +20,8 @@ does), and trains (`clean train`, every seed of train.seeds) each dataset versio
 
 It reports precision / recall of the label issues per split against the planted flips, and per
 version the test accuracy (mean ± sd over seeds) on the TRUE test labels and on the GIVEN
-ones, the Welch verdict against base (pipeline/verdict.py) and the share of the oracle gap.
+ones (and on the TRUE labels of the test images with no planted copy in train), the Welch
+verdict against base (pipeline/verdict.py) and the share of the oracle gap.
 
     python bench/realistic.py --gen-seed 1 --kind pairs --work /tmp/real_p1 --json /tmp/real_p1.json
     python bench/realistic.py --gen-seed 1 --kind none  --work /tmp/real_c1 --candidates ""
