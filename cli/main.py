@@ -354,11 +354,11 @@ def flag(
 def _issue_table(issues_json: Path, n: int) -> None:
     import json
 
+    from pipeline.views.why import examples_line, facts_line
+
     found = {t: d for t, d in json.loads(issues_json.read_text()).items() if "skipped" not in d}
-    skip = {"rule", "n", "examples", "seconds"}
     console.print(table("issues found", ["issue", "images", "%", "e.g. id", "details"],
-                        [(t, d["n"], f"{d['n'] / max(n, 1):.1%}", ", ".join(map(str, d["examples"][:3])),
-                          "; ".join(f"{k} {v}" for k, v in d.items() if k not in skip and not isinstance(v, (list, dict))))
+                        [(t, d["n"], f"{d['n'] / max(n, 1):.1%}", examples_line(d["examples"]), facts_line(d))
                          for t, d in found.items()]))
 
 

@@ -347,6 +347,27 @@ def test_why_names_the_statistic_the_cut_and_the_neighbour():
     assert out == "log sharpness = -2.5 < cut 0.29 (at most 1.0% of the set)"
 
 
+def test_facts_line_rounds_floats_and_leaves_out_lists_and_the_rule():
+    """`clean flag`'s table and the report show a detector's facts with floats at 4 significant digits."""
+    from pipeline.views.why import facts_line
+
+    facts = {"rule": "kNN", "n": 3, "examples": [1, 2], "seconds": 0.123456, "cut": 0.2756804543264329, "k": 10,
+             "reference": "val", "fpr_interval": [0.002, 0.035], "exact": True, "fraction_flagged": 0.009581881533101045}
+    assert facts_line(facts) == "cut 0.2757; k 10; reference val; exact True; fraction_flagged 0.009582"
+    assert facts_line({}) == ""
+
+
+def test_examples_line_gives_ids_and_the_members_of_a_set_of_copies():
+    """`clean flag`'s "e.g. id" column: plain ids as they are, a duplicate set as its members (not a dict)."""
+    from pipeline.views.why import examples_line
+
+    assert examples_line([13479, 13478, 10042, 7]) == "13479, 13478, 10042"
+    sets = [{"eval_ids": [], "group": 0, "labels": [0, 3], "train_ids": [2153, 6549]},
+            {"eval_ids": [6551], "group": 1, "labels": [0, 3], "train_ids": [2198]}]
+    assert examples_line(sets) == "2153/6549, 2198/6551"
+    assert examples_line([]) == ""
+
+
 @pytest.mark.parametrize("copies_first", [False, True])
 def test_pixel_copies_survive_shift_flip_rotation_jpeg_and_brightness(copies_first):
     """Near copies verified on the thumbnails: each planted transformed copy lands in a set with its

@@ -175,9 +175,13 @@ def test_report_duplicate_cards_give_the_pair_distance_and_its_cut(tmp_path):
     ev = int(man.loc[man["split"] == "test", "id"].iloc[0])
     leak = {"pairs": [{"train_id": int(a), "eval_id": ev, "split": "test", "distance": 0.0}]}
     (p["flags"].parent / "issues.json").write_text(json.dumps(
-        {"duplicate": {"n": 2, "rule": "copies", "copy_ratio": 0.1, "d_exact": 0.002, "leakage": leak}}))
+        {"duplicate": {"n": 2, "rule": "copies", "copy_ratio": 0.1, "d_exact": 0.002, "leakage": leak,
+                       "cut": 0.2756804543264329, "exact": True}}))
     _build(p, tmp_path / "rep")
     text, parsed = _parse(tmp_path / "rep" / "index.html")
+    # the facts table: floats to 4 significant digits, other values as they are
+    assert "copies; copy_ratio 0.1; d_exact 0.002; cut 0.2757; exact True" in text
+    assert "0.27568" not in text
     assert f"a copy of #{a}, the one kept; aligned pixel distance 0.001 ≤ cut 0.004 (0.1 × what the two" in text
     assert f"a copy of #{a}, the one kept; the same pixels" in text
     assert "a test image of the set (leakage)" in text and f"data-sample='{ev}'" in text

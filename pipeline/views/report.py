@@ -30,6 +30,7 @@ from pipeline.scores.order import top_order
 from pipeline.verdict import sentence
 from pipeline.views import plots
 from pipeline.views.grid import to_pil, top_grid
+from pipeline.views.why import facts_line, why
 
 #: Thumbnails larger than this (longer side, px) are shrunk; smaller ones are scaled by CSS.
 THUMB_PX = 96
@@ -571,7 +572,6 @@ def confusion_section(plots_dir: Path, classes, figs: Path) -> Section:
 def _issue_card(r, names, uri: str | None, kind: str, facts: dict | None = None) -> str:
     """One card of the issue sections: image, id, label (→ suggested label for label issues), score,
     and why it was flagged (pipeline/views/why.py: the statistic, the cut, the neighbour)."""
-    from pipeline.views.why import why
     img = f"<img alt='id {_e(r['id'])}' src='{uri}'>" if uri else "<div class='noimg'>no image</div>"
     lab = _e(names(r["label"]))
     if kind == "label" and "suggested_label" in r and r["suggested_label"] == r["suggested_label"]:
@@ -599,9 +599,8 @@ def issues_section(flags, issues: dict, rows, names, base: Path | None, per_type
         flags = flags.assign(is_flagged=flags["flagged"], flagged_score=flags["value"])
         types = ["flagged"]
     sec.add(_table(["issue", "images", "rule / facts"],
-                   [(t, int(flags[f"is_{t}"].sum()), "; ".join([str(issues.get(t, {}).get("rule", ""))] + [
-                       f"{k} {v}" for k, v in issues.get(t, {}).items()
-                       if k not in ("rule", "n", "examples", "seconds") and not isinstance(v, (list, dict))]))
+                   [(t, int(flags[f"is_{t}"].sum()), "; ".join(
+                       x for x in (str(issues.get(t, {}).get("rule", "")), facts_line(issues.get(t, {}))) if x))
                     for t in types]))
     if "split" in flags.columns and "is_label" in flags.columns:
         per = flags[flags["is_label"].astype(bool)]["split"].value_counts()

@@ -1,6 +1,7 @@
 """Why an image was flagged, in one line per issue type: the statistic, the cut, the neighbour.
 
-Shared by the report (pipeline/views/report.py) and `clean review` (pipeline/views/review.py).
+Shared by the report (pipeline/views/report.py) and `clean review` (pipeline/views/review.py);
+:func:`facts_line` also by `clean flag`'s table.
 `row` is a flags.csv row (dict), `facts` the type's entry of issues.json (its cut and rule).
 """
 from __future__ import annotations
@@ -19,6 +20,28 @@ def _id(v) -> int | None:
     except (TypeError, ValueError, OverflowError):
         return None
     return i if i >= 0 else None
+
+
+#: issues.json keys that are not facts of the detector's cut (shown elsewhere, or not at all)
+NOT_FACTS = ("rule", "n", "examples", "seconds")
+
+
+def facts_line(facts: dict) -> str:
+    """An issue type's scalar facts from issues.json as one line, "key value; ...": floats to 4
+    significant digits (a cut of 0.2756804543264329 reads 0.2757); lists, dicts and NOT_FACTS left out.
+    Shared by `clean flag`'s table and the report."""
+    return "; ".join(f"{k} {f'{v:.4g}' if isinstance(v, float) else v}" for k, v in facts.items()
+                     if k not in NOT_FACTS and not isinstance(v, (list, dict)))
+
+
+def examples_line(examples: list, k: int = 3) -> str:
+    """The first `k` of an issue type's issues.json examples as one line: ids, or for a set of copies
+    its members joined by "/" (train ids, then val/test ids), e.g. "2153/6549, 2198/6551"."""
+    def one(e) -> str:
+        if isinstance(e, dict):
+            return "/".join(str(i) for i in list(e.get("train_ids", [])) + list(e.get("eval_ids", [])))
+        return str(e)
+    return ", ".join(one(e) for e in list(examples or [])[:k])
 
 
 def why(row: dict, kind: str, facts: dict | None) -> str:
