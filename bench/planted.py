@@ -232,12 +232,12 @@ def generate(out: Path, n: int, seed: int, colour: bool = False) -> Path:
 
 
 # --------------------------------------------------------------------------- running
-def run_cli(work: Path, folder: Path, epochs: int) -> None:
+def run_cli(work: Path, folder: Path, epochs: int, seeds: list[int] = (0, 1, 2)) -> None:
     env = {**os.environ}
     steps = [
         ["clean", "prepare", "--source", "imagefolder", "--root", str(folder), "--out", "data"],
         ["clean", "train", "--manifest", "data/manifest.csv", "--out", "models/base", "--epochs", str(epochs),
-         "--seed", "0", "--device", "cpu"],
+         *[a for s in seeds for a in ("--seed", str(s))], "--device", "cpu"],
         ["clean", "score", "data/manifest.csv", "--model", "models/base", "--out", "scores", "--subset", "last",
          "--no-self-influence"],
     ]
@@ -490,6 +490,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="work folder (default /tmp/planted_<seed>)")
     ap.add_argument("--colour", action="store_true", help="tint every image; plant grayscale ones")
     ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="training seeds (train.seeds; the outlier check averages the seed models' kNN distances)")
     ap.add_argument("--skip-run", action="store_true", help="reuse the work folder's scores (detectors only)")
     ap.add_argument("--flag", action="append", default=[], metavar="KEY=VALUE",
                     help="a flag.* param for the detectors (repeatable), e.g. --flag copy_ratio=0.12")
@@ -562,7 +564,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         folder = generate(work, a.n, a.seed, a.colour)
         print(f"generated {folder} in {time.perf_counter() - t0:.1f} s", flush=True)
-        run_cli(work, folder, a.epochs)
+        run_cli(work, folder, a.epochs, a.seeds)
     res, secs, _ = detect(work / "scores" / "scores.csv", overrides)
     rows = evaluate(work, res)
     s = res["duplicate"].summary

@@ -239,6 +239,7 @@ def score(
     self_influence: Optional[bool] = typer.Option(None, "--self-influence/--no-self-influence", help="TracIn over checkpoints (params: score.self_influence)"),
     val_influence: Optional[bool] = typer.Option(None, "--val-influence/--no-val-influence", help="TracIn train→validation over checkpoints (params: score.val_influence)"),
     embeddings: Optional[bool] = typer.Option(None, "--embeddings/--no-embeddings", help="embeddings.npz for duplicates / outliers / image checks (params: score.embeddings)"),
+    seed_embeddings: Optional[bool] = typer.Option(None, "--seed-embeddings/--no-seed-embeddings", help="embeddings.npz also holds the other seed models' embeddings; the outlier check averages over them (params: score.seed_embeddings)"),
     importance: Optional[bool] = typer.Option(None, "--importance/--no-importance", help="predicted effect of removing each image on the mean val loss, TRAK over the seeds (params: score.importance)"),
     epochs: Optional[int] = typer.Option(None, help="epochs when --model is a name to train (params: train.epochs)"),
     device: Optional[str] = typer.Option(None, help=_one_of("train.device")),
@@ -256,7 +257,7 @@ def score(
 
     c = _config(params, score__norm=norm, score__params=subset, score__batch_size=batch_size,
                 score__split=split, score__self_influence=self_influence, score__val_influence=val_influence,
-                score__embeddings=embeddings, score__importance=importance, train__epochs=epochs,
+                score__embeddings=embeddings, score__seed_embeddings=seed_embeddings, score__importance=importance, train__epochs=epochs,
                 train__device=device, train__workers=workers, data__cache_max_gb=cache_max_gb)
     _score_io(path, Path(model), out, params)
     with _progress() as prog:

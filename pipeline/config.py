@@ -73,6 +73,7 @@ class ScoreConfig(_Section):
     self_influence: bool = _key("score.self_influence")
     val_influence: bool = _key("score.val_influence")
     embeddings: bool = _key("score.embeddings")
+    seed_embeddings: bool = _key("score.seed_embeddings")
     importance: bool = _key("score.importance")
     importance_dim: int = _key("score.importance_dim")
     device: str = _key("train.device")

@@ -83,6 +83,7 @@ DEFAULTS: dict[str, Any] = {
         "self_influence": True,  # TracIn over the epoch checkpoints (one pass per checkpoint)
         "val_influence": True,   # TracIn train→validation over the checkpoints (needs a val split: data.val_frac > 0)
         "embeddings": True,   # scores/embeddings.npz: every split's penultimate features + image stats (flag's checks)
+        "seed_embeddings": True,  # embeddings.npz also holds the other seed models' embeddings (the outlier check averages over them)
         "importance": True,   # predicted change of the mean val loss when each image is removed (TRAK over the seeds' models)
         "importance_dim": 1024,  # count-sketch size k of the per-sample gradients (importance)
     },

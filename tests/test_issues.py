@@ -189,6 +189,59 @@ def test_outlier_cut_is_a_quantile_of_the_val_images():
     assert res.columns["outlier_neighbour"].shape == (len(pos),) and (res.columns["outlier_neighbour"] >= 0).all()
 
 
+def test_outlier_score_is_the_mean_over_the_seed_models_of_the_kth_distance():
+    """With the other seed models' embeddings (emb_1, emb_2: `clean score` with score.seed_embeddings) the
+    score is the mean over the three models of each one's brute-force k-th distance, the cut the val images'
+    (1 − fpr) quantile of the same mean; the named neighbour stays the scored model's."""
+    rng = np.random.default_rng(11)
+    n_tr, n_val, n_te, d = 700, 200, 100, 12
+    m = n_tr + n_val + n_te
+    split = np.array(["train"] * n_tr + ["val"] * n_val + ["test"] * n_te)
+    base = rng.normal(size=(m, d))
+    f = _feats(base, split)
+    views = [base] + [base @ rng.normal(size=(d, d)) + 0.5 * rng.normal(size=(m, d)) for _ in range(2)]
+    f["emb_1"], f["emb_2"] = (np.asarray(v, np.float16) for v in views[1:])
+    pos = f["train_pos"]
+    kth = np.mean([_brute(np.asarray(v, np.float16), pos, 10)[:, 9] for v in views], axis=0)
+    res = knn_outliers(f, k=10, fpr=0.02)
+    np.testing.assert_allclose(res.score, kth[pos], atol=3e-5)
+    cut = np.quantile(kth[n_tr:n_tr + n_val], 0.98)
+    assert res.summary["cut"] == pytest.approx(cut, abs=3e-5) and res.summary["models"] == 3
+    np.testing.assert_array_equal(res.flagged, kth[pos] > res.summary["cut"])
+    assert res.rule.startswith("mean over 3 seed models of the cosine distance to the 10-th nearest")
+    first = knn.train_knn(f, 10)["rows"][pos, 0]
+    np.testing.assert_array_equal(res.columns["outlier_neighbour"], f["ids"][first])
+    # one model's embeddings: that model's distance, and the rule says nothing of seeds
+    one = knn_outliers({k: v for k, v in f.items() if k not in ("emb_1", "emb_2", "_cache")}, k=10, fpr=0.02)
+    np.testing.assert_allclose(one.score, _brute(np.asarray(base, np.float16), pos, 10)[pos, 9], atol=3e-5)
+    assert one.summary["models"] == 1 and one.rule.startswith("cosine distance to the 10-th")
+
+
+def test_knn_answers_only_the_asked_rows_and_does_not_cache_them():
+    rng = np.random.default_rng(12)
+    emb = rng.normal(size=(200, 8))
+    split = np.where(np.arange(200) < 150, "train", np.where(np.arange(200) < 180, "val", "test"))
+    f = _feats(emb, split)
+    asked = split != "test"
+    part = knn.train_knn(f, 4, queries=asked)
+    full = knn.train_knn(f, 4)
+    np.testing.assert_allclose(part["dist"][asked], full["dist"][asked], atol=1e-6)
+    np.testing.assert_array_equal(part["rows"][asked], full["rows"][asked])
+    assert np.isinf(part["dist"][~asked]).all() and (part["rows"][~asked] == -1).all()
+    assert knn.train_knn(f, 4) is full  # the full answer is the cached one, not the partial
+
+
+def test_embeddings_file_with_a_seed_embedding_of_the_wrong_length_is_refused(tmp_path):
+    from pipeline.errors import CleanError
+    from pipeline.rules.base import load_features
+
+    f = _feats(np.ones((10, 3)))
+    np.savez(tmp_path / "embeddings.npz", **{k: v for k, v in f.items() if k != "train_pos"},
+             emb_1=np.ones((9, 3), np.float16))
+    with pytest.raises(CleanError, match=r"embeddings.npz: 'emb_1' has shape \(9, 3\), not one row per id \(10\).*re-run `clean score`"):
+        load_features(tmp_path / "embeddings.npz", f["ids"])
+
+
 def test_outlier_rate_interval_covers_the_true_rate():
     """outliers.rate_interval: over many val splits drawn from one distribution, the true fraction of new draws
     beyond each split's cut lies in the stated 90 % interval about 90 % of the time (or more: the interval is

@@ -211,3 +211,28 @@ def test_native_sizes_come_from_prepare_when_uniform_else_from_each_file(tmp_pat
         want = [Image.open(p).size[::-1] for p in paths]
         assert list(zip(z["height"].tolist(), z["width"].tolist())) == want
         assert calls == ([1] if mixed else [])
+
+
+def test_embeddings_hold_every_seed_models_embeddings(trained, tmp_path):
+    """With several train.seeds, embeddings.npz holds emb_1, … = each other seed model's embedding of every
+    manifest row (equal to a separate pass with that model) and emb_seeds = the seeds, the scored one first;
+    score.seed_embeddings: false writes the scored model's only."""
+    from pipeline.data.images import load_images
+    from pipeline.scores.features import embed
+
+    recipe = Recipe(model="small_cnn", epochs=1, batch_size=8, lr=1e-2, device="cpu", seed=3, checkpoint_every=1)
+    train(trained / "data/manifest.csv", tmp_path / "m", recipe, seeds=[3, 5])
+    cfgs = dict(subset="last", batch_size=5, device="cpu", self_influence=False, val_influence=False,
+                importance=False, embeddings=True)
+    score(tmp_path / "m", trained / "data/manifest.csv", tmp_path / "s", ScoreConfig(seed_embeddings=True, **cfgs))
+    got = dict(np.load(tmp_path / "s/embeddings.npz"))
+    assert got["emb_seeds"].tolist() == [3, 5] and "emb_2" not in got
+    other, cfg = load_trained(tmp_path / "m/seeds/seed_5", "cpu")
+    manifest = pd.read_csv(trained / "data/manifest.csv")
+    x = load_images(manifest["path"].tolist(), trained / "data", cfg["image_size"], cfg["in_chans"])
+    ref = embed(other, x, cfg["mean"], cfg["std"], 64, "cpu")
+    assert got["emb_1"].shape == got["emb"].shape == ref.shape
+    np.testing.assert_allclose(got["emb_1"].astype(np.float32), ref.astype(np.float32), rtol=2e-3, atol=2e-3)
+    assert not np.allclose(got["emb_1"].astype(np.float32), got["emb"].astype(np.float32), atol=1e-2)
+    score(tmp_path / "m", trained / "data/manifest.csv", tmp_path / "s1", ScoreConfig(seed_embeddings=False, **cfgs))
+    assert not {"emb_1", "emb_seeds"} & set(np.load(tmp_path / "s1/embeddings.npz").files)

@@ -130,6 +130,11 @@ def load_features(path: Path, train_ids: np.ndarray) -> dict:
         all_ids = np.asarray(feats["ids"], np.int64)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise CleanError(f"{path}: not a readable embeddings file ({type(e).__name__}: {e}); re-run `clean score`") from None
+    bad = [k for k in feats if (k == "emb" or (k.startswith("emb_") and k[4:].isdigit()))
+           and (feats[k].ndim != 2 or len(feats[k]) != len(all_ids))]
+    if bad:
+        raise CleanError(f"{path}: '{bad[0]}' has shape {feats[bad[0]].shape}, not one row per id ({len(all_ids)}); "
+                         "the file is damaged: re-run `clean score`")
     order = np.argsort(all_ids, kind="stable")
     at = np.clip(np.searchsorted(all_ids[order], train_ids), 0, max(len(all_ids) - 1, 0))
     found = len(all_ids) > 0 and all_ids[order][at] == train_ids

@@ -84,24 +84,27 @@ def drop_self(dist: np.ndarray, rows: np.ndarray, self_rows: np.ndarray) -> tupl
     return dist[keep].reshape(q, k1 - 1), rows[keep].reshape(q, k1 - 1)
 
 
-def train_knn(feats: dict, k: int, exact_max: int = EXACT_MAX, seed: int = 0) -> dict:
-    """The k nearest *training* embeddings of every row of embeddings.npz (cached in `feats`).
+def train_knn(feats: dict, k: int, exact_max: int = EXACT_MAX, seed: int = 0, emb_key: str = "emb",
+              cache: bool = True, queries: np.ndarray | None = None) -> dict:
+    """The k nearest *training* embeddings of every row of embeddings.npz (cached in `feats` with `cache`).
 
-    feats: from :func:`pipeline.rules.base.load_features` (emb [M, D], train_pos [N]).
+    feats: from :func:`pipeline.rules.base.load_features` (emb [M, D], train_pos [N]); emb_key: which
+    embedding array ("emb": the scored model's; "emb_1", …: the other seed models', :func:`embedding_keys`);
+    queries: bool [M], the rows to answer (default all; the others get row −1, distance +inf; never cached).
     Returns {"dist" [M, k], "rows" [M, k] (rows of embeddings.npz), "kind", "seconds"}: a training
     row's answers exclude itself; a val/test row searches the training index as it is.
     """
 
-    key = ("_knn", int(k), int(exact_max), int(seed))
-    cache = feats.setdefault("_cache", {})
-    if key in cache:
-        return cache[key]
+    key = ("_knn", int(k), int(exact_max), int(seed), str(emb_key))
+    store = feats.setdefault("_cache", {}) if queries is None else {}
+    if key in store:
+        return store[key]
     # a cached answer for a larger k serves a smaller one
-    for (tag, kk, em, sd), val in cache.items():
-        if tag == "_knn" and kk >= k and em == exact_max and sd == seed:
+    for other, val in store.items():
+        if other[0] == "_knn" and other[1] >= k and other[2:] == key[2:]:
             return {**val, "dist": val["dist"][:, :k], "rows": val["rows"][:, :k]}
     t0 = time.perf_counter()
-    emb = normalize(feats["emb"])
+    emb = normalize(feats[emb_key])
     pos = np.asarray(feats["train_pos"], np.int64)
     m = len(emb)
     base = emb[pos]
@@ -109,18 +112,29 @@ def train_knn(feats: dict, k: int, exact_max: int = EXACT_MAX, seed: int = 0) ->
     kk = min(int(k) + 1, len(pos))
     dist = np.full((m, k), np.inf, np.float32)
     rows = np.full((m, k), -1, np.int64)
-    if kk >= 1 and len(pos):
-        d, r = search(index, emb, kk)
+    asked = np.ones(m, bool) if queries is None else np.asarray(queries, bool)
+    if kk >= 1 and len(pos) and asked.any():
+        at = np.flatnonzero(asked)
+        d, r = search(index, emb if queries is None else emb[at], kk)
         r = np.where(r >= 0, pos[np.clip(r, 0, None)], -1)  # index row → embeddings.npz row
         is_train = np.zeros(m, bool)
         is_train[pos] = True
+        tr = is_train[at]
         # training rows: drop themselves; others: keep their k first answers
-        dt, rt = drop_self(d[is_train], r[is_train], np.flatnonzero(is_train))
+        dt, rt = drop_self(d[tr], r[tr], at[tr])
         w = dt.shape[1]
-        dist[is_train, :w], rows[is_train, :w] = dt, rt
+        dist[at[tr], :w], rows[at[tr], :w] = dt, rt
         w2 = min(k, kk)
-        dist[~is_train, :w2], rows[~is_train, :w2] = d[~is_train, :w2], r[~is_train, :w2]
+        dist[at[~tr], :w2], rows[at[~tr], :w2] = d[~tr, :w2], r[~tr, :w2]
     del index, base, emb
     out = {"dist": dist, "rows": rows, "kind": kind, "seconds": time.perf_counter() - t0}
-    cache[key] = out
+    if cache and queries is None:
+        store[key] = out
     return out
+
+
+def embedding_keys(feats: dict) -> list[str]:
+    """The embedding arrays of embeddings.npz: "emb" (the scored model) then "emb_1", "emb_2", … (the
+    other seed models' embeddings of the same rows, written by `clean score` with score.seed_embeddings)."""
+    extra = sorted((k for k in feats if k.startswith("emb_") and k[4:].isdigit()), key=lambda k: int(k[4:]))
+    return ["emb"] + extra

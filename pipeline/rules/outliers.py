@@ -124,21 +124,30 @@ def knn_outliers(feats: dict, k: int = 10, c: float = 6.0, exact_max: int | None
     """kNN out-of-distribution score of the training samples (feats: load_features' dict).
 
     score = cosine distance (L2-normalised embeddings) to the k-th nearest *training* embedding
-    (itself excluded; Sun et al. 2022; faiss search shared with the duplicate check). The cut
+    (itself excluded; Sun et al. 2022; faiss search shared with the duplicate check), averaged over
+    the seed models whose embeddings embeddings.npz holds ("emb", "emb_1", …: `clean score` with
+    score.seed_embeddings). One model's distance ranks the out-of-set images differently from seed
+    to seed; the mean over the seeds ranks them better (docs/benchmarks.md, issue 22). The cut
     is the (1 − fpr) quantile of the same score of the **val** images (held out, searched
     against the same training index): a training image is flagged when it is farther from the
     training set than all but a fraction `fpr` of held-out images of the user's own data. The
     rate holds for val images; training images need not match it (clean digits: 2.8 % of the
     training set beyond the 99 % val cut — their kNN distances are not exchangeable with val's). With fewer than MIN_REFERENCE val images:
     robust z = (score − median) / (1.4826 · MAD) > `c` (flag.outlier_mad) on the training scores.
-    Columns: outlier_neighbour = the id of the nearest training image.
+    Columns: outlier_neighbour = the id of the nearest training image (the scored model's embedding).
     """
     from pipeline.rules import knn
 
     pos = np.asarray(feats["train_pos"], np.int64)
-    nn = knn.train_knn(feats, k, knn.EXACT_MAX if exact_max is None else exact_max, seed)
-    kth = nn["dist"][:, k - 1] if nn["dist"].shape[1] >= k else np.full(len(nn["dist"]), np.nan)
-    kth = np.where(np.isfinite(kth), kth, np.nan).astype(np.float64)
+    em = knn.EXACT_MAX if exact_max is None else exact_max
+    keys = knn.embedding_keys(feats)
+    nn = knn.train_knn(feats, k, em, seed)
+    kth = _kth(nn["dist"], k)
+    # the other seed models: the k-th distance of the training and val rows only (the test rows' is never used)
+    asked = np.isin(np.asarray(feats["split"]).astype(str), ("train", "val")) if "split" in feats else None
+    for key in keys[1:]:
+        kth += _kth(knn.train_knn(feats, k, em, seed, emb_key=key, cache=False, queries=asked)["dist"], k)
+    kth /= len(keys)
     score = kth[pos]
     ids_all = np.asarray(feats["ids"], np.int64)
     first = nn["rows"][pos, 0] if nn["rows"].shape[1] else np.full(len(pos), -1)
@@ -147,23 +156,31 @@ def knn_outliers(feats: dict, k: int = 10, c: float = 6.0, exact_max: int | None
     if ok.sum() < 2:
         return IssueResult(np.zeros(len(pos), bool), score, "outlier: too few training samples, nothing flagged",
                            columns=cols, summary={"n_flagged": 0})
+    what = (f"cosine distance to the {k}-th nearest training embedding" if len(keys) == 1 else
+            f"mean over {len(keys)} seed models of the cosine distance to the {k}-th nearest training embedding")
     val = np.flatnonzero(np.asarray(feats["split"]).astype(str) == "val") if "split" in feats else np.zeros(0, int)
     ref = kth[val][np.isfinite(kth[val])]
     if len(ref) >= MIN_REFERENCE:
         thr = float(np.quantile(ref, 1.0 - fpr))
         lo, hi = rate_interval(len(ref), fpr)
-        rule = (f"cosine distance to the {k}-th nearest training embedding > {thr:.4g}, the {1 - fpr:.1%} quantile "
+        rule = (f"{what} > {thr:.4g}, the {1 - fpr:.1%} quantile "
                 f"of the {len(ref)} val images' (a fraction {fpr:g} of val images lies beyond it; of new images "
                 f"{lo:.1%}–{hi:.1%}, {RATE_LEVEL:.0%} interval from {len(ref)} val images)")
         facts = {"reference": "val", "n_reference": int(len(ref)), "fpr": float(fpr),
                  "fpr_interval": [lo, hi], "fpr_interval_level": RATE_LEVEL}
     else:
         thr, facts = _mad_cut(score[ok], c)
-        rule = f"cosine distance to the {k}-th nearest training embedding > median + {c:g}·1.4826·MAD ({thr:.4g})"
+        rule = f"{what} > median + {c:g}·1.4826·MAD ({thr:.4g})"
     flagged = ok & (score > thr)
-    summary = {"n_flagged": int(flagged.sum()), "k": int(k), "threshold": float(thr), "cut": float(thr),
-               "fraction_flagged": float(flagged.mean()), "index": nn["kind"], **facts}
+    summary = {"n_flagged": int(flagged.sum()), "k": int(k), "models": len(keys), "threshold": float(thr),
+               "cut": float(thr), "fraction_flagged": float(flagged.mean()), "index": nn["kind"], **facts}
     return IssueResult(flagged=flagged, score=score, rule=rule, columns=cols, summary=summary)
+
+
+def _kth(dist: np.ndarray, k: int) -> np.ndarray:
+    """The k-th column of kNN distances [M, ≥k] as float64 [M] (NaN where missing or fewer than k columns)."""
+    kth = dist[:, k - 1] if dist.shape[1] >= k else np.full(len(dist), np.nan)
+    return np.where(np.isfinite(kth), kth, np.nan).astype(np.float64)
 
 
 def _mad_cut(x: np.ndarray, c: float) -> tuple[float, dict]:

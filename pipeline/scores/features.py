@@ -149,6 +149,26 @@ def image_features(model, images_u8, mean, std, batch_size: int, device: str, pr
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def embed(model, images_u8, mean, std, batch_size: int, device: str, progress=None) -> np.ndarray:
+    """The penultimate embedding (the classifier head's input, eval mode) of uint8 images [M,C,H,W]
+    (array or streamed) → float16 [M, D]: :func:`image_features`' `emb` alone (no hash, thumbnail or stats)."""
+    import torch
+
+    from pipeline.head import forward_logits_features
+
+    model.eval()
+    spans = list(batches(len(images_u8), batch_size))
+    out = []
+    with torch.inference_mode():
+        for (s, e), xb in zip(spans, iter_batches(images_u8, [slice(s, e) for s, e in spans],
+                                                  pin=str(device).startswith("cuda"))):
+            _, h = forward_logits_features(model, normalize(np.asarray(xb), mean, std, device))
+            out.append(h.detach().float().reshape(e - s, -1).cpu().numpy().astype(np.float16))
+            if progress:
+                progress("advance", n=e - s)
+    return np.concatenate(out) if out else np.empty((0, 0), np.float16)
+
+
 def empty_features(n: int = 0, dim: int = 0) -> dict[str, np.ndarray]:
     """Uninitialised feature arrays for n images with embedding size dim (keys :data:`FEATURE_KEYS`)."""
     return {"emb": np.empty((n, dim), np.float16), "hash": np.empty(n, np.uint64),

@@ -107,7 +107,7 @@ def _write(out_dir: Path, s: dict, model, cfg: dict, manifest: Path, df, rows, i
     with together(out_dir):  # scores.csv, meta.json (and embeddings.npz) change as one
         if config.embeddings:
             _write_features(out_dir / "embeddings.npz", model, manifest, df, df["id"].isin(rows["id"]).to_numpy(),
-                            scored, cfg, config, device, progress)
+                            scored, cfg, config, device, progress, inputs.model_dir)
         attribution = _write_attribution(out_dir / "attribution.npz", s, s_ids)
         out = _frame(rows, s)
         write_frame(out_dir / "scores.csv", out)
@@ -130,8 +130,9 @@ def _write(out_dir: Path, s: dict, model, cfg: dict, manifest: Path, df, rows, i
 
 
 def _write_features(path: Path, model, manifest: Path, df, scored_mask: np.ndarray, scored: dict, cfg: dict,
-                    config: ScoreConfig, device: str, progress) -> None:
-    """embeddings.npz for every row of the manifest: ids, split, emb [M, D] float16, hash, image stats.
+                    config: ScoreConfig, device: str, progress, model_dir: Path) -> None:
+    """embeddings.npz for every row of the manifest: ids, split, emb [M, D] float16, hash, image stats
+    (+ emb_1, … [M, D] and emb_seeds [S]: the other seed models' embeddings, with config.seed_embeddings).
 
     `scored` holds the features of the rows where `scored_mask` [M] is true (from the scoring
     pass, in manifest order); only the other rows are decoded and forwarded here."""
@@ -159,10 +160,48 @@ def _write_features(path: Path, model, manifest: Path, df, scored_mask: np.ndarr
         height, width = (np.full(len(df), int(v), np.int64) for v in info["image_size"])
     else:  # one header read per file
         height, width = features.native_sizes(df["path"].tolist(), manifest.parent)
+    if config.seed_embeddings:
+        feats.update(_seed_embeddings(model_dir, manifest, df, cfg, config, device, progress))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, ids=df["id"].to_numpy(np.int64), split=df["split"].to_numpy().astype("U5"),
                      label=df["label"].to_numpy(np.int64), height=height, width=width, **feats)
+
+
+def _seed_embeddings(model_dir: Path, manifest: Path, df, cfg: dict, config: ScoreConfig, device: str,
+                     progress) -> dict:
+    """The other seed models' embeddings of every manifest row (model_dir/seeds/seed_<s>, `clean train` with
+    several train.seeds) → {"emb_1": float16 [M, D], …, "emb_seeds": int64 [S] (the scored model's seed first)};
+    {} with one seed. The outlier check averages the seeds' kNN distances (pipeline/rules/outliers.py)."""
+    from pipeline.models import run_dirs
+
+    runs = run_dirs(model_dir)[1:]
+    if not runs:
+        return {}
+    data = open_split(manifest, "all", cfg["image_size"], cfg["in_chans"], df=df, cache_max_gb=config.cache_max_gb,
+                      workers=config.workers, rows=df)
+    out, seeds = {}, [_seed_of(cfg)]
+    for i, run in enumerate(runs, 1):
+        other, ocfg = load_trained(run, device)
+        if list(ocfg["classes"]) != list(cfg["classes"]) or list(ocfg["image_size"]) != list(cfg["image_size"]):
+            raise CleanError(f"{run} was trained on other classes or image size than {model_dir}; retrain both with "
+                             f"`clean train --out {model_dir}` (or set score.seed_embeddings: false)")
+        if progress:
+            progress("start", desc=f"embed with {run.name}'s model", total=len(df))
+        out[f"emb_{i}"] = features.embed(other, data.images, ocfg["mean"], ocfg["std"], config.batch_size, device,
+                                         progress)
+        if progress:
+            progress("end")
+        seeds.append(_seed_of(ocfg))
+        del other
+    out["emb_seeds"] = np.asarray(seeds, np.int64)
+    return out
+
+
+def _seed_of(cfg: dict) -> int:
+    """The training seed in a model's config.json (−1 when it does not say)."""
+    seed = (cfg.get("recipe") or {}).get("seed")
+    return int(seed) if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) else -1
 
 
 def _check_finite(s: dict, model_dir: Path, split: str) -> None:
