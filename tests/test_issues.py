@@ -238,8 +238,10 @@ def test_embeddings_file_with_a_seed_embedding_of_the_wrong_length_is_refused(tm
     f = _feats(np.ones((10, 3)))
     np.savez(tmp_path / "embeddings.npz", **{k: v for k, v in f.items() if k != "train_pos"},
              emb_1=np.ones((9, 3), np.float16))
+    feats = load_features(tmp_path / "embeddings.npz", f["ids"])
+    assert "emb_1" not in feats and knn.embedding_keys(feats) == ["emb", "emb_1"]  # read when the outlier check asks
     with pytest.raises(CleanError, match=r"embeddings.npz: 'emb_1' has shape \(9, 3\), not one row per id \(10\).*re-run `clean score`"):
-        load_features(tmp_path / "embeddings.npz", f["ids"])
+        knn_outliers(feats, k=3)
 
 
 def test_outlier_rate_interval_covers_the_true_rate():

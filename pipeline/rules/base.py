@@ -126,15 +126,13 @@ def load_features(path: Path, train_ids: np.ndarray) -> dict:
                          "with score.embeddings: true (or leave those issue types out of flag.issues)")
     try:
         with np.load(path, allow_pickle=False) as z:
-            feats = {k: z[k] for k in z.files}
+            # the other seed models' embeddings (emb_1, …) are read when the outlier check asks for them
+            # (pipeline/rules/knn.py::embedding), so they are not held through the duplicate search
+            feats = {k: z[k] for k in z.files if not is_seed_embedding(k)}
+            feats["_later"] = {k: Path(path) for k in z.files if is_seed_embedding(k)}
         all_ids = np.asarray(feats["ids"], np.int64)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise CleanError(f"{path}: not a readable embeddings file ({type(e).__name__}: {e}); re-run `clean score`") from None
-    bad = [k for k in feats if (k == "emb" or (k.startswith("emb_") and k[4:].isdigit()))
-           and (feats[k].ndim != 2 or len(feats[k]) != len(all_ids))]
-    if bad:
-        raise CleanError(f"{path}: '{bad[0]}' has shape {feats[bad[0]].shape}, not one row per id ({len(all_ids)}); "
-                         "the file is damaged: re-run `clean score`")
     order = np.argsort(all_ids, kind="stable")
     at = np.clip(np.searchsorted(all_ids[order], train_ids), 0, max(len(all_ids) - 1, 0))
     found = len(all_ids) > 0 and all_ids[order][at] == train_ids
@@ -144,6 +142,11 @@ def load_features(path: Path, train_ids: np.ndarray) -> dict:
                          "it comes from another manifest: re-run `clean score`")
     feats["train_pos"] = order[at].astype(np.int64)
     return feats
+
+
+def is_seed_embedding(key: str) -> bool:
+    """Whether an embeddings.npz array is another seed model's embedding: emb_1, emb_2, …"""
+    return key.startswith("emb_") and key[4:].isdigit()
 
 
 def seed_mean_probs(model_dir: Path, ids: np.ndarray) -> np.ndarray:

@@ -104,7 +104,7 @@ def train_knn(feats: dict, k: int, exact_max: int = EXACT_MAX, seed: int = 0, em
         if other[0] == "_knn" and other[1] >= k and other[2:] == key[2:]:
             return {**val, "dist": val["dist"][:, :k], "rows": val["rows"][:, :k]}
     t0 = time.perf_counter()
-    emb = normalize(feats[emb_key])
+    emb = normalize(embedding(feats, emb_key))
     pos = np.asarray(feats["train_pos"], np.int64)
     m = len(emb)
     base = emb[pos]
@@ -136,5 +136,24 @@ def train_knn(feats: dict, k: int, exact_max: int = EXACT_MAX, seed: int = 0, em
 def embedding_keys(feats: dict) -> list[str]:
     """The embedding arrays of embeddings.npz: "emb" (the scored model) then "emb_1", "emb_2", … (the
     other seed models' embeddings of the same rows, written by `clean score` with score.seed_embeddings)."""
-    extra = sorted((k for k in feats if k.startswith("emb_") and k[4:].isdigit()), key=lambda k: int(k[4:]))
+    from pipeline.rules.base import is_seed_embedding
+
+    extra = sorted({k for k in [*feats, *feats.get("_later", {})] if is_seed_embedding(k)}, key=lambda k: int(k[4:]))
     return ["emb"] + extra
+
+
+def embedding(feats: dict, key: str) -> np.ndarray:
+    """The embedding array `key` [M, D] of `feats`, read from embeddings.npz on first use when load_features
+    left it there (the other seed models'); CleanError when it does not have one row per id."""
+    from pipeline.errors import CleanError
+
+    if key not in feats:
+        path = feats["_later"][key]
+        with np.load(path, allow_pickle=False) as z:
+            x = z[key]
+    else:
+        x, path = feats[key], "embeddings.npz"
+    if x.ndim != 2 or len(x) != len(feats["ids"]):
+        raise CleanError(f"{path}: '{key}' has shape {x.shape}, not one row per id ({len(feats['ids'])}); "
+                         "the file is damaged: re-run `clean score`")
+    return x

@@ -196,7 +196,8 @@ def _mad_cut(x: np.ndarray, c: float) -> tuple[float, dict]:
 
 
 @ISSUES.register("outlier", needs=("embeddings",),
-                 doc="cosine distance to the flag.outlier_k-th nearest training embedding above the (1 − "
-                     "flag.outlier_fpr) quantile of the val images' (robust z > flag.outlier_mad without val)")
+                 doc="cosine distance to the flag.outlier_k-th nearest training embedding (mean over the seed "
+                     "models: score.seed_embeddings) above the (1 − flag.outlier_fpr) quantile of the val images' "
+                     "(robust z > flag.outlier_mad without val)")
 def outlier(inputs, cfg: FlagConfig) -> IssueResult:
     return knn_outliers(inputs.features(), k=cfg.outlier_k, c=cfg.outlier_mad, seed=cfg.seed, fpr=cfg.outlier_fpr)
