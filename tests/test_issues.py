@@ -398,6 +398,8 @@ def test_why_names_the_statistic_the_cut_and_the_neighbour():
     assert why({"id": 9, "leakage_of": 2047}, "leakage", {}) == "a copy of val/test image #2047"
     out = why({"id": 5, "outlier_score": 0.31, "outlier_neighbour": 12}, "outlier", {"cut": 0.25, "fpr": 0.01})
     assert out == "k-th neighbour distance 0.31 > cut 0.25, the 99.0% quantile of val images'; nearest training image #12"
+    out = why({"id": 5, "outlier_score": 0.31, "outlier_neighbour": 12}, "outlier", {"cut": 0.25, "fpr": 0.01, "models": 3})
+    assert out.startswith("k-th neighbour distance (mean of 3 seed models) 0.31 > cut 0.25")
     out = why({"id": 5, "blurry_stat": -2.5}, "blurry", {"cut": 0.29, "statistic": "log sharpness", "fpr_max": 0.01})
     assert out == "log sharpness = -2.5 < cut 0.29 (at most 1.0% of the set)"
 

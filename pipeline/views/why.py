@@ -78,7 +78,9 @@ def why(row: dict, kind: str, facts: dict | None) -> str:
     if kind == "outlier":
         nb = _id(row.get("outlier_neighbour"))
         ref = f", the {1 - float(facts['fpr']):.1%} quantile of val images'" if "fpr" in facts else ""
-        return (f"k-th neighbour distance {_num(row.get('outlier_score'))} > cut {_num(cut)}{ref}"
+        models = int(facts.get("models", 1) or 1)
+        what = f"k-th neighbour distance (mean of {models} seed models)" if models > 1 else "k-th neighbour distance"
+        return (f"{what} {_num(row.get('outlier_score'))} > cut {_num(cut)}{ref}"
                 + (f"; nearest training image #{nb}" if nb is not None else ""))
     if kind == "blurry":
         return (f"{facts.get('statistic', 'sharpness')} = {_num(row.get('blurry_stat'))} < cut {_num(cut)} "
