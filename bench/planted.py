@@ -249,8 +249,10 @@ def run_cli(work: Path, folder: Path, epochs: int, seeds: list[int] = (0, 1, 2))
         print(f"  {cmd[1]:8s} {time.perf_counter() - t0:7.1f} s", flush=True)
 
 
-def detect(scores_csv: Path, cfg: dict | None = None) -> tuple[dict, dict, dict]:
-    """Every issue type through the ISSUES registry → ({name: IssueResult}, {name: seconds}, features)."""
+def detect(scores_csv: Path, cfg: dict | None = None, first_model: bool = False) -> tuple[dict, dict, dict]:
+    """Every issue type through the ISSUES registry → ({name: IssueResult}, {name: seconds}, features).
+    first_model: the scored model's embeddings only (the other seeds' emb_1, … left out: the outlier rule before
+    it averaged the seed models)."""
     import pandas as pd
 
     import dataclasses
@@ -271,6 +273,8 @@ def detect(scores_csv: Path, cfg: dict | None = None) -> tuple[dict, dict, dict]
     secs["torch import (as clean flag)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     feats = inputs.features()
+    if first_model:
+        feats["_later"] = {}
     secs["load embeddings.npz"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     knn.train_knn(feats, c.outlier_k, knn.EXACT_MAX, c.seed)
@@ -348,6 +352,9 @@ def evaluate(work: Path, res: dict) -> list[dict]:
         row = {"type": name, "precision": p, "recall": r, "n_true": nt, "n_flagged": npred}
         if name == "outlier":
             row["precision_vs_clean"] = float((f & t).sum() / max((f & ~planted_other).sum(), 1))
+            hits = np.cumsum(t[np.argsort(-np.nan_to_num(res[name].score, nan=-np.inf), kind="stable")])
+            at = int(np.searchsorted(hits, int(np.ceil(0.9 * t.sum()))))  # the first rank that reaches recall 0.9
+            row["precision_at_recall_0.9"] = float(hits[at] / (at + 1)) if t.any() and at < len(hits) else float("nan")
             row["flags_on_other_planted"] = int((f & planted_other).sum())
             for k in ["digit", "noise", "text"]:
                 tk = t & (sub == k)
@@ -362,7 +369,8 @@ def print_table(rows: list[dict], secs: dict) -> None:
     for r in rows:
         extra = ""
         if "precision_vs_clean" in r:
-            extra = f"   (precision vs clean images {r['precision_vs_clean']:.3f}; {r['flags_on_other_planted']} flags on other planted problems)"
+            extra = (f"   (precision vs clean images {r['precision_vs_clean']:.3f}; {r['flags_on_other_planted']} flags on "
+                     f"other planted problems; precision at recall 0.9 by score {r['precision_at_recall_0.9']:.3f})")
         pr = "" if r["precision"] != r["precision"] else f"{r['precision']:.3f}"
         print(f"{r['type']:30s} {pr:>9s} {r['recall']:7.3f} {r['n_true']:6d} {r['n_flagged']:8d}{extra}")
     print_secs(secs)
@@ -504,6 +512,9 @@ def main(argv=None) -> None:
     ap.add_argument("--nprobe", type=int, nargs="*", default=None,
                     help="with --index-sweep: the IVF nprobe values to sweep (default: knn.NPROBE)")
     ap.add_argument("--json", type=Path, default=None, help="write the table and timings here")
+    ap.add_argument("--first-model", action="store_true",
+                    help="detectors on the scored model's embeddings only (not the other seeds': the outlier rule "
+                         "before it averaged the seed models)")
     ap.add_argument("--clean-properties", action="store_true",
                     help="fraction of clean digits and clean Fashion-MNIST flagged by any image-property check")
     a = ap.parse_args(argv)
@@ -565,7 +576,7 @@ def main(argv=None) -> None:
         folder = generate(work, a.n, a.seed, a.colour)
         print(f"generated {folder} in {time.perf_counter() - t0:.1f} s", flush=True)
         run_cli(work, folder, a.epochs, a.seeds)
-    res, secs, _ = detect(work / "scores" / "scores.csv", overrides)
+    res, secs, _ = detect(work / "scores" / "scores.csv", overrides, first_model=a.first_model)
     rows = evaluate(work, res)
     s = res["duplicate"].summary
     print(f"\nseed {a.seed}, n {a.n}{', colour' if a.colour else ''}: duplicate sets {s['n_groups']} "
