@@ -131,7 +131,7 @@ def knn_outliers(feats: dict, k: int = 10, c: float = 6.0, exact_max: int | None
     is the (1 − fpr) quantile of the same score of the **val** images (held out, searched
     against the same training index): a training image is flagged when it is farther from the
     training set than all but a fraction `fpr` of held-out images of the user's own data. The
-    rate holds for val images; training images need not match it (clean digits: 2.8 % of the
+    rate holds for val images; training images need not match it (clean digits: 1.7 % with three seeds, 2.8 % with one, of the
     training set beyond the 99 % val cut — their kNN distances are not exchangeable with val's). With fewer than MIN_REFERENCE val images:
     robust z = (score − median) / (1.4826 · MAD) > `c` (flag.outlier_mad) on the training scores.
     Columns: outlier_neighbour = the id of the nearest training image (the scored model's embedding).
