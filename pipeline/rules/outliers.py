@@ -144,7 +144,8 @@ def knn_outliers(feats: dict, k: int = 10, c: float = 6.0, exact_max: int | None
     nn = knn.train_knn(feats, k, em, seed)
     kth = _kth(nn["dist"], k)
     # the other seed models: the k-th distance of the training and val rows only (the test rows' is never used)
-    asked = np.isin(np.asarray(feats["split"]).astype(str), ("train", "val")) if "split" in feats else None
+    split = np.asarray(feats["split"]).astype(str) if "split" in feats else None
+    asked = None if split is None else np.isin(split, ("train", "val"))
     for key in keys[1:]:
         kth += _kth(knn.train_knn(feats, k, em, seed, emb_key=key, cache=False, queries=asked)["dist"], k)
     kth /= len(keys)
@@ -158,7 +159,7 @@ def knn_outliers(feats: dict, k: int = 10, c: float = 6.0, exact_max: int | None
                            columns=cols, summary={"n_flagged": 0})
     what = (f"cosine distance to the {k}-th nearest training embedding" if len(keys) == 1 else
             f"mean over {len(keys)} seed models of the cosine distance to the {k}-th nearest training embedding")
-    val = np.flatnonzero(np.asarray(feats["split"]).astype(str) == "val") if "split" in feats else np.zeros(0, int)
+    val = np.flatnonzero(split == "val") if split is not None else np.zeros(0, int)
     ref = kth[val][np.isfinite(kth[val])]
     if len(ref) >= MIN_REFERENCE:
         thr = float(np.quantile(ref, 1.0 - fpr))

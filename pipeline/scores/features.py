@@ -112,7 +112,7 @@ def batch_features(xb_u8: np.ndarray, h) -> dict[str, np.ndarray]:
     """Features of one decoded batch: uint8 [B,C,H,W] and its head inputs h (tensor [B, D, ...])
     → {emb float16 [B, D], hash uint64 [B], thumb uint8 [B, THUMB²], <STAT_KEYS minus height/width> float32 [B]}."""
     xb = np.asarray(xb_u8)
-    out = {"emb": h.detach().float().reshape(len(xb), -1).cpu().numpy().astype(np.float16), "hash": pixel_hash(xb),
+    out = {"emb": _embedding(h, len(xb)), "hash": pixel_hash(xb),
            "thumb": thumbnails(xb)}
     out.update(image_stats(xb))
     return out
@@ -122,29 +122,36 @@ def batch_features(xb_u8: np.ndarray, h) -> dict[str, np.ndarray]:
 FEATURE_KEYS = ("emb", "hash", "thumb") + tuple(k for k in STAT_KEYS if k not in ("height", "width"))
 
 
-def image_features(model, images_u8, mean, std, batch_size: int, device: str, progress=None) -> dict:
-    """Embeddings, pixel hashes and image statistics of uint8 images [M,C,H,W] (array or streamed).
-
-    Returns {emb float16 [M, D], hash uint64 [M], thumb uint8 [M, THUMB²], <STAT_KEYS minus height/width> float32 [M]}.
-    The embedding is the input of the classifier head in eval mode (pipeline/head.py).
-    """
+def _head_inputs(model, images_u8, mean, std, batch_size: int, device: str, progress=None):
+    """Yield (uint8 batch [B,C,H,W], head input h [B, D, ...]) over images_u8 (array or streamed) in eval mode,
+    advancing `progress` per batch: the one forward loop of :func:`image_features` and :func:`embed`."""
     import torch
 
     from pipeline.head import forward_logits_features
 
     model.eval()
     spans = list(batches(len(images_u8), batch_size))
-    out: dict[str, list] = {k: [] for k in FEATURE_KEYS}
     with torch.inference_mode():
         for (s, e), xb in zip(spans, iter_batches(images_u8, [slice(s, e) for s, e in spans],
                                                   pin=str(device).startswith("cuda"))):
             xb = np.asarray(xb)
             _, h = forward_logits_features(model, normalize(xb, mean, std, device))
-            for k, v in batch_features(xb, h).items():
-                out[k].append(v)
+            yield xb, h
             if progress:
                 progress("advance", n=e - s)
-    if not spans:
+
+
+def image_features(model, images_u8, mean, std, batch_size: int, device: str, progress=None) -> dict:
+    """Embeddings, pixel hashes and image statistics of uint8 images [M,C,H,W] (array or streamed).
+
+    Returns {emb float16 [M, D], hash uint64 [M], thumb uint8 [M, THUMB²], <STAT_KEYS minus height/width> float32 [M]}.
+    The embedding is the input of the classifier head in eval mode (pipeline/head.py).
+    """
+    out: dict[str, list] = {k: [] for k in FEATURE_KEYS}
+    for xb, h in _head_inputs(model, images_u8, mean, std, batch_size, device, progress):
+        for k, v in batch_features(xb, h).items():
+            out[k].append(v)
+    if not out["emb"]:
         return empty_features()
     return {k: np.concatenate(v) for k, v in out.items()}
 
@@ -152,21 +159,13 @@ def image_features(model, images_u8, mean, std, batch_size: int, device: str, pr
 def embed(model, images_u8, mean, std, batch_size: int, device: str, progress=None) -> np.ndarray:
     """The penultimate embedding (the classifier head's input, eval mode) of uint8 images [M,C,H,W]
     (array or streamed) → float16 [M, D]: :func:`image_features`' `emb` alone (no hash, thumbnail or stats)."""
-    import torch
-
-    from pipeline.head import forward_logits_features
-
-    model.eval()
-    spans = list(batches(len(images_u8), batch_size))
-    out = []
-    with torch.inference_mode():
-        for (s, e), xb in zip(spans, iter_batches(images_u8, [slice(s, e) for s, e in spans],
-                                                  pin=str(device).startswith("cuda"))):
-            _, h = forward_logits_features(model, normalize(np.asarray(xb), mean, std, device))
-            out.append(h.detach().float().reshape(e - s, -1).cpu().numpy().astype(np.float16))
-            if progress:
-                progress("advance", n=e - s)
+    out = [_embedding(h, len(xb)) for xb, h in _head_inputs(model, images_u8, mean, std, batch_size, device, progress)]
     return np.concatenate(out) if out else np.empty((0, 0), np.float16)
+
+
+def _embedding(h, n: int) -> np.ndarray:
+    """Head inputs h (tensor [n, D, ...]) → float16 [n, D·…] on the CPU (what embeddings.npz stores)."""
+    return h.detach().float().reshape(n, -1).cpu().numpy().astype(np.float16)
 
 
 def empty_features(n: int = 0, dim: int = 0) -> dict[str, np.ndarray]:
